@@ -1,0 +1,40 @@
+# Two entry points for a fresh machine: `make demo` and `make test`. Both set up .venv once (torch first, as a
+# CPU wheel: an unpinned torch would pull gigabytes of CUDA), fetch the default model once, then run.
+VENV    ?= .venv
+PYTHON  ?= python3
+PY      := $(VENV)/bin/python
+FV      := $(VENV)/bin/fv-remote
+STAMP   := $(VENV)/.fv-remote-installed
+MODEL   ?= smollm2-135m
+DEMO_OUT ?= out/demo
+export HF_HUB_OFFLINE ?= 1
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: setup model demo test test-fast bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@echo "installing into $(VENV) (once)"
+	@$(PY) -m pip install -q torch==2.13.0 2>&1 | grep -v -i warning || true
+	@$(PY) -m pip install -q -e '.[test]' 2>&1 | grep -v -i warning || true
+	@$(PY) -c "import fv_remote.cli.app, fv_remote.traces, torch, nnsight" && touch $(STAMP)
+
+model: setup
+	@$(FV) models pull $(MODEL)
+
+demo: model
+	@$(PY) examples/demo.py --model $(MODEL) --out $(DEMO_OUT)
+
+test: model
+	@$(PY) -m pytest -q
+
+test-fast: setup
+	@$(PY) -m pytest -q -m "not integration"
+
+bench: model
+	@for b in benchmarks/bench_*.py; do $(PY) $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) out .pytest_cache

@@ -1,0 +1,62 @@
+"""`fv-remote extract`: trace every head on clean ICL prompts into the activation store."""
+
+from __future__ import annotations
+
+import typer
+
+from fv_remote.cli.app import app
+from fv_remote.cli.common import console, offline_if_local, out, progress_bar
+from fv_remote.models import DEFAULT_MODEL
+
+
+def _positions(text: str) -> tuple[int, ...]:
+    from fv_remote.errors import UserError
+
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise UserError(f"--positions takes comma-separated integers such as -1 or -3,-2,-1, got {text!r}") from None
+    return values
+
+
+@app.command()
+def extract(
+    task: str = typer.Option(..., "--task", "-t", help="bundled task name or a dataset .json"),
+    store: str = typer.Option(..., "--store", "-s", help="Zarr store path or fsspec URL"),
+    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="short name, repo id, folder or .gguf"),
+    n_prompts: int = typer.Option(100, help="clean prompts to trace"),
+    n_shots: int = typer.Option(10, help="demonstrations per prompt"),
+    seed: int = typer.Option(0, help="seed for splits and prompts"),
+    batch_size: int = typer.Option(16, help="prompts per forward pass"),
+    positions: str = typer.Option("-1", help="token positions from the end, comma-separated"),
+    data_dir: str = typer.Option(None, help="folder of Todd-format TASK.json files instead of bundled data"),
+) -> None:
+    """Trace every attention head's output on clean n-shot prompts into the store (resumable)."""
+    from fv_remote.data import load_task
+    from fv_remote.errors import require_positive
+    from fv_remote.extract import extract as run_extract
+    from fv_remote.models import load_model
+    from fv_remote.store import ActivationStore
+
+    require_positive("--n-prompts", n_prompts)
+    require_positive("--batch-size", batch_size)
+    pos = _positions(positions)
+    relation = load_task(task, data_dir=data_dir)
+    offline_if_local(model)
+    loaded = load_model(model)
+    act_store = ActivationStore(store)
+    done = act_store.n_complete(relation.name)
+    if done:
+        console.print(f"resuming: {done} prompts already stored")
+    with progress_bar(f"extract {relation.name}", n_prompts) as update:
+        update(min(done, n_prompts), n_prompts)
+        result = run_extract(loaded, relation, act_store, n_prompts=n_prompts, n_shots=n_shots, seed=seed,
+                             batch_size=batch_size, positions=pos, progress=update)
+    for pair, reason in result.skipped_pairs:
+        console.print(f"[yellow]skipped pair {pair[0]!r} -> {pair[1]!r}: {reason}[/]")
+    ad = loaded.adapter
+    out.print(f"{relation.name}: {result.n_complete} prompts in {store} ({result.n_new} new); "
+              f"{ad.n_layers} layers x {ad.n_heads} heads x {ad.head_dim}; "
+              f"{n_shots}-shot accuracy {result.accuracy:.2f}"
+              + (f"; {len(result.skipped_pairs)} pairs skipped (no usable first answer token)"
+                 if result.skipped_pairs else ""))

@@ -1,0 +1,80 @@
+"""Shared fixtures: a tiny offline tokenizer, tiny random models of every supported family, and the real model."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a Hub lookup here hangs rather than failing
+
+import pytest
+import torch
+
+TINY_SIZES = dict(n_layers=3, n_heads=4, d_model=64)
+
+
+def _tiny_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    corpus = ["Q: hot\nA: cold\n\nQ: up\nA: down\n\nQ: big\nA: small", "the quick brown fox jumps over the lazy dog"]
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus * 5, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    return _tiny_tokenizer()
+
+
+def tiny_config(family: str, vocab_size: int):
+    """A 3-layer, 4-head random config per family; Gemma/Qwen3 use head_dim != d_model / n_heads on purpose."""
+    import transformers as T
+
+    L, H, D = TINY_SIZES["n_layers"], TINY_SIZES["n_heads"], TINY_SIZES["d_model"]
+    common = dict(vocab_size=vocab_size, hidden_size=D, intermediate_size=2 * D, num_hidden_layers=L,
+                  num_attention_heads=H)
+    configs = {
+        "llama": lambda: T.LlamaConfig(**common, num_key_value_heads=2),
+        "mistral": lambda: T.MistralConfig(**common, num_key_value_heads=2),
+        "qwen2": lambda: T.Qwen2Config(**common, num_key_value_heads=2),
+        "qwen3": lambda: T.Qwen3Config(**common, num_key_value_heads=2, head_dim=24),
+        "gemma2": lambda: T.Gemma2Config(**common, num_key_value_heads=2, head_dim=24),
+        "gemma3": lambda: T.Gemma3TextConfig(**common, num_key_value_heads=1, head_dim=24),
+        "gpt2": lambda: T.GPT2Config(vocab_size=vocab_size, n_embd=D, n_layer=L, n_head=H),
+        "gptj": lambda: T.GPTJConfig(vocab_size=vocab_size, n_embd=D, n_layer=L, n_head=H, rotary_dim=8),
+        "gpt_neox": lambda: T.GPTNeoXConfig(**common),
+        "olmo": lambda: T.OlmoConfig(**common),
+    }
+    return configs[family]()
+
+
+TINY_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "gpt2", "gptj", "gpt_neox", "olmo")
+
+
+def make_tiny_model(family: str, tokenizer, seed: int = 0):
+    from transformers import AutoModelForCausalLM
+
+    from fv_remote.models import wrap_model
+
+    torch.manual_seed(seed)
+    hf = AutoModelForCausalLM.from_config(tiny_config(family, len(tokenizer)), dtype=torch.float32).eval()
+    hf.requires_grad_(False)
+    return wrap_model(hf, tokenizer, name=f"tiny-{family}", source="random")
+
+
+@pytest.fixture(params=TINY_FAMILIES)
+def tiny_model(request, tiny_tokenizer):
+    return make_tiny_model(request.param, tiny_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real offline model (fetched and cached by `make test` / `fv-remote models pull`)."""
+    from fv_remote.models import load_model
+
+    return load_model("smollm2-135m")

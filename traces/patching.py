@@ -1,0 +1,25 @@
+"""Writing into the forward pass inside a trace: set a head's output, add a vector to the residual stream.
+
+Edits go through views of the live tensors so they reach the model (an edit to a copy would be silently lost).
+"""
+
+
+def set_head(site, head: int, head_dim: int, value, position: int = -1):
+    """Overwrite one head's output (the head site's input slice) at `position` for every row."""
+    z = site.input
+    z[:, position, head * head_dim:(head + 1) * head_dim] = value
+
+
+def layer_hidden(layer, output_is_tuple: bool):
+    """The residual-stream tensor of a block's output: GPT-J returns (hidden, ...), other families a tensor.
+
+    In transformers 5 `output[0]` on a tensor output would silently mean "batch row 0", hence the explicit flag.
+    """
+    out = layer.output
+    return out[0] if output_is_tuple else out
+
+
+def add_to_residual(layer, output_is_tuple: bool, vector, position: int = -1, scale: float = 1.0):
+    """Add `scale * vector` ([d_model] or [B, d_model]) to a block's output at `position`."""
+    hidden = layer_hidden(layer, output_is_tuple)
+    hidden[:, position] += scale * vector.to(hidden.dtype)

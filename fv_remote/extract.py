@@ -13,10 +13,11 @@ import numpy as np
 import torch
 import xarray as xr
 
-from fv_remote.data import PromptTemplate, RelationTask, build_prompts, resolve_answers, split_pairs
+from fv_remote.data import PromptTemplate, RelationTask
 from fv_remote.errors import UserError, require_positive
 from fv_remote.models import LoadedModel
 from fv_remote.store import PROMPT_DIM, ActivationStore
+from fv_remote.tasks import prepare_task
 from fv_remote.traces.heads import answer_stats, read_heads
 
 Progress = Callable[[int, int], None]
@@ -84,14 +85,10 @@ def extract(model: LoadedModel, task: RelationTask, store: ActivationStore, n_pr
     require_positive("batch_size", batch_size)
     if n_shots < 0:
         raise UserError(f"n_shots must be >= 0, got {n_shots}")
-    template = template or PromptTemplate()
     ad = model.adapter
-    kept, token_ids, problems = resolve_answers(model.tokenizer, task.pairs, template)
-    if len(kept) < n_shots + 1:
-        raise UserError(f"task {task.name!r} has {len(kept)} usable pairs; need at least {n_shots + 1}")
-    answer_token = {y: t for (_, y), t in zip(kept, token_ids)}
-    train = split_pairs(kept, seed=seed).train
-    prompts = build_prompts(train, n_prompts, n_shots=n_shots, kind="clean", seed=seed, template=template)
+    prepared = prepare_task(model.tokenizer, task, seed=seed, template=template, min_pairs=n_shots + 1)
+    template, answer_token, problems = prepared.template, prepared.answer_token, prepared.problems
+    prompts = prepared.prompts("train", n_prompts, kind="clean", n_shots=n_shots)
     identity = {
         "model": model.model_id, "model_source": model.source, "revision": model.revision,
         "family": ad.family, "n_layers": ad.n_layers, "n_heads": ad.n_heads, "head_dim": ad.head_dim,
@@ -128,3 +125,8 @@ def mean_head_activations(store: ActivationStore, task: str, only_correct: bool 
                             "correctly; extract more prompts or use all prompts (only_correct=False)")
         heads = heads.isel({PROMPT_DIM: np.flatnonzero(mask)})
     return heads.mean(PROMPT_DIM).load()
+
+
+def mean_heads_tensor(store: ActivationStore, task: str, only_correct: bool = True) -> torch.Tensor:
+    """`mean_head_activations` as a float32 tensor [layer, head, d_head]."""
+    return torch.from_numpy(np.asarray(mean_head_activations(store, task, only_correct).values, dtype=np.float32))

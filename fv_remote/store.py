@@ -66,27 +66,33 @@ class ActivationStore:
         return sorted(self._root().group_keys())
 
     def has_task(self, task: str) -> bool:
-        return self.exists() and task in self._root().group_keys()
+        """Whether a group exists at `task` (a task name, or a nested path such as `antonym/cma`)."""
+        try:
+            zarr.open_group(self.url, mode="r", zarr_format=3, path=task)
+            return True
+        except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeNotFoundError):
+            return False
 
     def attrs(self, task: str) -> dict[str, Any]:
         return dict(self._group(task).attrs)
 
-    def _group(self, task: str) -> zarr.Group:
+    def _group(self, task: str, hint: str | None = None) -> zarr.Group:
         root = self._root()
-        if task not in root.group_keys():
+        if not self.has_task(task):
             have = ", ".join(sorted(root.group_keys())) or "none"
-            raise UserError(f"store {self.url} has no task {task!r} (it has: {have}); "
-                            f"run `fv-remote extract --task {task} --store {self.url}` first")
-        return root[task]
+            name = task.split("/")[0]
+            hint = hint or f"fv-remote extract --task {name} --store {self.url}"
+            raise UserError(f"store {self.url} has no {task!r} (tasks: {have}); run `{hint}` first")
+        return zarr.open_group(self.url, mode="r", zarr_format=3, path=task)
 
     def n_complete(self, task: str) -> int:
         if not self.has_task(task):
             return 0
         return int(self._group(task).attrs.get("n_complete", 0))
 
-    def open(self, task: str) -> xr.Dataset:
-        """The task's dataset (lazy), cut to the completed prompts."""
-        self._group(task)
+    def open(self, task: str, hint: str | None = None) -> xr.Dataset:
+        """The group's dataset (lazy), cut to the completed prompts; `hint` is the command that creates it."""
+        self._group(task, hint)
         ds = xr.open_zarr(self.url, group=task, consolidated=False, zarr_format=3)
         return ds.isel({PROMPT_DIM: slice(0, self.n_complete(task))})
 

@@ -23,3 +23,9 @@ def add_to_residual(layer, output_is_tuple: bool, vector, position: int = -1, sc
     """Add `scale * vector` ([d_model] or [B, d_model]) to a block's output at `position`."""
     hidden = layer_hidden(layer, output_is_tuple)
     hidden[:, position] += scale * vector.to(hidden.dtype)
+
+
+def add_to_head(site, head: int, head_dim: int, value, position: int = -1):
+    """Add `value` to one head's output at `position` (distributed function vectors)."""
+    z = site.input
+    z[:, position, head * head_dim:(head + 1) * head_dim] += value.to(z.dtype)

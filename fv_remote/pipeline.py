@@ -1,0 +1,93 @@
+"""The whole FV pipeline for one task: extract -> CMA -> fit -> layer sweep -> evaluate, resumable via the store."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fv_remote.cma import run_cma
+from fv_remote.data import RelationTask
+from fv_remote.evaluate import TaskScores, best_layer, evaluate_task, layer_sweep
+from fv_remote.extract import extract, mean_heads_tensor
+from fv_remote.models import LoadedModel
+from fv_remote.plots import aie_heatmap
+from fv_remote.store import ActivationStore
+from fv_remote.tasks import prepare_task
+from fv_remote.vectors import FunctionVector, build_function_vector
+
+# A progress factory: (description, total) -> context manager yielding update(done, total).
+ProgressFactory = Callable[[str, int], Any]
+
+
+@dataclass
+class PipelineSettings:
+    n_prompts: int = 100  # clean prompts for the mean activations
+    n_cma_prompts: int = 25  # corrupted prompts for the AIE
+    n_shots: int = 10
+    k: int = 10
+    seed: int = 0
+    n_test: int | None = None  # default: the whole test split
+    cma_method: str = "fast"
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class TaskRun:
+    scores: TaskScores
+    fv: FunctionVector
+    fv_path: Path
+    sweep: dict[int, float]
+    skipped: list = field(default_factory=list)
+
+
+def _no_progress(description: str, total: int):
+    return nullcontext(lambda done, total_: None)
+
+
+def run_task(model: LoadedModel, task: RelationTask, store: ActivationStore, out_dir: str | Path,
+             settings: PipelineSettings | None = None, progress: ProgressFactory = _no_progress) -> TaskRun:
+    s = settings or PipelineSettings()
+    out_dir = Path(out_dir)
+    prepared = prepare_task(model.tokenizer, task, seed=s.seed, min_pairs=s.n_shots + 2)
+    with progress(f"{task.name}: extract", s.n_prompts) as update:
+        extract(model, task, store, n_prompts=s.n_prompts, n_shots=s.n_shots, seed=s.seed, progress=update)
+    means = mean_heads_tensor(store, task.name)
+    with progress(f"{task.name}: mediation", s.n_cma_prompts) as update:
+        cma = run_cma(model, prepared, store, means, n_prompts=s.n_cma_prompts, n_shots=s.n_shots,
+                      method=s.cma_method, progress=update)
+    fv = build_function_vector(model, task.name, means, cma.aie, k=s.k, meta={"store": store.url})
+    aie_heatmap(cma.aie, out_dir / f"{task.name}_aie.png", title=f"{task.name}: AIE per head",
+                top=fv.heads)
+    with progress(f"{task.name}: layer sweep", model.adapter.n_layers) as update:
+        sweep = layer_sweep(model, prepared, fv, progress=update)
+    fv.layer = best_layer(sweep)
+    fv.meta["sweep"] = {str(k): v for k, v in sweep.items()}
+    fv_path = fv.save(out_dir / f"{task.name}.fv.safetensors")
+    scores = evaluate_task(model, prepared, fv, n_shots=s.n_shots, n_test=s.n_test)
+    return TaskRun(scores, fv, fv_path, sweep, prepared.problems)
+
+
+def results_json(model: LoadedModel, runs: list[TaskRun], settings: PipelineSettings) -> dict:
+    """The evaluation JSON contract: model, layer, settings, results (one row per task)."""
+    layers = sorted({r.scores.layer for r in runs})
+    return {
+        "model": model.model_id,
+        "layer": layers[0] if len(layers) == 1 else None,
+        "layers": {r.scores.task: r.scores.layer for r in runs},
+        "settings": settings.as_dict(),
+        "results": [r.scores.as_json() for r in runs],
+        "sweeps": {r.scores.task: {str(k): v for k, v in r.sweep.items()} for r in runs},
+    }
+
+
+def write_json(data: dict, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2))
+    return path

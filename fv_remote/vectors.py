@@ -1,0 +1,138 @@
+"""Function vectors: choose the top heads by AIE, project their mean outputs to the residual stream, save/load.
+
+FV = sum over top heads of W_O[:, slot(h)] @ mean(l, h): the head's mean output placed in its own slot (zeros
+elsewhere) and pushed through the output projection. The projection's bias is left out on purpose: it does not
+belong to any head, and adding it once per head would scale with k.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import xarray as xr
+from safetensors.torch import load_file, save_file
+
+from fv_remote import __version__
+from fv_remote.errors import UserError
+from fv_remote.models import LoadedModel
+
+Heads = list[tuple[int, int]]
+
+
+def top_heads(aie: xr.DataArray | torch.Tensor | np.ndarray, k: int | None = 10,
+              share: float | None = None) -> list[tuple[int, int, float]]:
+    """Heads sorted by AIE: the top `k`, or the fewest whose positive AIE adds up to `share` of the total."""
+    values = np.asarray(aie.values if isinstance(aie, xr.DataArray) else aie, dtype=np.float64)
+    n_layers, n_heads = values.shape
+    order = np.argsort(-values, axis=None)
+    ranked = [(int(i // n_heads), int(i % n_heads), float(values.flat[i])) for i in order]
+    if share is not None:
+        if not 0 < share <= 1:
+            raise UserError(f"--share must be in (0, 1], got {share}")
+        positive = np.clip(values, 0, None)
+        total = positive.sum()
+        if total <= 0:
+            raise UserError("no head has a positive AIE; cannot select heads by cumulative share")
+        cum = np.cumsum(np.clip([r[2] for r in ranked], 0, None)) / total
+        k = int(np.searchsorted(cum, share) + 1)
+    if k is None or k <= 0:
+        raise UserError(f"k must be a positive number of heads, got {k}")
+    if k > n_layers * n_heads:
+        raise UserError(f"k={k} is larger than the number of heads ({n_layers} layers x {n_heads} = "
+                        f"{n_layers * n_heads})")
+    return ranked[:k]
+
+
+def output_weight(module: Any) -> torch.Tensor:
+    """The output projection as a [d_model, n_heads*head_dim] matrix (GPT-2's Conv1D stores it transposed)."""
+    weight = module.weight
+    return weight.t() if type(module).__name__ == "Conv1D" else weight
+
+
+def head_vectors(model: LoadedModel, means: torch.Tensor, heads: Heads) -> torch.Tensor:
+    """Each head's mean output projected to the residual stream: [len(heads), d_model]."""
+    ad = model.adapter
+    rows = []
+    for layer, head in heads:
+        weight = output_weight(ad.head_site(model.hf, layer)).detach().float().cpu()
+        slot = slice(head * ad.head_dim, (head + 1) * ad.head_dim)
+        rows.append(weight[:, slot] @ means[layer, head].float())
+    return torch.stack(rows)
+
+
+@dataclass
+class FunctionVector:
+    """A steering vector plus where it came from; also the format for fine-tuned vectors (kind="ffv")."""
+
+    vector: torch.Tensor  # [d_model]
+    model: str
+    task: str
+    layer: int  # where to add it (the best layer of a sweep once one ran)
+    heads: Heads = field(default_factory=list)
+    head_means: torch.Tensor | None = None  # [k, head_dim], for distributed steering
+    head_vectors: torch.Tensor | None = None  # [k, d_model]
+    kind: str = "fv"
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {"vector": self.vector.detach().float().contiguous().cpu()}
+        if self.heads:
+            tensors["heads"] = torch.tensor(self.heads, dtype=torch.int64)
+        for name in ("head_means", "head_vectors"):
+            value = getattr(self, name)
+            if value is not None:
+                tensors[name] = value.detach().float().contiguous().cpu()
+        metadata = {"model": self.model, "task": self.task, "layer": str(self.layer), "kind": self.kind,
+                    "library_version": __version__, "meta": json.dumps(self.meta, default=str)}
+        save_file(tensors, str(path), metadata=metadata)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "FunctionVector":
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"vector file not found: {path}")
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                metadata = fh.metadata() or {}
+            tensors = load_file(str(path))
+        except Exception as exc:  # noqa: BLE001 - any parse failure is a bad file from the user's side
+            raise UserError(f"{path} is not a function-vector file ({type(exc).__name__}: {exc})") from None
+        if "vector" not in tensors or "model" not in metadata:
+            raise UserError(f"{path} is not a function-vector file (no 'vector' tensor or model metadata)")
+        heads = [tuple(map(int, h)) for h in tensors["heads"].tolist()] if "heads" in tensors else []
+        return cls(vector=tensors["vector"], model=metadata["model"], task=metadata.get("task", ""),
+                   layer=int(metadata.get("layer", 0)), heads=heads, head_means=tensors.get("head_means"),
+                   head_vectors=tensors.get("head_vectors"), kind=metadata.get("kind", "fv"),
+                   meta=json.loads(metadata.get("meta", "{}")))
+
+    def check_model(self, model: LoadedModel) -> None:
+        """Refuse a vector made for another model (a silent shape match would give meaningless numbers)."""
+        if self.model != model.model_id or self.vector.shape[-1] != model.adapter.d_model:
+            raise UserError(f"this {self.kind.upper()} was made for model {self.model!r} "
+                            f"(d_model {self.vector.shape[-1]}), not {model.model_id!r} "
+                            f"(d_model {model.adapter.d_model})")
+
+
+def build_function_vector(model: LoadedModel, task: str, means: torch.Tensor, aie: xr.DataArray,
+                          k: int | None = 10, share: float | None = None, layer: int | None = None,
+                          meta: dict | None = None) -> FunctionVector:
+    """FV from the top heads. `layer` defaults to L/3, only a starting guess: run a sweep to pick the real one."""
+    ad = model.adapter
+    ranked = top_heads(aie, k=k, share=share)
+    heads = [(layer_, head) for layer_, head, _ in ranked]
+    vecs = head_vectors(model, means, heads)
+    layer = ad.check_layer(ad.n_layers // 3 if layer is None else layer)
+    head_means = torch.stack([means[l_, h_] for l_, h_ in heads]).float()
+    info = {"aie": [round(a, 6) for _, _, a in ranked], **(meta or {})}
+    return FunctionVector(vector=vecs.sum(0), model=model.model_id, task=task, layer=layer, heads=heads,
+                          head_means=head_means, head_vectors=vecs, meta=info)

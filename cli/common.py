@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 import os
+import sys
 from contextlib import contextmanager
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-console = Console(stderr=True)
-out = Console()
+# Piped output (CI logs, files) gets a wide fixed width so result tables are not truncated.
+console = Console(stderr=True, width=None if sys.stderr.isatty() else 140)
+out = Console(width=None if sys.stdout.isatty() else 140)
 
 
 def offline_if_local(model: str) -> None:
     """A Hub lookup here hangs instead of failing fast; short names and local paths never need the Hub."""
     if "/" not in model or os.path.exists(os.path.expanduser(model)):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own progress bars are enough on the terminal
 
 
 @contextmanager

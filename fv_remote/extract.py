@@ -5,10 +5,14 @@ The store then holds everything the offline fitting needs (means over correctly 
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import nnsight
 import numpy as np
 import torch
 import xarray as xr
@@ -16,6 +20,7 @@ import xarray as xr
 from fv_remote.data import PromptTemplate, RelationTask
 from fv_remote.errors import UserError, require_positive
 from fv_remote.models import LoadedModel
+from fv_remote.remote import remote_mode, stage_session
 from fv_remote.store import PROMPT_DIM, ActivationStore
 from fv_remote.tasks import prepare_task
 from fv_remote.traces.heads import answer_stats, read_heads
@@ -32,9 +37,19 @@ class ExtractionResult:
     skipped_pairs: list = field(default_factory=list)  # (pair, reason) for answers without a usable first token
 
 
+def pairs_digest(pairs) -> str:
+    """Identity of a dataset's content, so two different files called `antonym` never mix in one store."""
+    return hashlib.sha256(json.dumps([list(p) for p in pairs]).encode()).hexdigest()[:16]
+
+
 def trace_heads(model: LoadedModel, texts: list[str], answer_ids: list[int],
-                positions: tuple[int, ...] = (-1,)) -> dict[str, torch.Tensor]:
-    """One forward over a batch: head outputs [B, P, L, H, Dh] and answer statistics at the last token."""
+                positions: tuple[int, ...] = (-1,), remote: Any = False) -> dict[str, torch.Tensor]:
+    """One forward over a batch: head outputs [B, P, L, H, Dh] and answer statistics at the last token.
+
+    `remote=True` runs it as one NDIF request, `remote="local"` as nnsight's in-process dry run of one.
+    """
+    if remote_mode(remote):
+        return trace_heads_batches(model, [(texts, answer_ids)], positions, remote)[0]
     ad, lm = model.adapter, model.lm
     sites = [ad.head_site(lm, layer) for layer in range(ad.n_layers)]
     ids = torch.tensor(answer_ids, dtype=torch.long)
@@ -44,6 +59,32 @@ def trace_heads(model: LoadedModel, texts: list[str], answer_ids: list[int],
         prob, top1, _ = answer_stats(logits, ids.to(logits.device))
         prob, top1 = prob.save(), top1.save()
     return {"heads": heads.cpu(), "answer_prob": prob.cpu(), "top1": top1.cpu()}
+
+
+def trace_heads_batches(model: LoadedModel, batches: list[tuple[list[str], list[int]]],
+                        positions: tuple[int, ...] = (-1,), remote: Any = True) -> list[dict[str, torch.Tensor]]:
+    """`trace_heads` for many (texts, answer_ids) batches in one session: a single NDIF request when remote.
+
+    The session body is shipped as source: it reads only plain values, envoys and `fv_remote.traces` helpers.
+    """
+    ad, lm = model.adapter, model.lm
+    sites = [ad.head_site(lm, layer) for layer in range(ad.n_layers)]
+    unembed = ad.unembed(lm)
+    n_heads, head_dim, pos = ad.n_heads, ad.head_dim, list(positions)
+    jobs = [(list(texts), torch.tensor(ids, dtype=torch.long)) for texts, ids in batches]
+    outs: list[dict[str, torch.Tensor]] = []
+    session = bool(remote_mode(remote))
+    with stage_session(model, remote):
+        for texts, ids in jobs:
+            with lm.trace(texts):
+                heads = read_heads(sites, pos, n_heads, head_dim).save()
+                logits = unembed.output[:, -1]
+                prob, top1, _ = answer_stats(logits, ids.to(logits.device))
+                prob, top1 = prob.save(), top1.save()
+            outs.append({"heads": heads.cpu(), "answer_prob": prob.cpu(), "top1": top1.cpu()})
+        if session:
+            outs = nnsight.save(outs)
+    return outs
 
 
 def _batch_dataset(start: int, prompts, answer_ids, out, positions, ad) -> xr.Dataset:
@@ -79,8 +120,13 @@ def _batch_dataset(start: int, prompts, answer_ids, out, positions, ad) -> xr.Da
 
 def extract(model: LoadedModel, task: RelationTask, store: ActivationStore, n_prompts: int = 100,
             n_shots: int = 10, seed: int = 0, batch_size: int = 16, positions: tuple[int, ...] = (-1,),
-            template: PromptTemplate | None = None, progress: Progress | None = None) -> ExtractionResult:
-    """Trace `n_prompts` clean n-shot prompts built from the task's training split; resume where a run stopped."""
+            template: PromptTemplate | None = None, progress: Progress | None = None,
+            remote: Any = False) -> ExtractionResult:
+    """Trace `n_prompts` clean n-shot prompts built from the task's training split; resume where a run stopped.
+
+    With `remote` all missing batches go in one NDIF request; they are stored once its results are back, so a
+    failed request leaves the store as it was.
+    """
     require_positive("n_prompts", n_prompts)
     require_positive("batch_size", batch_size)
     if n_shots < 0:
@@ -92,17 +138,28 @@ def extract(model: LoadedModel, task: RelationTask, store: ActivationStore, n_pr
     identity = {
         "model": model.model_id, "model_source": model.source, "revision": model.revision,
         "family": ad.family, "n_layers": ad.n_layers, "n_heads": ad.n_heads, "head_dim": ad.head_dim,
-        "d_model": ad.d_model, "task": task.name, "task_source": task.source, "n_shots": n_shots,
+        "d_model": ad.d_model, "task": task.name, "task_source": task.source,
+        "pairs_sha256": pairs_digest(task.pairs), "n_shots": n_shots,
         "seed": seed, "template": [template.query, template.answer, template.separator, template.prefix],
         "positions": list(positions), "kind": "clean",
     }
     store.check_compatible(task.name, identity)
     start = store.repair(task.name)
     n_new = 0
-    for lo in range(start, n_prompts, batch_size):
+    starts = list(range(start, n_prompts, batch_size))
+    remote_outs = None
+    if remote_mode(remote) and starts:
+        remote_outs = trace_heads_batches(
+            model, [([p.text for p in prompts[lo:lo + batch_size]],
+                     [answer_token[p.answer] for p in prompts[lo:lo + batch_size]]) for lo in starts],
+            positions, remote)
+    for i, lo in enumerate(starts):
         batch = prompts[lo:lo + batch_size]
         ids = [answer_token[p.answer] for p in batch]
-        out = trace_heads(model, [p.text for p in batch], ids, positions)
+        if remote_outs is not None:
+            out = remote_outs[i]
+        else:
+            out = trace_heads(model, [p.text for p in batch], ids, positions)
         store.append(task.name, _batch_dataset(lo, batch, ids, out, positions, ad), identity)
         n_new += len(batch)
         if progress:

@@ -24,7 +24,8 @@ from fv_remote.errors import UserError
 PROMPT_DIM = "prompt"
 CHUNK_PROMPTS = 32
 # Settings that must match for a rerun to append to an existing group (otherwise the data would mix).
-IDENTITY_KEYS = ("model", "n_layers", "n_heads", "head_dim", "task", "n_shots", "seed", "template", "positions")
+IDENTITY_KEYS = ("model", "n_layers", "n_heads", "head_dim", "task", "pairs_sha256", "n_shots", "seed", "template",
+                 "positions")
 
 
 def command_line() -> str:

@@ -11,8 +11,8 @@ Local only: the hooks need two weight sets in one forward pass, which a remote s
 frozen models (NDIF) cannot provide. Plain torch hooks on the transformers model are used, not nnsight traces.
 
 Position expressions (`positions=` / `unembed=`): `entity` (the first entity's tokens), `last` (the last token),
-`other` (everything else), `all`, `none`; join with `+` (`entity+last`) and complement with `not-` or `~`
-(`not-entity+last` = every position except the entity and the last token).
+`other` (everything else), `all`, `none`; join with `+` (`entity+last`), complement one span with `not-` or `~`
+(`not-last`) or a whole expression with `not(...)` (`not(entity+last)` = `other`).
 Layer expressions: `all`, `none`, `q1`..`q4` (quarters), `h1`/`h2` (halves), `3`, `0-7`, `0-3,10,20-29`.
 Components: q, k, v, o (attention projections; `attn` = all four), mlp, norms (every norm inside a block),
 `block` = all of these; `embed` (input embeddings at the chosen positions) and the unembedding (final norm and
@@ -53,6 +53,7 @@ class Site:
 
     path: str  # dotted path from the causal-LM root
     channels: tuple[str, Any] | None = None  # ("gpt2", index) or ("gpt_neox", index) for fused q/k/v
+    token_axis: int = 1  # where the token dimension sits in the module's output
 
 
 @dataclass(frozen=True)
@@ -147,6 +148,9 @@ def span_mask(expr: str | None, spans: dict[str, torch.Tensor]) -> torch.Tensor:
     base = spans["all"]
     if expr is None:
         return torch.zeros_like(base)
+    expr = str(expr).strip().lower()
+    if expr.startswith("not(") and expr.endswith(")"):
+        return ~span_mask(expr[4:-1], spans)
     mask = torch.zeros_like(base)
     for term in str(expr).lower().split("+"):
         term = term.strip()
@@ -172,6 +176,11 @@ class Encoded:
     attention_mask: torch.Tensor
     spans: dict[str, torch.Tensor]  # entity / last / other / all / none, each [B, T] bool
     target_ids: torch.Tensor  # [B] first token of ' ' + target
+
+    def model_inputs(self) -> dict[str, torch.Tensor]:
+        """Mask-derived position ids, so left padding does not shift positions (matters for GPT-2)."""
+        positions = (self.attention_mask.cumsum(-1) - 1).clamp(min=0)
+        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "position_ids": positions}
 
 
 def target_token(tokenizer: Any, prompt: str, target: str) -> int:
@@ -218,9 +227,14 @@ def encode(tokenizer: Any, prompts: Sequence[GraftPrompt]) -> Encoded:
 # ----------------------------------------------------------------------------------------------- sites
 
 
-def _norm_paths(layer_module: torch.nn.Module, prefix: str) -> list[str]:
-    return [f"{prefix}.{name}" for name, mod in layer_module.named_modules()
-            if name and "norm" in type(mod).__name__.lower()]
+def _norm_sites(layer_module: torch.nn.Module, prefix: str, family: str) -> list[Site]:
+    """Every norm inside a block. Gemma's q_norm/k_norm see [B, heads, T, head_dim] (after the transpose)."""
+    sites = []
+    for name, mod in layer_module.named_modules():
+        if name and "norm" in type(mod).__name__.lower():
+            inner = name.rsplit(".", 1)[-1] in ("q_norm", "k_norm")
+            sites.append(Site(f"{prefix}.{name}", token_axis=2 if inner and family == "gemma" else 1))
+    return sites
 
 
 def block_sites(hf: Any, adapter: Adapter, layer: int, component: str) -> list[Site]:
@@ -239,7 +253,7 @@ def block_sites(hf: Any, adapter: Adapter, layer: int, component: str) -> list[S
     if component == "mlp":
         return [Site(f"{prefix}.mlp")]
     if component == "norms":
-        return [Site(p) for p in _norm_paths(adapter.layer(hf, layer), prefix)]
+        return _norm_sites(adapter.layer(hf, layer), prefix, family)
     raise UserError(f"unknown component {component!r}")
 
 
@@ -358,7 +372,7 @@ class Grafter:
         self._masks: dict[str, list[tuple[torch.Tensor, Any]]] = {}
 
     # -- hooks -------------------------------------------------------------------------------------------------
-    def _hook(self, path: str, ft_module: torch.nn.Module) -> Callable:
+    def _hook(self, path: str, axis: int, ft_module: torch.nn.Module) -> Callable:
         head_dim = self.adapter.head_dim
 
         def hook(module, args, kwargs, output):
@@ -370,7 +384,8 @@ class Grafter:
             ft_out = ft_module(*args, **kwargs)
             select = None
             for pos, channels in masks:  # a fused q/k/v projection can carry one mask per component
-                m = pos.to(output.device).view(*pos.shape, *([1] * (output.dim() - 2)))
+                B, T = pos.shape
+                m = pos.to(output.device).view(B, *([1] * (axis - 1)), T, *([1] * (output.dim() - axis - 1)))
                 if channels is not None:
                     m = m & _channel_mask(channels, output.shape[-1], head_dim).to(output.device)
                 select = m if select is None else select | m
@@ -379,13 +394,14 @@ class Grafter:
         return hook
 
     def _activate(self, config: GraftConfig, spans: dict[str, torch.Tensor]) -> list[Any]:
-        self._masks = {}
+        self._masks, axes = {}, {}
         for site, expr in sites_for(config, self.pt, self.adapter):
             mask = span_mask(expr, spans)
             if bool(mask.any()):
                 self._masks.setdefault(site.path, []).append((mask, site.channels))
-        return [get_path(self.pt, path).register_forward_hook(self._hook(path, get_path(self.ft, path)),
-                                                               with_kwargs=True)
+                axes[site.path] = site.token_axis
+        return [get_path(self.pt, path).register_forward_hook(
+                    self._hook(path, axes[path], get_path(self.ft, path)), with_kwargs=True)
                 for path in self._masks]
 
     # -- running -----------------------------------------------------------------------------------------------
@@ -394,7 +410,7 @@ class Grafter:
         """Full [B, T, V] logits of the grafted forward pass."""
         handles = self._activate(config, enc.spans)
         try:
-            return self.pt(input_ids=enc.input_ids, attention_mask=enc.attention_mask).logits
+            return self.pt(**enc.model_inputs()).logits
         finally:
             for handle in handles:
                 handle.remove()
@@ -402,7 +418,7 @@ class Grafter:
 
     @torch.no_grad()
     def finetuned_logits(self, enc: Encoded) -> torch.Tensor:
-        return self.ft(input_ids=enc.input_ids, attention_mask=enc.attention_mask).logits
+        return self.ft(**enc.model_inputs()).logits
 
     def evaluate(self, prompts: Sequence[GraftPrompt], config: GraftConfig | str, k: int = 5,
                  batch_size: int = 32, progress: Callable[[int, int], None] | None = None) -> Metrics:
@@ -426,3 +442,15 @@ class Grafter:
                 progress(min(start + batch_size, len(prompts)), len(prompts))
         return Metrics(torch.cat(ranks), torch.cat(probs), k, torch.cat(tops))
 
+
+
+@torch.no_grad()
+def evaluate_model(hf: Any, tokenizer: Any, prompts: Sequence[GraftPrompt], k: int = 5,
+                   batch_size: int = 32) -> Metrics:
+    """Top-k accuracy, rank and probability of each target's first token under one plain model."""
+    ranks, probs, tops = [], [], []
+    for start in range(0, len(prompts), batch_size):
+        enc = encode(tokenizer, prompts[start:start + batch_size])
+        m = metrics_from_logits(hf(**enc.model_inputs()).logits[:, -1], enc.target_ids, k)
+        ranks.append(m.ranks), probs.append(m.probs), tops.append(m.top_tokens)
+    return Metrics(torch.cat(ranks), torch.cat(probs), k, torch.cat(tops))

@@ -1,0 +1,307 @@
+"""The FV stages: `cma`, `fit`, `steer`, `generate`, `evaluate`, and `run` (all of them in one go)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from fv_remote.cli.app import app
+from fv_remote.cli.common import console, offline_if_local, out, progress_bar
+from fv_remote.errors import UserError
+from fv_remote.models import DEFAULT_MODEL
+
+MODEL_OPT = typer.Option(DEFAULT_MODEL, "--model", "-m", help="short name, repo id, folder or .gguf")
+DATA_DIR_OPT = typer.Option(None, "--data-dir", help="folder of Todd-format TASK.json files instead of bundled data")
+SCORE_COLUMNS = ("zero_shot", "zero_shot_fv", "shuffled", "shuffled_fv", "icl")
+
+
+def _load(model: str):
+    from fv_remote.models import load_model
+
+    offline_if_local(model)
+    return load_model(model)
+
+
+def _prepare(loaded, task: str, data_dir: str | None, seed: int, n_shots: int = 10):
+    from fv_remote.data import load_task
+    from fv_remote.tasks import prepare_task
+
+    prepared = prepare_task(loaded.tokenizer, load_task(task, data_dir=data_dir), seed=seed, min_pairs=n_shots + 2)
+    if prepared.problems:
+        console.print(f"[yellow]{task}: {len(prepared.problems)} pairs skipped (answer has no usable first "
+                      f"token), e.g. {prepared.problems[0][0]!r}: {prepared.problems[0][1]}[/]")
+    return prepared
+
+
+def scores_table(rows: list[dict], title: str = "") -> Table:
+    """task | zero-shot | zero-shot+FV | shuffled | shuffled+FV | ICL (+ any extra vector columns), with a mean."""
+    extra = [k for k in rows[0] if k.startswith(("zero_shot_", "shuffled_")) and k not in SCORE_COLUMNS] if rows else []
+    columns = list(SCORE_COLUMNS) + extra
+    headers = {"zero_shot": "zero-shot", "zero_shot_fv": "zero-shot+FV", "shuffled": "shuffled",
+               "shuffled_fv": "shuffled+FV", "icl": "ICL"}
+    table = Table("task", "n", "layer", *[headers.get(c, c.replace("_", "+").replace("zero+shot", "zero-shot"))
+                                          for c in columns], title=title)
+    for row in rows:
+        table.add_row(row["task"], str(row["n_test"]), str(row.get("layer", "")),
+                      *[f"{row[c]:.2f}" for c in columns])
+    if len(rows) > 1:
+        table.add_row("mean", "", "", *[f"{sum(r[c] for r in rows) / len(rows):.2f}" for c in columns],
+                      style="bold")
+    return table
+
+
+def _top_heads_table(aie, k: int) -> Table:
+    from fv_remote.vectors import top_heads
+
+    table = Table("rank", "layer", "head", "AIE", title="top heads by average indirect effect")
+    for i, (layer, head, value) in enumerate(top_heads(aie, k=k), 1):
+        table.add_row(str(i), str(layer), str(head), f"{value:+.4f}")
+    return table
+
+
+@app.command()
+def cma(
+    task: str = typer.Option(..., "--task", "-t"),
+    store: str = typer.Option(..., "--store", "-s", help="store holding the task's extraction"),
+    model: str = MODEL_OPT,
+    n_prompts: int = typer.Option(25, help="shuffled-label prompts"),
+    n_shots: int = typer.Option(10),
+    seed: int = typer.Option(0),
+    method: str = typer.Option("fast", help="fast (exact, cached prefix) | invoke_per_head | naive"),
+    plot: Path = typer.Option(None, help="heatmap PNG (default: out/<task>_aie.png)"),
+    top: int = typer.Option(10, help="heads to list"),
+    data_dir: str = DATA_DIR_OPT,
+) -> None:
+    """Average indirect effect of every head (patched with its mean clean activation into shuffled prompts)."""
+    from fv_remote.cma import run_cma
+    from fv_remote.extract import mean_heads_tensor
+    from fv_remote.plots import aie_heatmap
+    from fv_remote.store import ActivationStore
+
+    act_store = ActivationStore(store)
+    loaded = _load(model)
+    prepared = _prepare(loaded, task, data_dir, seed, n_shots)
+    means = mean_heads_tensor(act_store, prepared.name)  # says which command to run first if missing
+    act_store.check_compatible(prepared.name, {"model": loaded.model_id})
+    with progress_bar(f"mediation {prepared.name}", n_prompts) as update:
+        result = run_cma(loaded, prepared, act_store, means, n_prompts=n_prompts, n_shots=n_shots, method=method,
+                         progress=update)
+    out.print(_top_heads_table(result.aie, min(top, result.aie.size)))
+    path = aie_heatmap(result.aie, plot or Path("out") / f"{prepared.name}_aie.png",
+                       title=f"{prepared.name}: AIE per head ({loaded.model_id})")
+    out.print(f"{result.n_prompts} corrupted prompts ({result.n_new} new) in {store}; heatmap: {path}")
+
+
+@app.command()
+def fit(
+    task: str = typer.Option(..., "--task", "-t"),
+    store: str = typer.Option(..., "--store", "-s"),
+    model: str = MODEL_OPT,
+    k: int = typer.Option(10, help="number of top heads"),
+    share: float = typer.Option(None, help="instead of k: fewest heads carrying this share of positive AIE"),
+    layer: int = typer.Option(None, help="layer to add the FV at (default: best on a validation sweep)"),
+    sweep: bool = typer.Option(True, help="run the validation layer sweep to choose the layer"),
+    seed: int = typer.Option(0),
+    output: Path = typer.Option(None, "--out", "-o", help="FV file (default: out/<task>.fv.safetensors)"),
+    plot: Path = typer.Option(None, help="layer-sweep PNG (default: out/<task>_sweep.png)"),
+    data_dir: str = DATA_DIR_OPT,
+) -> None:
+    """Build the function vector from the store (means + AIE); only the output projection needs the model."""
+    from fv_remote.cma import load_aie
+    from fv_remote.evaluate import best_layer, layer_sweep
+    from fv_remote.extract import mean_heads_tensor
+    from fv_remote.plots import layer_sweep_plot
+    from fv_remote.store import ActivationStore
+    from fv_remote.vectors import build_function_vector
+
+    act_store = ActivationStore(store)
+    loaded = _load(model)
+    prepared = _prepare(loaded, task, data_dir, seed)
+    act_store.check_compatible(prepared.name, {"model": loaded.model_id})
+    aie = load_aie(act_store, prepared.name)
+    means = mean_heads_tensor(act_store, prepared.name)
+    fv = build_function_vector(loaded, prepared.name, means, aie, k=None if share else k, share=share, layer=layer,
+                               meta={"store": store})
+    if layer is None and sweep:
+        with progress_bar(f"layer sweep {prepared.name}", loaded.adapter.n_layers) as update:
+            scores = layer_sweep(loaded, prepared, fv, progress=update)
+        fv.layer = best_layer(scores)
+        fv.meta["sweep"] = {str(x): v for x, v in scores.items()}
+        png = layer_sweep_plot({prepared.name: scores}, plot or Path("out") / f"{prepared.name}_sweep.png")
+        out.print(f"validation sweep: best layer {fv.layer} (accuracy {scores[fv.layer]:.2f}); plot: {png}")
+    path = fv.save(output or Path("out") / f"{prepared.name}.fv.safetensors")
+    heads = ", ".join(f"({a},{b})" for a, b in fv.heads)
+    out.print(f"FV for {prepared.name}: {len(fv.heads)} heads [{heads}], layer {fv.layer}, "
+              f"norm {float(fv.vector.norm()):.3f} -> {path}")
+
+
+def _load_vector(path: Path, loaded):
+    from fv_remote.vectors import FunctionVector
+
+    fv = FunctionVector.load(path)
+    fv.check_model(loaded)
+    return fv
+
+
+@app.command()
+def steer(
+    fv_path: Path = typer.Option(..., "--fv", help="FV/FFV file"),
+    prompt: str = typer.Option(None, help="score the next token of this prompt"),
+    task: str = typer.Option(None, help="or: zero-shot accuracy on this task's test pairs"),
+    model: str = MODEL_OPT,
+    layer: int = typer.Option(None, help="default: the layer stored in the FV file"),
+    scale: float = typer.Option(1.0),
+    distributed: bool = typer.Option(False, help="add each head's mean at its own layer instead"),
+    seed: int = typer.Option(0),
+    top: int = typer.Option(5, help="next tokens to show for --prompt"),
+    data_dir: str = DATA_DIR_OPT,
+) -> None:
+    """Add an FV to the residual stream and score: top next tokens of a prompt, or a task's zero-shot accuracy."""
+    import torch
+
+    from fv_remote.steering import Steer, last_logits, top1_accuracy
+
+    if (prompt is None) == (task is None):
+        raise UserError("give exactly one of --prompt or --task")
+    loaded = _load(model)
+    vec = _load_vector(fv_path, loaded)
+    st = Steer(vec, layer=layer, scale=scale, distributed=distributed)
+    where = "distributed over its heads" if distributed else f"layer {st.resolved_layer(loaded)}"
+    if prompt is not None:
+        table = Table("rank", "without", "p", f"with {vec.kind.upper()} ({where})", "p")
+        base, steered = (torch.softmax(last_logits(loaded, [prompt], s)[0], -1) for s in (None, st))
+        b_top, s_top = base.topk(top), steered.topk(top)
+        dec = loaded.tokenizer.decode
+        for i in range(top):
+            table.add_row(str(i + 1), repr(dec([int(b_top.indices[i])])), f"{float(b_top.values[i]):.3f}",
+                          repr(dec([int(s_top.indices[i])])), f"{float(s_top.values[i]):.3f}")
+        out.print(table)
+        return
+    prepared = _prepare(loaded, task, data_dir, seed)
+    prompts = prepared.prompts("test", len(prepared.splits.test), kind="zero_shot", n_shots=0, seed_offset=2)
+    texts, ids = [p.text for p in prompts], prepared.ids(prompts)
+    before, after = top1_accuracy(loaded, texts, ids), top1_accuracy(loaded, texts, ids, st)
+    out.print(f"{prepared.name}: zero-shot accuracy {before:.2f} -> {after:.2f} with the {vec.kind.upper()} "
+              f"({where}, scale {scale}) on {len(texts)} test pairs")
+
+
+@app.command()
+def generate(
+    fv_path: Path = typer.Option(..., "--fv", help="FV/FFV file"),
+    prompt: str = typer.Option(..., help="text to continue, e.g. 'Q: hot\\nA:' (\\n is understood)"),
+    model: str = MODEL_OPT,
+    layer: int = typer.Option(None),
+    scale: float = typer.Option(1.0),
+    distributed: bool = typer.Option(False),
+    max_new_tokens: int = typer.Option(12),
+) -> None:
+    """Greedy generation with and without the vector (added at the prompt's last token)."""
+    from fv_remote.steering import Steer
+    from fv_remote.steering import generate as gen
+
+    text = prompt.replace("\\n", "\n")
+    loaded = _load(model)
+    vec = _load_vector(fv_path, loaded)
+    st = Steer(vec, layer=layer, scale=scale, distributed=distributed)
+    out.print(f"[bold]prompt[/]: {text!r}")
+    out.print(f"[bold]without[/]: {gen(loaded, text, None, max_new_tokens)!r}")
+    out.print(f"[bold]with {vec.kind.upper()}[/] ({vec.task}): {gen(loaded, text, st, max_new_tokens)!r}")
+
+
+@app.command()
+def evaluate(
+    fv_path: Path = typer.Option(..., "--fv", help="FV (or FFV) file; its task is evaluated unless --task"),
+    ffv_path: Path = typer.Option(None, "--ffv", help="also evaluate a fine-tuned vector (zero_shot_ffv column)"),
+    task: str = typer.Option(None, "--task", "-t"),
+    model: str = MODEL_OPT,
+    layer: int = typer.Option(None, help="default: the layer stored in the FV file"),
+    scale: float = typer.Option(1.0),
+    distributed: bool = typer.Option(False),
+    n_test: int = typer.Option(None, help="test queries (default: the whole test split)"),
+    n_shots: int = typer.Option(10),
+    seed: int = typer.Option(0),
+    sweep: bool = typer.Option(False, help="also sweep all layers on validation pairs (PNG)"),
+    plot: Path = typer.Option(None, help="sweep PNG (default: out/<task>_sweep.png)"),
+    json_path: Path = typer.Option(None, "--json", help="write results as JSON"),
+    data_dir: str = DATA_DIR_OPT,
+) -> None:
+    """Zero-shot and shuffled n-shot accuracy with and without the vector, plus n-shot ICL, on test pairs."""
+    from fv_remote.evaluate import evaluate_task, layer_sweep
+    from fv_remote.pipeline import write_json
+    from fv_remote.plots import layer_sweep_plot
+
+    if n_test is not None and n_test <= 0:
+        raise UserError(f"--n-test must be a positive integer, got {n_test}")
+    loaded = _load(model)
+    vec = _load_vector(fv_path, loaded)
+    extra = {"ffv": _load_vector(ffv_path, loaded)} if ffv_path else None
+    if layer is not None:
+        loaded.adapter.check_layer(layer)
+    prepared = _prepare(loaded, task or vec.task, data_dir, seed, n_shots)
+    scores = evaluate_task(loaded, prepared, vec, layer=layer, n_test=n_test, n_shots=n_shots, scale=scale,
+                           distributed=distributed, extra_vectors=extra)
+    row = scores.as_json()
+    out.print(scores_table([row], title=f"{loaded.model_id}: {vec.kind.upper()} at layer {scores.layer}"))
+    data = {"model": loaded.model_id, "layer": scores.layer,
+            "settings": {"fv": str(fv_path), "ffv": str(ffv_path) if ffv_path else None, "scale": scale,
+                         "distributed": distributed, "n_shots": n_shots, "seed": seed, "n_test": scores.n_test},
+            "results": [row]}
+    if sweep:
+        with progress_bar("layer sweep", loaded.adapter.n_layers) as update:
+            curve = layer_sweep(loaded, prepared, vec, scale=scale, progress=update)
+        data["sweep"] = {str(x): v for x, v in curve.items()}
+        png = layer_sweep_plot({prepared.name: curve}, plot or Path("out") / f"{prepared.name}_sweep.png")
+        out.print(f"sweep plot: {png}")
+    if json_path:
+        out.print(f"results: {write_json(data, json_path)}")
+
+
+@app.command()
+def run(
+    tasks_args: list[str] = typer.Argument(None, metavar="[TASK]...", help="tasks (or use --task)"),
+    task: list[str] = typer.Option(None, "--task", "-t", help="task(s); repeat or comma-separate"),
+    model: str = MODEL_OPT,
+    data_dir: str = DATA_DIR_OPT,
+    store: str = typer.Option(None, "--store", "-s", help="activation store (default: <out>/store.zarr)"),
+    out_dir: Path = typer.Option(Path("out/run"), "--out", "-o", help="folder for FVs, plots and results"),
+    n_prompts: int = typer.Option(100, help="clean prompts for mean activations"),
+    n_cma_prompts: int = typer.Option(25, help="corrupted prompts for the AIE"),
+    n_shots: int = typer.Option(10),
+    k: int = typer.Option(10, help="top heads in the FV"),
+    n_test: int = typer.Option(None, help="test queries per task (default: whole test split)"),
+    seed: int = typer.Option(0),
+    json_path: Path = typer.Option(None, "--json", help="write results as JSON"),
+) -> None:
+    """The whole pipeline per task: extract -> CMA -> FV -> layer sweep -> evaluation table."""
+    from fv_remote.data import load_task
+    from fv_remote.errors import require_positive
+    from fv_remote.pipeline import PipelineSettings, results_json, run_task, write_json
+    from fv_remote.plots import layer_sweep_plot
+    from fv_remote.store import ActivationStore
+
+    names = [t for entry in [*(task or []), *(tasks_args or [])] for t in entry.split(",") if t]
+    if not names:
+        raise UserError("give at least one task: fv-remote run --task antonym (see `fv-remote data list`)")
+    for name, value in (("--n-prompts", n_prompts), ("--n-cma-prompts", n_cma_prompts), ("--k", k)):
+        require_positive(name, value)
+    relations = [load_task(name, data_dir=data_dir) for name in names]  # fail fast on a bad name
+    loaded = _load(model)
+    settings = PipelineSettings(n_prompts=n_prompts, n_cma_prompts=n_cma_prompts, n_shots=n_shots, k=k, seed=seed,
+                                n_test=n_test)
+    act_store = ActivationStore(store or str(out_dir / "store.zarr"))
+    runs = []
+    for relation in relations:
+        result = run_task(loaded, relation, act_store, out_dir, settings, progress=progress_bar)
+        runs.append(result)
+        r = result.scores
+        console.print(f"[green]{r.task}[/]: zero-shot {r.zero_shot:.2f} -> {r.zero_shot_fv:.2f} with FV at layer "
+                      f"{r.layer}; FV saved to {result.fv_path}")
+    data = results_json(loaded, runs, settings)
+    out.print(scores_table(data["results"], title=f"{loaded.model_id}: function vectors ({k} heads)"))
+    png = layer_sweep_plot({r.scores.task: r.sweep for r in runs}, out_dir / "layer_sweep.png",
+                           baselines={r.scores.task: r.scores.zero_shot for r in runs})
+    write_json(data, json_path or out_dir / "results.json")
+    out.print(f"results: {json_path or out_dir / 'results.json'}; layer sweep: {png}; AIE heatmaps: "
+              f"{out_dir}/<task>_aie.png")

@@ -184,7 +184,10 @@ def _backend_class() -> type:
                     from None
             except (OSError, websocket.WebSocketException) as exc:
                 raise UserError(f"cannot reach NDIF at {self.host}: {exc}") from None
-            job = lambda: f"job {self.job_id}" if self.job_id else "the request"  # noqa: E731
+
+            def job() -> str:
+                return f"job {self.job_id}" if self.job_id else "the request"
+
             try:
                 request.session_id = json.loads(connection.recv())["session_id"]
                 self.send(request, blob)
@@ -231,8 +234,19 @@ def _backend_class() -> type:
 def make_backend(model: Any, timeout: float | None = None, verbose: bool = False) -> Any:
     """A blocking NDIF backend for `model` (a LoadedModel or nnsight model) at the configured host and key."""
     lm = getattr(model, "lm", model)
-    return _backend_class()(lm.to_model_key(), host=host(), api_key=api_key() or "",
-                            env=lm._remoteable_get_env(), timeout=timeout, verbose=verbose)
+    try:
+        key = lm.to_model_key()
+    except Exception:  # noqa: BLE001 - the Hub lookup that canonicalises the repo id failed; use the id as given
+        from nnsight.modeling import huggingface
+
+        repo_id = getattr(lm, "repo_id", None)
+        if not repo_id:
+            raise UserError("this model has no Hugging Face repo id, so NDIF cannot know which model to run; "
+                            "load it with fv_remote.remote.load_remote_model(repo_id)") from None
+        huggingface._ID_CACHE[repo_id] = repo_id
+        key = lm.to_model_key()
+    return _backend_class()(key, host=host(), api_key=api_key() or "", env=lm._remoteable_get_env(),
+                            timeout=timeout, verbose=verbose)
 
 
 def stage_session(model: Any, remote: Any = False, timeout: float | None = None):

@@ -7,6 +7,7 @@ FV      := $(VENV)/bin/fv-remote
 STAMP   := $(VENV)/.fv-remote-installed
 MODEL   ?= smollm2-135m
 DEMO_OUT ?= out/demo
+DEMO_TASKS ?= present-past singular-plural capitalize country-capital
 export HF_HUB_OFFLINE ?= 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
@@ -25,7 +26,7 @@ model: setup
 	@$(FV) models pull $(MODEL)
 
 demo: model
-	@$(PY) examples/demo.py --model $(MODEL) --out $(DEMO_OUT)
+	@$(FV) run $(DEMO_TASKS) --model $(MODEL) --out $(DEMO_OUT)
 
 test: model
 	@$(PY) -m pytest -q

@@ -62,7 +62,9 @@ def make_tiny_model(family: str, tokenizer, seed: int = 0):
     from fv_remote.models import wrap_model
 
     torch.manual_seed(seed)
-    hf = AutoModelForCausalLM.from_config(tiny_config(family, len(tokenizer)), dtype=torch.float32).eval()
+    config = tiny_config(family, len(tokenizer))
+    config.bos_token_id = config.eos_token_id = config.pad_token_id = tokenizer.eos_token_id
+    hf = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     hf.requires_grad_(False)
     return wrap_model(hf, tokenizer, name=f"tiny-{family}", source="random")
 
@@ -78,3 +80,24 @@ def smollm2():
     from fv_remote.models import load_model
 
     return load_model("smollm2-135m")
+
+
+def run_cli(*args: str, timeout: int = 600):
+    """Run `fv-remote ARGS` in a subprocess as a user would; returns the CompletedProcess (text mode)."""
+    import subprocess
+    import sys
+
+    code = "from fv_remote.cli.app import main; main()"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=timeout,
+                          env=env)
+
+
+def assert_one_line_error(proc, *needles: str):
+    """A user mistake: non-zero exit, one `error:` line on stderr naming the problem, no traceback."""
+    assert proc.returncode != 0, proc.stdout
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    assert lines and lines[-1].startswith("error:"), proc.stderr
+    for needle in needles:
+        assert needle in lines[-1], lines[-1]

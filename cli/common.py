@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from contextlib import contextmanager
 
 from rich.console import Console
@@ -25,7 +26,21 @@ def offline_if_local(model: str) -> None:
 
 @contextmanager
 def progress_bar(description: str, total: int):
-    """Yields an `update(done, total)` callback that drives a rich progress bar on stderr."""
+    """Yields an `update(done, total)` callback that drives a rich progress bar on stderr.
+
+    Without a terminal (CI logs, pipes) a live bar shows nothing until the end, so print a line per ~10% instead.
+    """
+    if not console.is_terminal:
+        state = {"shown": -1, "start": time.monotonic()}
+
+        def update_plain(done: int, total_: int) -> None:
+            step = done * 10 // max(total_, 1)
+            if step != state["shown"] and (step > state["shown"]):
+                state["shown"] = step
+                console.print(f"{description}: {done}/{total_} ({time.monotonic() - state['start']:.0f} s)")
+
+        yield update_plain
+        return
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TimeRemainingColumn())
     with Progress(*columns, console=console, transient=False) as bar:

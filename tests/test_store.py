@@ -117,3 +117,13 @@ def test_bad_counts(model, tmp_path):
         with pytest.raises(UserError):
             extract(model, TASK, store, **{"n_prompts": 2, **kwargs})
     assert torch.is_tensor(trace_heads(model, ["Q: a\nA:"], [1])["heads"])
+
+
+def test_prompt_i_does_not_depend_on_run_length():
+    """Resuming with a larger --n-prompts must extend the same prompt sequence, not start a different one."""
+    from fv_remote.data import build_prompts
+
+    for kind in ("clean", "shuffled", "zero_shot"):
+        short = build_prompts(TASK.pairs, 5, n_shots=3, kind=kind, seed=4)
+        long = build_prompts(TASK.pairs, 40, n_shots=3, kind=kind, seed=4)
+        assert [p.text for p in short] == [p.text for p in long[:5]]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from fv_remote import models as M
@@ -42,5 +43,5 @@ def info(name: str = typer.Argument(M.DEFAULT_MODEL, help="short name, repo id, 
     offline_if_local(name)
     table = Table("property", "value")
     for key, value in M.describe(name).items():
-        table.add_row(key, str(value))
+        table.add_row(key, escape(str(value)))  # paths like layers[i] are not rich markup
     out.print(table)

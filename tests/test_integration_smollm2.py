@@ -96,3 +96,16 @@ def test_fv_raises_zero_shot_accuracy(smollm2, tmp_path):
     assert run.scores.zero_shot_fv >= run.scores.zero_shot + 0.2, run.scores
     assert 12 <= run.fv.layer <= 22, run.sweep  # the FV works mid-network on this model, not at L/3
     assert (tmp_path / "present-past_aie.png").stat().st_size > 1000
+
+
+def test_gemma3_head_dim_when_cached():
+    """Gemma-3-270M has head_dim 256 with d_model 640: the adapter must read the real width (runs when pulled)."""
+    from fv_remote.models import is_cached, load_model
+
+    if not is_cached("gemma3-270m"):
+        pytest.skip("gemma3-270m not pulled (fv-remote models pull gemma3-270m)")
+    gemma = load_model("gemma3-270m")
+    ad = gemma.adapter
+    assert (ad.n_layers, ad.n_heads, ad.head_dim, ad.d_model) == (18, 4, 256, 640)
+    out = trace_heads(gemma, ["Q: hot\nA:"], [0])
+    assert out["heads"].shape == (1, 1, 18, 4, 256)

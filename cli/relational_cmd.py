@@ -1,0 +1,415 @@
+"""Relational commands: `finetune`, `bank build`, `bank info`, `decode`, `align`, `analogy`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+from rich.text import Text
+
+from fv_remote.cli.app import app
+from fv_remote.cli.common import console, offline_if_local, out, progress_bar
+from fv_remote.errors import UserError, require_positive
+from fv_remote.models import DEFAULT_MODEL
+
+bank_app = typer.Typer(help="Relation banks: many fine-tuned FVs in one file.", no_args_is_help=True)
+app.add_typer(bank_app, name="bank")
+
+DEFAULT_BANK = "out/bank.safetensors"
+
+
+def _load(model: str):
+    from fv_remote.models import load_model
+
+    offline_if_local(model)
+    return load_model(model)
+
+
+def _layer_option(text: Optional[str]):
+    if text is None or text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise UserError(f"--layer takes a layer index or 'auto', got {text!r}") from None
+
+
+def _write_json(data: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, default=float))
+    console.print(f"wrote {path}")
+
+
+def _pct(x) -> str:
+    return "—" if x is None else f"{x:.2f}"
+
+
+def _settings(steps, lr, l2, patience, batch_size, seed):
+    from fv_remote.ffv import FinetuneSettings
+
+    return FinetuneSettings(steps=steps, lr=lr, l2=l2, patience=patience, batch_size=batch_size, seed=seed).check()
+
+
+# --- finetune ---------------------------------------------------------------------------------------------------
+
+
+@app.command()
+def finetune(
+    task: str = typer.Option(..., "--task", "-t", help="bundled task name, a task in --data-dir, or a .json file"),
+    fv: Optional[Path] = typer.Option(None, "--fv", help="the task's FV (.fv.safetensors): the starting point "
+                                                         "and the baseline in the table"),
+    init: str = typer.Option("fv", help="start from the FV, zeros or a random direction (fv, zero, random)"),
+    layer: Optional[str] = typer.Option(None, help="layer index, or 'auto' (short runs on a few layers, best on "
+                                                   "validation); default: the FV's layer"),
+    out_path: Optional[Path] = typer.Option(None, "--out", "-o", help="where to save the FFV "
+                                                                      "(default out/ffv/TASK.ffv.safetensors)"),
+    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m"),
+    data_dir: Optional[Path] = typer.Option(None, help="folder of TASK.json files (e.g. Todd et al.'s)"),
+    n_train: int = typer.Option(20, help="training pairs (zero-shot prompts)"),
+    n_valid: int = typer.Option(30, help="validation pairs for early stopping (0: none)"),
+    steps: int = typer.Option(120, help="optimiser steps at most"),
+    lr: float = typer.Option(0.05, help="peak Adam learning rate (cosine schedule)"),
+    l2: float = typer.Option(0.0, help="weight of ||v - v0||^2"),
+    patience: int = typer.Option(40, help="steps without a better validation loss before stopping"),
+    batch_size: int = typer.Option(32, help="prompts per optimiser step"),
+    n_test: Optional[int] = typer.Option(None, help="test pairs to evaluate on (default: the whole test split)"),
+    n_shots: int = typer.Option(10, help="demonstrations for the ICL and shuffled columns"),
+    seed: int = typer.Option(0, help="seed for splits, prompts and random inits"),
+    plot: Optional[Path] = typer.Option(None, help="loss-curve PNG (default next to --out)"),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="write the evaluation JSON (as `evaluate`)"),
+    evaluate: bool = typer.Option(True, help="evaluate FV / FFV / ICL on the test split afterwards"),
+) -> None:
+    """Fine-tune a function vector (model frozen): FFV = argmin NLL of the answer on zero-shot prompts."""
+    from fv_remote.data import load_task
+    from fv_remote.evaluate import evaluate_task
+    from fv_remote.ffv import loss_curve, train_ffv
+    from fv_remote.tasks import prepare_task
+    from fv_remote.vectors import FunctionVector
+
+    require_positive("--n-train", n_train)
+    settings = _settings(steps, lr, l2, patience, batch_size, seed)
+    layer_opt = _layer_option(layer)
+    source = FunctionVector.load(fv) if fv is not None else None
+    if init == "fv" and source is None:
+        raise UserError("--init fv needs --fv FILE (make one with `fv-remote run` or `fv-remote fit`); "
+                        "or use --init zero --layer N")
+    relation = load_task(task, data_dir=data_dir)
+    loaded = _load(model)
+    if source is not None:
+        source.check_model(loaded)
+    prepared = prepare_task(loaded.tokenizer, relation, seed=seed, min_pairs=n_train + 2)
+    for pair, reason in prepared.problems:
+        console.print(f"[yellow]skipped pair {pair[0]!r} -> {pair[1]!r}: {reason}[/]")
+    if len(prepared.splits.train) < n_train:
+        raise UserError(f"task {relation.name!r} has {len(prepared.splits.train)} training pairs, fewer than "
+                        f"--n-train {n_train}")
+    with progress_bar(f"finetune {relation.name}", steps) as update:
+        run = train_ffv(loaded, prepared, source, init=init, layer=layer_opt, n_train=n_train, n_valid=n_valid,
+                        settings=settings, progress=update)
+    res = run.result
+    ffv = res.ffv
+    out_path = out_path or Path("out/ffv") / f"{relation.name}.ffv.safetensors"
+    ffv.save(out_path)
+    plot = plot or out_path.with_name(out_path.name.replace(".safetensors", "") + "_loss.png")
+    loss_curve(res.history, plot, title=f"{relation.name}: FFV at layer {ffv.layer} (init {init})")
+    if run.layer_search:
+        table = Table(title="layer search (short runs)", title_justify="left")
+        for col in ("layer", "valid acc", "valid NLL"):
+            table.add_column(col, justify="right")
+        for lay, r in sorted(run.layer_search.items()):
+            table.add_row(str(lay), _pct(r["valid_acc"]), f"{r['valid_loss']:.3f}")
+        out.print(table)
+    out.print(f"{relation.name}: FFV at layer {ffv.layer}, init {init}, {run.n_train} training / {run.n_valid} "
+              f"validation pairs; kept step {res.best_step}"
+              + (f" (valid acc {res.best_valid_acc:.2f}, NLL {res.best_valid_loss:.3f})" if run.n_valid else "")
+              + ("; stopped early" if res.stopped_early else "")
+              + f"\nsaved {out_path} and {plot}")
+    if not evaluate:
+        return
+    if not prepared.splits.test:
+        raise UserError(f"task {relation.name!r} has no test pairs to evaluate on (use --no-evaluate)")
+    base = source if source is not None else ffv
+    scores = evaluate_task(loaded, prepared, base, n_test=n_test, n_shots=n_shots,
+                           extra_vectors={"ffv": ffv} if source is not None else None)
+    row = scores.as_json()
+    if source is None:  # no FV: the FFV sat in the FV's place
+        row["zero_shot_ffv"], row["shuffled_ffv"] = row["zero_shot_fv"], row["shuffled_fv"]
+        row["zero_shot_fv"] = row["shuffled_fv"] = None
+    row["ffv_layer"] = ffv.layer
+    table = Table(title=f"{relation.name}: top-1 accuracy on {scores.n_test} test queries", title_justify="left")
+    cols = ["zero_shot", "zero_shot_fv", "zero_shot_ffv", "shuffled", "shuffled_fv", "shuffled_ffv", "icl"]
+    for col in cols:
+        table.add_column(col.replace("_", " "), justify="right")
+    table.add_row(*[_pct(row.get(c)) for c in cols])
+    out.print(table)
+    if json_path:
+        _write_json({"model": loaded.model_id, "layer": ffv.layer, "layers": {relation.name: ffv.layer},
+                     "settings": {"n_train": n_train, "n_valid": n_valid, "n_shots": n_shots, "seed": seed,
+                                  "init": init, "fv": str(fv) if fv else None, "finetune": settings.as_dict()},
+                     "results": [row]}, json_path)
+
+
+# --- bank -------------------------------------------------------------------------------------------------------
+
+
+@bank_app.command("build")
+def bank_build(
+    out_path: Path = typer.Option(Path(DEFAULT_BANK), "--out", "-o", help="bank file (.safetensors); an existing "
+                                                                          "one is resumed"),
+    tasks: Optional[str] = typer.Option(None, help="comma-separated task names (default: every bundled relation)"),
+    data: Optional[list[Path]] = typer.Option(None, "--data", help="dataset .json files to add (repeatable)"),
+    data_dir: Optional[Path] = typer.Option(None, help="folder of TASK.json files for --tasks"),
+    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m"),
+    layer: Optional[int] = typer.Option(None, help="common layer for every vector (required unless --init fv)"),
+    init: str = typer.Option("zero", help="zero, random, or fv (from FV-DIR/TASK.fv.safetensors)"),
+    fv_dir: Optional[Path] = typer.Option(None, help="folder of TASK.fv.safetensors for --init fv"),
+    n_train: int = typer.Option(20, help="training pairs per relation"),
+    n_valid: int = typer.Option(20, help="validation pairs per relation"),
+    steps: int = typer.Option(40, help="optimiser steps per relation"),
+    lr: float = typer.Option(0.2, help="peak Adam learning rate"),
+    l2: float = typer.Option(0.0, help="weight of ||v - v0||^2"),
+    patience: int = typer.Option(20, help="early-stopping patience (steps)"),
+    batch_size: int = typer.Option(32, help="prompts per step"),
+    seed: int = typer.Option(0),
+    fresh: bool = typer.Option(False, help="ignore an existing bank file instead of resuming it"),
+) -> None:
+    """Fine-tune an FFV for every relation and store them in one bank file (resumable)."""
+    from fv_remote.bank import build_bank
+    from fv_remote.data import list_tasks, load_task
+
+    settings = _settings(steps, lr, l2, patience, batch_size, seed)
+    names = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else ([] if data else list_tasks())
+    relations = [load_task(n, data_dir=data_dir) for n in names] + [load_task(str(p)) for p in (data or [])]
+    if not relations:
+        raise UserError("no relations given: use --tasks, --data, or neither for every bundled relation")
+    loaded = _load(model)
+    skipped = []
+
+    def report(name: str, status: str) -> None:
+        if status.startswith("skipped"):
+            skipped.append(name)
+            console.print(f"[yellow]{name}: {status}[/]")
+
+    with progress_bar("bank build", len(relations)) as update:
+        bank = build_bank(loaded, relations, out_path, layer=layer, init=init, fv_dir=fv_dir, n_train=n_train,
+                          n_valid=n_valid, settings=settings, seed=seed, resume=not fresh, on_task=report,
+                          progress=update)
+    out.print(f"bank {out_path}: {len(bank)} relations for {bank.model}"
+              + (f"; {len(skipped)} skipped ({', '.join(skipped)})" if skipped else "")
+              + f"\nsee `fv-remote bank info {out_path}`")
+
+
+@bank_app.command("info")
+def bank_info(
+    path: Path = typer.Argument(Path(DEFAULT_BANK), help="bank file"),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="write the summary as JSON"),
+) -> None:
+    """List the relations in a bank: layer, norm, validation accuracy with and without the vector."""
+    from fv_remote.bank import RelationBank, info
+
+    bank = RelationBank.load(path)
+    summary = info(bank)
+    table = Table(title=Text(f"{path}: {summary['n']} relations, model {bank.model}, d_model {summary['d_model']}"),
+                  title_justify="left")
+    for col in ("relation", "category", "layer", "norm", "n train", "valid acc", "zero-shot acc", "init"):
+        table.add_column(col, justify="left" if col in ("relation", "category", "init") else "right")
+    for r in summary["entries"]:
+        table.add_row(Text(r["name"]), Text(str(r["category"])), str(r["layer"]), f"{r['norm']:.1f}",
+                      str(r["n_train"] or "—"), _pct(r["valid_acc"]), _pct(r["zero_shot_valid_acc"]),
+                      str(r["init"] or "—"))
+    out.print(table)
+    if json_path:
+        _write_json(summary, json_path)
+
+
+# --- decode -----------------------------------------------------------------------------------------------------
+
+
+@app.command()
+def decode(
+    vectors: list[str] = typer.Argument(..., help="vector files (.safetensors: FV or FFV), or BANK:RELATION"),
+    words: Optional[str] = typer.Option(None, help="comma-separated relation words to rank, e.g. opposite,antonym "
+                                                   "(default: the task's relation words when known)"),
+    top_k: int = typer.Option(15, help="top tokens to list"),
+    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m"),
+    json_path: Optional[Path] = typer.Option(None, "--json"),
+) -> None:
+    """Project vectors through the final norm and unembedding: top tokens and relation-word ranks, side by side."""
+    from fv_remote.bank import RelationBank
+    from fv_remote.data import load_task
+    from fv_remote.decode import decode as run_decode
+    from fv_remote.vectors import FunctionVector
+
+    require_positive("--top-k", top_k)
+    loaded = _load(model)
+    named = []
+    for spec in vectors:
+        path, _, relation = spec.partition(":") if ":" in spec and not Path(spec).exists() else (spec, "", "")
+        if relation:
+            bank = RelationBank.load(path)
+            vec = bank.function_vector(relation)
+        else:
+            vec = FunctionVector.load(path)
+        vec.check_model(loaded)
+        named.append((f"{vec.kind.upper()} {vec.task} L{vec.layer}" if vec.task else Path(path).name, vec))
+    word_list = [w.strip() for w in words.split(",") if w.strip()] if words else []
+    if not word_list:
+        for _, vec in named:
+            try:
+                word_list += [w for w in load_task(vec.task).relation_words if w not in word_list]
+            except UserError:
+                pass
+    results = [run_decode(loaded, vec.vector, name, word_list, top_k) for name, vec in named]
+    table = Table(title="top tokens (final norm + unembedding)", title_justify="left")
+    table.add_column("#", justify="right")
+    for r in results:
+        table.add_column(Text(r.name))
+    for i in range(top_k):
+        table.add_row(str(i + 1), *[Text(repr(r.top[i][0])) if i < len(r.top) else "" for r in results])
+    out.print(table)
+    if word_list:
+        ranks = Table(title=f"rank of relation words among {loaded.adapter.vocab_size} tokens (1 = top)",
+                      title_justify="left")
+        ranks.add_column("word")
+        for r in results:
+            ranks.add_column(Text(r.name), justify="right")
+        for w in word_list:
+            ranks.add_row(Text(w), *[f"{r.ranks[w]} ({r.forms[w]!r})" if w in r.ranks else "—" for r in results])
+        out.print(ranks)
+    if json_path:
+        _write_json({"model": loaded.model_id, "words": word_list, "vectors": [r.as_json() for r in results]},
+                    json_path)
+
+
+# --- align ------------------------------------------------------------------------------------------------------
+
+
+@app.command()
+def align(
+    ratings: Path = typer.Option(..., "--ratings", help="CSV: two word pairs and a rating per row"),
+    bank_path: Path = typer.Option(Path(DEFAULT_BANK), "--bank", help="relation bank file"),
+    columns: Optional[str] = typer.Option(None, help="5 column names: pair1 word1, pair1 word2, pair2 word1, "
+                                                     "pair2 word2, rating (default pair1_word1,pair1_word2,"
+                                                     "pair2_word1,pair2_word2,mean_rating)"),
+    method: str = typer.Option("weights", help="weights (cosine of CFV weight profiles), cfv (cosine of CFVs), "
+                                               "logp (correlation of log-prob profiles), bank (cosine of top bank "
+                                               "vectors)"),
+    temperature: float = typer.Option(1.0, help="softmax temperature for the weight profiles"),
+    n_boot: int = typer.Option(1000, help="bootstrap resamples for the interval"),
+    seed: int = typer.Option(0),
+    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m"),
+    plot: Optional[Path] = typer.Option(None, help="scatter PNG (default next to --json, or out/align.png)"),
+    json_path: Optional[Path] = typer.Option(None, "--json"),
+) -> None:
+    """Spearman ρ (bootstrap 95% CI) between the model's relation similarity and human ratings."""
+    from fv_remote.align import align as run_align
+    from fv_remote.align import parse_columns, read_ratings, scatter
+    from fv_remote.analogy import AnalogySettings
+    from fv_remote.bank import RelationBank
+
+    require_positive("--n-boot", n_boot)
+    rows = read_ratings(ratings, parse_columns(columns))
+    bank = RelationBank.load(bank_path)
+    loaded = _load(model)
+    pairs = len({p for r in rows for p in (r.pair1, r.pair2)})
+    with progress_bar("relation profiles", pairs * len(bank)) as update:
+        result = run_align(loaded, bank, rows, method, temperature, n_boot, seed,
+                           AnalogySettings(temperature=temperature), update)
+    for line, reason in result.skipped[:10]:
+        console.print(f"[yellow]skipped row at line {line}: {reason}[/]")
+    if len(result.skipped) > 10:
+        console.print(f"[yellow]... and {len(result.skipped) - 10} more[/]")
+    plot = plot or (json_path.with_suffix(".png") if json_path else Path("out/align.png"))
+    scatter(result, plot)
+    lo, hi = result.ci95
+    out.print(f"Spearman ρ = {result.spearman:.3f}  95% CI [{lo:.3f}, {hi:.3f}]  method {method}, "
+              f"{result.n_used} rows used, {result.n_skipped} skipped; scatter {plot}")
+    if json_path:
+        _write_json(result.as_json(), json_path)
+
+
+# --- analogy ----------------------------------------------------------------------------------------------------
+
+
+@app.command()
+def analogy(
+    mc: Optional[Path] = typer.Option(None, "--mc", help="multiple-choice JSONL (stem, choice, answer, prefix)"),
+    csv_path: Optional[Path] = typer.Option(None, "--csv", help="2-choice CSV A,B,C,D,D_foil"),
+    bank_path: Path = typer.Option(Path(DEFAULT_BANK), "--bank", help="relation bank file"),
+    mode: str = typer.Option("mc", help="mc (score every choice) or generative (exact match of D)"),
+    temperature: float = typer.Option(1.0, help="softmax temperature of the CFV weights"),
+    score: str = typer.Option("first", help="first (log P of D's first token) or mean (mean log-prob of D's "
+                                            "tokens)"),
+    scale: float = typer.Option(1.0, help="multiplies the CFV and the single FFV"),
+    limit: Optional[int] = typer.Option(None, help="use the first N items (after a seeded shuffle with --sample)"),
+    sample: bool = typer.Option(False, help="shuffle the items (seeded) before --limit"),
+    combiner: Optional[Path] = typer.Option(None, help="apply a learned affine combiner (.safetensors)"),
+    train_combiner: Optional[Path] = typer.Option(None, help="multiple-choice JSONL to train a combiner on first"),
+    save_combiner: Optional[Path] = typer.Option(None, help="where to save the trained combiner"),
+    combiner_steps: int = typer.Option(40),
+    combiner_lr: float = typer.Option(0.05),
+    icl_format: str = typer.Option("{a}:{b}::{c}:", help="ICL baseline prompt; D follows without a space"),
+    batch_size: int = typer.Option(48),
+    n_boot: int = typer.Option(2000),
+    seed: int = typer.Option(0),
+    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m"),
+    json_path: Optional[Path] = typer.Option(None, "--json"),
+) -> None:
+    """Analogies (A is to B as C is to ?) with composite FVs, against no vector, the best single FFV and ICL."""
+    import random
+
+    from fv_remote.analogy import AnalogySettings, Combiner, run_analogies
+    from fv_remote.analogy import train_combiner as fit_combiner
+    from fv_remote.bank import RelationBank
+    from fv_remote.data import read_analogy_csv, read_mc_analogies
+
+    if (mc is None) == (csv_path is None):
+        raise UserError("give exactly one of --mc FILE.jsonl or --csv FILE.csv")
+    if combiner and train_combiner:
+        raise UserError("use --combiner (apply a saved one) or --train-combiner (fit one), not both")
+    settings = AnalogySettings(mode=mode, temperature=temperature, score=score, scale=scale, batch_size=batch_size,
+                               icl_format=icl_format, n_boot=n_boot, seed=seed).check()
+    items = read_mc_analogies(mc) if mc else read_analogy_csv(csv_path)
+    if sample:
+        random.Random(seed).shuffle(items)
+    if limit is not None:
+        items = items[:require_positive("--limit", limit)]
+    bank = RelationBank.load(bank_path)
+    loaded = _load(model)
+    bank.check_model(loaded)
+    comb = None
+    if combiner:
+        comb = Combiner.load(combiner)
+        comb.meta["path"] = str(combiner)
+    elif train_combiner:
+        train_items = read_mc_analogies(train_combiner)
+        with progress_bar("train combiner", combiner_steps) as update:
+            comb = fit_combiner(loaded, bank, train_items, settings, steps=combiner_steps, lr=combiner_lr,
+                                progress=update)
+        if save_combiner:
+            comb.save(save_combiner)
+            console.print(f"saved combiner to {save_combiner}")
+        comb.meta["path"] = str(save_combiner or "(trained, not saved)")
+    with progress_bar(f"analogies ({mode})", 6) as update:
+        result = run_analogies(loaded, bank, items, settings, comb, progress=update)
+    for item, reason in result.skipped[:10]:
+        console.print(f"[yellow]skipped {item.stem[0]}:{item.stem[1]}: {reason}[/]")
+    if result.n_skipped > 10:
+        console.print(f"[yellow]... and {result.n_skipped - 10} more skipped[/]")
+    acc, ci = result.accuracy(), result.ci95()
+    table = Table(title=f"{mode} analogies: {result.n} used, {result.n_skipped} skipped "
+                        f"(not single-token-resolvable); chance {result.chance:.3f}", title_justify="left")
+    for col in ("method", "accuracy", "95% CI"):
+        table.add_column(col, justify="left" if col == "method" else "right")
+    for m in acc:
+        table.add_row(m, f"{acc[m]:.3f}", f"[{ci[m][0]:.3f}, {ci[m][1]:.3f}]")
+    out.print(table)
+    gain = result.gains().get("cfv_minus_no_vector")
+    if gain:
+        out.print(f"CFV − no vector: {gain['mean']:+.3f} (paired 95% CI [{gain['ci95'][0]:+.3f}, "
+                  f"{gain['ci95'][1]:+.3f}])")
+    if json_path:
+        _write_json(result.as_json(), json_path)

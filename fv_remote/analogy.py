@@ -1,0 +1,514 @@
+"""Composite function vectors (CFVs) and analogies A:B :: C:D (Kang, Wu & Lu 2026).
+
+For a source pair A:B the model is run once per bank FFV_i on the zero-shot prompt "Q: A\\nA:" with FFV_i added,
+and log P(B | A, FFV_i) is read (first token of B, or the mean over B's tokens with score="mean"). A softmax over
+the bank (temperature T) gives the weights w; optionally a learned affine map z = W·(logp/T) + b is applied before
+the softmax (`Combiner`, trained on a set of analogies through the frozen model). CFV = Σ_i w_i FFV_i.
+
+Layers: each bank vector is added at its own layer, weighted (for a bank built at one common layer — the default
+of `fv-remote bank build` — this is exactly one vector at one layer). All additions touch the last token of the
+prompt only, as for FVs.
+
+Modes:
+- multiple choice: every candidate (C_j, D_j) is scored by log P(D_j | "Q: C_j\\nA:", CFV); the best wins.
+  Chance = 1 / number of choices.
+- generative: the item's correct pair (C, D); a hit when the greedy continuation of "Q: C\\nA:" with the CFV
+  starts with D's tokens (checked by teacher forcing, identical to greedy decoding for those tokens).
+
+Baselines in the same run: no vector; the single bank FFV with the highest weight ("best_ffv"); an ICL prompt in
+the issue's form `A:B::C:` ("icl"), and a one-shot Q/A demonstration "Q: A\\nA: B\\n\\nQ: C\\nA:" ("icl_qa").
+Confidence intervals: percentile bootstrap over items; the CFV's gain over no-vector with a paired bootstrap.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from fv_remote.bank import RelationBank
+from fv_remote.data import MCAnalogy, PromptTemplate, answer_first_token
+from fv_remote.errors import UserError, require_positive
+from fv_remote.ffv import trace_kwargs
+from fv_remote.models import LoadedModel
+from fv_remote.traces.patching import layer_hidden
+
+METHODS = ("cfv", "no_vector", "best_ffv", "icl", "icl_qa")
+MODES = ("mc", "generative")
+SCORES = ("first", "mean")
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class AnalogySettings:
+    mode: str = "mc"
+    temperature: float = 1.0
+    score: str = "first"  # "first": log P(first token of D); "mean": mean log-prob over D's tokens
+    scale: float = 1.0  # multiplies the CFV (and the single FFV)
+    batch_size: int = 48
+    icl_format: str = "{a}:{b}::{c}:"
+    icl_answer: str = "{y}"  # how D follows the ICL prompt (no space: "hot:cold::big:small")
+    n_boot: int = 2000
+    seed: int = 0
+    template: PromptTemplate = field(default_factory=PromptTemplate)
+
+    def check(self) -> "AnalogySettings":
+        if self.mode not in MODES:
+            raise UserError(f"unknown mode {self.mode!r}; use one of {', '.join(MODES)}")
+        if self.score not in SCORES:
+            raise UserError(f"unknown score {self.score!r}; use one of {', '.join(SCORES)}")
+        if not self.temperature > 0:
+            raise UserError(f"temperature must be positive, got {self.temperature}")
+        require_positive("batch_size", self.batch_size)
+        require_positive("n_boot", self.n_boot)
+        for key in ("{a}", "{b}", "{c}"):
+            if key not in self.icl_format:
+                raise UserError(f"--icl-format must contain {key}, got {self.icl_format!r}")
+        return self
+
+    def icl_prompt(self, a: str, b: str, c: str) -> str:
+        return self.icl_format.replace("{a}", a).replace("{b}", b).replace("{c}", c)
+
+    def icl_template(self) -> PromptTemplate:
+        return PromptTemplate(query="{x}", answer=self.icl_answer)
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["template"] = [self.template.query, self.template.answer]
+        return d
+
+
+# --- scoring rows through the model -------------------------------------------------------------------------
+
+
+def _bank_tensors(bank: RelationBank) -> tuple[torch.Tensor, dict[int, list[int]]]:
+    by_layer: dict[int, list[int]] = {}
+    for i, layer in enumerate(bank.layers):
+        by_layer.setdefault(int(layer), []).append(i)
+    return bank.vectors, by_layer
+
+
+def _split_continuation(tokenizer, prompt: str, cont: str) -> list[int]:
+    """Tokens of `cont` as the model sees them after `prompt` (from the first token where the encodings differ)."""
+    full = tokenizer.encode(prompt + cont, add_special_tokens=False)
+    ctx = tokenizer.encode(prompt, add_special_tokens=False)
+    i = 0
+    while i < min(len(full), len(ctx)) and full[i] == ctx[i]:
+        i += 1
+    return full[i:]
+
+
+def _run_batch(model: LoadedModel, texts: list[str], additions: dict[int, torch.Tensor] | None,
+               positions: torch.Tensor | None, read: torch.Tensor | None):
+    """One trace. additions: layer -> [B, d] added at `positions` (negative, per row; None = last token).
+    read: [B, K] negative positions whose logits come back ([B, K, vocab]); None = last position only ([B, vocab])."""
+    ad, lm = model.adapter, model.lm
+    kwargs = trace_kwargs(model) if read is None else {}
+    rows = torch.arange(len(texts))
+    with lm.trace(texts, **kwargs):
+        for layer in sorted(additions or {}):
+            hidden = layer_hidden(ad.layer(lm, layer), ad.spec.layer_output_is_tuple)
+            vec = additions[layer].to(hidden.dtype)
+            if positions is None:
+                hidden[:, -1] += vec
+            else:
+                hidden[rows, hidden.shape[1] + positions] += vec
+        logits = ad.unembed(lm).output
+        if read is None:
+            picked = logits[:, -1].float()
+        else:
+            picked = logits[rows.view(-1, 1), logits.shape[1] + read].float()
+        picked.save()
+    return picked
+
+
+def _additions(mix: torch.Tensor | None, vectors: torch.Tensor, by_layer: dict[int, list[int]],
+               scale: float) -> dict[int, torch.Tensor] | None:
+    """Per-layer [B, d] additions from row weights over the bank `mix` [B, N] (None: no vector)."""
+    if mix is None:
+        return None
+    return {layer: scale * (mix[:, idx] @ vectors[idx]) for layer, idx in by_layer.items()}
+
+
+def first_token_logprobs(model: LoadedModel, prompts: Sequence[str], targets: Sequence[int],
+                         mix: torch.Tensor | None = None, bank: RelationBank | None = None, scale: float = 1.0,
+                         batch_size: int = 48, progress: Progress | None = None) -> torch.Tensor:
+    """log P(target | prompt) at the last position, with Σ_i mix[r, i]·bank_i added (differentiable in `mix`)."""
+    vectors, by_layer = _bank_tensors(bank) if bank is not None else (None, {})
+    out = []
+    n = len(prompts)
+    for start in range(0, n, batch_size):
+        stop = min(n, start + batch_size)
+        adds = _additions(None if mix is None else mix[start:stop], vectors, by_layer, scale)
+        logits = _run_batch(model, list(prompts[start:stop]), adds, None, None)
+        tgt = torch.as_tensor(list(targets[start:stop]), dtype=torch.long)
+        out.append(torch.log_softmax(logits, -1).gather(1, tgt.view(-1, 1)).squeeze(1))
+        if progress:
+            progress(stop, n)
+    return torch.cat(out) if out else torch.empty(0)
+
+
+def continuation_scores(model: LoadedModel, prompts: Sequence[str], conts: Sequence[str],
+                        mix: torch.Tensor | None = None, bank: RelationBank | None = None, scale: float = 1.0,
+                        batch_size: int = 48) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Teacher-forced (sum log-prob, number of tokens, greedy match) of each continuation after its prompt,
+    with the vector added at the prompt's last token."""
+    vectors, by_layer = _bank_tensors(bank) if bank is not None else (None, {})
+    tok = model.tokenizer
+    sums, counts, matches = [], [], []
+    for start in range(0, len(prompts), batch_size):
+        stop = min(len(prompts), start + batch_size)
+        cont_ids = [_split_continuation(tok, p, c) for p, c in zip(prompts[start:stop], conts[start:stop])]
+        k = max(len(c) for c in cont_ids)
+        # Logits at -(n+1)..-2 predict the n continuation tokens; pad reads repeat the last real one.
+        read = torch.tensor([[-(len(c) + 1) + min(j, len(c) - 1) for j in range(k)] for c in cont_ids])
+        positions = torch.tensor([-(len(c) + 1) for c in cont_ids])
+        adds = _additions(None if mix is None else mix[start:stop], vectors, by_layer, scale)
+        texts = [p + c for p, c in zip(prompts[start:stop], conts[start:stop])]
+        logits = _run_batch(model, texts, adds, positions, read)
+        logp = torch.log_softmax(logits, -1)
+        for r, ids in enumerate(cont_ids):
+            target = torch.tensor(ids)
+            lp = logp[r, :len(ids)].gather(1, target.view(-1, 1)).squeeze(1)
+            sums.append(lp.sum())
+            counts.append(len(ids))
+            matches.append(bool((logits[r, :len(ids)].argmax(-1) == target).all()))
+    return torch.stack(sums), torch.tensor(counts), torch.tensor(matches)
+
+
+# --- relation profiles and weights ----------------------------------------------------------------------------
+
+
+def relation_profile(model: LoadedModel, bank: RelationBank, pairs: Sequence[tuple[str, str]],
+                     settings: AnalogySettings | None = None, progress: Progress | None = None) -> torch.Tensor:
+    """[len(pairs), N]: log P(B | "Q: A\\nA:", FFV_i) for every bank vector (first token, or mean over tokens)."""
+    s = settings or AnalogySettings()
+    n_bank = len(bank.require_entries())
+    eye = torch.eye(n_bank)
+    prompts = [s.template.query_text(a) for a, _ in pairs for _ in range(n_bank)]
+    mix = eye.repeat(len(pairs), 1)
+    if s.score == "first":
+        targets = []
+        for _, b in pairs:
+            t = answer_first_token(model.tokenizer, b, s.template)
+            if t is None:
+                raise UserError(f"{b!r} has no usable first token after the query")
+            targets += [t] * n_bank
+        with torch.no_grad():
+            logp = first_token_logprobs(model, prompts, targets, mix, bank, s.scale, s.batch_size, progress)
+    else:
+        conts = [s.template.answer_text(b) for _, b in pairs for _ in range(n_bank)]
+        with torch.no_grad():
+            total, count, _ = continuation_scores(model, prompts, conts, mix, bank, s.scale, s.batch_size)
+        logp = total / count
+    return logp.view(len(pairs), n_bank)
+
+
+@dataclass
+class Combiner:
+    """Learned affine map on the temperature-scaled log-prob profile before the softmax: softmax(W·s + b)."""
+
+    weight: torch.Tensor  # [N, N]
+    bias: torch.Tensor  # [N]
+    names: list[str]
+    temperature: float = 1.0
+    meta: dict = field(default_factory=dict)
+
+    @classmethod
+    def identity(cls, names: list[str], temperature: float = 1.0) -> "Combiner":
+        n = len(names)
+        return cls(torch.eye(n), torch.zeros(n), list(names), temperature)
+
+    def logits(self, logp: torch.Tensor) -> torch.Tensor:
+        return (logp / self.temperature) @ self.weight.T + self.bias
+
+    def check_bank(self, bank: RelationBank) -> None:
+        if self.names != bank.names:
+            raise UserError(f"this combiner was trained on a bank with {len(self.names)} relations "
+                            f"({', '.join(self.names[:4])}, ...), not this bank ({len(bank)}): retrain it")
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({"weight": self.weight.detach().float().contiguous(), "bias": self.bias.detach().float().contiguous()},
+                  str(path), metadata={"format": "fv-remote-combiner", "names": json.dumps(self.names),
+                                       "temperature": str(self.temperature), "meta": json.dumps(self.meta)})
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Combiner":
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"combiner file not found: {path}")
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                md = fh.metadata() or {}
+            t = load_file(str(path))
+        except Exception as exc:  # noqa: BLE001
+            raise UserError(f"{path} is not a combiner file ({type(exc).__name__}: {exc})") from None
+        if md.get("format") != "fv-remote-combiner":
+            raise UserError(f"{path} is not a combiner file (save one with `fv-remote analogy --train-combiner`)")
+        return cls(t["weight"], t["bias"], json.loads(md["names"]), float(md["temperature"]),
+                   json.loads(md.get("meta", "{}")))
+
+
+def cfv_weights(logp: torch.Tensor, temperature: float = 1.0, combiner: Combiner | None = None) -> torch.Tensor:
+    """Softmax over the bank of the relation profile (through the combiner when given)."""
+    if combiner is not None:
+        return torch.softmax(combiner.logits(logp), dim=-1)
+    return torch.softmax(logp / temperature, dim=-1)
+
+
+def composite_vector(bank: RelationBank, weights: torch.Tensor) -> dict[int, torch.Tensor]:
+    """The CFV as {layer: vector} (one entry for a single-layer bank)."""
+    vectors, by_layer = _bank_tensors(bank)
+    return {layer: weights[idx] @ vectors[idx] for layer, idx in by_layer.items()}
+
+
+# --- items ----------------------------------------------------------------------------------------------------
+
+
+def check_items(tokenizer, items: Sequence[MCAnalogy], settings: AnalogySettings,
+                ) -> tuple[list[MCAnalogy], list[tuple[MCAnalogy, str]]]:
+    """Keep items whose B and every D have a usable first token (after the query and after the ICL prompt)."""
+    kept, skipped = [], []
+    icl = settings.icl_template()
+    for item in items:
+        reason = None
+        words = [("B", item.stem[1])] + [(f"D of choice {j}", d) for j, (_, d) in enumerate(item.choices)]
+        for what, word in words:
+            if answer_first_token(tokenizer, word, settings.template) is None:
+                reason = f"{what} {word!r} has no usable first token after the query"
+                break
+            if answer_first_token(tokenizer, word, icl) is None:
+                reason = f"{what} {word!r} has no usable first token after the ICL prompt"
+                break
+        if reason:
+            skipped.append((item, reason))
+        else:
+            kept.append(item)
+    return kept, skipped
+
+
+@dataclass
+class AnalogyResult:
+    n: int
+    n_skipped: int
+    chance: float
+    correct: dict[str, np.ndarray]  # method -> [n] 0/1
+    weights: torch.Tensor  # [n, N]
+    bank_names: list[str]
+    items: list[MCAnalogy]
+    skipped: list[tuple[MCAnalogy, str]]
+    settings: AnalogySettings
+    combiner: str | None = None
+
+    def accuracy(self) -> dict[str, float]:
+        return {m: float(v.mean()) if len(v) else float("nan") for m, v in self.correct.items()}
+
+    def ci95(self) -> dict[str, list[float]]:
+        return {m: bootstrap_ci(v, self.settings.n_boot, self.settings.seed) for m, v in self.correct.items()}
+
+    def gains(self) -> dict[str, dict[str, Any]]:
+        """Paired bootstrap of the CFV's accuracy minus each baseline's."""
+        out = {}
+        for m, v in self.correct.items():
+            if m == "cfv":
+                continue
+            diff = self.correct["cfv"] - v
+            out[f"cfv_minus_{m}"] = {"mean": float(diff.mean()) if len(diff) else float("nan"),
+                                     "ci95": bootstrap_ci(diff, self.settings.n_boot, self.settings.seed)}
+        return out
+
+    def by_relation(self) -> dict[str, dict[str, float]]:
+        groups: dict[str, list[int]] = {}
+        for i, item in enumerate(self.items):
+            groups.setdefault(item.relation or "(none)", []).append(i)
+        return {rel: {"n": len(idx), **{m: float(v[idx].mean()) for m, v in self.correct.items()}}
+                for rel, idx in sorted(groups.items())}
+
+    def top_relations(self, k: int = 3) -> list[list[tuple[str, float]]]:
+        rows = []
+        for w in self.weights:
+            vals, idx = torch.topk(w, min(k, len(w)))
+            rows.append([(self.bank_names[i], round(float(v), 4)) for v, i in zip(vals, idx.tolist())])
+        return rows
+
+    def as_json(self) -> dict[str, Any]:
+        """The contract: n, n_skipped, chance, accuracy{cfv,no_vector,best_ffv,icl,...}, ci95{...}; plus extras."""
+        return {"n": self.n, "n_skipped": self.n_skipped, "chance": self.chance, "accuracy": self.accuracy(),
+                "ci95": self.ci95(), "gain": self.gains(), "mode": self.settings.mode,
+                "settings": self.settings.as_dict(), "combiner": self.combiner, "bank": self.bank_names,
+                "by_relation": self.by_relation(),
+                "skipped": [{"stem": list(it.stem), "reason": why} for it, why in self.skipped]}
+
+
+def bootstrap_ci(values: np.ndarray, n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> list[float]:
+    """Percentile bootstrap interval of the mean."""
+    values = np.asarray(values, dtype=np.float64)
+    if len(values) == 0:
+        return [float("nan"), float("nan")]
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, len(values), size=(n_boot, len(values)))].mean(1)
+    lo, hi = np.quantile(means, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return [float(lo), float(hi)]
+
+
+def _choice_scores(model: LoadedModel, bank: RelationBank, prompts: list[str], conts: list[str],
+                   template: PromptTemplate, mix: torch.Tensor | None, s: AnalogySettings,
+                   mode: str) -> torch.Tensor:
+    """Per row: a score (mc) or a 0/1 hit (generative)."""
+    with torch.no_grad():
+        if mode == "mc" and s.score == "first":
+            targets = [answer_first_token(model.tokenizer, c, template) for c in conts]
+            return first_token_logprobs(model, prompts, targets, mix, bank, s.scale, s.batch_size)
+        total, count, match = continuation_scores(model, prompts, [template.answer_text(c) for c in conts], mix,
+                                                  bank, s.scale, s.batch_size)
+    if mode == "generative":
+        return match.float()
+    return total / count
+
+
+def run_analogies(model: LoadedModel, bank: RelationBank, items: Sequence[MCAnalogy],
+                  settings: AnalogySettings | None = None, combiner: Combiner | None = None,
+                  methods: Sequence[str] = METHODS, progress: Progress | None = None) -> AnalogyResult:
+    """Score every method on the items (bad items are skipped and counted, never silently dropped)."""
+    s = (settings or AnalogySettings()).check()
+    bank.require_entries()
+    bank.check_model(model)
+    if combiner is not None:
+        combiner.check_bank(bank)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or "cfv" not in methods:
+        raise UserError(f"methods must include cfv and come from {', '.join(METHODS)}; got {list(methods)}")
+    kept, skipped = check_items(model.tokenizer, items, s)
+    n_bank = len(bank)
+    steps = len(methods) + 1
+    done = 0
+
+    def tick() -> None:
+        nonlocal done
+        done += 1
+        if progress:
+            progress(done, steps)
+
+    if kept:
+        logp = relation_profile(model, bank, [it.stem for it in kept], s)
+        weights = cfv_weights(logp, s.temperature, combiner)
+    else:
+        weights = torch.empty(0, n_bank)
+    tick()
+    correct: dict[str, np.ndarray] = {}
+    if s.mode == "mc":
+        row_item = [i for i, it in enumerate(kept) for _ in it.choices]
+        cs = [c for it in kept for c, _ in it.choices]
+        ds = [d for it in kept for _, d in it.choices]
+        q = s.template
+        icl = s.icl_template()
+        qa = PromptTemplate(query=q.render([kept[i].stem], "{x}"), answer=q.answer)
+        chance = float(np.mean([1 / len(it.choices) for it in kept])) if kept else float("nan")
+    else:
+        row_item = list(range(len(kept)))
+        cs = [it.correct[0] for it in kept]
+        ds = [it.correct[1] for it in kept]
+        q, icl = s.template, s.icl_template()
+        qa = PromptTemplate(query=q.render([("{a}", "{b}")], "{x}"), answer=q.answer)
+        chance = 1.0 / model.adapter.vocab_size
+    idx = torch.tensor(row_item, dtype=torch.long)
+    for method in methods:
+        if not kept:
+            correct[method] = np.zeros(0)
+            tick()
+            continue
+        mix, template = None, q
+        if method == "cfv":
+            mix = weights[idx]
+            prompts = [q.query_text(c) for c in cs]
+        elif method == "best_ffv":
+            mix = torch.nn.functional.one_hot(weights.argmax(-1), n_bank).float()[idx]
+            prompts = [q.query_text(c) for c in cs]
+        elif method == "no_vector":
+            prompts = [q.query_text(c) for c in cs]
+        elif method == "icl":
+            template = icl
+            prompts = [s.icl_prompt(kept[i].stem[0], kept[i].stem[1], c) for i, c in zip(row_item, cs)]
+        else:  # icl_qa
+            prompts = [q.render([kept[i].stem], c) for i, c in zip(row_item, cs)]
+        scores = _choice_scores(model, bank, prompts, ds, template, mix, s, s.mode)
+        if s.mode == "generative":
+            correct[method] = scores.numpy().astype(np.float64)
+        else:
+            hits, start = [], 0
+            for it in kept:
+                block = scores[start:start + len(it.choices)]
+                hits.append(float(int(block.argmax()) == it.answer))
+                start += len(it.choices)
+            correct[method] = np.array(hits)
+        tick()
+    del qa
+    return AnalogyResult(len(kept), len(skipped), chance, correct, weights, bank.names, kept, skipped, s,
+                         combiner.meta.get("path") if combiner else None)
+
+
+# --- the learned combiner --------------------------------------------------------------------------------------
+
+
+def train_combiner(model: LoadedModel, bank: RelationBank, items: Sequence[MCAnalogy],
+                   settings: AnalogySettings | None = None, steps: int = 40, lr: float = 0.05, l2: float = 1e-3,
+                   items_per_step: int = 8, progress: Progress | None = None) -> Combiner:
+    """Fit W, b (init identity, 0) so the CFV picks the right choice: cross-entropy over each item's choice
+    scores log P(D_j | C_j, CFV) through the frozen model, plus l2·‖(W, b) − (I, 0)‖². Multiple-choice items;
+    for 2-choice CSV problems the foil is the other choice."""
+    s = (settings or AnalogySettings()).check()
+    require_positive("steps", steps)
+    bank.require_entries()
+    kept, skipped = check_items(model.tokenizer, items, s)
+    if not kept:
+        raise UserError("no usable analogies to train the combiner on")
+    logp = relation_profile(model, bank, [it.stem for it in kept], s)
+    comb = Combiner.identity(bank.names, s.temperature)
+    weight = comb.weight.clone().requires_grad_(True)
+    bias = comb.bias.clone().requires_grad_(True)
+    opt = torch.optim.Adam([weight, bias], lr=lr)
+    gen = torch.Generator().manual_seed(s.seed)
+    eye = torch.eye(len(bank))
+    history = []
+    for step in range(1, steps + 1):
+        pick = torch.randperm(len(kept), generator=gen)[:items_per_step].tolist()
+        z = (logp[pick] / s.temperature) @ weight.T + bias
+        w = torch.softmax(z, -1)
+        rows, prompts, targets = [], [], []
+        for r, i in enumerate(pick):
+            for c, d in kept[i].choices:
+                rows.append(r)
+                prompts.append(s.template.query_text(c))
+                targets.append(answer_first_token(model.tokenizer, d, s.template))
+        scores = first_token_logprobs(model, prompts, targets, w[rows], bank, s.scale, len(prompts))
+        loss, start = 0.0, 0
+        for i in pick:
+            k = len(kept[i].choices)
+            loss = loss + torch.nn.functional.cross_entropy(scores[start:start + k].view(1, -1),
+                                                            torch.tensor([kept[i].answer]))
+            start += k
+        loss = loss / len(pick) + l2 * ((weight - eye).pow(2).sum() + bias.pow(2).sum())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        history.append(float(loss.detach()))
+        if progress:
+            progress(step, steps)
+    comb.weight, comb.bias = weight.detach(), bias.detach()
+    comb.meta = {"n_train": len(kept), "n_skipped": len(skipped), "steps": steps, "lr": lr, "l2": l2,
+                 "items_per_step": items_per_step, "loss": history}
+    if not all(math.isfinite(x) for x in history):
+        raise UserError("combiner training diverged (non-finite loss); lower --combiner-lr")
+    return comb

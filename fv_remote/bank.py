@@ -1,0 +1,216 @@
+"""A relation bank: fine-tuned function vectors for many relations in one safetensors file.
+
+File layout: tensors `vectors` [N, d_model] (float32) and `layers` [N] (int64); metadata `format`
+("fv-remote-bank"), `model`, `names` (JSON list), `entries` (JSON list of per-relation dicts: task, category,
+relation_words, layer, init, n_train, n_valid, valid_acc, ...), `settings` (JSON) and `library_version`.
+
+Vectors may sit at different layers (e.g. a bank merged from FFVs fine-tuned at each FV's own layer);
+`fv-remote bank build` trains every relation at one common layer by default, so that composite vectors are
+genuine single vectors and cosines between bank vectors compare like with like.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from fv_remote import __version__
+from fv_remote.data import RelationTask
+from fv_remote.errors import UserError, did_you_mean
+from fv_remote.ffv import FinetuneSettings, train_ffv
+from fv_remote.models import LoadedModel
+from fv_remote.tasks import prepare_task
+from fv_remote.vectors import FunctionVector
+
+FORMAT = "fv-remote-bank"
+BUILD_HINT = "fv-remote bank build --out {path}"
+
+
+@dataclass
+class BankEntry:
+    name: str
+    vector: torch.Tensor  # [d_model]
+    layer: int
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RelationBank:
+    model: str
+    entries: list[BankEntry] = field(default_factory=list)
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    @property
+    def names(self) -> list[str]:
+        return [e.name for e in self.entries]
+
+    @property
+    def vectors(self) -> torch.Tensor:
+        if not self.entries:
+            return torch.empty(0)
+        return torch.stack([e.vector.float() for e in self.entries])
+
+    @property
+    def layers(self) -> list[int]:
+        return [e.layer for e in self.entries]
+
+    def get(self, name: str) -> BankEntry:
+        for entry in self.entries:
+            if entry.name == name:
+                return entry
+        raise UserError(f"no relation {name!r} in the bank{did_you_mean(name, self.names)}; "
+                        f"it has {len(self)}: {', '.join(self.names[:8])}{', ...' if len(self) > 8 else ''}")
+
+    def add(self, entry: BankEntry) -> None:
+        """Add or replace (same name) an entry."""
+        self.entries = [e for e in self.entries if e.name != entry.name] + [entry]
+
+    def add_vector(self, fv: FunctionVector, name: str | None = None, **meta: Any) -> None:
+        if fv.model != self.model:
+            raise UserError(f"vector for model {fv.model!r} cannot join a bank for {self.model!r}")
+        info = {"kind": fv.kind, **{k: v for k, v in fv.meta.items() if k in ("init", "n_train", "n_valid",
+                                                                             "best_valid_acc", "best_valid_loss",
+                                                                             "best_step")}, **meta}
+        self.add(BankEntry(name or fv.task, fv.vector.detach().float().clone(), int(fv.layer), info))
+
+    def function_vector(self, name: str) -> FunctionVector:
+        """One entry as an FFV (steer with it, evaluate it, decode it)."""
+        entry = self.get(name)
+        return FunctionVector(vector=entry.vector, model=self.model, task=entry.name, layer=entry.layer,
+                              kind="ffv", meta=dict(entry.meta))
+
+    def check_model(self, model: LoadedModel) -> None:
+        d = self.vectors.shape[-1] if self.entries else model.adapter.d_model
+        if self.model != model.model_id or d != model.adapter.d_model:
+            raise UserError(f"this bank was built for model {self.model!r} (d_model {d}), not {model.model_id!r} "
+                            f"(d_model {model.adapter.d_model}); build one for it with "
+                            f"`fv-remote bank build --model {model.name} --out BANK.safetensors`")
+        for entry in self.entries:
+            model.adapter.check_layer(entry.layer)
+
+    def require_entries(self, path: str | Path = "BANK.safetensors") -> "RelationBank":
+        if not self.entries:
+            raise UserError(f"the relation bank {path} is empty; build one with `{BUILD_HINT.format(path=path)}`")
+        return self
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if self.entries:
+            tensors = {"vectors": self.vectors.contiguous(),
+                       "layers": torch.tensor(self.layers, dtype=torch.int64)}
+        else:
+            tensors = {"vectors": torch.zeros(0, 1), "layers": torch.zeros(0, dtype=torch.int64)}
+        metadata = {"format": FORMAT, "model": self.model, "names": json.dumps(self.names),
+                    "entries": json.dumps([e.meta for e in self.entries], default=str),
+                    "settings": json.dumps(self.settings, default=str), "library_version": __version__}
+        tmp = path.with_name(path.name + ".tmp")
+        save_file(tensors, str(tmp), metadata=metadata)
+        tmp.replace(path)  # a crash mid-write never leaves a half-written bank
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, require: bool = True) -> "RelationBank":
+        """Read a bank; `require` refuses a missing or empty one with the command that builds it."""
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"no relation bank at {path}; build one with `{BUILD_HINT.format(path=path)}`")
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                metadata = fh.metadata() or {}
+            tensors = load_file(str(path))
+        except Exception as exc:  # noqa: BLE001 - any parse failure is a bad file
+            raise UserError(f"{path} is not a relation bank ({type(exc).__name__}: {exc})") from None
+        if metadata.get("format") != FORMAT or "vectors" not in tensors:
+            hint = " (it looks like a single vector: use it with --fv, or add it to a bank)" \
+                if "vector" in tensors else ""
+            raise UserError(f"{path} is not a relation bank{hint}")
+        names = json.loads(metadata.get("names", "[]"))
+        metas = json.loads(metadata.get("entries", "[]"))
+        vectors, layers = tensors["vectors"], tensors["layers"].tolist()
+        entries = [BankEntry(n, vectors[i], int(layers[i]), metas[i] if i < len(metas) else {})
+                   for i, n in enumerate(names)]
+        bank = cls(metadata["model"], entries, json.loads(metadata.get("settings", "{}")))
+        return bank.require_entries(path) if require else bank
+
+
+def info(bank: RelationBank) -> dict[str, Any]:
+    """A summary for `fv-remote bank info --json`."""
+    rows = []
+    for e in bank.entries:
+        rows.append({"name": e.name, "layer": e.layer, "norm": round(float(e.vector.norm()), 4),
+                     "category": e.meta.get("category", ""), "n_train": e.meta.get("n_train"),
+                     "valid_acc": e.meta.get("best_valid_acc"), "zero_shot_valid_acc": e.meta.get("zero_shot_valid_acc"),
+                     "init": e.meta.get("init"), "relation_words": e.meta.get("relation_words", [])})
+    return {"model": bank.model, "n": len(bank), "d_model": int(bank.vectors.shape[-1]) if bank.entries else None,
+            "layers": sorted(set(bank.layers)), "settings": bank.settings, "entries": rows}
+
+
+def build_bank(model: LoadedModel, tasks: Iterable[RelationTask], path: str | Path, layer: int | None = None,
+               init: str = "zero", fv_dir: str | Path | None = None, n_train: int = 20, n_valid: int = 30,
+               settings: FinetuneSettings | None = None, seed: int = 0, resume: bool = True,
+               on_task: Callable[[str, str], None] | None = None,
+               progress: Callable[[int, int], None] | None = None) -> RelationBank:
+    """Fine-tune one FFV per task and write the bank to `path` after each (an interrupted build resumes).
+
+    `init="fv"` starts each relation from `fv_dir/<task>.fv.safetensors` (and its layer unless `layer` is given);
+    `on_task(name, status)` reports "done", "kept" (already in the bank) or "skipped: why".
+    """
+    from fv_remote.ffv import examples, score
+
+    s = settings or FinetuneSettings()
+    tasks = list(tasks)
+    if not tasks:
+        raise UserError("no relations to build a bank from")
+    if init != "fv" and layer is None:
+        raise UserError("give --layer: bank vectors trained from zero/random need a layer to live at")
+    path = Path(path)
+    bank = RelationBank.load(path, require=False) if resume and path.exists() else RelationBank(model.model_id)
+    bank.check_model(model)
+    bank.settings = {"init": init, "layer": layer, "n_train": n_train, "n_valid": n_valid, "seed": seed,
+                     "finetune": s.as_dict()}
+    for i, task in enumerate(tasks):
+        if task.name in bank.names:
+            if on_task:
+                on_task(task.name, "kept")
+            if progress:
+                progress(i + 1, len(tasks))
+            continue
+        try:
+            prepared = prepare_task(model.tokenizer, task, seed=seed, min_pairs=n_train + 2)
+            if len(prepared.splits.train) < n_train:
+                raise UserError(f"{len(prepared.splits.train)} training pairs, fewer than --n-train {n_train}")
+            fv = None
+            if init == "fv":
+                fv_path = Path(fv_dir or ".") / f"{task.name}.fv.safetensors"
+                fv = FunctionVector.load(fv_path)
+            run = train_ffv(model, prepared, fv, init=init, layer=layer, n_train=n_train, n_valid=n_valid,
+                            settings=s)
+        except UserError as exc:
+            if on_task:
+                on_task(task.name, f"skipped: {exc}")
+            continue
+        ffv = run.result.ffv
+        extra: dict[str, Any] = {"task": task.name, "category": task.category,
+                                 "relation_words": list(task.relation_words), "source": task.source}
+        if prepared.splits.valid:
+            valid = examples(prepared, "valid", n_valid)
+            extra["zero_shot_valid_acc"] = score(model, valid, torch.zeros_like(ffv.vector), ffv.layer)[1]
+        bank.add_vector(ffv, name=task.name, **extra)
+        bank.save(path)
+        if on_task:
+            on_task(task.name, "done")
+        if progress:
+            progress(i + 1, len(tasks))
+    return bank.require_entries(path)

@@ -1,0 +1,87 @@
+"""Decoding a vector: push it through the final norm and the unembedding, list the top tokens and find where
+relation words (e.g. "opposite", "antonym") rank among the whole vocabulary.
+
+Todd et al. (2024) and Kang, Wu & Lu (2026) read FVs this way: a vector that encodes "antonym" tends to rank words
+about opposition high. Plain torch on the loaded weights (no trace needed: nothing here depends on a prompt).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from fv_remote.errors import UserError, require_positive
+from fv_remote.models import LoadedModel
+
+
+@dataclass
+class Decoded:
+    name: str
+    top: list[tuple[str, float]]  # (token text, logit)
+    ranks: dict[str, int] = field(default_factory=dict)  # word -> 1-based rank of its best token form
+    forms: dict[str, str] = field(default_factory=dict)  # word -> the token that got that rank
+
+    def as_json(self) -> dict:
+        return {"name": self.name, "top": [[t, round(v, 4)] for t, v in self.top], "ranks": self.ranks,
+                "forms": self.forms}
+
+
+def project(model: LoadedModel, vector: torch.Tensor) -> torch.Tensor:
+    """Logits [vocab] of `vector` read as a residual-stream state: unembed(final_norm(vector))."""
+    ad = model.adapter
+    if vector.shape[-1] != ad.d_model:
+        raise UserError(f"vector has width {vector.shape[-1]}, the model's residual stream {ad.d_model}")
+    norm, unembed = ad.final_norm(model.hf), ad.unembed(model.hf)
+    param = next(unembed.parameters())
+    with torch.no_grad():
+        x = vector.detach().to(param.device, param.dtype).view(1, 1, -1)
+        return unembed(norm(x)).float().view(-1).cpu()
+
+
+def word_forms(tokenizer, word: str) -> dict[int, str]:
+    """Candidate token ids for a word: the first token of " word", "word", " Word" and "Word" (token id -> text)."""
+    forms: dict[int, str] = {}
+    for variant in (f" {word}", word, f" {word.capitalize()}", word.capitalize()):
+        ids = tokenizer.encode(variant, add_special_tokens=False)
+        if ids and tokenizer.decode(ids[:1]).strip():
+            forms.setdefault(ids[0], tokenizer.decode(ids[:1]))
+    return forms
+
+
+def ranks_of(logits: torch.Tensor, tokenizer, words: Sequence[str]) -> tuple[dict[str, int], dict[str, str]]:
+    """1-based rank of each word's best-ranked token form (first token of a multi-token word)."""
+    order = torch.argsort(logits, descending=True)
+    position = torch.empty_like(order)
+    position[order] = torch.arange(len(order))
+    ranks, forms = {}, {}
+    for word in words:
+        options = word_forms(tokenizer, word)
+        if not options:
+            continue
+        best = min(options, key=lambda t: int(position[t]))
+        ranks[word], forms[word] = int(position[best]) + 1, options[best]
+    return ranks, forms
+
+
+def decode(model: LoadedModel, vector: torch.Tensor, name: str = "vector", words: Sequence[str] = (),
+           k: int = 20) -> Decoded:
+    require_positive("top-k", k)
+    logits = project(model, vector)
+    values, ids = torch.topk(logits, min(k, logits.numel()))
+    tok = model.tokenizer
+    top = [(tok.decode([int(i)]), float(v)) for v, i in zip(values, ids)]
+    ranks, forms = ranks_of(logits, tok, words)
+    return Decoded(name, top, ranks, forms)
+
+
+def best_relation_words(model: LoadedModel, vectors: dict[str, torch.Tensor], candidates: Sequence[str],
+                        ) -> list[tuple[str, dict[str, int]]]:
+    """Candidate words sorted by their best rank under any of `vectors` -> [(word, {name: rank})]."""
+    per_vector = {name: ranks_of(project(model, v), model.tokenizer, candidates)[0] for name, v in vectors.items()}
+    rows = []
+    for word in candidates:
+        if all(word in r for r in per_vector.values()):
+            rows.append((word, {name: r[word] for name, r in per_vector.items()}))
+    return sorted(rows, key=lambda row: min(row[1].values()))

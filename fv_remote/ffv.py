@@ -1,0 +1,340 @@
+"""Fine-tuned function vectors (Kang, Wu & Lu 2026): train only the vector, with the model frozen.
+
+The vector v is added at the last token of one layer's output; the loss is the cross-entropy of the answer's
+first token at the last position of zero-shot prompts ("Q: x\\nA:"), plus an optional λ‖v − v0‖² toward the
+initial vector. Adam with a cosine learning-rate schedule; every `eval_every` steps the validation loss is
+measured and the best vector so far is kept; training stops after `patience` steps without improvement.
+
+Every forward pass is an nnsight trace (`_trace_loss`): add the vector, read the logits, compute and `.save()` the
+loss; `backward()` and the optimiser step run outside the trace. This is the loop NNSIGHT.md verified to run
+unchanged inside `model.session()`, so it can later become a single remote job.
+
+The result is a `FunctionVector` with kind="ffv" (same file format as an FV), so `fv-remote evaluate` and steering
+take it as is.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fv_remote.errors import UserError, require_positive
+from fv_remote.models import LoadedModel
+from fv_remote.tasks import PreparedTask
+from fv_remote.traces.patching import add_to_residual
+from fv_remote.vectors import FunctionVector
+
+INITS = ("fv", "zero", "random")
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class FinetuneSettings:
+    steps: int = 120  # optimiser steps at most (early stopping may end sooner)
+    lr: float = 0.05  # peak Adam learning rate; cosine-decayed to lr * min_lr_ratio
+    min_lr_ratio: float = 0.05
+    l2: float = 0.0  # λ of λ‖v − v0‖² (pulls the vector toward its initial value)
+    batch_size: int = 32  # prompts per step (all training prompts when there are fewer)
+    eval_every: int = 5  # steps between validation checks
+    patience: int = 40  # steps without a better validation loss before stopping
+    seed: int = 0
+
+    def check(self) -> "FinetuneSettings":
+        require_positive("steps", self.steps)
+        require_positive("batch_size", self.batch_size)
+        require_positive("eval_every", self.eval_every)
+        require_positive("patience", self.patience)
+        if not self.lr > 0:
+            raise UserError(f"lr must be positive, got {self.lr}")
+        if self.l2 < 0:
+            raise UserError(f"l2 must be 0 or more, got {self.l2}")
+        return self
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Examples:
+    """Zero-shot prompts and the first token of each answer."""
+
+    texts: list[str]
+    targets: torch.Tensor  # [N] int64
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+
+@dataclass
+class FinetuneResult:
+    ffv: FunctionVector
+    history: dict[str, list]  # step, train_loss, lr; eval_step, valid_loss, valid_acc
+    best_step: int
+    best_valid_loss: float
+    best_valid_acc: float
+    stopped_early: bool
+
+
+def examples(prepared: PreparedTask, split: str, n: int | None = None, start: int = 0) -> Examples:
+    """Zero-shot prompts for pairs `start:start+n` of a split, in split order (no resampling, no repeats)."""
+    pairs = list(getattr(prepared.splits, split))[start:]
+    if n is not None:
+        pairs = pairs[:n]
+    if not pairs:
+        raise UserError(f"task {prepared.name!r} has no {split} pairs to fine-tune on")
+    texts = [prepared.template.query_text(x) for x, _ in pairs]
+    targets = torch.tensor([prepared.answer_token[y] for _, y in pairs], dtype=torch.long)
+    return Examples(texts, targets)
+
+
+def trace_kwargs(model: LoadedModel) -> dict[str, Any]:
+    """Ask for last-position logits only when the model supports it (saves the [B, T, vocab] unembedding)."""
+    import inspect
+
+    try:
+        params = inspect.signature(model.hf.forward).parameters
+    except (TypeError, ValueError):
+        return {}
+    return {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+
+
+def _trace_loss(model: LoadedModel, texts: list[str], targets: torch.Tensor, vector: torch.Tensor, layer: int):
+    """(mean cross-entropy of the targets at the last position, top-1 hits) with `vector` added at `layer`."""
+    ad, lm = model.adapter, model.lm
+    with lm.trace(texts, **trace_kwargs(model)):
+        add_to_residual(ad.layer(lm, layer), ad.spec.layer_output_is_tuple, vector)
+        logits = ad.unembed(lm).output[:, -1].float()
+        loss = torch.nn.functional.cross_entropy(logits, targets)
+        hits = (logits.argmax(-1) == targets).sum()
+        loss.save()
+        hits.save()
+    return loss, hits
+
+
+def score(model: LoadedModel, data: Examples, vector: torch.Tensor, layer: int,
+          batch_size: int = 64) -> tuple[float, float]:
+    """(mean NLL, top-1 accuracy) of the answers' first tokens with `vector` at `layer` (no gradients)."""
+    total, hits = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(data), batch_size):
+            texts, targets = data.texts[start:start + batch_size], data.targets[start:start + batch_size]
+            loss, n_hit = _trace_loss(model, texts, targets, vector.detach(), layer)
+            total += float(loss) * len(texts)
+            hits += int(n_hit)
+    return total / len(data), hits / len(data)
+
+
+def residual_norm(model: LoadedModel, texts: Sequence[str], layer: int) -> float:
+    """Mean L2 norm of the residual stream at the last token after `layer` (scale for random inits)."""
+    ad, lm = model.adapter, model.lm
+    with torch.no_grad(), lm.trace(list(texts)):
+        out = ad.layer(lm, layer).output
+        hidden = out[0] if ad.spec.layer_output_is_tuple else out
+        norm = hidden[:, -1].float().norm(dim=-1).mean().save()
+    return float(norm)
+
+
+def initial_vector(model: LoadedModel, init: str, fv: FunctionVector | None = None, layer: int | None = None,
+                   texts: Sequence[str] = (), seed: int = 0) -> torch.Tensor:
+    """The starting point: the FV itself, zeros, or a random direction (norm of the FV, else 10% of the
+    residual stream's norm at `layer`)."""
+    d = model.adapter.d_model
+    if init not in INITS:
+        raise UserError(f"unknown init {init!r}; use one of {', '.join(INITS)}")
+    if init == "fv":
+        if fv is None:
+            raise UserError("init 'fv' needs a function vector (--fv FILE); or use --init zero / random")
+        fv.check_model(model)
+        return fv.vector.detach().float().clone()
+    if init == "zero":
+        return torch.zeros(d)
+    gen = torch.Generator().manual_seed(seed)
+    direction = torch.randn(d, generator=gen)
+    if fv is not None:
+        norm = float(fv.vector.float().norm())
+    else:
+        norm = 0.1 * residual_norm(model, texts[:16] or ["Q: a\nA:"], layer if layer is not None else 0)
+    return direction / direction.norm() * norm
+
+
+def finetune(model: LoadedModel, train: Examples, valid: Examples | None, init_vector: torch.Tensor, layer: int,
+             settings: FinetuneSettings | None = None, task: str = "", init: str = "custom",
+             source: FunctionVector | None = None, progress: Progress | None = None) -> FinetuneResult:
+    """Optimise a vector added at `layer` so the frozen model answers the zero-shot training prompts.
+
+    Without a validation set the last vector is kept and there is no early stopping.
+    """
+    s = (settings or FinetuneSettings()).check()
+    layer = model.adapter.check_layer(layer)
+    if not len(train):
+        raise UserError("no training prompts")
+    if init_vector.shape != (model.adapter.d_model,):
+        raise UserError(f"initial vector has shape {tuple(init_vector.shape)}, the model needs "
+                        f"({model.adapter.d_model},)")
+    v0 = init_vector.detach().float().clone()
+    vector = v0.clone().requires_grad_(True)
+    opt = torch.optim.Adam([vector], lr=s.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda step: s.min_lr_ratio + (1 - s.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * step / s.steps)))
+    gen = torch.Generator().manual_seed(s.seed)
+    history: dict[str, list] = {"step": [], "train_loss": [], "lr": [], "eval_step": [], "valid_loss": [],
+                                "valid_acc": []}
+
+    def evaluate(step: int) -> tuple[float, float]:
+        loss, acc = score(model, valid, vector, layer)
+        history["eval_step"].append(step)
+        history["valid_loss"].append(loss)
+        history["valid_acc"].append(acc)
+        return loss, acc
+
+    best = vector.detach().clone()
+    best_step, best_loss, best_acc = 0, math.inf, math.nan
+    if valid is not None and len(valid):
+        best_loss, best_acc = evaluate(0)
+    stopped = False
+    for step in range(1, s.steps + 1):
+        if len(train) > s.batch_size:
+            idx = torch.randperm(len(train), generator=gen)[:s.batch_size]
+            texts, targets = [train.texts[i] for i in idx.tolist()], train.targets[idx]
+        else:
+            texts, targets = train.texts, train.targets
+        opt.zero_grad()
+        loss, _ = _trace_loss(model, texts, targets, vector, layer)
+        history["step"].append(step)
+        history["train_loss"].append(float(loss.detach()))
+        history["lr"].append(opt.param_groups[0]["lr"])
+        if s.l2:
+            loss = loss + s.l2 * (vector - v0).pow(2).sum()
+        loss.backward()
+        opt.step()
+        sched.step()
+        if progress:
+            progress(step, s.steps)
+        if valid is None or not len(valid):
+            best, best_step = vector.detach().clone(), step
+            continue
+        if step % s.eval_every == 0 or step == s.steps:
+            v_loss, v_acc = evaluate(step)
+            if v_loss < best_loss:
+                best, best_step, best_loss, best_acc = vector.detach().clone(), step, v_loss, v_acc
+            elif step - best_step >= s.patience:
+                stopped = True
+                break
+    if progress:
+        progress(s.steps, s.steps)
+    meta: dict[str, Any] = {
+        "init": init, "settings": s.as_dict(), "n_train": len(train), "n_valid": len(valid) if valid else 0,
+        "best_step": best_step, "best_valid_loss": best_loss, "best_valid_acc": best_acc,
+        "stopped_early": stopped, "init_norm": float(v0.norm()), "norm": float(best.norm()),
+    }
+    if source is not None:
+        meta["source"] = {"task": source.task, "layer": source.layer, "kind": source.kind,
+                          "heads": [list(h) for h in source.heads]}
+    ffv = FunctionVector(vector=best, model=model.model_id, task=task or (source.task if source else ""),
+                         layer=layer, heads=list(source.heads) if source else [], kind="ffv", meta=meta)
+    return FinetuneResult(ffv, history, best_step, best_loss, best_acc, stopped)
+
+
+def select_layer(model: LoadedModel, train: Examples, valid: Examples, layers: Sequence[int],
+                 make_init: Callable[[int], torch.Tensor], settings: FinetuneSettings | None = None,
+                 quick_steps: int = 30, progress: Progress | None = None) -> dict[int, dict[str, float]]:
+    """Short fine-tuning runs at each candidate layer -> {layer: {"valid_loss", "valid_acc"}}.
+
+    Pick with `best_ffv_layer`. `make_init(layer)` gives each run's starting vector.
+    """
+    if not valid or not len(valid):
+        raise UserError("choosing the FFV layer needs validation pairs")
+    base = settings or FinetuneSettings()
+    quick = FinetuneSettings(**{**base.as_dict(), "steps": quick_steps, "patience": quick_steps,
+                                "eval_every": quick_steps})
+    results = {}
+    for i, layer in enumerate(layers):
+        res = finetune(model, train, valid, make_init(layer), layer, quick)
+        results[int(layer)] = {"valid_loss": res.best_valid_loss, "valid_acc": res.best_valid_acc}
+        if progress:
+            progress(i + 1, len(layers))
+    return results
+
+
+def best_ffv_layer(results: dict[int, dict[str, float]]) -> int:
+    """Highest validation accuracy; ties go to the lower validation loss."""
+    return min(results, key=lambda layer: (-results[layer]["valid_acc"], results[layer]["valid_loss"]))
+
+
+def candidate_layers(n_layers: int, fv_layer: int | None = None, n: int = 5) -> list[int]:
+    """A handful of layers spread over the first two thirds of the model, plus the FV's own layer."""
+    top = max(1, (2 * n_layers) // 3)
+    picks = {round(i * top / n) for i in range(1, n + 1)}
+    if fv_layer is not None:
+        picks.add(int(fv_layer))
+    return sorted(x for x in picks if 0 <= x < n_layers)
+
+
+def loss_curve(history: dict[str, list], path: str | Path, title: str = "") -> Path:
+    """Training loss per step and validation loss per check; the kept step marked."""
+    from fv_remote.plots import _save, plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    ax.plot(history["step"], history["train_loss"], lw=1, label="train NLL")
+    if history.get("eval_step"):
+        ax.plot(history["eval_step"], history["valid_loss"], marker="o", ms=3, lw=1, label="validation NLL")
+        best = min(range(len(history["valid_loss"])), key=lambda i: history["valid_loss"][i])
+        ax.axvline(history["eval_step"][best], color="grey", ls="--", lw=0.8, label="kept")
+    ax.set_xlabel("step")
+    ax.set_ylabel("NLL of the answer's first token")
+    ax.set_title(title or "FFV fine-tuning")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+@dataclass
+class FFVRun:
+    """What `train_ffv` did: the result, the layer search (if any) and the data sizes."""
+
+    result: FinetuneResult
+    layer_search: dict[int, dict[str, float]] = field(default_factory=dict)
+    n_train: int = 0
+    n_valid: int = 0
+
+
+def train_ffv(model: LoadedModel, prepared: PreparedTask, fv: FunctionVector | None = None, init: str = "fv",
+              layer: int | str | None = None, n_train: int = 20, n_valid: int = 30,
+              settings: FinetuneSettings | None = None, quick_steps: int = 30,
+              progress: Progress | None = None) -> FFVRun:
+    """Fine-tune on the first `n_train` training pairs, validate on up to `n_valid` validation pairs.
+
+    `layer`: an int; None = the FV's layer (required without an FV); "auto" = short runs on `candidate_layers`
+    and the best by validation accuracy (then loss).
+    """
+    s = (settings or FinetuneSettings()).check()
+    require_positive("n_train", n_train)
+    train = examples(prepared, "train", n_train)
+    valid = examples(prepared, "valid", n_valid) if n_valid and prepared.splits.valid else None
+    if fv is not None:
+        fv.check_model(model)
+
+    def make_init(at: int) -> torch.Tensor:
+        return initial_vector(model, init, fv, at, train.texts, s.seed)
+
+    search: dict[int, dict[str, float]] = {}
+    if layer == "auto":
+        if valid is None:
+            raise UserError(f"--layer auto needs validation pairs; task {prepared.name!r} has none")
+        search = select_layer(model, train, valid, candidate_layers(model.adapter.n_layers, fv.layer if fv else None),
+                              make_init, s, quick_steps)
+        layer = best_ffv_layer(search)
+    elif layer is None:
+        if fv is None:
+            raise UserError("give --layer (an index or 'auto') when there is no FV to take the layer from")
+        layer = fv.layer
+    layer = model.adapter.check_layer(int(layer))
+    result = finetune(model, train, valid, make_init(layer), layer, s, task=prepared.name, init=init, source=fv,
+                      progress=progress)
+    if search:
+        result.ffv.meta["layer_search"] = {str(k): v for k, v in search.items()}
+    return FFVRun(result, search, len(train), len(valid) if valid else 0)

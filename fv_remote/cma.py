@@ -1,20 +1,26 @@
 """Causal mediation: the average indirect effect (AIE) of each head on shuffled-label prompts.
 
 For a corrupted prompt and a head (l, h), the indirect effect is P(answer | head's last-token output set to its
-mean clean activation) - P(answer | corrupted). Three implementations, all exact:
+mean clean activation) - P(answer | corrupted). Four implementations, all exact (they agree to ~1e-8):
 
-- `fast`: the patch only touches the last token, so the prefix's keys/values are computed once and reused; the
-  last token is then recomputed for many patches at once (one batch row per patched head).
+- `fast` (default): the patch only touches the last token, so the prompt runs once (keys/values cached) and the
+  last token is then recomputed for many patches at once, as copies that share the cached prefix, starting from
+  the patched layer (layers below it are skipped: their output is the unpatched one). See `cma_prompt_fast`.
+- `cached_batch`: the previous fast path: prefix cache repeated per batch row, one row per patch, all layers.
 - `invoke_per_head`: the whole prompt once per head, batched as rows of one forward (the classic batching).
 - `naive`: one separate forward per head (the reference).
+
+`run_cma(..., method="attribution")` stores the first-order gradient estimate instead (fv_remote.attribution).
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import nnsight
 import numpy as np
 import torch
 import xarray as xr
@@ -23,11 +29,11 @@ from fv_remote.errors import UserError, require_positive
 from fv_remote.models import LoadedModel
 from fv_remote.store import PROMPT_DIM, ActivationStore
 from fv_remote.tasks import PreparedTask
-from fv_remote.traces.mediation import answer_prob, patch_rows
-from fv_remote.traces.patching import set_head
+from fv_remote.traces.mediation import answer_prob, answer_prob_positions, copies_mask, patch_positions, patch_rows
+from fv_remote.traces.patching import layer_hidden, set_head
 
 Heads = list[tuple[int, int]]
-METHODS = ("fast", "invoke_per_head", "naive")
+METHODS = ("fast", "cached_batch", "invoke_per_head", "naive")
 
 
 def all_heads(model: LoadedModel) -> Heads:
@@ -54,9 +60,160 @@ def _patched_forward(model: LoadedModel, heads: Heads, means: torch.Tensor, answ
     return probs.detach().cpu()
 
 
+# -- fast: shared prefix, copies of the last token, layers below the patch skipped -------------------------------
+# Cost model for grouping patches into forwards, in units of "one copy through one decoder layer". A forward that
+# starts at layer a with R copies costs FIXED + (L - a + head) * (WEIGHTS + R), `head` being the unembedding's size
+# relative to a decoder layer: every computed layer reads its weights once per forward (worth WEIGHTS copies) and
+# then does R copies' work. Measured on CPU with smollm2-135m: WEIGHTS ~ 20, FIXED ~ 15. On an accelerator WEIGHTS
+# is far larger (per-kernel overhead), which pushes the plan toward fewer, larger forwards.
+FAST_FIXED_COST = 15.0
+FAST_WEIGHTS_COST = 20.0
+FAST_MAX_COPIES = 256
+
+
+def _copies_supported(model: LoadedModel, n_tokens: int) -> bool:
+    """Whether the copies layout is exact here: eager/sdpa attention and no sliding window shorter than the prompt."""
+    config = model.hf.config
+    if getattr(config, "_attn_implementation", "eager") not in ("eager", "sdpa"):
+        return False
+    for name in ("sliding_window", "attention_chunk_size"):
+        window = getattr(config, name, None)
+        if isinstance(window, int) and window < n_tokens + 1:
+            return False
+    return True
+
+
+def _last_logits_only(model: LoadedModel) -> dict:
+    """`logits_to_keep=1` where the model takes it: the unembedding then runs on the last token only."""
+    try:
+        takes = "logits_to_keep" in inspect.signature(model.hf.forward).parameters
+    except (TypeError, ValueError):
+        takes = False
+    return {"logits_to_keep": 1} if takes else {}
+
+
+def _unit_costs(model: LoadedModel) -> float:
+    """The unembedding's cost relative to one decoder layer (parameter counts)."""
+    ad = model.adapter
+    layer_params = sum(p.numel() for p in ad.layer(model.hf, 0).parameters())
+    return ad.vocab_size * ad.d_model / max(layer_params, 1)
+
+
+def plan_groups(heads: Heads, n_layers: int, head_cost: float, fixed: float | None = None,
+                weights: float | None = None, max_copies: int = FAST_MAX_COPIES) -> list[list[int]]:
+    """Split patches into forwards (lists of indices into `heads`) of least total cost (see FAST_FIXED_COST).
+
+    Patches of one layer share a forward unless there are more than `max_copies` of them; runs of consecutive
+    layers are grouped by dynamic programming: a forward starting deeper skips more layers but pays its fixed and
+    weight-reading costs again.
+    """
+    require_positive("max_copies", max_copies)
+    fixed = FAST_FIXED_COST if fixed is None else fixed
+    weights = FAST_WEIGHTS_COST if weights is None else weights
+    by_layer: dict[int, list[int]] = {}
+    for i, (layer, _) in enumerate(heads):
+        by_layer.setdefault(int(layer), []).append(i)
+    layers = sorted(by_layer)
+    m = len(layers)
+    best = [0.0] + [float("inf")] * m
+    cut = [0] * (m + 1)
+    for i in range(1, m + 1):
+        rows = 0
+        for j in range(i - 1, -1, -1):
+            rows += len(by_layer[layers[j]])
+            pieces = -(-rows // max_copies)
+            depth = n_layers - layers[j] + head_cost
+            cost = best[j] + pieces * (fixed + depth * weights) + rows * depth
+            if cost < best[i]:
+                best[i], cut[i] = cost, j
+    groups: list[list[int]] = []
+    i = m
+    while i > 0:
+        j = cut[i]
+        members = [k for layer in layers[j:i] for k in by_layer[layer]]
+        # Too many copies for one forward: split in layer order, so later pieces start (and skip) deeper.
+        groups[:0] = [members[s:s + max_copies] for s in range(0, len(members), max_copies)]
+        i = j
+    return groups
+
+
 def cma_prompt_fast(model: LoadedModel, text: str, answer_id: int, means: torch.Tensor,
-                    heads: Heads | None = None, chunk: int = 128) -> tuple[float, torch.Tensor]:
-    """(P(answer | corrupted), indirect effect per head) with the prefix computed once."""
+                    heads: Heads | None = None, chunk: int = FAST_MAX_COPIES) -> tuple[float, torch.Tensor]:
+    """(P(answer | corrupted), indirect effect per head): the prefix once, then only the patched layers up.
+
+    1. One forward over the whole corrupted prompt keeps its keys/values, P(answer) and every layer's last-token
+       output.
+    2. Each group of patches (see `plan_groups`) is one forward over R copies of the last token placed at its own
+       position and attending to the cached prompt (minus the original last token) and to itself only. Decoder
+       layers below the group's first patched layer are skipped (their output at the last token is already known
+       from step 1), and copy r gets patch r at its layer. The prefix's keys/values are shared, not repeated.
+
+    Falls back to `cma_prompt_cached_batch` where the layout does not apply (sliding windows shorter than the
+    prompt, attention kernels that ignore custom masks).
+    """
+    heads = list(heads or all_heads(model))
+    ids = _encode(model, text)
+    n_tokens = ids.shape[1]
+    if n_tokens < 2:
+        raise UserError("a prompt needs at least two tokens for cached mediation")
+    if not _copies_supported(model, n_tokens):
+        return cma_prompt_cached_batch(model, text, answer_id, means, heads, chunk=min(chunk, 128))
+    ad, lm = model.adapter, model.lm
+    is_tuple = ad.spec.layer_output_is_tuple
+    with lm.trace(input_ids=ids, use_cache=True, **_last_logits_only(model)):
+        hidden = nnsight.save([])
+        for layer in range(ad.n_layers):
+            hidden.append(layer_hidden(ad.layer(lm, layer), is_tuple)[:, -1:].detach().clone())
+        base = answer_prob(ad.unembed(lm).output, answer_id).save()
+        cache = lm.output.past_key_values.save()
+    base = float(base[0])
+    dtype = next(model.hf.parameters()).dtype
+    effects = torch.empty(len(heads), dtype=torch.float64)
+    for group in plan_groups(heads, ad.n_layers, _unit_costs(model), max_copies=chunk):
+        probs = _copies_forward(model, [heads[i] for i in group], means, answer_id, ids[:, -1:], cache, hidden,
+                                n_tokens, dtype)
+        effects[torch.tensor(group)] = probs.double() - base
+    return base, effects.float()
+
+
+def _copies_forward(model: LoadedModel, part: Heads, means: torch.Tensor, answer_id: int, last_id: torch.Tensor,
+                    cache, hidden: list[torch.Tensor], n_tokens: int, dtype) -> torch.Tensor:
+    """One forward of R = len(part) last-token copies; copy r patches part[r]. Returns P(answer) per copy."""
+    ad, lm = model.adapter, model.lm
+    n_copies = len(part)
+    first = min(layer for layer, _ in part)
+    by_layer: dict[int, list[tuple[int, int]]] = {}
+    for pos, (layer, head) in enumerate(part):
+        by_layer.setdefault(layer, []).append((pos, head))
+    replacement = None
+    if first > 0:
+        h = hidden[first - 1].expand(1, n_copies, -1).contiguous()
+        replacement = (h, None) if ad.spec.layer_output_is_tuple else h
+    inputs = dict(
+        input_ids=last_id.expand(1, n_copies),
+        past_key_values=copy.deepcopy(cache),  # the forward appends the copies' keys; keep the prompt's clean
+        attention_mask=copies_mask(n_tokens, n_copies, dtype, hide=n_tokens - 1),
+        position_ids=torch.full((1, n_copies), n_tokens - 1, dtype=torch.long),
+        use_cache=True,
+    )
+    with lm.trace(**inputs):
+        for layer in range(first):  # forward order: skipped layers first
+            ad.layer(lm, layer).skip(replacement)
+        for layer in sorted(by_layer):
+            pos, hs = zip(*by_layer[layer])
+            heads_t = torch.tensor(hs)
+            patch_positions(ad.head_site(lm, layer), torch.tensor(pos), heads_t, means[layer, heads_t],
+                            ad.n_heads, ad.head_dim)
+        probs = answer_prob_positions(ad.unembed(lm).output, answer_id).save()
+    return probs.detach().cpu()
+
+
+def cma_prompt_cached_batch(model: LoadedModel, text: str, answer_id: int, means: torch.Tensor,
+                            heads: Heads | None = None, chunk: int = 128) -> tuple[float, torch.Tensor]:
+    """The previous fast path: prefix cache once, repeated per batch row; the last token for every patched head.
+
+    Kept as the fallback of `cma_prompt_fast` (sliding windows) and as a benchmark reference.
+    """
     heads = heads or all_heads(model)
     ids = _encode(model, text)
     n_tokens = ids.shape[1]
@@ -84,7 +241,7 @@ def cma_prompt_fast(model: LoadedModel, text: str, answer_id: int, means: torch.
 
 def cma_prompt_invoke_per_head(model: LoadedModel, text: str, answer_id: int, means: torch.Tensor,
                                heads: Heads | None = None, chunk: int = 32) -> tuple[float, torch.Tensor]:
-    """The full prompt once per patched head, as rows of one batch (no prefix reuse)."""
+    """The full prompt once per patched head, as rows of one batch (no prefix reuse; logits at the last token)."""
     heads = heads or all_heads(model)
     ids = _encode(model, text)
     base, effects = None, []
@@ -92,7 +249,8 @@ def cma_prompt_invoke_per_head(model: LoadedModel, text: str, answer_id: int, me
         part = heads[start:start + chunk]
         rows = len(part) + 1
         probs = _patched_forward(model, part, means, answer_id, input_ids=ids.expand(rows, -1),
-                                 attention_mask=torch.ones(rows, ids.shape[1], dtype=torch.long))
+                                 attention_mask=torch.ones(rows, ids.shape[1], dtype=torch.long),
+                                 **_last_logits_only(model))
         base = float(probs[0]) if base is None else base
         effects.append(probs[1:] - probs[0])
     return base, torch.cat(effects)
@@ -103,11 +261,12 @@ def cma_prompt_naive(model: LoadedModel, text: str, answer_id: int, means: torch
     """One separate forward per patched head: slow, obviously right, the reference for tests."""
     heads = heads or all_heads(model)
     ad, lm = model.adapter, model.lm
-    with lm.trace(text):
+    keep = _last_logits_only(model)
+    with lm.trace(text, **keep):
         base = answer_prob(ad.unembed(lm).output, answer_id).save()
     effects = []
     for layer, head in heads:
-        with lm.trace(text):
+        with lm.trace(text, **keep):
             set_head(ad.head_site(lm, layer), head, ad.head_dim, means[layer, head])
             p = answer_prob(ad.unembed(lm).output, answer_id).save()
         effects.append(float(p[0]) - float(base[0]))
@@ -116,13 +275,20 @@ def cma_prompt_naive(model: LoadedModel, text: str, answer_id: int, means: torch
 
 CMA_FUNCTIONS: dict[str, Callable] = {
     "fast": cma_prompt_fast,
+    "cached_batch": cma_prompt_cached_batch,
     "invoke_per_head": cma_prompt_invoke_per_head,
     "naive": cma_prompt_naive,
 }
 
 
-def cma_group(task: str) -> str:
-    return f"{task}/cma"
+SOURCES = ("cma", "attribution")
+
+
+def cma_group(task: str, source: str = "cma") -> str:
+    """Store group of a task's per-prompt head scores: `<task>/cma` (exact) or `<task>/attribution`."""
+    if source not in SOURCES:
+        raise UserError(f"unknown head-score source {source!r}; use one of {', '.join(SOURCES)}")
+    return f"{task}/{source}"
 
 
 @dataclass
@@ -133,15 +299,34 @@ class CMAResult:
     n_new: int
 
 
+PromptScorer = Callable[[LoadedModel, str, int, torch.Tensor], tuple[float, torch.Tensor]]
+
+
 def run_cma(model: LoadedModel, prepared: PreparedTask, store: ActivationStore, means: torch.Tensor,
             n_prompts: int = 25, n_shots: int = 10, method: str = "fast",
             progress: Callable[[int, int], None] | None = None) -> CMAResult:
-    """Indirect effects of every head on `n_prompts` shuffled-label prompts, appended to `<task>/cma` (resumable)."""
-    require_positive("n_prompts", n_prompts)
+    """Indirect effects of every head on `n_prompts` shuffled-label prompts, appended to `<task>/cma` (resumable).
+
+    `method="attribution"` stores the gradient estimate instead, in `<task>/attribution` (see fv_remote.attribution).
+    """
+    if method == "attribution":
+        from fv_remote.attribution import attribution_prompt
+
+        return run_head_scores(model, prepared, store, means, attribution_prompt, "attribution", method,
+                               n_prompts, n_shots, progress)
     if method not in CMA_FUNCTIONS:
-        raise UserError(f"unknown CMA method {method!r}; use one of {', '.join(CMA_FUNCTIONS)}")
+        raise UserError(f"unknown CMA method {method!r}; use one of {', '.join([*CMA_FUNCTIONS, 'attribution'])}")
+    return run_head_scores(model, prepared, store, means, CMA_FUNCTIONS[method], "cma", method, n_prompts, n_shots,
+                           progress)
+
+
+def run_head_scores(model: LoadedModel, prepared: PreparedTask, store: ActivationStore, means: torch.Tensor,
+                    fn: PromptScorer, source: str, method: str, n_prompts: int = 25, n_shots: int = 10,
+                    progress: Callable[[int, int], None] | None = None) -> CMAResult:
+    """Score every head on each shuffled-label prompt with `fn`; append per prompt to `<task>/<source>`."""
+    require_positive("n_prompts", n_prompts)
     ad = model.adapter
-    group = cma_group(prepared.name)
+    group = cma_group(prepared.name, source)
     # Corrupted queries come from the training split, like the clean prompts that gave the means.
     prompts = prepared.prompts("train", n_prompts, kind="shuffled", n_shots=n_shots, seed_offset=1)
     identity = {"model": model.model_id, "task": prepared.name, "n_layers": ad.n_layers, "n_heads": ad.n_heads,
@@ -150,7 +335,6 @@ def run_cma(model: LoadedModel, prepared: PreparedTask, store: ActivationStore, 
                              prepared.template.prefix]}
     store.check_compatible(group, identity)
     start = store.repair(group)
-    fn = CMA_FUNCTIONS[method]
     for i in range(start, n_prompts):
         prompt = prompts[i]
         answer_id = prepared.answer_token[prompt.answer]
@@ -158,7 +342,7 @@ def run_cma(model: LoadedModel, prepared: PreparedTask, store: ActivationStore, 
         batch = xr.Dataset(
             {
                 "indirect_effect": ((PROMPT_DIM, "layer", "head"),
-                                    effects.view(1, ad.n_layers, ad.n_heads).float().numpy()),
+                                    effects.reshape(1, ad.n_layers, ad.n_heads).float().numpy()),
                 "p_corrupted": ((PROMPT_DIM,), np.array([base], dtype=np.float32)),
                 "query": ((PROMPT_DIM,), np.array([prompt.query], dtype=object)),
                 "answer": ((PROMPT_DIM,), np.array([prompt.answer], dtype=object)),
@@ -169,12 +353,20 @@ def run_cma(model: LoadedModel, prepared: PreparedTask, store: ActivationStore, 
         store.append(group, batch, {**identity, "method": method})
         if progress:
             progress(i + 1, n_prompts)
-    return CMAResult(prepared.name, load_aie(store, prepared.name, n_prompts), n_prompts, n_prompts - start)
+    return CMAResult(prepared.name, load_aie(store, prepared.name, n_prompts, source=source), n_prompts,
+                     n_prompts - start)
 
 
-def load_aie(store: ActivationStore, task: str, n_prompts: int | None = None) -> xr.DataArray:
-    """AIE per (layer, head): the mean indirect effect over the stored corrupted prompts."""
-    ds = store.open(cma_group(task), hint=f"fv-remote cma --task {task} --store {store.url}")
+def load_aie(store: ActivationStore, task: str, n_prompts: int | None = None, source: str = "auto") -> xr.DataArray:
+    """AIE per (layer, head): the mean indirect effect over the stored corrupted prompts.
+
+    `source`: "cma" (exact), "attribution" (gradient estimate) or "auto" (exact where stored, else attribution).
+    """
+    if source == "auto":
+        source = "attribution" if (not store.has_task(cma_group(task))
+                                   and store.has_task(cma_group(task, "attribution"))) else "cma"
+    ds = store.open(cma_group(task, source), hint=f"fv-remote cma --task {task} --store {store.url}"
+                    + (" --method attribution" if source == "attribution" else ""))
     if n_prompts is not None:
         ds = ds.isel({PROMPT_DIM: slice(0, n_prompts)})
     return ds["indirect_effect"].mean(PROMPT_DIM).load()

@@ -1,6 +1,12 @@
 """Causal-mediation graphs: patch heads' mean activations into corrupted prompts at the last token.
 
-Row r of a batch gets its own patch, so one forward pass scores many (layer, head) patches at once.
+Two layouts, both exact:
+
+- rows as batch rows (`patch_rows`): row r of a batch gets its own patch, so one forward scores many patches;
+- rows as *positions* (`patch_positions`): one batch row whose sequence holds R copies of the prompt's last
+  token, all at the same position id, each attending to the shared cached prefix and to itself only (a 4D mask
+  from `copies_mask`). Copy r gets its own patch. The prefix's keys/values are then shared by all copies instead of
+  being repeated per row.
 """
 
 import torch
@@ -13,6 +19,31 @@ def patch_rows(site, rows, heads, values, n_heads: int, head_dim: int):
     last[rows, heads] = values.to(last.dtype)
 
 
+def patch_positions(site, positions, heads, values, n_heads: int, head_dim: int):
+    """In batch row 0 at `site`, set head `heads[i]` at sequence position `positions[i]` to `values[i]` (one op)."""
+    z = site.input
+    grid = z[0].view(z.shape[1], n_heads, head_dim)  # a view: writes reach the model
+    grid[positions, heads] = values.to(grid.dtype)
+
+
+def copies_mask(n_cached: int, n_copies: int, dtype, hide=None):
+    """Additive 4D mask [1, 1, R, n_cached + R]: copy r sees the cached keys (except `hide`, if given) and itself."""
+    blocked = torch.finfo(dtype).min
+    mask = torch.full((n_copies, n_cached + n_copies), blocked, dtype=dtype)
+    mask[:, :n_cached] = 0
+    if hide is not None:
+        mask[:, hide] = blocked
+    idx = torch.arange(n_copies)
+    mask[idx, n_cached + idx] = 0
+    return mask.view(1, 1, n_copies, n_cached + n_copies)
+
+
 def answer_prob(logits, answer_id: int):
     """P(answer) at the last token for every row."""
     return torch.softmax(logits[:, -1].float(), dim=-1)[:, answer_id]
+
+
+def answer_prob_positions(logits, answer_id: int):
+    """P(answer) at every position of batch row 0 ([R]), without materialising the softmax."""
+    row = logits[0].float()
+    return torch.exp(row[:, answer_id] - torch.logsumexp(row, dim=-1))

@@ -69,7 +69,8 @@ def cma(
     n_prompts: int = typer.Option(25, help="shuffled-label prompts"),
     n_shots: int = typer.Option(10),
     seed: int = typer.Option(0),
-    method: str = typer.Option("fast", help="fast (exact, cached prefix) | invoke_per_head | naive"),
+    method: str = typer.Option("fast", help="fast (exact) | cached_batch | invoke_per_head | naive (exact references) "
+                               "| attribution (gradient estimate, stored in <task>/attribution)"),
     plot: Path = typer.Option(None, help="heatmap PNG (default: out/<task>_aie.png)"),
     top: int = typer.Option(10, help="heads to list"),
     data_dir: str = DATA_DIR_OPT,

@@ -414,14 +414,12 @@ def run_analogies(model: LoadedModel, bank: RelationBank, items: Sequence[MCAnal
         ds = [d for it in kept for _, d in it.choices]
         q = s.template
         icl = s.icl_template()
-        qa = PromptTemplate(query=q.render([kept[i].stem], "{x}"), answer=q.answer)
         chance = float(np.mean([1 / len(it.choices) for it in kept])) if kept else float("nan")
     else:
         row_item = list(range(len(kept)))
         cs = [it.correct[0] for it in kept]
         ds = [it.correct[1] for it in kept]
         q, icl = s.template, s.icl_template()
-        qa = PromptTemplate(query=q.render([("{a}", "{b}")], "{x}"), answer=q.answer)
         chance = 1.0 / model.adapter.vocab_size
     idx = torch.tensor(row_item, dtype=torch.long)
     for method in methods:
@@ -454,7 +452,6 @@ def run_analogies(model: LoadedModel, bank: RelationBank, items: Sequence[MCAnal
                 start += len(it.choices)
             correct[method] = np.array(hits)
         tick()
-    del qa
     return AnalogyResult(len(kept), len(skipped), chance, correct, weights, bank.names, kept, skipped, s,
                          combiner.meta.get("path") if combiner else None)
 

@@ -15,6 +15,7 @@ take it as is.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -26,7 +27,7 @@ import torch
 from fv_remote.errors import UserError, require_positive
 from fv_remote.models import LoadedModel
 from fv_remote.tasks import PreparedTask
-from fv_remote.traces.patching import add_to_residual
+from fv_remote.traces.patching import add_to_residual, layer_hidden
 from fv_remote.vectors import FunctionVector
 
 INITS = ("fv", "zero", "random")
@@ -43,6 +44,7 @@ class FinetuneSettings:
     eval_every: int = 5  # steps between validation checks
     patience: int = 40  # steps without a better validation loss before stopping
     seed: int = 0
+    fast: bool = True  # cached prefix + last token from the vector's layer up (exact; see `Prefix`)
 
     def check(self) -> "FinetuneSettings":
         require_positive("steps", self.steps)
@@ -116,6 +118,108 @@ def _trace_loss(model: LoadedModel, texts: list[str], targets: torch.Tensor, vec
     return loss, hits
 
 
+@dataclass
+class Prefix:
+    """A batch of prompts run once without gradients: the keys/values of all but the last token, and every
+    layer's output at the last token.
+
+    The vector only changes the last token's residual stream from its layer up, and causal attention means no
+    earlier token sees it. So a training step can feed just the last token against the cached keys/values and
+    skip the decoder layers below the vector's layer (their output there is known): exact, and far cheaper than
+    the whole prompt through the whole model. `finetune` checks the first step against the full forward and falls
+    back to it (with a warning in the result's meta) if they differ.
+    """
+
+    last_ids: torch.Tensor  # [B, 1]
+    mask: torch.Tensor  # [B, T]
+    position: torch.Tensor  # [B, 1]
+    cache: Any  # past key values of the first T-1 positions
+    hidden: list[torch.Tensor]  # per layer: its output at the last token, [B, 1, d_model]
+    targets: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+
+def build_prefix(model: LoadedModel, texts: list[str], targets: torch.Tensor) -> Prefix:
+    import nnsight
+
+    ad, lm = model.adapter, model.lm
+    enc = model.tokenizer(texts, return_tensors="pt", padding=True)  # nnsight set left padding
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    position = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad(), lm.trace(input_ids=ids, attention_mask=mask, position_ids=position, use_cache=True,
+                                   **trace_kwargs(model)):
+        hidden = nnsight.save([])
+        for layer in range(ad.n_layers):
+            hidden.append(layer_hidden(ad.layer(lm, layer), ad.spec.layer_output_is_tuple)[:, -1:].detach().clone())
+        cache = lm.output.past_key_values.save()
+    cache.crop(-1)  # drop the last token: it is fed again at every step
+    return Prefix(ids[:, -1:], mask, position[:, -1:], cache, list(hidden), targets)
+
+
+def _trace_loss_fast(model: LoadedModel, prefix: Prefix, vector: torch.Tensor, layer: int):
+    """`_trace_loss` from a `Prefix`: the last token only, decoder layers below `layer` skipped."""
+    ad, lm = model.adapter, model.lm
+    replacement = None
+    if layer > 0:
+        h = prefix.hidden[layer - 1]
+        replacement = (h, None) if ad.spec.layer_output_is_tuple else h
+    targets = prefix.targets
+    with lm.trace(input_ids=prefix.last_ids, attention_mask=prefix.mask, position_ids=prefix.position,
+                  past_key_values=copy.deepcopy(prefix.cache), use_cache=True, **trace_kwargs(model)):
+        for skipped in range(layer):  # forward order: the skipped layers first
+            ad.layer(lm, skipped).skip(replacement)
+        add_to_residual(ad.layer(lm, layer), ad.spec.layer_output_is_tuple, vector)
+        logits = ad.unembed(lm).output[:, -1].float()
+        loss = torch.nn.functional.cross_entropy(logits, targets)
+        hits = (logits.argmax(-1) == targets).sum()
+        loss.save()
+        hits.save()
+    return loss, hits
+
+
+class Batches:
+    """Training/validation data in fixed chunks, each with its cached prefix when the fast path is on."""
+
+    def __init__(self, model: LoadedModel, data: Examples, batch_size: int, fast: bool, seed: int = 0,
+                 shuffle: bool = True):
+        order = list(range(len(data)))
+        if shuffle and len(data) > batch_size:
+            order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed)).tolist()
+        self.model = model
+        self.chunks = []
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            texts, targets = [data.texts[i] for i in idx], data.targets[idx]
+            self.chunks.append((texts, targets, build_prefix(model, texts, targets) if fast else None))
+        self.n = len(data)
+
+    def loss(self, i: int, vector: torch.Tensor, layer: int):
+        texts, targets, prefix = self.chunks[i % len(self.chunks)]
+        if prefix is not None:
+            return _trace_loss_fast(self.model, prefix, vector, layer)
+        return _trace_loss(self.model, texts, targets, vector, layer)
+
+    def score(self, vector: torch.Tensor, layer: int) -> tuple[float, float]:
+        total, hits = 0.0, 0
+        with torch.no_grad():
+            for i, (texts, _, _) in enumerate(self.chunks):
+                loss, n_hit = self.loss(i, vector.detach(), layer)
+                total += float(loss) * len(texts)
+                hits += int(n_hit)
+        return total / self.n, hits / self.n
+
+
+def check_fast(model: LoadedModel, batches: "Batches", vector: torch.Tensor, layer: int, tol: float = 1e-3) -> bool:
+    """Whether the cached-prefix loss equals the full forward's on the first chunk."""
+    texts, targets, prefix = batches.chunks[0]
+    with torch.no_grad():
+        fast, _ = _trace_loss_fast(model, prefix, vector, layer)
+        full, _ = _trace_loss(model, texts, targets, vector, layer)
+    return abs(float(fast) - float(full)) <= tol * max(1.0, abs(float(full)))
+
+
 def score(model: LoadedModel, data: Examples, vector: torch.Tensor, layer: int,
           batch_size: int = 64) -> tuple[float, float]:
     """(mean NLL, top-1 accuracy) of the answers' first tokens with `vector` at `layer` (no gradients)."""
@@ -162,31 +266,56 @@ def initial_vector(model: LoadedModel, init: str, fv: FunctionVector | None = No
     return direction / direction.norm() * norm
 
 
-def finetune(model: LoadedModel, train: Examples, valid: Examples | None, init_vector: torch.Tensor, layer: int,
-             settings: FinetuneSettings | None = None, task: str = "", init: str = "custom",
-             source: FunctionVector | None = None, progress: Progress | None = None) -> FinetuneResult:
+def prepare_batches(model: LoadedModel, data: "Examples | Batches | None", settings: FinetuneSettings,
+                    layer: int, note: dict | None = None) -> "Batches | None":
+    """Examples -> Batches (cached prefixes when `settings.fast`, checked once against the full forward)."""
+    if data is None or isinstance(data, Batches):
+        return data
+    if not len(data):
+        return None
+    if settings.fast:
+        try:
+            batches = Batches(model, data, settings.batch_size, True, settings.seed)
+            probe = batches.chunks[0][2].hidden[layer][0, 0].float()  # a vector on the residual stream's scale
+            if check_fast(model, batches, probe, layer):
+                return batches
+            reason = "cached-prefix loss differed from the full forward"
+        except Exception as exc:  # noqa: BLE001 - any architecture quirk: fall back to the exact full forward
+            reason = f"{type(exc).__name__}: {exc}"
+        if note is not None:
+            note["fast_fallback"] = reason
+    return Batches(model, data, settings.batch_size, False, settings.seed)
+
+
+def finetune(model: LoadedModel, train: "Examples | Batches", valid: "Examples | Batches | None",
+             init_vector: torch.Tensor, layer: int, settings: FinetuneSettings | None = None, task: str = "",
+             init: str = "custom", source: FunctionVector | None = None,
+             progress: Progress | None = None) -> FinetuneResult:
     """Optimise a vector added at `layer` so the frozen model answers the zero-shot training prompts.
 
-    Without a validation set the last vector is kept and there is no early stopping.
+    Without a validation set the last vector is kept and there is no early stopping. With more training prompts
+    than `batch_size`, fixed chunks (shuffled once) are cycled.
     """
     s = (settings or FinetuneSettings()).check()
     layer = model.adapter.check_layer(layer)
-    if not len(train):
+    if train is None or not len(train if isinstance(train, Examples) else range(train.n)):
         raise UserError("no training prompts")
     if init_vector.shape != (model.adapter.d_model,):
         raise UserError(f"initial vector has shape {tuple(init_vector.shape)}, the model needs "
                         f"({model.adapter.d_model},)")
+    note: dict[str, Any] = {}
+    train_b = prepare_batches(model, train, s, layer, note)
+    valid_b = prepare_batches(model, valid, s, layer, note)
     v0 = init_vector.detach().float().clone()
     vector = v0.clone().requires_grad_(True)
     opt = torch.optim.Adam([vector], lr=s.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda step: s.min_lr_ratio + (1 - s.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * step / s.steps)))
-    gen = torch.Generator().manual_seed(s.seed)
     history: dict[str, list] = {"step": [], "train_loss": [], "lr": [], "eval_step": [], "valid_loss": [],
                                 "valid_acc": []}
 
     def evaluate(step: int) -> tuple[float, float]:
-        loss, acc = score(model, valid, vector, layer)
+        loss, acc = valid_b.score(vector, layer)
         history["eval_step"].append(step)
         history["valid_loss"].append(loss)
         history["valid_acc"].append(acc)
@@ -194,17 +323,12 @@ def finetune(model: LoadedModel, train: Examples, valid: Examples | None, init_v
 
     best = vector.detach().clone()
     best_step, best_loss, best_acc = 0, math.inf, math.nan
-    if valid is not None and len(valid):
+    if valid_b is not None:
         best_loss, best_acc = evaluate(0)
     stopped = False
     for step in range(1, s.steps + 1):
-        if len(train) > s.batch_size:
-            idx = torch.randperm(len(train), generator=gen)[:s.batch_size]
-            texts, targets = [train.texts[i] for i in idx.tolist()], train.targets[idx]
-        else:
-            texts, targets = train.texts, train.targets
         opt.zero_grad()
-        loss, _ = _trace_loss(model, texts, targets, vector, layer)
+        loss, _ = train_b.loss(step - 1, vector, layer)
         history["step"].append(step)
         history["train_loss"].append(float(loss.detach()))
         history["lr"].append(opt.param_groups[0]["lr"])
@@ -215,7 +339,7 @@ def finetune(model: LoadedModel, train: Examples, valid: Examples | None, init_v
         sched.step()
         if progress:
             progress(step, s.steps)
-        if valid is None or not len(valid):
+        if valid_b is None:
             best, best_step = vector.detach().clone(), step
             continue
         if step % s.eval_every == 0 or step == s.steps:
@@ -228,9 +352,10 @@ def finetune(model: LoadedModel, train: Examples, valid: Examples | None, init_v
     if progress:
         progress(s.steps, s.steps)
     meta: dict[str, Any] = {
-        "init": init, "settings": s.as_dict(), "n_train": len(train), "n_valid": len(valid) if valid else 0,
+        "init": init, "settings": s.as_dict(), "n_train": train_b.n, "n_valid": valid_b.n if valid_b else 0,
         "best_step": best_step, "best_valid_loss": best_loss, "best_valid_acc": best_acc,
         "stopped_early": stopped, "init_norm": float(v0.norm()), "norm": float(best.norm()),
+        "n_train_batches": len(train_b.chunks), **note,
     }
     if source is not None:
         meta["source"] = {"task": source.task, "layer": source.layer, "kind": source.kind,
@@ -240,19 +365,22 @@ def finetune(model: LoadedModel, train: Examples, valid: Examples | None, init_v
     return FinetuneResult(ffv, history, best_step, best_loss, best_acc, stopped)
 
 
-def select_layer(model: LoadedModel, train: Examples, valid: Examples, layers: Sequence[int],
+def select_layer(model: LoadedModel, train: "Examples | Batches", valid: "Examples | Batches", layers: Sequence[int],
                  make_init: Callable[[int], torch.Tensor], settings: FinetuneSettings | None = None,
                  quick_steps: int = 30, progress: Progress | None = None) -> dict[int, dict[str, float]]:
     """Short fine-tuning runs at each candidate layer -> {layer: {"valid_loss", "valid_acc"}}.
 
     Pick with `best_ffv_layer`. `make_init(layer)` gives each run's starting vector.
     """
-    if not valid or not len(valid):
+    if valid is None or (isinstance(valid, Examples) and not len(valid)):
         raise UserError("choosing the FFV layer needs validation pairs")
     base = settings or FinetuneSettings()
     quick = FinetuneSettings(**{**base.as_dict(), "steps": quick_steps, "patience": quick_steps,
                                 "eval_every": quick_steps})
     results = {}
+    layers = list(layers)
+    train = prepare_batches(model, train, quick, layers[0])  # the cached prefixes serve every layer
+    valid = prepare_batches(model, valid, quick, layers[0])
     for i, layer in enumerate(layers):
         res = finetune(model, train, valid, make_init(layer), layer, quick)
         results[int(layer)] = {"valid_loss": res.best_valid_loss, "valid_acc": res.best_valid_acc}

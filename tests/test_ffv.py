@@ -16,6 +16,8 @@ from fv_remote.evaluate import evaluate_task
 from fv_remote.ffv import (
     FinetuneSettings,
     _trace_loss,
+    _trace_loss_fast,
+    build_prefix,
     best_ffv_layer,
     candidate_layers,
     examples,
@@ -54,6 +56,26 @@ def test_trace_loss_matches_steering(llama, prepared):
     assert int(hits) == int((logits.argmax(-1) == data.targets).sum())
 
 
+@pytest.mark.parametrize("family", ["llama", "gptj", "gpt2", "qwen3"])
+def test_cached_prefix_step_is_exact(family, tiny_tokenizer):
+    """Last token only, layers below the vector skipped: same loss and same gradient as the whole prompt."""
+    model = make_tiny_model(family, tiny_tokenizer)
+    task = prepare_task(model.tokenizer, load_task(FIX / "opposites.json"), seed=0)
+    data = examples(task, "train", 6)  # prompts of different lengths (left padding)
+    prefix = build_prefix(model, data.texts, data.targets)
+    for layer in (0, 2):
+        grads = []
+        for fast in (True, False):
+            vec = (torch.randn(model.adapter.d_model, generator=torch.Generator().manual_seed(layer))
+                   .requires_grad_(True))
+            loss, hits = (_trace_loss_fast(model, prefix, vec, layer) if fast
+                          else _trace_loss(model, data.texts, data.targets, vec, layer))
+            loss.backward()
+            grads.append((float(loss.detach()), int(hits), vec.grad.clone()))
+        assert grads[0][0] == pytest.approx(grads[1][0], abs=1e-5) and grads[0][1] == grads[1][1]
+        assert torch.allclose(grads[0][2], grads[1][2], atol=1e-5)
+
+
 def test_finetune_lowers_loss_and_saves_like_an_fv(llama, prepared, tmp_path):
     train, valid = examples(prepared, "train", 8), examples(prepared, "valid")
     settings = FinetuneSettings(steps=8, lr=1.0, eval_every=4, patience=50)
@@ -65,6 +87,7 @@ def test_finetune_lowers_loss_and_saves_like_an_fv(llama, prepared, tmp_path):
     assert res.best_valid_loss <= hist["valid_loss"][0]
     assert hist["lr"][0] > hist["lr"][-1]  # cosine decay
     assert res.ffv.kind == "ffv" and res.ffv.layer == 1 and res.ffv.vector.requires_grad is False
+    assert "fast_fallback" not in res.ffv.meta
     # the kept vector is the best one on validation
     assert score(llama, valid, res.ffv.vector, 1)[0] == pytest.approx(res.best_valid_loss, abs=1e-4)
     path = res.ffv.save(tmp_path / "o.ffv.safetensors")

@@ -220,7 +220,7 @@ def evaluate(
     layer: int = typer.Option(None, help="default: the layer stored in the FV file"),
     scale: float = typer.Option(1.0),
     distributed: bool = typer.Option(False),
-    n_test: int = typer.Option(None, help="test queries (default: the whole test split)"),
+    n_test: int = typer.Option(None, help="test queries (default: the test split, at most 200)"),
     n_shots: int = typer.Option(10),
     seed: int = typer.Option(0),
     sweep: bool = typer.Option(False, help="also sweep all layers on validation pairs (PNG)"),
@@ -271,7 +271,7 @@ def run(
     n_cma_prompts: int = typer.Option(25, help="corrupted prompts for the AIE"),
     n_shots: int = typer.Option(10),
     k: int = typer.Option(10, help="top heads in the FV"),
-    n_test: int = typer.Option(None, help="test queries per task (default: whole test split)"),
+    n_test: int = typer.Option(None, help="test queries per task (default: the test split, at most 200)"),
     seed: int = typer.Option(0),
     json_path: Path = typer.Option(None, "--json", help="write results as JSON"),
 ) -> None:

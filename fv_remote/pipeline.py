@@ -30,7 +30,7 @@ class PipelineSettings:
     n_shots: int = 10
     k: int = 10
     seed: int = 0
-    n_test: int | None = None  # default: the whole test split
+    n_test: int | None = None  # default: the test split, at most evaluate.MAX_TEST
     cma_method: str = "fast"
 
     def as_dict(self) -> dict:

@@ -137,17 +137,57 @@ def _additions(mix: torch.Tensor | None, vectors: torch.Tensor, by_layer: dict[i
     return {layer: scale * (mix[:, idx] @ vectors[idx]) for layer, idx in by_layer.items()}
 
 
+def _run_fast(model: LoadedModel, prefix, additions: dict[int, torch.Tensor] | None) -> torch.Tensor:
+    """Last-token logits from a cached prefix: decoder layers below the first addition are skipped."""
+    ad, lm = model.adapter, model.lm
+    first = min(additions) if additions else ad.n_layers - 1
+    replacement = None
+    if first > 0:
+        h = prefix.hidden[first - 1]
+        replacement = (h, None) if ad.spec.layer_output_is_tuple else h
+    with lm.trace(input_ids=prefix.last_ids, attention_mask=prefix.mask, position_ids=prefix.position,
+                  past_key_values=prefix.cache, use_cache=True, **trace_kwargs(model)):
+        for skipped in range(first):
+            ad.layer(lm, skipped).skip(replacement)
+        for layer in sorted(additions or {}):
+            hidden = layer_hidden(ad.layer(lm, layer), ad.spec.layer_output_is_tuple)
+            hidden[:, -1] += additions[layer].to(hidden.dtype)
+        picked = ad.unembed(lm).output[:, -1].float()
+        picked.save()
+    return picked
+
+
 def first_token_logprobs(model: LoadedModel, prompts: Sequence[str], targets: Sequence[int],
                          mix: torch.Tensor | None = None, bank: RelationBank | None = None, scale: float = 1.0,
-                         batch_size: int = 48, progress: Progress | None = None) -> torch.Tensor:
-    """log P(target | prompt) at the last position, with Σ_i mix[r, i]·bank_i added (differentiable in `mix`)."""
+                         batch_size: int = 48, progress: Progress | None = None, fast: bool = True) -> torch.Tensor:
+    """log P(target | prompt) at the last position, with Σ_i mix[r, i]·bank_i added (differentiable in `mix`).
+
+    fast=True: each distinct prompt of a batch runs once (no gradients) and keeps its keys/values; every row then
+    feeds only the last token from the first vector layer up (exact: see `fv_remote.ffv.Prefix`). Rows that
+    share a prompt (one stem under every bank vector) share that work. Falls back to whole prompts on error.
+    """
+    from fv_remote.ffv import build_prefix
+
     vectors, by_layer = _bank_tensors(bank) if bank is not None else (None, {})
     out = []
     n = len(prompts)
     for start in range(0, n, batch_size):
         stop = min(n, start + batch_size)
         adds = _additions(None if mix is None else mix[start:stop], vectors, by_layer, scale)
-        logits = _run_batch(model, list(prompts[start:stop]), adds, None, None)
+        chunk = list(prompts[start:stop])
+        logits = None
+        if fast:
+            try:
+                unique = list(dict.fromkeys(chunk))
+                where = {p: i for i, p in enumerate(unique)}
+                with torch.no_grad():
+                    prefix = build_prefix(model, unique, torch.zeros(len(unique), dtype=torch.long))
+                rows = torch.tensor([where[p] for p in chunk])
+                logits = _run_fast(model, prefix.select(rows), adds)
+            except Exception:  # noqa: BLE001 - an architecture without cache support: whole prompts instead
+                fast, logits = False, None
+        if logits is None:
+            logits = _run_batch(model, chunk, adds, None, None)
         tgt = torch.as_tensor(list(targets[start:stop]), dtype=torch.long)
         out.append(torch.log_softmax(logits, -1).gather(1, tgt.view(-1, 1)).squeeze(1))
         if progress:

@@ -140,6 +140,13 @@ class Prefix:
     def __len__(self) -> int:
         return len(self.targets)
 
+    def select(self, rows: torch.Tensor) -> "Prefix":
+        """Rows by index (repeats allowed: several vectors on one prompt share its prefix)."""
+        cache = copy.deepcopy(self.cache)
+        cache.batch_select_indices(rows)
+        return Prefix(self.last_ids[rows], self.mask[rows], self.position[rows], cache,
+                      [h[rows] for h in self.hidden], self.targets[rows])
+
 
 def build_prefix(model: LoadedModel, texts: list[str], targets: torch.Tensor) -> Prefix:
     import nnsight

@@ -111,6 +111,8 @@ def test_first_token_logprobs_match_steering(llama, bank):
     targets = [298, 305]
     mix = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     got = first_token_logprobs(llama, prompts, targets, mix, bank)
+    slow = first_token_logprobs(llama, prompts, targets, mix, bank, fast=False)
+    assert torch.allclose(got, slow, atol=1e-5)
     for r, name in enumerate(bank.names):
         steer = Steer(bank.function_vector(name))
         logp = torch.log_softmax(last_logits(llama, [prompts[r]], steer), -1)[0, targets[r]]
@@ -119,6 +121,26 @@ def test_first_token_logprobs_match_steering(llama, bank):
     total, count, _ = continuation_scores(llama, prompts, [" cold", " small dog"], mix, bank)
     assert count.tolist() == [1, 2]
     assert float(total[0]) == pytest.approx(float(got[0]), abs=1e-4)
+
+
+@pytest.mark.parametrize("family", ["gptj", "gpt2"])
+def test_shared_prefix_scoring_is_exact(family, tiny_tokenizer):
+    """Many vectors on one prompt (a stem under every bank vector): cached prefix == whole prompts, gradients too."""
+    model = make_tiny_model(family, tiny_tokenizer)
+    d = model.adapter.d_model
+    bank = RelationBank(model.model_id, [BankEntry("a", torch.randn(d), 1), BankEntry("b", torch.randn(d), 2)])
+    prompts = ["Q: hot\nA:"] * 3 + ["Q: a big dog\nA:"] * 2
+    targets = [298, 305, 300, 296, 293]
+    results = []
+    for fast in (True, False):
+        mix = torch.rand(5, 2).requires_grad_(True)
+        with torch.no_grad():
+            mix.copy_(torch.tensor([[1, 0], [0, 1], [0.5, 0.5], [0.2, 0.8], [1, 1]], dtype=torch.float))
+        logp = first_token_logprobs(model, prompts, targets, mix, bank, batch_size=4, fast=fast)
+        logp.sum().backward()
+        results.append((logp.detach(), mix.grad.clone()))
+    assert torch.allclose(results[0][0], results[1][0], atol=1e-5)
+    assert torch.allclose(results[0][1], results[1][1], atol=1e-4)
 
 
 def test_relation_profile_and_mixed_layer_cfv(llama, bank):

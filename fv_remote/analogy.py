@@ -34,7 +34,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fv_remote.bank import RelationBank
-from fv_remote.data import MCAnalogy, PromptTemplate, answer_first_token
+from fv_remote.data import MCAnalogy, PromptTemplate
 from fv_remote.errors import UserError, require_positive
 from fv_remote.ffv import trace_kwargs
 from fv_remote.models import LoadedModel
@@ -103,6 +103,14 @@ def _split_continuation(tokenizer, prompt: str, cont: str) -> list[int]:
     while i < min(len(full), len(ctx)) and full[i] == ctx[i]:
         i += 1
     return full[i:]
+
+
+def first_token(tokenizer, prompt: str, cont: str) -> int | None:
+    """The first token of `cont` as the model sees it after `prompt`; None when it is whitespace or empty."""
+    ids = _split_continuation(tokenizer, prompt, cont)
+    if not ids or not tokenizer.decode(ids[:1]).strip():
+        return None
+    return ids[0]
 
 
 def _run_batch(model: LoadedModel, texts: list[str], additions: dict[int, torch.Tensor] | None,
@@ -236,8 +244,8 @@ def relation_profile(model: LoadedModel, bank: RelationBank, pairs: Sequence[tup
     mix = eye.repeat(len(pairs), 1)
     if s.score == "first":
         targets = []
-        for _, b in pairs:
-            t = answer_first_token(model.tokenizer, b, s.template)
+        for a, b in pairs:
+            t = first_token(model.tokenizer, s.template.query_text(a), s.template.answer_text(b))
             if t is None:
                 raise UserError(f"{b!r} has no usable first token after the query")
             targets += [t] * n_bank
@@ -319,19 +327,19 @@ def composite_vector(bank: RelationBank, weights: torch.Tensor) -> dict[int, tor
 
 def check_items(tokenizer, items: Sequence[MCAnalogy], settings: AnalogySettings,
                 ) -> tuple[list[MCAnalogy], list[tuple[MCAnalogy, str]]]:
-    """Keep items whose B and every D have a usable first token (after the query and after the ICL prompt)."""
+    """Keep items whose B and every D have a usable first token where they are scored: after "Q: A\nA:" /
+    "Q: C\nA:" and after the ICL prompt. The others are returned with the reason (reported, counted)."""
     kept, skipped = [], []
-    icl = settings.icl_template()
+    q = settings.template
     for item in items:
-        reason = None
-        words = [("B", item.stem[1])] + [(f"D of choice {j}", d) for j, (_, d) in enumerate(item.choices)]
-        for what, word in words:
-            if answer_first_token(tokenizer, word, settings.template) is None:
-                reason = f"{what} {word!r} has no usable first token after the query"
-                break
-            if answer_first_token(tokenizer, word, icl) is None:
-                reason = f"{what} {word!r} has no usable first token after the ICL prompt"
-                break
+        a, b = item.stem
+        checks = [(f"B {b!r}", q.query_text(a), q.answer_text(b))]
+        for j, (c, d) in enumerate(item.choices):
+            checks.append((f"D {d!r} (choice {j})", q.query_text(c), q.answer_text(d)))
+            checks.append((f"D {d!r} (choice {j}) after the ICL prompt", settings.icl_prompt(a, b, c),
+                           settings.icl_answer.replace("{y}", d)))
+        reason = next((f"{what} has no usable first token" for what, prompt, cont in checks
+                       if first_token(tokenizer, prompt, cont) is None), None)
         if reason:
             skipped.append((item, reason))
         else:
@@ -409,7 +417,7 @@ def _choice_scores(model: LoadedModel, bank: RelationBank, prompts: list[str], c
     """Per row: a score (mc) or a 0/1 hit (generative)."""
     with torch.no_grad():
         if mode == "mc" and s.score == "first":
-            targets = [answer_first_token(model.tokenizer, c, template) for c in conts]
+            targets = [first_token(model.tokenizer, p, template.answer_text(c)) for p, c in zip(prompts, conts)]
             return first_token_logprobs(model, prompts, targets, mix, bank, s.scale, s.batch_size)
         total, count, match = continuation_scores(model, prompts, [template.answer_text(c) for c in conts], mix,
                                                   bank, s.scale, s.batch_size)
@@ -528,7 +536,7 @@ def train_combiner(model: LoadedModel, bank: RelationBank, items: Sequence[MCAna
             for c, d in kept[i].choices:
                 rows.append(r)
                 prompts.append(s.template.query_text(c))
-                targets.append(answer_first_token(model.tokenizer, d, s.template))
+                targets.append(first_token(model.tokenizer, prompts[-1], s.template.answer_text(d)))
         scores = first_token_logprobs(model, prompts, targets, w[rows], bank, s.scale, len(prompts))
         loss, start = 0.0, 0
         for i in pick:

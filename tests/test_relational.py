@@ -161,7 +161,7 @@ def test_analogy_mc_contract_and_skips(llama, bank):
     assert CONTRACT <= set(data) and {"cfv", "no_vector", "best_ffv", "icl"} <= set(data["accuracy"])
     assert data["n"] == 3 and data["n_skipped"] == 2
     reasons = [s["reason"] for s in data["skipped"]]
-    assert any("'zebra'" in r for r in reasons) and any("'xylophone'" in r for r in reasons)
+    assert any("B 'zebra'" in r for r in reasons) and any("D 'xylophone'" in r for r in reasons)
     assert data["chance"] == pytest.approx(np.mean([1 / 3, 1 / 2, 1 / 3]))
     for m, acc in data["accuracy"].items():
         lo, hi = data["ci95"][m]

@@ -100,3 +100,44 @@ class Timer:
 
     def __exit__(self, *exc):
         self.seconds += time.perf_counter() - self._t
+
+
+def aie_for(model, relation, prepared, means, n_prompts: int = 25):
+    """Exact AIE [L, H] from the bench store (computed once with the fast exact CMA; never timed)."""
+    from fv_remote.cma import load_aie, run_cma
+
+    st = store()
+    if st.n_complete(f"{relation.name}/cma") < n_prompts:
+        log(f"exact CMA on {n_prompts} prompts for {relation.name} (cached in {st.url})")
+        run_cma(model, prepared, st, means, n_prompts=n_prompts)
+    return load_aie(st, relation.name, n_prompts, source="cma")
+
+
+class PeakRSS:
+    """Peak resident memory (bytes) above the level at entry, sampled every `interval` seconds in a thread."""
+
+    def __init__(self, interval: float = 0.01):
+        self.interval, self.peak, self.start = interval, 0, 0
+
+    def _rss(self) -> int:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._rss() - self.start)
+            self._stop.wait(self.interval)
+
+    def __enter__(self):
+        import threading
+
+        self.start = self._rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._rss() - self.start)

@@ -30,28 +30,51 @@ def extract(
     batch_size: int = typer.Option(16, help="prompts per forward pass"),
     positions: str = typer.Option("-1", help="token positions from the end, comma-separated"),
     data_dir: str = typer.Option(None, help="folder of Todd-format TASK.json files instead of bundled data"),
+    remote: bool = typer.Option(False, "--remote", help="run on NDIF (one request; --model is a Hub repo id)"),
+    no_wait: bool = typer.Option(False, "--no-wait", help="with --remote: submit, print the job id and return; "
+                                 "`fv-remote jobs fetch ID` stores the results later"),
 ) -> None:
     """Trace every attention head's output on clean n-shot prompts into the store (resumable)."""
+    from fv_remote import remote as R
     from fv_remote.data import load_task
-    from fv_remote.errors import require_positive
+    from fv_remote.errors import UserError, require_positive
     from fv_remote.extract import extract as run_extract
-    from fv_remote.models import load_model
     from fv_remote.store import ActivationStore
 
     require_positive("--n-prompts", n_prompts)
     require_positive("--batch-size", batch_size)
+    if no_wait and not remote:
+        raise UserError("--no-wait needs --remote (only NDIF jobs can be fetched later)")
     pos = _positions(positions)
     relation = load_task(task, data_dir=data_dir)
-    offline_if_local(model)
-    loaded = load_model(model)
+    if not remote:
+        offline_if_local(model)
+    loaded = R.load_stage_model(model, remote)
     act_store = ActivationStore(store)
     done = act_store.n_complete(relation.name)
     if done:
         console.print(f"resuming: {done} prompts already stored")
+    if no_wait:
+        from fv_remote.jobs import save_job
+
+        try:
+            with R.no_wait():
+                result = run_extract(loaded, relation, act_store, n_prompts=n_prompts, n_shots=n_shots, seed=seed,
+                                     batch_size=batch_size, positions=pos, remote=True)
+        except R.JobSubmitted as job:
+            path = save_job(job, {"model": loaded.model_id, "revision": loaded.revision, "task": task,
+                                  "data_dir": data_dir})
+            console.print(f"submitted to NDIF ({job.record.payload_bytes:,} bytes); job file {path}")
+            out.print(f"job {job.record.job_id}")
+            out.print(f"check: fv-remote jobs status {job.record.job_id}; store the results: "
+                      f"fv-remote jobs fetch {job.record.job_id}")
+            return
+        out.print(f"{relation.name}: all {result.n_complete} prompts already in {store}; nothing submitted")
+        return
     with progress_bar(f"extract {relation.name}", n_prompts) as update:
         update(min(done, n_prompts), n_prompts)
         result = run_extract(loaded, relation, act_store, n_prompts=n_prompts, n_shots=n_shots, seed=seed,
-                             batch_size=batch_size, positions=pos, progress=update)
+                             batch_size=batch_size, positions=pos, progress=update, remote=remote)
     for pair, reason in result.skipped_pairs:
         console.print(f"[yellow]skipped pair {pair[0]!r} -> {pair[1]!r}: {reason}[/]")
     ad = loaded.adapter

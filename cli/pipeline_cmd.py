@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 
 import typer
@@ -15,13 +16,16 @@ from fv_remote.models import DEFAULT_MODEL
 MODEL_OPT = typer.Option(DEFAULT_MODEL, "--model", "-m", help="short name, repo id, folder or .gguf")
 DATA_DIR_OPT = typer.Option(None, "--data-dir", help="folder of Todd-format TASK.json files instead of bundled data")
 SCORE_COLUMNS = ("zero_shot", "zero_shot_fv", "shuffled", "shuffled_fv", "icl")
+REMOTE_OPT = typer.Option(False, "--remote", help="run on NDIF as one request (--model is a Hub repo id; short "
+                          "names map to their original repo)")
 
 
-def _load(model: str):
-    from fv_remote.models import load_model
+def _load(model: str, remote: bool = False):
+    from fv_remote.remote import load_stage_model
 
-    offline_if_local(model)
-    return load_model(model)
+    if not remote:
+        offline_if_local(model)
+    return load_stage_model(model, remote)
 
 
 def _prepare(loaded, task: str, data_dir: str | None, seed: int, n_shots: int = 10):
@@ -108,28 +112,29 @@ def fit(
     output: Path = typer.Option(None, "--out", "-o", help="FV file (default: out/<task>.fv.safetensors)"),
     plot: Path = typer.Option(None, help="layer-sweep PNG (default: out/<task>_sweep.png)"),
     data_dir: str = DATA_DIR_OPT,
+    remote: bool = REMOTE_OPT,
 ) -> None:
     """Build the function vector from the store (means + AIE); only the output projection needs the model."""
     from fv_remote.cma import load_aie
-    from fv_remote.evaluate import best_layer, layer_sweep
+    from fv_remote.evaluate import fit_function_vector
     from fv_remote.extract import mean_heads_tensor
     from fv_remote.plots import layer_sweep_plot
     from fv_remote.store import ActivationStore
-    from fv_remote.vectors import build_function_vector
 
     act_store = ActivationStore(store)
-    loaded = _load(model)
+    loaded = _load(model, remote)
     prepared = _prepare(loaded, task, data_dir, seed)
     act_store.check_compatible(prepared.name, {"model": loaded.model_id})
     aie = load_aie(act_store, prepared.name)
     means = mean_heads_tensor(act_store, prepared.name)
-    fv = build_function_vector(loaded, prepared.name, means, aie, k=None if share else k, share=share, layer=layer,
-                               meta={"store": store})
-    if layer is None and sweep:
-        with progress_bar(f"layer sweep {prepared.name}", loaded.adapter.n_layers) as update:
-            scores = layer_sweep(loaded, prepared, fv, progress=update)
-        fv.layer = best_layer(scores)
-        fv.meta["sweep"] = {str(x): v for x, v in scores.items()}
+    if layer is not None:
+        loaded.adapter.check_layer(layer)
+    swept = layer is None and sweep
+    with (progress_bar(f"layer sweep {prepared.name}", loaded.adapter.n_layers) if swept else nullcontext()) as update:
+        fv, scores = fit_function_vector(loaded, prepared, means, aie, k=None if share else k, share=share,
+                                         layer=layer, sweep=sweep, meta={"store": store}, progress=update,
+                                         remote=remote)
+    if scores is not None:
         png = layer_sweep_plot({prepared.name: scores}, plot or Path("out") / f"{prepared.name}_sweep.png")
         out.print(f"validation sweep: best layer {fv.layer} (accuracy {scores[fv.layer]:.2f}); plot: {png}")
     path = fv.save(output or Path("out") / f"{prepared.name}.fv.safetensors")
@@ -158,21 +163,23 @@ def steer(
     seed: int = typer.Option(0),
     top: int = typer.Option(5, help="next tokens to show for --prompt"),
     data_dir: str = DATA_DIR_OPT,
+    remote: bool = REMOTE_OPT,
 ) -> None:
     """Add an FV to the residual stream and score: top next tokens of a prompt, or a task's zero-shot accuracy."""
     import torch
 
-    from fv_remote.steering import Steer, last_logits, top1_accuracy
+    from fv_remote.steering import Condition, Steer, logits_conditions, score_conditions
 
     if (prompt is None) == (task is None):
         raise UserError("give exactly one of --prompt or --task")
-    loaded = _load(model)
+    loaded = _load(model, remote)
     vec = _load_vector(fv_path, loaded)
     st = Steer(vec, layer=layer, scale=scale, distributed=distributed)
     where = "distributed over its heads" if distributed else f"layer {st.resolved_layer(loaded)}"
     if prompt is not None:
         table = Table("rank", "without", "p", f"with {vec.kind.upper()} ({where})", "p")
-        base, steered = (torch.softmax(last_logits(loaded, [prompt], s)[0], -1) for s in (None, st))
+        runs = logits_conditions(loaded, [Condition([prompt]), Condition([prompt], st)], remote)
+        base, steered = (torch.softmax(logits[0], -1) for logits in runs)
         b_top, s_top = base.topk(top), steered.topk(top)
         dec = loaded.tokenizer.decode
         for i in range(top):
@@ -183,7 +190,7 @@ def steer(
     prepared = _prepare(loaded, task, data_dir, seed)
     prompts = prepared.prompts("test", len(prepared.splits.test), kind="zero_shot", n_shots=0, seed_offset=2)
     texts, ids = [p.text for p in prompts], prepared.ids(prompts)
-    before, after = top1_accuracy(loaded, texts, ids), top1_accuracy(loaded, texts, ids, st)
+    before, after = score_conditions(loaded, [Condition(texts, None, ids), Condition(texts, st, ids)], remote)
     out.print(f"{prepared.name}: zero-shot accuracy {before:.2f} -> {after:.2f} with the {vec.kind.upper()} "
               f"({where}, scale {scale}) on {len(texts)} test pairs")
 
@@ -197,18 +204,19 @@ def generate(
     scale: float = typer.Option(1.0),
     distributed: bool = typer.Option(False),
     max_new_tokens: int = typer.Option(12),
+    remote: bool = REMOTE_OPT,
 ) -> None:
     """Greedy generation with and without the vector (added at the prompt's last token)."""
-    from fv_remote.steering import Steer
-    from fv_remote.steering import generate as gen
+    from fv_remote.steering import Steer, generate_many
 
     text = prompt.replace("\\n", "\n")
-    loaded = _load(model)
+    loaded = _load(model, remote)
     vec = _load_vector(fv_path, loaded)
     st = Steer(vec, layer=layer, scale=scale, distributed=distributed)
+    without, steered = generate_many(loaded, [(text, None), (text, st)], max_new_tokens, remote)
     out.print(f"[bold]prompt[/]: {text!r}")
-    out.print(f"[bold]without[/]: {gen(loaded, text, None, max_new_tokens)!r}")
-    out.print(f"[bold]with {vec.kind.upper()}[/] ({vec.task}): {gen(loaded, text, st, max_new_tokens)!r}")
+    out.print(f"[bold]without[/]: {without!r}")
+    out.print(f"[bold]with {vec.kind.upper()}[/] ({vec.task}): {steered!r}")
 
 
 @app.command()
@@ -227,22 +235,28 @@ def evaluate(
     plot: Path = typer.Option(None, help="sweep PNG (default: out/<task>_sweep.png)"),
     json_path: Path = typer.Option(None, "--json", help="write results as JSON"),
     data_dir: str = DATA_DIR_OPT,
+    remote: bool = REMOTE_OPT,
 ) -> None:
     """Zero-shot and shuffled n-shot accuracy with and without the vector, plus n-shot ICL, on test pairs."""
-    from fv_remote.evaluate import evaluate_task, layer_sweep
+    from fv_remote.evaluate import evaluate_and_sweep, evaluate_task, layer_sweep
     from fv_remote.pipeline import write_json
     from fv_remote.plots import layer_sweep_plot
 
     if n_test is not None and n_test <= 0:
         raise UserError(f"--n-test must be a positive integer, got {n_test}")
-    loaded = _load(model)
+    loaded = _load(model, remote)
     vec = _load_vector(fv_path, loaded)
     extra = {"ffv": _load_vector(ffv_path, loaded)} if ffv_path else None
     if layer is not None:
         loaded.adapter.check_layer(layer)
     prepared = _prepare(loaded, task or vec.task, data_dir, seed, n_shots)
-    scores = evaluate_task(loaded, prepared, vec, layer=layer, n_test=n_test, n_shots=n_shots, scale=scale,
-                           distributed=distributed, extra_vectors=extra)
+    curve = None
+    if sweep and remote:  # the evaluation and the sweep in one request
+        scores, curve = evaluate_and_sweep(loaded, prepared, vec, layer=layer, n_test=n_test, n_shots=n_shots,
+                                           scale=scale, distributed=distributed, extra_vectors=extra, remote=remote)
+    else:
+        scores = evaluate_task(loaded, prepared, vec, layer=layer, n_test=n_test, n_shots=n_shots, scale=scale,
+                               distributed=distributed, extra_vectors=extra, remote=remote)
     row = scores.as_json()
     out.print(scores_table([row], title=f"{loaded.model_id}: {vec.kind.upper()} at layer {scores.layer}"))
     data = {"model": loaded.model_id, "layer": scores.layer,
@@ -250,8 +264,9 @@ def evaluate(
                          "distributed": distributed, "n_shots": n_shots, "seed": seed, "n_test": scores.n_test},
             "results": [row]}
     if sweep:
-        with progress_bar("layer sweep", loaded.adapter.n_layers) as update:
-            curve = layer_sweep(loaded, prepared, vec, scale=scale, progress=update)
+        if curve is None:
+            with progress_bar("layer sweep", loaded.adapter.n_layers) as update:
+                curve = layer_sweep(loaded, prepared, vec, scale=scale, progress=update)
         data["sweep"] = {str(x): v for x, v in curve.items()}
         png = layer_sweep_plot({prepared.name: curve}, plot or Path("out") / f"{prepared.name}_sweep.png")
         out.print(f"sweep plot: {png}")

@@ -1,14 +1,22 @@
-"""Evaluation: top-1 accuracy on held-out pairs with and without a vector, and the layer sweep that places it."""
+"""Evaluation: top-1 accuracy on held-out pairs with and without a vector, and the layer sweep that places it.
+
+With `remote` each function is ONE NDIF request however many conditions, layers and batches it scores (the
+conditions are gathered first, then scored in one session); only top-1 token ids come back.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
 
 from fv_remote.models import LoadedModel
-from fv_remote.steering import Steer, top1_accuracy
+from fv_remote.remote import remote_mode, stage_session
+from fv_remote.steering import Condition, Steer, score_conditions
 from fv_remote.tasks import PreparedTask
-from fv_remote.vectors import FunctionVector
+from fv_remote.vectors import FunctionVector, assemble_function_vector, top_heads
 
 Progress = Callable[[int, int], None]
 
@@ -38,19 +46,40 @@ class TaskScores:
         return row
 
 
-def layer_sweep(model: LoadedModel, prepared: PreparedTask, fv: FunctionVector, split: str = "valid",
-                layers: list[int] | None = None, n_prompts: int | None = None, scale: float = 1.0,
-                batch_size: int = 32, progress: Progress | None = None) -> dict[int, float]:
-    """Zero-shot accuracy with the FV added at each layer, on `split` pairs (validation; at most 50 by default)."""
+def _sweep_prompts(model: LoadedModel, prepared: PreparedTask, split: str, layers: list[int] | None,
+                   n_prompts: int | None) -> tuple[list[int], list[str], list[int]]:
     layers = list(range(model.adapter.n_layers)) if layers is None else [model.adapter.check_layer(x) for x in layers]
     pairs = getattr(prepared.splits, split)
     prompts = prepared.prompts(split, n_prompts or min(len(pairs), SWEEP_PROMPTS), kind="zero_shot", n_shots=0)
-    texts, ids = [p.text for p in prompts], prepared.ids(prompts)
-    scores = {}
-    for i, layer in enumerate(layers):
-        scores[layer] = top1_accuracy(model, texts, ids, Steer(fv, layer=layer, scale=scale), batch_size)
+    return layers, [p.text for p in prompts], prepared.ids(prompts)
+
+
+def sweep_conditions(model: LoadedModel, prepared: PreparedTask, fv: FunctionVector, split: str = "valid",
+                     layers: list[int] | None = None, n_prompts: int | None = None, scale: float = 1.0,
+                     batch_size: int = 32) -> dict[int, Condition]:
+    """The layer sweep's scoring conditions, {layer: Condition} (to score together with others in one request)."""
+    layers, texts, ids = _sweep_prompts(model, prepared, split, layers, n_prompts)
+    return {layer: Condition(texts, Steer(fv, layer=layer, scale=scale), ids, batch_size) for layer in layers}
+
+
+def layer_sweep(model: LoadedModel, prepared: PreparedTask, fv: FunctionVector, split: str = "valid",
+                layers: list[int] | None = None, n_prompts: int | None = None, scale: float = 1.0,
+                batch_size: int = 32, progress: Progress | None = None, remote: Any = False) -> dict[int, float]:
+    """Zero-shot accuracy with the FV added at each layer, on `split` pairs (validation; at most 50 by default).
+
+    Remotely all layers are one request, so `progress` is called once, at the end.
+    """
+    conditions = sweep_conditions(model, prepared, fv, split, layers, n_prompts, scale, batch_size)
+    if remote_mode(remote):
+        scores = dict(zip(conditions, score_conditions(model, list(conditions.values()), remote)))
         if progress:
-            progress(i + 1, len(layers))
+            progress(len(scores), len(scores))
+        return scores
+    scores = {}
+    for i, (layer, condition) in enumerate(conditions.items()):
+        scores[layer] = score_conditions(model, [condition])[0]
+        if progress:
+            progress(i + 1, len(conditions))
     return scores
 
 
@@ -59,30 +88,137 @@ def best_layer(scores: dict[int, float]) -> int:
     return max(scores, key=lambda layer: (scores[layer], -layer))
 
 
-def evaluate_task(model: LoadedModel, prepared: PreparedTask, fv: FunctionVector, layer: int | None = None,
-                  n_test: int | None = None, n_shots: int = 10, scale: float = 1.0, distributed: bool = False,
-                  extra_vectors: dict[str, FunctionVector] | None = None, batch_size: int = 16) -> TaskScores:
-    """Accuracy on test queries (the test split, at most 200 by default): zero-shot and shuffled n-shot, each
-    with/without the FV, and clean n-shot ICL.
-
-    `extra_vectors` (e.g. {"ffv": ...}) add `zero_shot_<name>` and `shuffled_<name>` columns.
-    """
+def evaluation_conditions(model: LoadedModel, prepared: PreparedTask, fv: FunctionVector, layer: int | None = None,
+                          n_test: int | None = None, n_shots: int = 10, scale: float = 1.0, distributed: bool = False,
+                          extra_vectors: dict[str, FunctionVector] | None = None,
+                          batch_size: int = 16) -> tuple[int, int, dict[str, Condition]]:
+    """`evaluate_task`'s conditions: (n_test, layer, {column: Condition})."""
     n = n_test or min(len(prepared.splits.test), MAX_TEST)
     zero = prepared.prompts("test", n, kind="zero_shot", n_shots=0, seed_offset=2)
     shuffled = prepared.prompts("test", n, kind="shuffled", n_shots=n_shots, seed_offset=2)
     clean = prepared.prompts("test", n, kind="clean", n_shots=n_shots, seed_offset=2)
     ids = prepared.ids(zero)  # same queries in all three (one seed)
     layer = fv.layer if layer is None else layer
+    texts = {"zero": [p.text for p in zero], "shuffled": [p.text for p in shuffled],
+             "clean": [p.text for p in clean]}
 
-    def acc(prompts, vec: FunctionVector | None) -> float:
+    def cond(kind: str, vec: FunctionVector | None) -> Condition:
         steer = None if vec is None else Steer(vec, layer=None if vec is not fv else layer, scale=scale,
                                               distributed=distributed and vec is fv)
-        return top1_accuracy(model, [p.text for p in prompts], ids, steer, batch_size)
+        return Condition(texts[kind], steer, ids, batch_size)
 
-    extra = {}
+    conditions = {}
     for name, vec in (extra_vectors or {}).items():
-        extra[f"zero_shot_{name}"] = acc(zero, vec)
-        extra[f"shuffled_{name}"] = acc(shuffled, vec)
-    return TaskScores(task=prepared.name, n_test=n, zero_shot=acc(zero, None), zero_shot_fv=acc(zero, fv),
-                      shuffled=acc(shuffled, None), shuffled_fv=acc(shuffled, fv), icl=acc(clean, None),
-                      layer=layer, extra=extra)
+        conditions[f"zero_shot_{name}"] = cond("zero", vec)
+        conditions[f"shuffled_{name}"] = cond("shuffled", vec)
+    conditions.update(zero_shot=cond("zero", None), zero_shot_fv=cond("zero", fv), shuffled=cond("shuffled", None),
+                      shuffled_fv=cond("shuffled", fv), icl=cond("clean", None))
+    return n, layer, conditions
+
+
+def _scores(prepared: PreparedTask, n: int, layer: int, acc: dict[str, float]) -> TaskScores:
+    main = ("zero_shot", "zero_shot_fv", "shuffled", "shuffled_fv", "icl")
+    return TaskScores(task=prepared.name, n_test=n, **{k: acc[k] for k in main}, layer=layer,
+                      extra={k: v for k, v in acc.items() if k not in main})
+
+
+def evaluate_task(model: LoadedModel, prepared: PreparedTask, fv: FunctionVector, layer: int | None = None,
+                  n_test: int | None = None, n_shots: int = 10, scale: float = 1.0, distributed: bool = False,
+                  extra_vectors: dict[str, FunctionVector] | None = None, batch_size: int = 16,
+                  remote: Any = False) -> TaskScores:
+    """Accuracy on test queries (the test split, at most 200 by default): zero-shot and shuffled n-shot, each
+    with/without the FV, and clean n-shot ICL.
+
+    `extra_vectors` (e.g. {"ffv": ...}) add `zero_shot_<name>` and `shuffled_<name>` columns. With `remote` all
+    conditions are one NDIF request.
+    """
+    n, layer, conditions = evaluation_conditions(model, prepared, fv, layer, n_test, n_shots, scale, distributed,
+                                                 extra_vectors, batch_size)
+    acc = dict(zip(conditions, score_conditions(model, list(conditions.values()), remote)))
+    return _scores(prepared, n, layer, acc)
+
+
+def evaluate_and_sweep(model: LoadedModel, prepared: PreparedTask, fv: FunctionVector, layer: int | None = None,
+                       n_test: int | None = None, n_shots: int = 10, scale: float = 1.0, distributed: bool = False,
+                       extra_vectors: dict[str, FunctionVector] | None = None, batch_size: int = 16,
+                       sweep_batch_size: int = 32, remote: Any = False) -> tuple[TaskScores, dict[int, float]]:
+    """`evaluate_task` plus the validation `layer_sweep` (same scale), scored together: one request when remote."""
+    n, layer, conditions = evaluation_conditions(model, prepared, fv, layer, n_test, n_shots, scale, distributed,
+                                                 extra_vectors, batch_size)
+    sweep = sweep_conditions(model, prepared, fv, scale=scale, batch_size=sweep_batch_size)
+    acc = score_conditions(model, [*conditions.values(), *sweep.values()], remote)
+    scores = _scores(prepared, n, layer, dict(zip(conditions, acc)))
+    return scores, dict(zip(sweep, acc[len(conditions):]))
+
+
+def fit_function_vector(model: LoadedModel, prepared: PreparedTask, means: torch.Tensor, aie: Any,
+                        k: int | None = 10, share: float | None = None, layer: int | None = None,
+                        sweep: bool = True, meta: dict | None = None, n_prompts: int | None = None,
+                        batch_size: int = 32, progress: Progress | None = None,
+                        remote: Any = False) -> tuple[FunctionVector, dict[int, float] | None]:
+    """The `fit` stage: the FV of the top heads and, when `layer` is None and `sweep`, the validation layer sweep
+    that places it (fv.layer = best layer, fv.meta["sweep"]). Returns (fv, sweep scores or None).
+
+    With `remote` it is one NDIF request: the heads' means are projected by the server's output projections and
+    the resulting vector steers the sweep there; only the k projected vectors and top-1 ids come back.
+    """
+    from fv_remote.vectors import build_function_vector
+
+    do_sweep = layer is None and sweep
+    if not remote_mode(remote):
+        fv = build_function_vector(model, prepared.name, means, aie, k=k, share=share, layer=layer, meta=meta)
+        scores = layer_sweep(model, prepared, fv, n_prompts=n_prompts, batch_size=batch_size,
+                             progress=progress) if do_sweep else None
+    elif not do_sweep:
+        fv = build_function_vector(model, prepared.name, means, aie, k=k, share=share, layer=layer, meta=meta,
+                                   remote=remote)
+        scores = None
+    else:
+        ranked = top_heads(aie, k=k, share=share)
+        vecs, scores = _fit_sweep_session(model, prepared, means, [(a, b) for a, b, _ in ranked], n_prompts,
+                                          batch_size, remote)
+        fv = assemble_function_vector(model, prepared.name, means, ranked, vecs, layer, meta)
+        if progress:
+            progress(len(scores), len(scores))
+    if scores is not None:
+        fv.layer = best_layer(scores)
+        fv.meta["sweep"] = {str(x): v for x, v in scores.items()}
+    return fv, scores
+
+
+def _fit_sweep_session(model: LoadedModel, prepared: PreparedTask, means: torch.Tensor, heads: list[tuple[int, int]],
+                       n_prompts: int | None, batch_size: int, remote: Any) -> tuple[torch.Tensor, dict[int, float]]:
+    """Project the heads and sweep all layers with their sum, in one session (the vector never leaves the server)."""
+    import nnsight
+
+    from fv_remote.errors import require_positive
+    from fv_remote.traces.patching import add_to_residual
+    from fv_remote.traces.projection import project_heads
+
+    require_positive("batch_size", batch_size)
+    ad, lm = model.adapter, model.lm
+    layers, texts, ids = _sweep_prompts(model, prepared, "valid", None, n_prompts)
+    chunks = [texts[i:i + batch_size] for i in range(0, len(texts), batch_size)]
+    work = [(ad.layer(lm, layer), chunk) for layer in layers for chunk in chunks]
+    sites = [ad.head_site(lm, layer) for layer, _ in heads]
+    index = [head for _, head in heads]
+    rows = torch.stack([means[layer, head].float() for layer, head in heads])
+    width, head_dim, is_tuple = ad.head_width, ad.head_dim, ad.spec.layer_output_is_tuple
+    unembed = ad.unembed(lm)
+    tops: list[torch.Tensor] = []
+    with stage_session(model, remote):
+        vecs = project_heads(sites, index, rows, width, head_dim)
+        vector = vecs.sum(0)
+        for layer_envoy, batch in work:
+            with lm.trace(batch):
+                add_to_residual(layer_envoy, is_tuple, vector)
+                top = unembed.output[:, -1].argmax(dim=-1).save()
+            tops.append(top.cpu())
+            del top  # saved only to leave the trace: don't send it back twice
+        vecs = vecs.cpu()
+        vecs, tops = nnsight.save(vecs), nnsight.save(tops)
+    answer = torch.tensor(ids)
+    n_chunks = len(chunks)
+    scores = {layer: float((torch.cat(tops[i * n_chunks:(i + 1) * n_chunks]) == answer).float().mean())
+              for i, layer in enumerate(layers)}
+    return vecs, scores

@@ -20,7 +20,7 @@ import xarray as xr
 from fv_remote.data import PromptTemplate, RelationTask
 from fv_remote.errors import UserError, require_positive
 from fv_remote.models import LoadedModel
-from fv_remote.remote import remote_mode, stage_session
+from fv_remote.remote import JobSubmitted, remote_mode, stage_session
 from fv_remote.store import PROMPT_DIM, ActivationStore
 from fv_remote.tasks import prepare_task
 from fv_remote.traces.heads import answer_stats, read_heads
@@ -82,6 +82,7 @@ def trace_heads_batches(model: LoadedModel, batches: list[tuple[list[str], list[
                 prob, top1, _ = answer_stats(logits, ids.to(logits.device))
                 prob, top1 = prob.save(), top1.save()
             outs.append({"heads": heads.cpu(), "answer_prob": prob.cpu(), "top1": top1.cpu()})
+            del heads, prob, top1  # saved only to leave the trace: don't send the last batch back twice
         if session:
             outs = nnsight.save(outs)
     return outs
@@ -118,22 +119,25 @@ def _batch_dataset(start: int, prompts, answer_ids, out, positions, ad) -> xr.Da
     )
 
 
-def extract(model: LoadedModel, task: RelationTask, store: ActivationStore, n_prompts: int = 100,
-            n_shots: int = 10, seed: int = 0, batch_size: int = 16, positions: tuple[int, ...] = (-1,),
-            template: PromptTemplate | None = None, progress: Progress | None = None,
-            remote: Any = False) -> ExtractionResult:
-    """Trace `n_prompts` clean n-shot prompts built from the task's training split; resume where a run stopped.
+@dataclass
+class _Plan:
+    prompts: list
+    answer_token: dict
+    problems: list
+    identity: dict
+    starts: list[int]
 
-    With `remote` all missing batches go in one NDIF request; they are stored once its results are back, so a
-    failed request leaves the store as it was.
-    """
+
+def _plan(model: LoadedModel, task: RelationTask, store: ActivationStore, n_prompts: int, n_shots: int, seed: int,
+          batch_size: int, positions: tuple[int, ...], template: PromptTemplate | None) -> _Plan:
+    """Prompts, store identity and the batches still missing (after checking and repairing the store)."""
     require_positive("n_prompts", n_prompts)
     require_positive("batch_size", batch_size)
     if n_shots < 0:
         raise UserError(f"n_shots must be >= 0, got {n_shots}")
     ad = model.adapter
     prepared = prepare_task(model.tokenizer, task, seed=seed, template=template, min_pairs=n_shots + 1)
-    template, answer_token, problems = prepared.template, prepared.answer_token, prepared.problems
+    template = prepared.template
     prompts = prepared.prompts("train", n_prompts, kind="clean", n_shots=n_shots)
     identity = {
         "model": model.model_id, "model_source": model.source, "revision": model.revision,
@@ -145,28 +149,86 @@ def extract(model: LoadedModel, task: RelationTask, store: ActivationStore, n_pr
     }
     store.check_compatible(task.name, identity)
     start = store.repair(task.name)
+    return _Plan(prompts, prepared.answer_token, prepared.problems, identity,
+                 list(range(start, n_prompts, batch_size)))
+
+
+def _store_batches(model: LoadedModel, task: RelationTask, store: ActivationStore, plan: _Plan, n_prompts: int,
+                   batch_size: int, positions: tuple[int, ...], outs: list[dict] | None,
+                   progress: Progress | None) -> ExtractionResult:
+    """Trace (when `outs` is None) or take the remote results, and append each batch (its own commit point)."""
+    ad = model.adapter
     n_new = 0
-    starts = list(range(start, n_prompts, batch_size))
-    remote_outs = None
-    if remote_mode(remote) and starts:
-        remote_outs = trace_heads_batches(
-            model, [([p.text for p in prompts[lo:lo + batch_size]],
-                     [answer_token[p.answer] for p in prompts[lo:lo + batch_size]]) for lo in starts],
-            positions, remote)
-    for i, lo in enumerate(starts):
-        batch = prompts[lo:lo + batch_size]
-        ids = [answer_token[p.answer] for p in batch]
-        if remote_outs is not None:
-            out = remote_outs[i]
-        else:
-            out = trace_heads(model, [p.text for p in batch], ids, positions)
-        store.append(task.name, _batch_dataset(lo, batch, ids, out, positions, ad), identity)
+    for i, lo in enumerate(plan.starts):
+        batch = plan.prompts[lo:lo + batch_size]
+        ids = [plan.answer_token[p.answer] for p in batch]
+        out = outs[i] if outs is not None else trace_heads(model, [p.text for p in batch], ids, positions)
+        store.append(task.name, _batch_dataset(lo, batch, ids, out, positions, ad), plan.identity)
         n_new += len(batch)
         if progress:
             progress(lo + len(batch), n_prompts)
     ds = store.open(task.name)
     accuracy = float(ds["correct"].values[:n_prompts].mean()) if n_prompts else 0.0
-    return ExtractionResult(task.name, store.n_complete(task.name), n_new, accuracy, problems)
+    return ExtractionResult(task.name, store.n_complete(task.name), n_new, accuracy, plan.problems)
+
+
+def _remote_batches(model: LoadedModel, plan: _Plan, batch_size: int) -> list[tuple[list[str], list[int]]]:
+    return [([p.text for p in plan.prompts[lo:lo + batch_size]],
+             [plan.answer_token[p.answer] for p in plan.prompts[lo:lo + batch_size]]) for lo in plan.starts]
+
+
+def extract(model: LoadedModel, task: RelationTask, store: ActivationStore, n_prompts: int = 100,
+            n_shots: int = 10, seed: int = 0, batch_size: int = 16, positions: tuple[int, ...] = (-1,),
+            template: PromptTemplate | None = None, progress: Progress | None = None,
+            remote: Any = False) -> ExtractionResult:
+    """Trace `n_prompts` clean n-shot prompts built from the task's training split; resume where a run stopped.
+
+    With `remote` all missing batches go in one NDIF request; they are stored once its results are back, so a
+    failed request leaves the store as it was. Under `fv_remote.remote.no_wait()` the request is submitted and
+    `JobSubmitted` raised, its `details` saying how `store_remote_extraction` stores the results later.
+    """
+    plan = _plan(model, task, store, n_prompts, n_shots, seed, batch_size, positions, template)
+    remote_outs = None
+    if remote_mode(remote) and plan.starts:
+        try:
+            remote_outs = trace_heads_batches(model, _remote_batches(model, plan, batch_size), positions, remote)
+        except JobSubmitted as job:
+            job.details.update(stage="extract", task=task.name, store=store.url, n_prompts=n_prompts,
+                               n_shots=n_shots, seed=seed, batch_size=batch_size, positions=list(positions),
+                               template=plan.identity["template"], identity=plan.identity, starts=plan.starts,
+                               result_key="outs")
+            raise
+    return _store_batches(model, task, store, plan, n_prompts, batch_size, positions, remote_outs, progress)
+
+
+def store_remote_extraction(model: LoadedModel, task: RelationTask, store: ActivationStore, outs: list[dict],
+                            details: dict, progress: Progress | None = None) -> ExtractionResult:
+    """Store a no-wait extraction's results (`outs`, from the job's saved values) exactly as `extract` would have.
+
+    `details` are the ones `extract` put on `JobSubmitted`. Storing twice is a no-op; a store that moved on since
+    the job was submitted (another run appended prompts) is refused rather than mixed.
+    """
+    n_prompts, batch_size = int(details["n_prompts"]), int(details["batch_size"])
+    positions = tuple(details["positions"])
+    template = PromptTemplate(*details["template"])
+    starts = [int(x) for x in details["starts"]]
+    if store.has_task(task.name) and store.n_complete(task.name) >= n_prompts and \
+            store.n_complete(task.name) > starts[0]:
+        ds = store.open(task.name)
+        accuracy = float(ds["correct"].values[:n_prompts].mean())
+        return ExtractionResult(task.name, store.n_complete(task.name), 0, accuracy, [])
+    plan = _plan(model, task, store, n_prompts, int(details["n_shots"]), int(details["seed"]), batch_size,
+                 positions, template)
+    if plan.identity != details["identity"]:
+        changed = sorted(k for k in plan.identity if plan.identity[k] != details["identity"].get(k))
+        raise UserError(f"the job was submitted for other settings than these ({', '.join(changed)} differ); "
+                        "nothing stored")
+    if plan.starts != starts:
+        raise UserError(f"store {store.url} has {store.n_complete(task.name)} {task.name!r} prompts but the job "
+                        f"starts at prompt {starts[0]}: the store changed since it was submitted; nothing stored")
+    if len(outs) != len(starts):
+        raise UserError(f"the job returned {len(outs)} batches, expected {len(starts)}; nothing stored")
+    return _store_batches(model, task, store, plan, n_prompts, batch_size, positions, outs, progress)
 
 
 def mean_head_activations(store: ActivationStore, task: str, only_correct: bool = True) -> xr.DataArray:

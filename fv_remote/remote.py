@@ -17,6 +17,7 @@ nnsight's `CONFIG.API.HOST`, client wait limit from `FV_REMOTE_TIMEOUT` (seconds
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import importlib
 import json
 import os
@@ -119,6 +120,37 @@ class JobRecord:
 last_job = JobRecord()
 
 
+class JobSubmitted(Exception):
+    """Raised out of a stage run under `no_wait()` as soon as its request is submitted.
+
+    Nothing was computed locally and nothing was stored. `record` has the job id; stages add to `details` what is
+    needed to store the results later exactly as a blocking run would (see fv_remote.jobs).
+    """
+
+    def __init__(self, record: JobRecord, compress: bool = True, model_key: str = ""):
+        self.record = record
+        self.compress = compress
+        self.model_key = model_key
+        self.details: dict = {}
+        super().__init__(f"submitted NDIF job {record.job_id}")
+
+
+_NO_WAIT: contextvars.ContextVar[bool] = contextvars.ContextVar("fv_remote_no_wait", default=False)
+
+
+@contextlib.contextmanager
+def no_wait():
+    """Within this block a remote stage submits its one request and raises `JobSubmitted` instead of waiting.
+
+    Only NDIF requests (remote=True) are affected; local runs and dry runs (remote="local") run as usual.
+    """
+    token = _NO_WAIT.set(True)
+    try:
+        yield
+    finally:
+        _NO_WAIT.reset(token)
+
+
 def _summary(description: str) -> str:
     """The last meaningful line of a server traceback ("ValueError: ..."), for one-line errors."""
     lines = [line.strip() for line in (description or "").strip().splitlines() if line.strip()]
@@ -147,6 +179,25 @@ def _backend_class() -> type:
             super().__init__(*args, **kwargs)
             self.timeout = timeout or timeout_s()
             self.record = JobRecord(host=self.host)
+
+        def __call__(self, tracer: Any = None) -> Any:
+            if self.blocking:
+                return super().__call__(tracer)
+            global last_job
+            from nnsight.intervention.backends.remote import RemoteError
+
+            last_job = self.record
+            start = time.monotonic()
+            try:
+                self.submit(tracer)
+            except RemoteError as exc:
+                text = str(exc).removeprefix("Failed to send request: ")
+                raise UserError(f"NDIF ({self.host}) refused the request: {_summary(text)}") from None
+            finally:
+                self.record.seconds = time.monotonic() - start
+            self.record.job_id = self.job_id
+            self.record.status = getattr(self.status, "value", str(self.status or ""))
+            raise JobSubmitted(self.record, compress=self.compress, model_key=self.model_key)
 
         def send(self, request: Any, blob: bytes) -> Any:
             response = self._post(request, blob)
@@ -246,7 +297,7 @@ def make_backend(model: Any, timeout: float | None = None, verbose: bool = False
         huggingface._ID_CACHE[repo_id] = repo_id
         key = lm.to_model_key()
     return _backend_class()(key, host=host(), api_key=api_key() or "", env=lm._remoteable_get_env(),
-                            timeout=timeout, verbose=verbose)
+                            timeout=timeout, verbose=verbose, blocking=not _NO_WAIT.get())
 
 
 def stage_session(model: Any, remote: Any = False, timeout: float | None = None):
@@ -274,6 +325,52 @@ def trace_options(model: Any, remote: Any = False, timeout: float | None = None)
     if mode == "local":
         return {"remote": "local"}
     return {"backend": make_backend(model, timeout=timeout)}
+
+
+@dataclass
+class PollResult:
+    """The state of a submitted job: its last status and, once COMPLETED, the values its session saved."""
+
+    job_id: str
+    status: str  # RECEIVED / QUEUED / RUNNING / COMPLETED / ... or UNKNOWN (no status recorded yet)
+    result: dict | None = None
+    result_bytes: int = 0
+
+
+def poll_job(job_id: str, compress: bool = True, model_key: str = "", at: str | None = None) -> PollResult:
+    """One look at a job submitted with `no_wait()` (GET /response/{id}); the saved values once it is COMPLETED.
+
+    `at` is the host the job went to (default: the configured host). A job that failed on the server raises a
+    UserError naming it; so does a host that cannot be reached.
+    """
+    import httpx
+    from nnsight.intervention.backends.remote import RemoteBackend, RemoteError
+
+    class _Poller(RemoteBackend):
+        result_bytes = 0
+
+        def finalize(self, content: bytes) -> Any:
+            self.result_bytes = len(content)
+            return super().finalize(content)
+
+    where = (at or host()).rstrip("/")
+    backend = _Poller(model_key or "poll", host=where, api_key=api_key() or "", blocking=False, job_id=job_id)
+    backend.compress = compress
+    backend.display.enabled = False
+    try:
+        result = backend.poll()
+    except RemoteError as exc:
+        raise UserError(f"NDIF job {job_id} failed on the server: {_summary(str(exc))}") from None
+    except httpx.HTTPStatusError as exc:
+        raise UserError(f"NDIF ({where}) answered the poll of job {job_id} with HTTP "
+                        f"{exc.response.status_code}: {_detail(exc.response.content)}") from None
+    except httpx.HTTPError as exc:
+        raise UserError(f"cannot reach NDIF at {where} to poll job {job_id}: {exc or type(exc).__name__}") \
+            from None
+    status = backend.status.value if backend.status is not None else "UNKNOWN"
+    if status == "COMPLETED" and not isinstance(result, dict):
+        raise UserError(f"NDIF job {job_id} is COMPLETED but its result could not be read")
+    return PollResult(job_id, status, result if status == "COMPLETED" else None, backend.result_bytes)
 
 
 # -- weightless local copies of hosted models ------------------------------------------------------------------
@@ -340,6 +437,23 @@ def load_remote_model(repo_id: str, revision: str | None = None, cache_dir: str 
     adapter = Adapter.from_model(hf)
     return LoadedModel(name=repo_id, lm=lm, hf=hf, tokenizer=lm.tokenizer, adapter=adapter, source="ndif",
                        revision=revision or "", info={"hub_repo": repo_id, "remote": True})
+
+
+def remote_repo_id(name: str) -> str:
+    """The Hub repo id NDIF knows a model by: a short name (smollm2-135m) maps to its original repo."""
+    from fv_remote.models import RELEASES
+
+    return RELEASES[name].hub_repo if name in RELEASES else name
+
+
+def load_stage_model(name: str, remote: Any = False) -> Any:
+    """The model a stage runs with: a weightless copy of the hosted repo for NDIF (remote=True), else the local
+    model (remote=False, or "local" for nnsight's in-process dry run, which needs real weights)."""
+    if remote_mode(remote) == "ndif":
+        return load_remote_model(remote_repo_id(name))
+    from fv_remote.models import load_model
+
+    return load_model(name)
 
 
 # -- service status and version check --------------------------------------------------------------------------

@@ -2,17 +2,24 @@
 
 Used for scoring (top-1 next token, answer probability) and for generation. The vector touches only the
 prompt's last token; generated tokens are not steered again.
+
+Every function takes `remote`: False runs locally, True runs the whole call as one NDIF request (a session around
+all its traces), "local" as nnsight's in-process dry run of one. Several scoring conditions (`Condition`) can share a
+request through `score_conditions` / `logits_conditions`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
+import nnsight
 import torch
 
 from fv_remote.errors import UserError, require_positive
 from fv_remote.models import LoadedModel
-from fv_remote.traces.patching import add_to_head, add_to_residual
+from fv_remote.remote import remote_mode, stage_session
+from fv_remote.traces.patching import apply_edits, last_token_value
 from fv_remote.vectors import FunctionVector
 
 
@@ -29,57 +36,144 @@ class Steer:
         return model.adapter.check_layer(self.fv.layer if self.layer is None else self.layer)
 
 
-def _apply(model: LoadedModel, steer: Steer | None) -> None:
-    """Called inside a trace, before anything downstream of the edited modules is read."""
+def steer_edits(model: LoadedModel, steer: Steer | None) -> list[tuple]:
+    """The edits a steer makes, as plain tuples of envoys and tensors (`traces.patching.apply_edits`' plan).
+
+    Plain values only, so the plan can travel in a remote request (a Steer or FunctionVector cannot).
+    """
     if steer is None:
-        return
+        return []
     ad, lm = model.adapter, model.lm
     if steer.distributed:
         if not steer.fv.heads or steer.fv.head_means is None:
             raise UserError(f"this {steer.fv.kind.upper()} has no per-head means; distributed steering needs an "
                             "FV built by `fv-remote fit`")
         order = sorted(range(len(steer.fv.heads)), key=lambda i: steer.fv.heads[i])  # forward order
+        edits = []
         for i in order:
             layer, head = steer.fv.heads[i]
-            add_to_head(ad.head_site(lm, layer), head, ad.head_dim, steer.scale * steer.fv.head_means[i])
-    else:
-        layer = steer.resolved_layer(model)
-        add_to_residual(ad.layer(lm, layer), ad.spec.layer_output_is_tuple, steer.fv.vector, scale=steer.scale)
+            edits.append(("head", ad.head_site(lm, layer), head, ad.head_dim, steer.scale * steer.fv.head_means[i]))
+        return edits
+    layer = steer.resolved_layer(model)
+    return [("residual", ad.layer(lm, layer), ad.spec.layer_output_is_tuple, steer.fv.vector, steer.scale)]
+
+
+def _apply(model: LoadedModel, steer: Steer | None) -> None:
+    """Called inside a trace, before anything downstream of the edited modules is read."""
+    apply_edits(steer_edits(model, steer))
+
+
+@dataclass
+class Condition:
+    """One scoring condition: prompts, an optional steer, answer ids (for accuracy) and the batch size."""
+
+    texts: list[str]
+    steer: Steer | None = None
+    answer_ids: list[int] | None = None
+    batch_size: int = 16
+
+
+def _last_token_runs(model: LoadedModel, conditions: list[Condition], top1: bool,
+                     remote: Any = False) -> list[torch.Tensor]:
+    """Per condition: last-token float32 logits [N, vocab] or top-1 ids [N], all conditions in one session.
+
+    The session body reads only plain values, envoys and `fv_remote.traces` helpers (it travels as source).
+    """
+    work: list[tuple[list[str], list[tuple]]] = []
+    owners: list[int] = []
+    chunks_of: dict[tuple[int, int], list[list[str]]] = {}  # id(texts) -> its batches, so shared prompt lists ship once
+    for index, cond in enumerate(conditions):
+        require_positive("batch_size", cond.batch_size)
+        if cond.steer is not None:
+            cond.steer.fv.check_model(model)
+        edits = steer_edits(model, cond.steer)
+        key = (id(cond.texts), cond.batch_size)
+        if key not in chunks_of:
+            chunks_of[key] = [list(cond.texts[i:i + cond.batch_size])
+                              for i in range(0, len(cond.texts), cond.batch_size)]
+        for texts in chunks_of[key]:
+            work.append((texts, edits))
+            owners.append(index)
+    lm = model.lm
+    unembed = model.adapter.unembed(lm)
+    outs: list[torch.Tensor] = []
+    session = bool(remote_mode(remote))
+    if work:
+        with stage_session(model, remote):
+            for texts, edits in work:
+                with lm.trace(texts):
+                    apply_edits(edits)
+                    value = last_token_value(unembed.output[:, -1], top1).save()
+                outs.append(value.detach().cpu())
+                del value  # saved only to leave the trace: don't send the last batch back twice
+            if session:
+                outs = nnsight.save(outs)
+    empty = torch.empty(0, dtype=torch.long) if top1 else torch.empty(0, model.adapter.vocab_size)
+    return [torch.cat([o for o, i in zip(outs, owners) if i == index]) if index in owners else empty
+            for index in range(len(conditions))]
+
+
+def logits_conditions(model: LoadedModel, conditions: list[Condition], remote: Any = False) -> list[torch.Tensor]:
+    """Last-token logits [N, vocab] (float32, CPU) for each condition; one NDIF request for all when remote."""
+    return _last_token_runs(model, conditions, top1=False, remote=remote)
+
+
+def score_conditions(model: LoadedModel, conditions: list[Condition], remote: Any = False) -> list[float]:
+    """Top-1 accuracy of each condition (needs `answer_ids`); only the top-1 ids travel back when remote."""
+    for cond in conditions:
+        if not cond.texts:
+            raise UserError("no prompts to evaluate")
+        if cond.answer_ids is None or len(cond.answer_ids) != len(cond.texts):
+            raise UserError("each condition needs one answer id per prompt")
+    tops = _last_token_runs(model, conditions, top1=True, remote=remote)
+    return [float((top == torch.tensor(cond.answer_ids)).float().mean()) for top, cond in zip(tops, conditions)]
 
 
 def last_logits(model: LoadedModel, texts: list[str], steer: Steer | None = None,
-                batch_size: int = 16) -> torch.Tensor:
+                batch_size: int = 16, remote: Any = False) -> torch.Tensor:
     """Last-token logits [N, vocab] (float32, CPU), batched with left padding."""
     require_positive("batch_size", batch_size)
-    if steer is not None:
-        steer.fv.check_model(model)
-    ad, lm = model.adapter, model.lm
-    chunks = []
-    for start in range(0, len(texts), batch_size):
-        with lm.trace(texts[start:start + batch_size]):
-            _apply(model, steer)
-            logits = ad.unembed(lm).output[:, -1].float().save()
-        chunks.append(logits.detach().cpu())
-    return torch.cat(chunks) if chunks else torch.empty(0, ad.vocab_size)
+    return logits_conditions(model, [Condition(list(texts), steer, batch_size=batch_size)], remote)[0]
 
 
 def top1_accuracy(model: LoadedModel, texts: list[str], answer_ids: list[int], steer: Steer | None = None,
-                  batch_size: int = 16) -> float:
+                  batch_size: int = 16, remote: Any = False) -> float:
     if not texts:
         raise UserError("no prompts to evaluate")
-    logits = last_logits(model, texts, steer, batch_size)
-    return float((logits.argmax(-1) == torch.tensor(answer_ids)).float().mean())
+    require_positive("batch_size", batch_size)
+    return score_conditions(model, [Condition(list(texts), steer, list(answer_ids), batch_size)], remote)[0]
 
 
-def generate(model: LoadedModel, prompt: str, steer: Steer | None = None, max_new_tokens: int = 12) -> str:
-    """Greedy continuation of `prompt` (only the new text), optionally steered at the prompt's last token."""
+def generate_many(model: LoadedModel, runs: list[tuple[str, Steer | None]], max_new_tokens: int = 12,
+                  remote: Any = False) -> list[str]:
+    """Greedy continuations (only the new text) of (prompt, steer) pairs; one NDIF request for all when remote."""
     require_positive("max_new_tokens", max_new_tokens)
-    if steer is not None:
-        steer.fv.check_model(model)
+    work = []
+    for prompt, steer in runs:
+        if steer is not None:
+            steer.fv.check_model(model)
+        work.append((prompt, steer_edits(model, steer)))
     lm = model.lm
-    with lm.generate(prompt, max_new_tokens=max_new_tokens, do_sample=False,
-                     pad_token_id=model.tokenizer.pad_token_id) as tracer:
-        _apply(model, steer)  # first step only: the prompt's tokens
-        out = tracer.result.save()
-    n_prompt = len(model.tokenizer(prompt).input_ids)
-    return model.tokenizer.decode(out[0][n_prompt:], skip_special_tokens=True)
+    pad = model.tokenizer.pad_token_id
+    outs: list[torch.Tensor] = []
+    session = bool(remote_mode(remote))
+    with stage_session(model, remote):
+        for prompt, edits in work:
+            with lm.generate(prompt, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad) as tracer:
+                apply_edits(edits)  # first step only: the prompt's tokens
+                tokens = tracer.result.save()
+            outs.append(tokens.detach().cpu())
+            del tokens  # saved only to leave the trace: don't send it back twice
+        if session:
+            outs = nnsight.save(outs)
+    texts = []
+    for (prompt, _), tokens in zip(runs, outs):
+        n_prompt = len(model.tokenizer(prompt).input_ids)
+        texts.append(model.tokenizer.decode(tokens[0][n_prompt:], skip_special_tokens=True))
+    return texts
+
+
+def generate(model: LoadedModel, prompt: str, steer: Steer | None = None, max_new_tokens: int = 12,
+             remote: Any = False) -> str:
+    """Greedy continuation of `prompt` (only the new text), optionally steered at the prompt's last token."""
+    return generate_many(model, [(prompt, steer)], max_new_tokens, remote)[0]

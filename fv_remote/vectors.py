@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from fv_remote import __version__
 from fv_remote.errors import UserError
 from fv_remote.models import LoadedModel
+from fv_remote.remote import remote_mode, stage_session
 
 Heads = list[tuple[int, int]]
 
@@ -54,9 +55,28 @@ def output_weight(module: Any) -> torch.Tensor:
     return weight.t() if type(module).__name__ == "Conv1D" else weight
 
 
-def head_vectors(model: LoadedModel, means: torch.Tensor, heads: Heads) -> torch.Tensor:
-    """Each head's mean output projected to the residual stream: [len(heads), d_model]."""
+def head_vectors(model: LoadedModel, means: torch.Tensor, heads: Heads, remote: Any = False) -> torch.Tensor:
+    """Each head's mean output projected to the residual stream: [len(heads), d_model].
+
+    Locally this reads the projection weights. With `remote` (the weights are on the server) it is one request that
+    calls each head's output projection on its mean (`traces.projection.project_heads`); only the k means travel.
+    """
     ad = model.adapter
+    if remote_mode(remote):
+        import nnsight
+
+        from fv_remote.traces.projection import project_heads
+
+        if not heads:
+            raise UserError("no heads to project")
+        sites = [ad.head_site(model.lm, layer) for layer, _ in heads]
+        index = [head for _, head in heads]
+        rows = torch.stack([means[layer, head].float() for layer, head in heads])
+        width, head_dim = ad.head_width, ad.head_dim
+        with stage_session(model, remote):
+            vecs = project_heads(sites, index, rows, width, head_dim).cpu()
+            vecs = nnsight.save(vecs)
+        return vecs
     rows = []
     for layer, head in heads:
         weight = output_weight(ad.head_site(model.hf, layer)).detach().float().cpu()
@@ -125,12 +145,24 @@ class FunctionVector:
 
 def build_function_vector(model: LoadedModel, task: str, means: torch.Tensor, aie: xr.DataArray,
                           k: int | None = 10, share: float | None = None, layer: int | None = None,
-                          meta: dict | None = None) -> FunctionVector:
-    """FV from the top heads. `layer` defaults to L/3, only a starting guess: run a sweep to pick the real one."""
-    ad = model.adapter
+                          meta: dict | None = None, remote: Any = False) -> FunctionVector:
+    """FV from the top heads. `layer` defaults to L/3, only a starting guess: run a sweep to pick the real one.
+
+    With `remote` the projection is one NDIF request (see `head_vectors`).
+    """
     ranked = top_heads(aie, k=k, share=share)
     heads = [(layer_, head) for layer_, head, _ in ranked]
-    vecs = head_vectors(model, means, heads)
+    return assemble_function_vector(model, task, means, ranked, head_vectors(model, means, heads, remote), layer,
+                                    meta)
+
+
+def assemble_function_vector(model: LoadedModel, task: str, means: torch.Tensor,
+                             ranked: list[tuple[int, int, float]], vecs: torch.Tensor, layer: int | None = None,
+                             meta: dict | None = None) -> FunctionVector:
+    """The FunctionVector of `ranked` heads (from `top_heads`) whose projected means are `vecs` [k, d_model]."""
+    ad = model.adapter
+    heads = [(layer_, head) for layer_, head, _ in ranked]
+    vecs = vecs.float()
     layer = ad.check_layer(ad.n_layers // 3 if layer is None else layer)
     head_means = torch.stack([means[l_, h_] for l_, h_ in heads]).float()
     info = {"aie": [round(a, 6) for _, _, a in ranked], **(meta or {})}

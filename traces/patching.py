@@ -22,10 +22,28 @@ def layer_hidden(layer, output_is_tuple: bool):
 def add_to_residual(layer, output_is_tuple: bool, vector, position: int = -1, scale: float = 1.0):
     """Add `scale * vector` ([d_model] or [B, d_model]) to a block's output at `position`."""
     hidden = layer_hidden(layer, output_is_tuple)
-    hidden[:, position] += scale * vector.to(hidden.dtype)
+    hidden[:, position] += scale * vector.to(device=hidden.device, dtype=hidden.dtype)
 
 
 def add_to_head(site, head: int, head_dim: int, value, position: int = -1):
     """Add `value` to one head's output at `position` (distributed function vectors)."""
     z = site.input
-    z[:, position, head * head_dim:(head + 1) * head_dim] += value.to(z.dtype)
+    z[:, position, head * head_dim:(head + 1) * head_dim] += value.to(device=z.device, dtype=z.dtype)
+
+
+def apply_edits(edits):
+    """Apply a steering plan of plain tuples, in order (forward order is the caller's job):
+
+    ("residual", layer, output_is_tuple, vector, scale) -> `add_to_residual`;
+    ("head", site, head, head_dim, value) -> `add_to_head`. An empty plan leaves the forward pass alone.
+    """
+    for edit in edits:
+        if edit[0] == "residual":
+            add_to_residual(edit[1], edit[2], edit[3], scale=edit[4])
+        else:
+            add_to_head(edit[1], edit[2], edit[3], edit[4])
+
+
+def last_token_value(logits, top1: bool):
+    """What a scoring trace sends back from last-token logits [B, V]: the top-1 ids [B], or float32 logits."""
+    return logits.argmax(dim=-1) if top1 else logits.float()

@@ -1,0 +1,148 @@
+"""Non-blocking remote stages: a job file per submitted request, and fetching its results into place later.
+
+`fv-remote extract --remote --no-wait` submits the stage's one NDIF request and writes a small JSON job file
+(`<jobs dir>/<job id>.json`: the stage, its settings, the batch layout, host and model); `fv-remote jobs status ID`
+polls it and `fv-remote jobs fetch ID` stores the results exactly as the blocking run would have (same code path,
+same commit points), then marks the job fetched. Fetching twice is harmless.
+
+The jobs dir is FV_REMOTE_JOBS, else `<fv-remote cache>/jobs` (FV_REMOTE_CACHE or ~/.cache/fv-remote).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from fv_remote.errors import UserError
+from fv_remote.remote import JobSubmitted, PollResult, host, poll_job
+
+_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+
+
+def jobs_dir() -> Path:
+    env = os.environ.get("FV_REMOTE_JOBS")
+    if env:
+        return Path(env).expanduser()
+    from fv_remote.models import cache_root
+
+    return cache_root() / "jobs"
+
+
+def _path(job_id: str) -> Path:
+    if not _ID.match(job_id or ""):
+        raise UserError(f"{job_id!r} is not a job id")
+    return jobs_dir() / f"{job_id}.json"
+
+
+def save_job(job: JobSubmitted, settings: dict[str, Any]) -> Path:
+    """Write the job file of a submitted stage: its `details` (from the stage) plus `settings` (how to reload the
+    model and data: model, task, data_dir, ...). Returns the path."""
+    if not job.details.get("stage"):
+        raise UserError("this stage cannot be fetched later: it did not describe its results")
+    record = job.record
+    data = {
+        "job_id": record.job_id, "host": record.host or host(), "model_key": job.model_key,
+        "compress": job.compress, "payload_bytes": record.payload_bytes,
+        "submitted": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "state": "submitted", "stage": job.details["stage"], "settings": settings, "details": job.details,
+    }
+    path = _path(record.job_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    tmp.replace(path)
+    return path
+
+
+def load_job(job_id: str) -> dict[str, Any]:
+    path = _path(job_id)
+    if not path.is_file():
+        known = sorted(p.stem for p in jobs_dir().glob("*.json")) if jobs_dir().is_dir() else []
+        hint = f"; known jobs: {', '.join(known[-5:])}" if known else ""
+        raise UserError(f"no job file for {job_id} in {jobs_dir()} (submitted from another machine or with another "
+                        f"FV_REMOTE_JOBS?){hint}")
+    try:
+        return json.loads(path.read_text())
+    except ValueError:
+        raise UserError(f"job file {path} is not valid JSON") from None
+
+
+def _update(job_id: str, **changes: Any) -> None:
+    data = load_job(job_id)
+    data.update(changes)
+    path = _path(job_id)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    tmp.replace(path)
+
+
+def list_jobs() -> list[dict[str, Any]]:
+    folder = jobs_dir()
+    if not folder.is_dir():
+        return []
+    jobs = []
+    for path in sorted(folder.glob("*.json")):
+        try:
+            jobs.append(json.loads(path.read_text()))
+        except ValueError:
+            continue
+    return sorted(jobs, key=lambda j: j.get("submitted", ""))
+
+
+def _poll(job: dict[str, Any]) -> PollResult:
+    """Poll the host the job went to (recorded at submission), with the current API key."""
+    return poll_job(job["job_id"], compress=bool(job.get("compress", True)), model_key=job.get("model_key", ""),
+                    at=job.get("host") or None)
+
+
+def job_status(job_id: str) -> tuple[dict[str, Any], str]:
+    """(job file, current server status). A job already fetched reports FETCHED without asking the server."""
+    job = load_job(job_id)
+    if job.get("state") == "fetched":
+        return job, "FETCHED"
+    return job, _poll(job).status
+
+
+# -- finishing: one function per stage that can run without waiting ---------------------------------------------
+
+def _finish_extract(job: dict[str, Any], saved: dict[str, Any], progress: Any = None) -> str:
+    from fv_remote.data import load_task
+    from fv_remote.extract import store_remote_extraction
+    from fv_remote.remote import load_remote_model
+    from fv_remote.store import ActivationStore
+
+    settings, details = job["settings"], job["details"]
+    key = details.get("result_key", "outs")
+    if key not in saved:
+        raise UserError(f"job {job['job_id']} result has no {key!r} (saved: {', '.join(saved) or 'nothing'})")
+    task = load_task(settings["task"], data_dir=settings.get("data_dir"))
+    model = load_remote_model(settings["model"], revision=settings.get("revision") or None)
+    store = ActivationStore(details["store"])
+    result = store_remote_extraction(model, task, store, saved[key], details, progress)
+    return (f"{result.task}: {result.n_complete} prompts in {details['store']} ({result.n_new} new); "
+            f"{details['n_shots']}-shot accuracy {result.accuracy:.2f}")
+
+
+FINISHERS: dict[str, Callable[..., str]] = {"extract": _finish_extract}
+
+
+def fetch_job(job_id: str, progress: Any = None) -> tuple[str, str]:
+    """Poll the job; when COMPLETED store its results as the blocking stage would. Returns (status, message)."""
+    job = load_job(job_id)
+    if job.get("state") == "fetched":
+        return "FETCHED", f"job {job_id} was already fetched ({job.get('message', '')})"
+    finisher = FINISHERS.get(job.get("stage", ""))
+    if finisher is None:
+        raise UserError(f"job {job_id} is a {job.get('stage')!r} job, which this version cannot store")
+    polled = _poll(job)
+    if polled.status != "COMPLETED":
+        return polled.status, f"job {job_id} ({job['stage']}) is {polled.status}; fetch it again later"
+    message = finisher(job, polled.result or {}, progress)
+    _update(job_id, state="fetched", result_bytes=polled.result_bytes, message=message,
+            fetched=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    return "COMPLETED", message

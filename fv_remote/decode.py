@@ -41,13 +41,16 @@ def project(model: LoadedModel, vector: torch.Tensor) -> torch.Tensor:
 
 
 def word_forms(tokenizer, word: str) -> dict[int, str]:
-    """Candidate token ids for a word: the first token of " word", "word", " Word" and "Word" (token id -> text)."""
-    forms: dict[int, str] = {}
+    """Token ids that stand for a word (id -> text): the variants " word", "word", " Word", "Word" that are a
+    single token; if none is, the first token of each variant (a weaker reading, shown in the output)."""
+    single: dict[int, str] = {}
+    first: dict[int, str] = {}
     for variant in (f" {word}", word, f" {word.capitalize()}", word.capitalize()):
         ids = tokenizer.encode(variant, add_special_tokens=False)
-        if ids and tokenizer.decode(ids[:1]).strip():
-            forms.setdefault(ids[0], tokenizer.decode(ids[:1]))
-    return forms
+        if not ids or not tokenizer.decode(ids[:1]).strip():
+            continue
+        (single if len(ids) == 1 else first).setdefault(ids[0], tokenizer.decode(ids[:1]))
+    return single or first
 
 
 def ranks_of(logits: torch.Tensor, tokenizer, words: Sequence[str]) -> tuple[dict[str, int], dict[str, str]]:

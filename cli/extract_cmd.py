@@ -55,19 +55,15 @@ def extract(
     if done:
         console.print(f"resuming: {done} prompts already stored")
     if no_wait:
-        from fv_remote.jobs import save_job
+        from fv_remote.cli.jobs_cmd import submitted
 
         try:
             with R.no_wait():
                 result = run_extract(loaded, relation, act_store, n_prompts=n_prompts, n_shots=n_shots, seed=seed,
                                      batch_size=batch_size, positions=pos, remote=True)
         except R.JobSubmitted as job:
-            path = save_job(job, {"model": loaded.model_id, "revision": loaded.revision, "task": task,
-                                  "data_dir": data_dir})
-            console.print(f"submitted to NDIF ({job.record.payload_bytes:,} bytes); job file {path}")
-            out.print(f"job {job.record.job_id}")
-            out.print(f"check: fv-remote jobs status {job.record.job_id}; store the results: "
-                      f"fv-remote jobs fetch {job.record.job_id}")
+            submitted(job, {"model": loaded.model_id, "revision": loaded.revision, "task": task,
+                            "data_dir": data_dir})
             return
         out.print(f"{relation.name}: all {result.n_complete} prompts already in {store}; nothing submitted")
         return

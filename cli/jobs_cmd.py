@@ -12,6 +12,38 @@ jobs_app = typer.Typer(help="NDIF jobs submitted with --no-wait: status, fetch, 
 app.add_typer(jobs_app, name="jobs")
 
 
+def submitted(job, settings: dict) -> None:
+    """After a --no-wait submission: write the job file (with the CLI `settings` its fetch needs), print the id."""
+    from fv_remote.cli.common import console
+    from fv_remote.jobs import save_job
+
+    path = save_job(job, settings)
+    job_id = job.record.job_id
+    console.print(f"submitted to NDIF ({job.record.payload_bytes:,} bytes); job file {path}")
+    out.print(f"job {job_id}")
+    out.print(f"check: fv-remote jobs status {job_id}; get the results: fv-remote jobs fetch {job_id}")
+
+
+def _finish_evaluate(job: dict, saved: dict, progress=None) -> str:
+    """An `evaluate --no-wait` job: the same table, sweep plot and JSON as the blocking command."""
+    from fv_remote.cli.pipeline_cmd import report_evaluation
+    from fv_remote.evaluate import scores_from_job
+
+    scores, curve = scores_from_job(saved, job["details"])
+    report_evaluation(job["settings"], scores, curve)
+    return (f"{scores.task}: zero-shot {scores.zero_shot:.2f} -> {scores.zero_shot_fv:.2f} with the "
+            f"{job['settings']['kind'].upper()} at layer {scores.layer} ({scores.n_test} test pairs)")
+
+
+def _register_finishers() -> None:
+    from fv_remote.jobs import FINISHERS
+
+    FINISHERS.setdefault("evaluate", _finish_evaluate)
+
+
+_register_finishers()
+
+
 @jobs_app.command("status")
 def status(job_id: str = typer.Argument(..., help="the id `--no-wait` printed")) -> None:
     """The job's state on NDIF (RECEIVED, QUEUED, RUNNING, COMPLETED) or FETCHED once stored."""

@@ -236,42 +236,65 @@ def evaluate(
     json_path: Path = typer.Option(None, "--json", help="write results as JSON"),
     data_dir: str = DATA_DIR_OPT,
     remote: bool = REMOTE_OPT,
+    no_wait: bool = typer.Option(False, "--no-wait", help="with --remote: submit, print the job id and return; "
+                                 "`fv-remote jobs fetch ID` prints the table and writes --json/the plot later"),
 ) -> None:
     """Zero-shot and shuffled n-shot accuracy with and without the vector, plus n-shot ICL, on test pairs."""
     from fv_remote.evaluate import evaluate_and_sweep, evaluate_task, layer_sweep
-    from fv_remote.pipeline import write_json
-    from fv_remote.plots import layer_sweep_plot
+    from fv_remote.remote import JobSubmitted
+    from fv_remote.remote import no_wait as submit_only
 
     if n_test is not None and n_test <= 0:
         raise UserError(f"--n-test must be a positive integer, got {n_test}")
+    if no_wait and not remote:
+        raise UserError("--no-wait needs --remote (only NDIF jobs can be fetched later)")
     loaded = _load(model, remote)
     vec = _load_vector(fv_path, loaded)
     extra = {"ffv": _load_vector(ffv_path, loaded)} if ffv_path else None
     if layer is not None:
         loaded.adapter.check_layer(layer)
     prepared = _prepare(loaded, task or vec.task, data_dir, seed, n_shots)
+    settings = {"fv": str(fv_path), "ffv": str(ffv_path) if ffv_path else None, "scale": scale,
+                "distributed": distributed, "n_shots": n_shots, "seed": seed}
+    report = {"model": loaded.model_id, "kind": vec.kind, "task": prepared.name, "settings": settings,
+              "plot": str(plot or Path("out") / f"{prepared.name}_sweep.png") if sweep else None,
+              "json": str(json_path) if json_path else None}
     curve = None
-    if sweep and remote:  # the evaluation and the sweep in one request
-        scores, curve = evaluate_and_sweep(loaded, prepared, vec, layer=layer, n_test=n_test, n_shots=n_shots,
-                                           scale=scale, distributed=distributed, extra_vectors=extra, remote=remote)
-    else:
-        scores = evaluate_task(loaded, prepared, vec, layer=layer, n_test=n_test, n_shots=n_shots, scale=scale,
-                               distributed=distributed, extra_vectors=extra, remote=remote)
+    try:
+        with submit_only() if no_wait else nullcontext():
+            if sweep and remote:  # the evaluation and the sweep in one request
+                scores, curve = evaluate_and_sweep(loaded, prepared, vec, layer=layer, n_test=n_test,
+                                                   n_shots=n_shots, scale=scale, distributed=distributed,
+                                                   extra_vectors=extra, remote=remote)
+            else:
+                scores = evaluate_task(loaded, prepared, vec, layer=layer, n_test=n_test, n_shots=n_shots,
+                                       scale=scale, distributed=distributed, extra_vectors=extra, remote=remote)
+    except JobSubmitted as job:
+        from fv_remote.cli.jobs_cmd import submitted
+
+        submitted(job, report)
+        return
+    if sweep and curve is None:
+        with progress_bar("layer sweep", loaded.adapter.n_layers) as update:
+            curve = layer_sweep(loaded, prepared, vec, scale=scale, progress=update)
+    report_evaluation(report, scores, curve)
+
+
+def report_evaluation(report: dict, scores, curve: dict | None) -> None:
+    """The table, sweep plot and JSON of `evaluate` (also what `jobs fetch` does for an evaluate job)."""
+    from fv_remote.pipeline import write_json
+    from fv_remote.plots import layer_sweep_plot
+
     row = scores.as_json()
-    out.print(scores_table([row], title=f"{loaded.model_id}: {vec.kind.upper()} at layer {scores.layer}"))
-    data = {"model": loaded.model_id, "layer": scores.layer,
-            "settings": {"fv": str(fv_path), "ffv": str(ffv_path) if ffv_path else None, "scale": scale,
-                         "distributed": distributed, "n_shots": n_shots, "seed": seed, "n_test": scores.n_test},
-            "results": [row]}
-    if sweep:
-        if curve is None:
-            with progress_bar("layer sweep", loaded.adapter.n_layers) as update:
-                curve = layer_sweep(loaded, prepared, vec, scale=scale, progress=update)
+    out.print(scores_table([row], title=f"{report['model']}: {report['kind'].upper()} at layer {scores.layer}"))
+    data = {"model": report["model"], "layer": scores.layer,
+            "settings": {**report["settings"], "n_test": scores.n_test}, "results": [row]}
+    if curve is not None:
         data["sweep"] = {str(x): v for x, v in curve.items()}
-        png = layer_sweep_plot({prepared.name: curve}, plot or Path("out") / f"{prepared.name}_sweep.png")
+        png = layer_sweep_plot({report["task"]: curve}, Path(report["plot"]))
         out.print(f"sweep plot: {png}")
-    if json_path:
-        out.print(f"results: {write_json(data, json_path)}")
+    if report.get("json"):
+        out.print(f"results: {write_json(data, report['json'])}")
 
 
 @app.command()

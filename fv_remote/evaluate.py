@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from fv_remote.models import LoadedModel
-from fv_remote.remote import remote_mode, stage_session
+from fv_remote.remote import JobSubmitted, remote_mode, stage_session
 from fv_remote.steering import Condition, Steer, score_conditions
 from fv_remote.tasks import PreparedTask
 from fv_remote.vectors import FunctionVector, assemble_function_vector, top_heads
@@ -117,8 +117,12 @@ def evaluation_conditions(model: LoadedModel, prepared: PreparedTask, fv: Functi
 
 
 def _scores(prepared: PreparedTask, n: int, layer: int, acc: dict[str, float]) -> TaskScores:
+    return _scores_named(prepared.name, n, layer, acc)
+
+
+def _scores_named(task: str, n: int, layer: int, acc: dict[str, float]) -> TaskScores:
     main = ("zero_shot", "zero_shot_fv", "shuffled", "shuffled_fv", "icl")
-    return TaskScores(task=prepared.name, n_test=n, **{k: acc[k] for k in main}, layer=layer,
+    return TaskScores(task=task, n_test=n, **{k: acc[k] for k in main}, layer=layer,
                       extra={k: v for k, v in acc.items() if k not in main})
 
 
@@ -134,7 +138,12 @@ def evaluate_task(model: LoadedModel, prepared: PreparedTask, fv: FunctionVector
     """
     n, layer, conditions = evaluation_conditions(model, prepared, fv, layer, n_test, n_shots, scale, distributed,
                                                  extra_vectors, batch_size)
-    acc = dict(zip(conditions, score_conditions(model, list(conditions.values()), remote)))
+    try:
+        acc = dict(zip(conditions, score_conditions(model, list(conditions.values()), remote)))
+    except JobSubmitted as job:
+        job.details.update(stage="evaluate", task=prepared.name, n_test=n, layer=layer, names=list(conditions),
+                           sweep_layers=None)
+        raise
     return _scores(prepared, n, layer, acc)
 
 
@@ -146,9 +155,25 @@ def evaluate_and_sweep(model: LoadedModel, prepared: PreparedTask, fv: FunctionV
     n, layer, conditions = evaluation_conditions(model, prepared, fv, layer, n_test, n_shots, scale, distributed,
                                                  extra_vectors, batch_size)
     sweep = sweep_conditions(model, prepared, fv, scale=scale, batch_size=sweep_batch_size)
-    acc = score_conditions(model, [*conditions.values(), *sweep.values()], remote)
+    try:
+        acc = score_conditions(model, [*conditions.values(), *sweep.values()], remote)
+    except JobSubmitted as job:
+        job.details.update(stage="evaluate", task=prepared.name, n_test=n, layer=layer, names=list(conditions),
+                           sweep_layers=list(sweep))
+        raise
     scores = _scores(prepared, n, layer, dict(zip(conditions, acc)))
     return scores, dict(zip(sweep, acc[len(conditions):]))
+
+
+def scores_from_job(saved: dict, details: dict) -> tuple[TaskScores, dict[int, float] | None]:
+    """What `evaluate_task` (sweep None) or `evaluate_and_sweep` returned, from a no-wait job's saved values."""
+    from fv_remote.steering import accuracies_from_job
+
+    acc = accuracies_from_job(saved, details)
+    names = details["names"]
+    scores = _scores_named(details["task"], int(details["n_test"]), int(details["layer"]), dict(zip(names, acc)))
+    layers = details.get("sweep_layers")
+    return scores, (None if layers is None else {int(x): a for x, a in zip(layers, acc[len(names):])})
 
 
 def fit_function_vector(model: LoadedModel, prepared: PreparedTask, means: torch.Tensor, aie: Any,

@@ -1,9 +1,10 @@
 """Non-blocking remote stages: a job file per submitted request, and fetching its results into place later.
 
-`fv-remote extract --remote --no-wait` submits the stage's one NDIF request and writes a small JSON job file
-(`<jobs dir>/<job id>.json`: the stage, its settings, the batch layout, host and model); `fv-remote jobs status ID`
-polls it and `fv-remote jobs fetch ID` stores the results exactly as the blocking run would have (same code path,
-same commit points), then marks the job fetched. Fetching twice is harmless.
+`fv-remote extract|evaluate --remote --no-wait` submits the stage's one NDIF request and writes a small JSON job
+file (`<jobs dir>/<job id>.json`: the stage, its settings, the batch layout, host and model); `fv-remote jobs status
+ID` polls it and `fv-remote jobs fetch ID` stores the results exactly as the blocking run would have (same code
+path: the store's commit points for extract; the table, plot and --json file for evaluate), then marks the job
+fetched. Fetching twice is harmless.
 
 The jobs dir is FV_REMOTE_JOBS, else `<fv-remote cache>/jobs` (FV_REMOTE_CACHE or ~/.cache/fv-remote).
 """
@@ -136,6 +137,8 @@ def fetch_job(job_id: str, progress: Any = None) -> tuple[str, str]:
     job = load_job(job_id)
     if job.get("state") == "fetched":
         return "FETCHED", f"job {job_id} was already fetched ({job.get('message', '')})"
+    if job.get("stage") not in FINISHERS:
+        import fv_remote.cli.jobs_cmd  # noqa: F401 - registers the finishers of CLI-only results (evaluate)
     finisher = FINISHERS.get(job.get("stage", ""))
     if finisher is None:
         raise UserError(f"job {job_id} is a {job.get('stage')!r} job, which this version cannot store")

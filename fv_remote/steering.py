@@ -18,7 +18,7 @@ import torch
 
 from fv_remote.errors import UserError, require_positive
 from fv_remote.models import LoadedModel
-from fv_remote.remote import remote_mode, stage_session
+from fv_remote.remote import JobSubmitted, check_shippable, remote_mode, stage_session
 from fv_remote.traces.patching import apply_edits, last_token_value
 from fv_remote.vectors import FunctionVector
 
@@ -98,16 +98,22 @@ def _last_token_runs(model: LoadedModel, conditions: list[Condition], top1: bool
     unembed = model.adapter.unembed(lm)
     outs: list[torch.Tensor] = []
     session = bool(remote_mode(remote))
+    if session:
+        check_shippable(work=work)
     if work:
-        with stage_session(model, remote):
-            for texts, edits in work:
-                with lm.trace(texts):
-                    apply_edits(edits)
-                    value = last_token_value(unembed.output[:, -1], top1).save()
-                outs.append(value.detach().cpu())
-                del value  # saved only to leave the trace: don't send the last batch back twice
-            if session:
-                outs = nnsight.save(outs)
+        try:
+            with stage_session(model, remote):
+                for texts, edits in work:
+                    with lm.trace(texts):
+                        apply_edits(edits)
+                        value = last_token_value(unembed.output[:, -1], top1).save()
+                    outs.append(value.detach().cpu())
+                    del value  # saved only to leave the trace: don't send the last batch back twice
+                if session:
+                    outs = nnsight.save(outs)
+        except JobSubmitted as job:  # no-wait: say how to regroup the batches later (`accuracies_from_job`)
+            job.details.update(result_key="outs", owners=owners, n_conditions=len(conditions), top1=top1)
+            raise
     empty = torch.empty(0, dtype=torch.long) if top1 else torch.empty(0, model.adapter.vocab_size)
     return [torch.cat([o for o, i in zip(outs, owners) if i == index]) if index in owners else empty
             for index in range(len(conditions))]
@@ -125,8 +131,25 @@ def score_conditions(model: LoadedModel, conditions: list[Condition], remote: An
             raise UserError("no prompts to evaluate")
         if cond.answer_ids is None or len(cond.answer_ids) != len(cond.texts):
             raise UserError("each condition needs one answer id per prompt")
-    tops = _last_token_runs(model, conditions, top1=True, remote=remote)
+    try:
+        tops = _last_token_runs(model, conditions, top1=True, remote=remote)
+    except JobSubmitted as job:
+        job.details["answer_ids"] = [list(map(int, cond.answer_ids)) for cond in conditions]
+        raise
     return [float((top == torch.tensor(cond.answer_ids)).float().mean()) for top, cond in zip(tops, conditions)]
+
+
+def accuracies_from_job(saved: dict, details: dict) -> list[float]:
+    """`score_conditions`' result from a no-wait job: its saved values and the details it was submitted with."""
+    outs = saved[details["result_key"]]
+    owners = details["owners"]
+    if len(outs) != len(owners):
+        raise UserError(f"the job returned {len(outs)} batches, expected {len(owners)}")
+    scores = []
+    for index, ids in enumerate(details["answer_ids"]):
+        top = torch.cat([o for o, i in zip(outs, owners) if i == index])
+        scores.append(float((top == torch.tensor(ids)).float().mean()))
+    return scores
 
 
 def last_logits(model: LoadedModel, texts: list[str], steer: Steer | None = None,
@@ -157,6 +180,8 @@ def generate_many(model: LoadedModel, runs: list[tuple[str, Steer | None]], max_
     pad = model.tokenizer.pad_token_id
     outs: list[torch.Tensor] = []
     session = bool(remote_mode(remote))
+    if session:
+        check_shippable(work=work)
     with stage_session(model, remote):
         for prompt, edits in work:
             with lm.generate(prompt, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad) as tracer:

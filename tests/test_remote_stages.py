@@ -210,6 +210,16 @@ def test_bf16_server_runs_every_stage(local, remote_model, fv, prepared, means_a
         assert srv.n_requests == 4 and all(j.status == "COMPLETED" for j in srv.jobs)
 
 
+def test_check_shippable_refuses_project_objects(fv):
+    from fv_remote.traces.patching import apply_edits
+
+    R.check_shippable(work=[(["a"], [("residual", None, False, fv.vector, 1.0)])], helper=apply_edits)
+    with pytest.raises(UserError, match=r"work\[0\]\[1\] is a fv_remote.steering.Steer"):
+        R.check_shippable(work=[(["a"], Steer(fv))])
+    with pytest.raises(UserError, match="FunctionVector"):
+        R.check_shippable(vectors={"fv": fv})
+
+
 # -- the CLI -----------------------------------------------------------------------------------------------------
 
 def _cli(*args: str):
@@ -254,6 +264,16 @@ def test_cli_steer_generate_evaluate(local, fv, fv_file, toy_dir, ndif, tmp_path
     assert data["results"] == [want_scores.as_json()]
     assert data["sweep"] == {str(k): v for k, v in want_sweep.items()}
     SIZES["CLI evaluate --sweep (6 test, 2-shot)"] = (ndif.jobs[0].payload_bytes, ndif.jobs[0].result_bytes)
+    # The same with --no-wait: nothing written until `jobs fetch`, then the same JSON.
+    later = tmp_path / "later.json"
+    result = _cli("evaluate", "--fv", fv_file, "--model", REPO, "--remote", "--no-wait", "--data-dir", toy_dir,
+                  "--n-test", "6", "--n-shots", "2", "--sweep", "--plot", str(tmp_path / "s2.png"), "--json", str(later))
+    assert result.exit_code == 0, result.output
+    assert not later.exists() and ndif.n_requests == 2
+    _wait_done(ndif)
+    result = _cli("jobs", "fetch", ndif.jobs[-1].id)
+    assert result.exit_code == 0, result.output
+    assert json.loads(later.read_text()) == data and (tmp_path / "s2.png").exists()
 
 
 def test_cli_fit_and_failure_keeps_the_old_file(local, toy_dir, ndif, tmp_path):

@@ -19,6 +19,7 @@ import copy
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import nnsight
 import numpy as np
@@ -27,6 +28,7 @@ import xarray as xr
 
 from fv_remote.errors import UserError, require_positive
 from fv_remote.models import LoadedModel
+from fv_remote.remote import remote_mode, stage_session
 from fv_remote.store import PROMPT_DIM, ActivationStore
 from fv_remote.tasks import PreparedTask
 from fv_remote.traces.mediation import answer_prob, answer_prob_positions, copies_mask, patch_positions, patch_rows
@@ -81,6 +83,14 @@ def _copies_supported(model: LoadedModel, n_tokens: int) -> bool:
         if isinstance(window, int) and window < n_tokens + 1:
             return False
     return True
+
+
+def _mask_dtype(model: LoadedModel) -> torch.dtype:
+    """Boolean masks for SDPA (any compute dtype, e.g. bf16 autocast on NDIF); additive masks in the model's dtype
+    for eager attention, which adds the mask to the scores."""
+    if getattr(model.hf.config, "_attn_implementation", "eager") == "sdpa":
+        return torch.bool
+    return next(model.hf.parameters()).dtype
 
 
 def _last_logits_only(model: LoadedModel) -> dict:
@@ -167,7 +177,7 @@ def cma_prompt_fast(model: LoadedModel, text: str, answer_id: int, means: torch.
         base = answer_prob(ad.unembed(lm).output, answer_id).save()
         cache = lm.output.past_key_values.save()
     base = float(base[0])
-    dtype = next(model.hf.parameters()).dtype
+    dtype = _mask_dtype(model)
     effects = torch.empty(len(heads), dtype=torch.float64)
     for group in plan_groups(heads, ad.n_layers, _unit_costs(model), max_copies=chunk):
         probs = _copies_forward(model, [heads[i] for i in group], means, answer_id, ids[:, -1:], cache, hidden,
@@ -206,6 +216,87 @@ def _copies_forward(model: LoadedModel, part: Heads, means: torch.Tensor, answer
                             ad.n_heads, ad.head_dim)
         probs = answer_prob_positions(ad.unembed(lm).output, answer_id).save()
     return probs.detach().cpu()
+
+
+def cma_fast_session(model: LoadedModel, jobs: list[tuple[str, int]], means: torch.Tensor,
+                     heads: Heads | None = None, remote: Any = True,
+                     max_copies: int = 1024) -> list[tuple[float, torch.Tensor]]:
+    """`cma_prompt_fast` for many (text, answer_id) prompts as one stage: one NDIF request with `remote=True`,
+    nnsight's in-process dry run with `remote="local"`, plain local traces with `remote=False`.
+
+    Same layout (last-token copies sharing the prompt's cached keys/values, layers below each group's first patched
+    layer skipped), with one difference that keeps the shipped code free of anything but torch and
+    `fv_remote.traces`: every group of up to `max_copies` copies gets its own prompt forward (the cache is appended
+    to by the copies, and copying it needs the `copy` module the sandbox refuses). Groups are as few as
+    `max_copies` allows, so with the default one prompt forward + one copies forward covers up to 1024 heads.
+    """
+    ad, lm = model.adapter, model.lm
+    heads = list(heads or all_heads(model))
+    n_heads, head_dim, is_tuple = ad.n_heads, ad.head_dim, ad.spec.layer_output_is_tuple
+    layers = [ad.layer(lm, layer) for layer in range(ad.n_layers)]
+    sites = [ad.head_site(lm, layer) for layer in range(ad.n_layers)]
+    unembed = ad.unembed(lm)
+    keep = _last_logits_only(model)
+    mask_dtype = _mask_dtype(model)
+    groups = plan_groups(heads, ad.n_layers, _unit_costs(model), fixed=1e12, weights=0.0, max_copies=max_copies)
+    plan = []
+    for text, answer_id in jobs:
+        ids = _encode(model, text)
+        n_tokens = ids.shape[1]
+        if n_tokens < 2:
+            raise UserError("a prompt needs at least two tokens for cached mediation")
+        if not _copies_supported(model, n_tokens):
+            raise UserError(f"a prompt of {n_tokens} tokens is longer than this model's sliding attention window; "
+                            "run the CMA locally (it falls back to the per-row cache there)")
+        steps = []
+        for group in groups:
+            part = [heads[i] for i in group]
+            by_layer: dict[int, list[tuple[int, int]]] = {}
+            for pos, (layer, head) in enumerate(part):
+                by_layer.setdefault(layer, []).append((pos, head))
+            patches = []
+            for layer in sorted(by_layer):
+                pos, hs = zip(*by_layer[layer])
+                heads_t = torch.tensor(hs)
+                patches.append((layer, torch.tensor(pos), heads_t, means[layer, heads_t].clone()))
+            steps.append({"first": min(layer for layer, _ in part), "copies": len(part), "patches": patches,
+                          "input_ids": ids[:, -1:].expand(1, len(part)).contiguous(),
+                          "mask": copies_mask(n_tokens, len(part), mask_dtype, hide=n_tokens - 1),
+                          "position_ids": torch.full((1, len(part)), n_tokens - 1, dtype=torch.long)})
+        plan.append({"ids": ids, "answer": int(answer_id), "steps": steps})
+
+    results = []
+    session = bool(remote_mode(remote))
+    with stage_session(model, remote):
+        for job in plan:
+            probs = []
+            for step in job["steps"]:
+                with lm.trace(input_ids=job["ids"], use_cache=True, **keep):
+                    hidden = nnsight.save([])
+                    if step["first"] > 0:
+                        hidden.append(layer_hidden(layers[step["first"] - 1], is_tuple)[:, -1:].detach().clone())
+                    base = answer_prob(unembed.output, job["answer"]).save()
+                    cache = lm.output.past_key_values.save()
+                with lm.trace(input_ids=step["input_ids"], past_key_values=cache, attention_mask=step["mask"],
+                              position_ids=step["position_ids"], use_cache=True):
+                    if step["first"] > 0:
+                        rep = hidden[0].expand(1, step["copies"], -1).contiguous()
+                        rep = (rep, None) if is_tuple else rep
+                        for layer in range(step["first"]):
+                            layers[layer].skip(rep)
+                    for layer, pos, hs, values in step["patches"]:
+                        patch_positions(sites[layer], pos, hs, values, n_heads, head_dim)
+                    probs.append(answer_prob_positions(unembed.output, job["answer"]).detach().save())
+            results.append((base.detach(), probs))
+        if session:
+            results = nnsight.save(results)
+    out = []
+    for base, probs in results:
+        effects = torch.empty(len(heads), dtype=torch.float64)
+        for group, p in zip(groups, probs):
+            effects[torch.tensor(group)] = p.double().cpu() - float(base[0])
+        out.append((float(base[0]), effects.float()))
+    return out
 
 
 def cma_prompt_cached_batch(model: LoadedModel, text: str, answer_id: int, means: torch.Tensor,
@@ -304,11 +395,18 @@ PromptScorer = Callable[[LoadedModel, str, int, torch.Tensor], tuple[float, torc
 
 def run_cma(model: LoadedModel, prepared: PreparedTask, store: ActivationStore, means: torch.Tensor,
             n_prompts: int = 25, n_shots: int = 10, method: str = "fast",
-            progress: Callable[[int, int], None] | None = None) -> CMAResult:
+            progress: Callable[[int, int], None] | None = None, remote: Any = False) -> CMAResult:
     """Indirect effects of every head on `n_prompts` shuffled-label prompts, appended to `<task>/cma` (resumable).
 
     `method="attribution"` stores the gradient estimate instead, in `<task>/attribution` (see fv_remote.attribution).
+    `remote=True` (NDIF) or `"local"` (dry run) computes all missing prompts in one request (`cma_fast_session`;
+    method "fast" only) and stores them once the results are back.
     """
+    batch = None
+    if remote_mode(remote):
+        if method != "fast":
+            raise UserError(f"remote CMA runs the fast method only, not {method!r}")
+        batch = lambda jobs: cma_fast_session(model, jobs, means, remote=remote)  # noqa: E731
     if method == "attribution":
         from fv_remote.attribution import attribution_prompt
 
@@ -317,13 +415,18 @@ def run_cma(model: LoadedModel, prepared: PreparedTask, store: ActivationStore, 
     if method not in CMA_FUNCTIONS:
         raise UserError(f"unknown CMA method {method!r}; use one of {', '.join([*CMA_FUNCTIONS, 'attribution'])}")
     return run_head_scores(model, prepared, store, means, CMA_FUNCTIONS[method], "cma", method, n_prompts, n_shots,
-                           progress)
+                           progress, batch=batch)
 
 
 def run_head_scores(model: LoadedModel, prepared: PreparedTask, store: ActivationStore, means: torch.Tensor,
                     fn: PromptScorer, source: str, method: str, n_prompts: int = 25, n_shots: int = 10,
-                    progress: Callable[[int, int], None] | None = None) -> CMAResult:
-    """Score every head on each shuffled-label prompt with `fn`; append per prompt to `<task>/<source>`."""
+                    progress: Callable[[int, int], None] | None = None,
+                    batch: Callable[[list[tuple[str, int]]], list[tuple[float, torch.Tensor]]] | None = None,
+                    ) -> CMAResult:
+    """Score every head on each shuffled-label prompt with `fn`; append per prompt to `<task>/<source>`.
+
+    With `batch`, all missing prompts are scored by one call (one remote request) before anything is stored.
+    """
     require_positive("n_prompts", n_prompts)
     ad = model.adapter
     group = cma_group(prepared.name, source)
@@ -335,11 +438,12 @@ def run_head_scores(model: LoadedModel, prepared: PreparedTask, store: Activatio
                              prepared.template.prefix]}
     store.check_compatible(group, identity)
     start = store.repair(group)
+    jobs = [(p.text, prepared.answer_token[p.answer]) for p in prompts]
+    done = batch(jobs[start:]) if batch is not None and start < n_prompts else None
     for i in range(start, n_prompts):
         prompt = prompts[i]
-        answer_id = prepared.answer_token[prompt.answer]
-        base, effects = fn(model, prompt.text, answer_id, means)
-        batch = xr.Dataset(
+        base, effects = done[i - start] if done is not None else fn(model, *jobs[i], means)
+        ds = xr.Dataset(
             {
                 "indirect_effect": ((PROMPT_DIM, "layer", "head"),
                                     effects.reshape(1, ad.n_layers, ad.n_heads).float().numpy()),
@@ -350,7 +454,7 @@ def run_head_scores(model: LoadedModel, prepared: PreparedTask, store: Activatio
             },
             coords={PROMPT_DIM: [i], "layer": np.arange(ad.n_layers), "head": np.arange(ad.n_heads)},
         )
-        store.append(group, batch, {**identity, "method": method})
+        store.append(group, ds, {**identity, "method": method})
         if progress:
             progress(i + 1, n_prompts)
     return CMAResult(prepared.name, load_aie(store, prepared.name, n_prompts, source=source), n_prompts,

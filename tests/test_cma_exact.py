@@ -10,15 +10,22 @@ import torch
 from fv_remote import cma
 from fv_remote.attribution import attribution_prompt
 from fv_remote.data import RelationTask
+from fv_remote.errors import UserError
 from fv_remote.extract import trace_heads
 from fv_remote.store import ActivationStore
 from fv_remote.tasks import prepare_task
 
 from conftest import TINY_FAMILIES, make_tiny_model
+from test_remote import hub_cache, local_model, ndif, remote_model, server  # noqa: F401 - loopback NDIF fixtures
 
 TOL = 1e-4
 TEXT = "Q: hot\nA: small\n\nQ: up\nA: cold\n\nQ: big\nA:"
 ANSWER = 5
+
+
+def _toy_task():
+    words = ["hot", "cold", "up", "down", "big", "small", "the", "quick", "brown", "fox", "lazy", "dog", "over"]
+    return RelationTask("toy", [(a, b) for a in words for b in words if a != b][:60])
 
 
 def _means(model, seed=1, scale=3.0):
@@ -86,11 +93,45 @@ def test_plan_groups_partitions_heads():
 
 
 def test_fast_rejects_one_token_prompt(tiny_tokenizer):
-    from fv_remote.errors import UserError
-
     model = make_tiny_model("llama", tiny_tokenizer)
     with pytest.raises(UserError, match="two tokens"):
         cma.cma_prompt_fast(model, "Q", ANSWER, _means(model))
+
+
+# -- remote: one request per stage ---------------------------------------------------------------------------------
+
+def test_fast_session_matches_local_dry_run_and_loopback(tiny_tokenizer, request):
+    """`cma_fast_session`: plain local, nnsight's dry run and a loopback NDIF server (one request) all agree."""
+    local_model = request.getfixturevalue("local_model")
+    means = _means(local_model, seed=7)
+    jobs = [(TEXT, ANSWER), ("Q: up\nA: down\n\nQ: the\nA:", 7)]
+    want = [cma.cma_prompt_naive(local_model, t, a, means) for t, a in jobs]
+    for remote, max_copies in ((False, 5), ("local", 1024), ("local", 5)):
+        got = cma.cma_fast_session(local_model, jobs, means, remote=remote, max_copies=max_copies)
+        for (b_got, e_got), (b_want, e_want) in zip(got, want):
+            assert abs(b_got - b_want) < TOL
+            np.testing.assert_allclose(e_got.numpy(), e_want.numpy(), atol=TOL, rtol=0)
+    remote_model, ndif = request.getfixturevalue("remote_model"), request.getfixturevalue("ndif")
+    got = cma.cma_fast_session(remote_model, jobs, means, remote=True)
+    assert ndif.n_requests == 1
+    for (b_got, e_got), (b_want, e_want) in zip(got, want):
+        assert abs(b_got - b_want) < TOL
+        np.testing.assert_allclose(e_got.numpy(), e_want.numpy(), atol=TOL, rtol=0)
+
+
+def test_run_cma_remote_is_one_request_and_stores_like_local(request, tmp_path):
+    local_model = request.getfixturevalue("local_model")
+    remote_model, ndif = request.getfixturevalue("remote_model"), request.getfixturevalue("ndif")
+    prepared = prepare_task(local_model.tokenizer, _toy_task())
+    means = _means(local_model, seed=8, scale=1.0)
+    local = cma.run_cma(local_model, prepared, ActivationStore(str(tmp_path / "a.zarr")), means, n_prompts=3,
+                        n_shots=3)
+    store = ActivationStore(str(tmp_path / "b.zarr"))
+    got = cma.run_cma(remote_model, prepared, store, means, n_prompts=3, n_shots=3, remote=True)
+    assert ndif.n_requests == 1 and got.n_new == 3
+    np.testing.assert_allclose(got.aie.values, local.aie.values, atol=TOL, rtol=0)
+    with pytest.raises(UserError, match="fast method only"):
+        cma.run_cma(remote_model, prepared, store, means, n_prompts=4, n_shots=3, method="naive", remote=True)
 
 
 # -- attribution ---------------------------------------------------------------------------------------------------
@@ -113,10 +154,8 @@ def test_attribution_is_the_first_order_effect(tiny_tokenizer, family):
 
 
 def test_attribution_stored_like_cma(tiny_tokenizer, tmp_path):
-    words = ["hot", "cold", "up", "down", "big", "small", "the", "quick", "brown", "fox", "lazy", "dog", "over"]
-    task = RelationTask("toy", [(a, b) for a in words for b in words if a != b][:60])
     model = make_tiny_model("llama", tiny_tokenizer)
-    prepared = prepare_task(model.tokenizer, task)
+    prepared = prepare_task(model.tokenizer, _toy_task())
     store = ActivationStore(str(tmp_path / "s.zarr"))
     means = _means(model, seed=6, scale=1.0)
     first = cma.run_cma(model, prepared, store, means, n_prompts=2, n_shots=3, method="attribution")

@@ -27,15 +27,22 @@ def patch_positions(site, positions, heads, values, n_heads: int, head_dim: int)
 
 
 def copies_mask(n_cached: int, n_copies: int, dtype, hide=None):
-    """Additive 4D mask [1, 1, R, n_cached + R]: copy r sees the cached keys (except `hide`, if given) and itself."""
-    blocked = torch.finfo(dtype).min
-    mask = torch.full((n_copies, n_cached + n_copies), blocked, dtype=dtype)
-    mask[:, :n_cached] = 0
+    """4D mask [1, 1, R, n_cached + R]: copy r sees the cached keys (except index `hide`, if given) and itself.
+
+    dtype torch.bool gives True = attend (SDPA); a float dtype gives an additive mask (0 / most negative), which
+    every attention implementation accepts (eager adds it to the scores).
+    """
+    allowed = torch.zeros(n_copies, n_cached + n_copies, dtype=torch.bool)
+    allowed[:, :n_cached] = True
     if hide is not None:
-        mask[:, hide] = blocked
+        allowed[:, hide] = False
     idx = torch.arange(n_copies)
-    mask[idx, n_cached + idx] = 0
-    return mask.view(1, 1, n_copies, n_cached + n_copies)
+    allowed[idx, n_cached + idx] = True
+    allowed = allowed.view(1, 1, n_copies, n_cached + n_copies)
+    if dtype == torch.bool:
+        return allowed
+    mask = torch.zeros(allowed.shape, dtype=dtype)
+    return mask.masked_fill(~allowed, torch.finfo(dtype).min)
 
 
 def answer_prob(logits, answer_id: int):

@@ -70,10 +70,10 @@ def finetune(
     data_dir: Optional[Path] = typer.Option(None, help="folder of TASK.json files (e.g. Todd et al.'s)"),
     n_train: int = typer.Option(20, help="training pairs (zero-shot prompts)"),
     n_valid: int = typer.Option(30, help="validation pairs for early stopping (0: none)"),
-    steps: int = typer.Option(120, help="optimiser steps at most"),
-    lr: float = typer.Option(0.05, help="peak Adam learning rate (cosine schedule)"),
+    steps: int = typer.Option(40, help="optimiser steps at most"),
+    lr: float = typer.Option(0.2, help="peak Adam learning rate (cosine schedule)"),
     l2: float = typer.Option(0.0, help="weight of ||v - v0||^2"),
-    patience: int = typer.Option(40, help="steps without a better validation loss before stopping"),
+    patience: int = typer.Option(15, help="steps without a better validation loss before stopping"),
     batch_size: int = typer.Option(32, help="prompts per optimiser step"),
     n_test: Optional[int] = typer.Option(None, help="test pairs to evaluate on (default: the whole test split)"),
     n_shots: int = typer.Option(10, help="demonstrations for the ICL and shuffled columns"),
@@ -163,7 +163,9 @@ def bank_build(
     data: Optional[list[Path]] = typer.Option(None, "--data", help="dataset .json files to add (repeatable)"),
     data_dir: Optional[Path] = typer.Option(None, help="folder of TASK.json files for --tasks"),
     model: str = typer.Option(DEFAULT_MODEL, "--model", "-m"),
-    layer: Optional[int] = typer.Option(None, help="common layer for every vector (required unless --init fv)"),
+    layer: Optional[int] = typer.Option(None, help="common layer for every vector (default 0.4 x the number of "
+                                                   "layers: 12 of 30 on smollm2-135m, best on validation there; with "
+                                                   "--init fv, each FV's own layer)"),
     init: str = typer.Option("zero", help="zero, random, or fv (from FV-DIR/TASK.fv.safetensors)"),
     fv_dir: Optional[Path] = typer.Option(None, help="folder of TASK.fv.safetensors for --init fv"),
     n_train: int = typer.Option(20, help="training pairs per relation"),
@@ -171,7 +173,7 @@ def bank_build(
     steps: int = typer.Option(40, help="optimiser steps per relation"),
     lr: float = typer.Option(0.2, help="peak Adam learning rate"),
     l2: float = typer.Option(0.0, help="weight of ||v - v0||^2"),
-    patience: int = typer.Option(20, help="early-stopping patience (steps)"),
+    patience: int = typer.Option(15, help="early-stopping patience (steps)"),
     batch_size: int = typer.Option(32, help="prompts per step"),
     seed: int = typer.Option(0),
     fresh: bool = typer.Option(False, help="ignore an existing bank file instead of resuming it"),
@@ -186,6 +188,9 @@ def bank_build(
     if not relations:
         raise UserError("no relations given: use --tasks, --data, or neither for every bundled relation")
     loaded = _load(model)
+    if layer is None and init != "fv":
+        layer = round(0.4 * loaded.adapter.n_layers)
+        console.print(f"common layer {layer} of {loaded.adapter.n_layers} (set it with --layer)")
     skipped = []
 
     def report(name: str, status: str) -> None:

@@ -36,13 +36,13 @@ Progress = Callable[[int, int], None]
 
 @dataclass
 class FinetuneSettings:
-    steps: int = 120  # optimiser steps at most (early stopping may end sooner)
-    lr: float = 0.05  # peak Adam learning rate; cosine-decayed to lr * min_lr_ratio
+    steps: int = 40  # optimiser steps at most (early stopping may end sooner)
+    lr: float = 0.2  # peak Adam learning rate; cosine-decayed to lr * min_lr_ratio
     min_lr_ratio: float = 0.05
     l2: float = 0.0  # λ of λ‖v − v0‖² (pulls the vector toward its initial value)
     batch_size: int = 32  # prompts per step (all training prompts when there are fewer)
     eval_every: int = 5  # steps between validation checks
-    patience: int = 40  # steps without a better validation loss before stopping
+    patience: int = 15  # steps without a better validation loss before stopping
     seed: int = 0
     fast: bool = True  # cached prefix + last token from the vector's layer up (exact; see `Prefix`)
 

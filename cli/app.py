@@ -22,6 +22,7 @@ def _register() -> None:
     from fv_remote.cli import data_cmd, extract_cmd, models_cmd, pipeline_cmd, store_cmd  # noqa: F401
     from fv_remote.cli import remote_cmd  # noqa: F401
     from fv_remote.cli import jobs_cmd  # noqa: F401
+    from fv_remote.cli import graft_cmd  # noqa: F401
     from fv_remote.cli import relational_cmd  # noqa: F401
 
 

@@ -5,7 +5,6 @@ Local only: grafting needs the pretrained and the fine-tuned weights in one forw
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
@@ -28,16 +27,32 @@ def _default_out(model: str) -> Path:
     return Path("out") / "graft" / Path(model.rstrip("/")).name.replace(".gguf", "")
 
 
-def _summary_row(table: Table, label: str, metrics, extra: str = "") -> None:
+def _summary_row(table: Table, label: str, metrics) -> None:
     s = metrics.summary()
     table.add_row(Text(label), f"{s[f'top{metrics.k}']:.2f}", f"{s['top1']:.2f}", f"{s['mean_prob']:.3f}",
-                  f"{s['median_rank']:.0f}", str(s["n"]), Text(extra))
+                  f"{s['median_rank']:.0f}", str(s["n"]))
+
+
+def _logged(update, what: str):
+    """Also print a plain line every ~10% when stderr is not a terminal (logs of long CPU runs)."""
+    import time
+
+    if console.is_terminal:
+        return update
+    start = time.perf_counter()
+
+    def callback(done: int, total: int) -> None:
+        update(done, total)
+        if done == total or done % max(1, total // 10) == 0:
+            console.print(f"{what} {done}/{total} ({time.perf_counter() - start:.0f} s)", highlight=False)
+
+    return callback
 
 
 def _metrics_table(title: str, k: int) -> Table:
     table = Table(title=Text(title), title_justify="left")
-    for col in ("model / configuration", f"top-{k}", "top-1", "mean p(target)", "median rank", "n", "notes"):
-        table.add_column(col, justify="left" if col in ("model / configuration", "notes") else "right")
+    for col in ("model / configuration", f"top-{k}", "top-1", "mean p(target)", "median rank", "n"):
+        table.add_column(col, justify="left" if col == "model / configuration" else "right")
     return table
 
 
@@ -81,7 +96,7 @@ def train_cmd(
                              freeze_embeddings=freeze_embeddings)
     steps = -(-len(dataset.train_sentences()) // batch_size) * epochs
     with progress_bar("fine-tuning", steps) as update:
-        report = finetune(loaded.hf, loaded.tokenizer, dataset, settings, progress=update)
+        report = finetune(loaded.hf, loaded.tokenizer, dataset, settings, progress=_logged(update, "step"))
     after = {"heldout": evaluate_model(loaded.hf, loaded.tokenizer, heldout, k),
              "train_phrasings": evaluate_model(loaded.hf, loaded.tokenizer, seen, k)}
     evaluation = {f"{which}_{split}": m.summary() for which, res in (("pretrained", before), ("finetuned", after))
@@ -208,7 +223,8 @@ def sweep_cmd(
     prompts = _prompts(dataset, split, limit, None, None, None)
     jobs = sum(len(names) if p.per_group else 1 for p in STANDARD_PATHWAYS)
     with progress_bar("sweeping", jobs) as update:
-        result = run_sweep(grafter, prompts, groups=names, k=k, batch_size=batch_size, progress=update)
+        result = run_sweep(grafter, prompts, groups=names, k=k, batch_size=batch_size,
+                           progress=_logged(update, "configuration"))
     paths = result.save(out_dir or Path(model_dir) / "sweep")
     table = Table(title=Text(f"top-{k} accuracy, {len(prompts)} {split} prompts (mean p(target) below each)"),
                   title_justify="left")

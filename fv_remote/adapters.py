@@ -6,6 +6,7 @@ layer 12" or "the unembedding", so supporting a new family means adding one `Arc
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +23,7 @@ class ArchSpec:
     head_site: str  # relative to a block: the attention output projection, whose *input* is the per-head output
     final_norm: str
     unembed: str
-    layer_output_is_tuple: bool  # GPT-J's blocks still return (hidden, ...) in transformers 5
+    layer_output_is_tuple: bool  # the guess when the block's forward does not say; a local probe has the last word
 
 
 SPECS: tuple[ArchSpec, ...] = (
@@ -33,7 +34,7 @@ SPECS: tuple[ArchSpec, ...] = (
              "model.norm", "lm_head", False),
     ArchSpec("olmo", ("olmo", "olmo2"), "model.layers", "self_attn.o_proj", "model.norm", "lm_head", False),
     ArchSpec("gpt2", ("gpt2",), "transformer.h", "attn.c_proj", "transformer.ln_f", "lm_head", False),
-    ArchSpec("gptj", ("gptj",), "transformer.h", "attn.out_proj", "transformer.ln_f", "lm_head", True),
+    ArchSpec("gptj", ("gptj",), "transformer.h", "attn.out_proj", "transformer.ln_f", "lm_head", False),
     ArchSpec("gpt_neox", ("gpt_neox",), "gpt_neox.layers", "attention.dense", "gpt_neox.final_layer_norm",
              "lm_head|embed_out", False),  # transformers 5 renamed embed_out to lm_head
 )
@@ -77,6 +78,27 @@ def _in_width(module: Any) -> int:
     return int(module.weight.shape[1])
 
 
+def _returns_tuple(block: Any, default: bool) -> bool:
+    """Whether a decoder block returns (hidden, ...) or a bare tensor, from its forward's return annotation.
+
+    Works without running the model (remote models are weightless); `validate_adapter` confirms it by a probe
+    whenever the weights are local."""
+    import inspect
+
+    try:
+        annotation = inspect.signature(type(block).forward).return_annotation
+    except (TypeError, ValueError):
+        return default
+    if annotation is inspect.Signature.empty:
+        return default
+    text = annotation if isinstance(annotation, str) else repr(annotation)
+    if re.search(r"\btuple\b", text, flags=re.IGNORECASE):
+        return True
+    if "Tensor" in text:
+        return False
+    return default
+
+
 @dataclass(frozen=True)
 class Adapter:
     """An ArchSpec bound to one model's sizes."""
@@ -87,6 +109,7 @@ class Adapter:
     head_dim: int
     d_model: int
     vocab_size: int
+    layer_output_is_tuple: bool = False  # transformers changed this per family across releases, so it is detected
 
     @property
     def family(self) -> str:
@@ -114,6 +137,7 @@ class Adapter:
             head_dim=width // n_heads,
             d_model=int(unembed.weight.shape[1]),
             vocab_size=int(unembed.weight.shape[0]),
+            layer_output_is_tuple=_returns_tuple(layers[0], spec.layer_output_is_tuple),
         )
 
     # Paths resolve the same on the torch model and on the nnsight wrapper (Envoys mirror modules).
@@ -146,5 +170,5 @@ class Adapter:
             "d_model": self.d_model,
             "vocab_size": self.vocab_size,
             "head_site": f"{self.spec.layers}[i].{self.spec.head_site}",
-            "layer_output": "tuple" if self.spec.layer_output_is_tuple else "tensor",
+            "layer_output": "tuple" if self.layer_output_is_tuple else "tensor",
         }

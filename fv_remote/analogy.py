@@ -122,7 +122,7 @@ def _run_batch(model: LoadedModel, texts: list[str], additions: dict[int, torch.
     rows = torch.arange(len(texts))
     with lm.trace(texts, **kwargs):
         for layer in sorted(additions or {}):
-            hidden = layer_hidden(ad.layer(lm, layer), ad.spec.layer_output_is_tuple)
+            hidden = layer_hidden(ad.layer(lm, layer), ad.layer_output_is_tuple)
             vec = additions[layer].to(hidden.dtype)
             if positions is None:
                 hidden[:, -1] += vec
@@ -152,13 +152,13 @@ def _run_fast(model: LoadedModel, prefix, additions: dict[int, torch.Tensor] | N
     replacement = None
     if first > 0:
         h = prefix.hidden[first - 1]
-        replacement = (h, None) if ad.spec.layer_output_is_tuple else h
+        replacement = (h, None) if ad.layer_output_is_tuple else h
     with lm.trace(input_ids=prefix.last_ids, attention_mask=prefix.mask, position_ids=prefix.position,
                   past_key_values=prefix.cache, use_cache=True, **trace_kwargs(model)):
         for skipped in range(first):
             ad.layer(lm, skipped).skip(replacement)
         for layer in sorted(additions or {}):
-            hidden = layer_hidden(ad.layer(lm, layer), ad.spec.layer_output_is_tuple)
+            hidden = layer_hidden(ad.layer(lm, layer), ad.layer_output_is_tuple)
             hidden[:, -1] += additions[layer].to(hidden.dtype)
         picked = ad.unembed(lm).output[:, -1].float()
         picked.save()

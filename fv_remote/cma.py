@@ -169,7 +169,7 @@ def cma_prompt_fast(model: LoadedModel, text: str, answer_id: int, means: torch.
     if not _copies_supported(model, n_tokens):
         return cma_prompt_cached_batch(model, text, answer_id, means, heads, chunk=min(chunk, 128))
     ad, lm = model.adapter, model.lm
-    is_tuple = ad.spec.layer_output_is_tuple
+    is_tuple = ad.layer_output_is_tuple
     with lm.trace(input_ids=ids, use_cache=True, **_last_logits_only(model)):
         hidden = nnsight.save([])
         for layer in range(ad.n_layers):
@@ -198,7 +198,7 @@ def _copies_forward(model: LoadedModel, part: Heads, means: torch.Tensor, answer
     replacement = None
     if first > 0:
         h = hidden[first - 1].expand(1, n_copies, -1).contiguous()
-        replacement = (h, None) if ad.spec.layer_output_is_tuple else h
+        replacement = (h, None) if ad.layer_output_is_tuple else h
     inputs = dict(
         input_ids=last_id.expand(1, n_copies),
         past_key_values=copy.deepcopy(cache),  # the forward appends the copies' keys; keep the prompt's clean
@@ -232,7 +232,7 @@ def cma_fast_session(model: LoadedModel, jobs: list[tuple[str, int]], means: tor
     """
     ad, lm = model.adapter, model.lm
     heads = list(heads or all_heads(model))
-    n_heads, head_dim, is_tuple = ad.n_heads, ad.head_dim, ad.spec.layer_output_is_tuple
+    n_heads, head_dim, is_tuple = ad.n_heads, ad.head_dim, ad.layer_output_is_tuple
     layers = [ad.layer(lm, layer) for layer in range(ad.n_layers)]
     sites = [ad.head_site(lm, layer) for layer in range(ad.n_layers)]
     unembed = ad.unembed(lm)

@@ -228,7 +228,7 @@ def _fit_sweep_session(model: LoadedModel, prepared: PreparedTask, means: torch.
     sites = [ad.head_site(lm, layer) for layer, _ in heads]
     index = [head for _, head in heads]
     rows = torch.stack([means[layer, head].float() for layer, head in heads])
-    width, head_dim, is_tuple = ad.head_width, ad.head_dim, ad.spec.layer_output_is_tuple
+    width, head_dim, is_tuple = ad.head_width, ad.head_dim, ad.layer_output_is_tuple
     unembed = ad.unembed(lm)
     tops: list[torch.Tensor] = []
     with stage_session(model, remote):

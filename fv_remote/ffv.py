@@ -109,7 +109,7 @@ def _trace_loss(model: LoadedModel, texts: list[str], targets: torch.Tensor, vec
     """(mean cross-entropy of the targets at the last position, top-1 hits) with `vector` added at `layer`."""
     ad, lm = model.adapter, model.lm
     with lm.trace(texts, **trace_kwargs(model)):
-        add_to_residual(ad.layer(lm, layer), ad.spec.layer_output_is_tuple, vector)
+        add_to_residual(ad.layer(lm, layer), ad.layer_output_is_tuple, vector)
         logits = ad.unembed(lm).output[:, -1].float()
         loss = torch.nn.functional.cross_entropy(logits, targets)
         hits = (logits.argmax(-1) == targets).sum()
@@ -159,7 +159,7 @@ def build_prefix(model: LoadedModel, texts: list[str], targets: torch.Tensor) ->
                                    **trace_kwargs(model)):
         hidden = nnsight.save([])
         for layer in range(ad.n_layers):
-            hidden.append(layer_hidden(ad.layer(lm, layer), ad.spec.layer_output_is_tuple)[:, -1:].detach().clone())
+            hidden.append(layer_hidden(ad.layer(lm, layer), ad.layer_output_is_tuple)[:, -1:].detach().clone())
         cache = lm.output.past_key_values.save()
     cache.crop(-1)  # drop the last token: it is fed again at every step
     return Prefix(ids[:, -1:], mask, position[:, -1:], cache, list(hidden), targets)
@@ -171,13 +171,13 @@ def _trace_loss_fast(model: LoadedModel, prefix: Prefix, vector: torch.Tensor, l
     replacement = None
     if layer > 0:
         h = prefix.hidden[layer - 1]
-        replacement = (h, None) if ad.spec.layer_output_is_tuple else h
+        replacement = (h, None) if ad.layer_output_is_tuple else h
     targets = prefix.targets
     with lm.trace(input_ids=prefix.last_ids, attention_mask=prefix.mask, position_ids=prefix.position,
                   past_key_values=copy.deepcopy(prefix.cache), use_cache=True, **trace_kwargs(model)):
         for skipped in range(layer):  # forward order: the skipped layers first
             ad.layer(lm, skipped).skip(replacement)
-        add_to_residual(ad.layer(lm, layer), ad.spec.layer_output_is_tuple, vector)
+        add_to_residual(ad.layer(lm, layer), ad.layer_output_is_tuple, vector)
         logits = ad.unembed(lm).output[:, -1].float()
         loss = torch.nn.functional.cross_entropy(logits, targets)
         hits = (logits.argmax(-1) == targets).sum()
@@ -245,7 +245,7 @@ def residual_norm(model: LoadedModel, texts: Sequence[str], layer: int) -> float
     ad, lm = model.adapter, model.lm
     with torch.no_grad(), lm.trace(list(texts)):
         out = ad.layer(lm, layer).output
-        hidden = out[0] if ad.spec.layer_output_is_tuple else out
+        hidden = out[0] if ad.layer_output_is_tuple else out
         norm = hidden[:, -1].float().norm(dim=-1).mean().save()
     return float(norm)
 

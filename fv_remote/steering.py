@@ -55,7 +55,7 @@ def steer_edits(model: LoadedModel, steer: Steer | None) -> list[tuple]:
             edits.append(("head", ad.head_site(lm, layer), head, ad.head_dim, steer.scale * steer.fv.head_means[i]))
         return edits
     layer = steer.resolved_layer(model)
-    return [("residual", ad.layer(lm, layer), ad.spec.layer_output_is_tuple, steer.fv.vector, steer.scale)]
+    return [("residual", ad.layer(lm, layer), ad.layer_output_is_tuple, steer.fv.vector, steer.scale)]
 
 
 def _apply(model: LoadedModel, steer: Steer | None) -> None:

@@ -42,10 +42,10 @@ def test_residual_steering_matches_plain_hook(tiny_tokenizer, family):
     fv = FunctionVector(vector=vec, model=model.model_id, task="t", layer=1)
 
     def hook(mod, args, output):
-        hidden = output[0] if ad.spec.layer_output_is_tuple else output
+        hidden = output[0] if ad.layer_output_is_tuple else output
         hidden = hidden.clone()
         hidden[:, -1] += 0.5 * vec
-        return (hidden, *output[1:]) if ad.spec.layer_output_is_tuple else hidden
+        return (hidden, *output[1:]) if ad.layer_output_is_tuple else hidden
 
     ref = _hf_logits(model, PROMPTS, ad.layer(model.hf, 1), hook)
     got = last_logits(model, PROMPTS, Steer(fv, scale=0.5))

@@ -117,8 +117,9 @@ def finetune(hf: Any, tokenizer: Any, dataset: SyntheticDataset, settings: Train
                 opt.step()
                 sched.step()
                 opt.zero_grad(set_to_none=True)
-                epoch_losses.append(float(loss))
-                report.step_losses.append(float(loss))
+                value = loss.detach().item()
+                epoch_losses.append(value)
+                report.step_losses.append(value)
                 step += 1
                 if progress:
                     progress(step, total)

@@ -212,26 +212,36 @@ def make_dataset(n_subjects: int = 32, relations: Sequence[str] = ("film",), see
         for s in subjects:
             subject_tokens.update(tokenizer(" " + s, add_special_tokens=False).input_ids)
     facts = []
+    relaxed: list[str] = []
     for relation in relations:
         used_first: set[int] = set()
         used_objects: set[str] = set()
         for subject in subjects:
-            for _attempt in range(10_000):
-                if relation == "film":
-                    obj = f"{_word(rng, (2, 3))} {rng.choice(_TITLE_TAILS)}"
-                else:
-                    obj = _word(rng, (1, 2)) + rng.choice(_TOWN_TAILS)
-                if obj in used_objects:
-                    continue
-                if tokenizer is not None:
-                    first = _first_token(tokenizer, obj)
-                    if first in used_first or first in subject_tokens:
+            # Strict first (distinct first tokens, none shared with subjects); tiny tokenizers may force relaxing.
+            for level, attempts in ((2, 300), (1, 300), (0, 100_000)):
+                found = None
+                for _attempt in range(attempts):
+                    obj = (f"{_word(rng, (2, 3))} {rng.choice(_TITLE_TAILS)}" if relation == "film"
+                           else _word(rng, (1, 2)) + rng.choice(_TOWN_TAILS))
+                    if obj in used_objects:
                         continue
-                    used_first.add(first)
-                used_objects.add(obj)
-                break
-            else:  # pragma: no cover - only with absurdly many subjects
+                    first = _first_token(tokenizer, obj) if tokenizer is not None else None
+                    if level >= 1 and first is not None and first in used_first:
+                        continue
+                    if level >= 2 and first is not None and first in subject_tokens:
+                        continue
+                    found = obj
+                    break
+                if found is not None:
+                    break
+            if found is None:  # pragma: no cover - only with absurdly many subjects
                 raise UserError(f"could not invent {n_subjects} distinct objects for {relation!r}; use fewer")
-            facts.append(Fact(subject=subject, relation=relation, object=obj))
+            if tokenizer is not None and level < 2:
+                relaxed.append(found)
+            used_objects.add(found)
+            if tokenizer is not None:
+                used_first.add(_first_token(tokenizer, found))
+            facts.append(Fact(subject=subject, relation=relation, object=found))
     return SyntheticDataset(facts=facts, relations=relations, seed=seed,
-                            meta={"n_subjects": n_subjects, "tokenizer_checked": tokenizer is not None})
+                            meta={"n_subjects": n_subjects, "tokenizer_checked": tokenizer is not None,
+                                  "objects_without_unique_first_token": relaxed})

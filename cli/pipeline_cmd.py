@@ -78,6 +78,8 @@ def cma(
     plot: Path = typer.Option(None, help="heatmap PNG (default: out/<task>_aie.png)"),
     top: int = typer.Option(10, help="heads to list"),
     data_dir: str = DATA_DIR_OPT,
+    remote: bool = typer.Option(False, "--remote", help="run on NDIF as one request (fast method only; --model is "
+                                "a Hub repo id)"),
 ) -> None:
     """Average indirect effect of every head (patched with its mean clean activation into shuffled prompts)."""
     from fv_remote.cma import run_cma
@@ -86,13 +88,13 @@ def cma(
     from fv_remote.store import ActivationStore
 
     act_store = ActivationStore(store)
-    loaded = _load(model)
+    loaded = _load(model, remote)
     prepared = _prepare(loaded, task, data_dir, seed, n_shots)
     means = mean_heads_tensor(act_store, prepared.name)  # says which command to run first if missing
     act_store.check_compatible(prepared.name, {"model": loaded.model_id})
     with progress_bar(f"mediation {prepared.name}", n_prompts) as update:
         result = run_cma(loaded, prepared, act_store, means, n_prompts=n_prompts, n_shots=n_shots, method=method,
-                         progress=update)
+                         progress=update, remote=remote)
     out.print(_top_heads_table(result.aie, min(top, result.aie.size)))
     path = aie_heatmap(result.aie, plot or Path("out") / f"{prepared.name}_aie.png",
                        title=f"{prepared.name}: AIE per head ({loaded.model_id})")
@@ -312,6 +314,9 @@ def run(
     n_test: int = typer.Option(None, help="test queries per task (default: the test split, at most 200)"),
     seed: int = typer.Option(0),
     json_path: Path = typer.Option(None, "--json", help="write results as JSON"),
+    remote: bool = typer.Option(False, "--remote", help="run on NDIF (--model is a Hub repo id): one request per "
+                                "stage and task — extract, CMA, fit + layer sweep, evaluate (4 per task; a stage "
+                                "with nothing left to compute sends none)"),
 ) -> None:
     """The whole pipeline per task: extract -> CMA -> FV -> layer sweep -> evaluation table."""
     from fv_remote.data import load_task
@@ -326,13 +331,13 @@ def run(
     for name, value in (("--n-prompts", n_prompts), ("--n-cma-prompts", n_cma_prompts), ("--k", k)):
         require_positive(name, value)
     relations = [load_task(name, data_dir=data_dir) for name in names]  # fail fast on a bad name
-    loaded = _load(model)
+    loaded = _load(model, remote)
     settings = PipelineSettings(n_prompts=n_prompts, n_cma_prompts=n_cma_prompts, n_shots=n_shots, k=k, seed=seed,
                                 n_test=n_test)
     act_store = ActivationStore(store or str(out_dir / "store.zarr"))
     runs = []
     for relation in relations:
-        result = run_task(loaded, relation, act_store, out_dir, settings, progress=progress_bar)
+        result = run_task(loaded, relation, act_store, out_dir, settings, progress=progress_bar, remote=remote)
         runs.append(result)
         r = result.scores
         console.print(f"[green]{r.task}[/]: zero-shot {r.zero_shot:.2f} -> {r.zero_shot_fv:.2f} with FV at layer "

@@ -21,11 +21,17 @@ app.add_typer(bank_app, name="bank")
 DEFAULT_BANK = "out/bank.safetensors"
 
 
-def _load(model: str):
-    from fv_remote.models import load_model
+def _load(model: str, remote: bool = False):
+    from fv_remote.remote import load_stage_model
 
-    offline_if_local(model)
-    return load_model(model)
+    if not remote:
+        offline_if_local(model)
+    return load_stage_model(model, remote)
+
+
+def _remote_opt(what: str):
+    return typer.Option(False, "--remote", help=f"run on NDIF: {what} (--model is a Hub repo id; short names map "
+                        "to their original repo)")
 
 
 def _layer_option(text: Optional[str]):
@@ -81,6 +87,8 @@ def finetune(
     plot: Optional[Path] = typer.Option(None, help="loss-curve PNG (default next to --out)"),
     json_path: Optional[Path] = typer.Option(None, "--json", help="write the evaluation JSON (as `evaluate`)"),
     evaluate: bool = typer.Option(True, help="evaluate FV / FFV / ICL on the test split afterwards"),
+    remote: bool = _remote_opt("the whole optimisation (layer search, Adam steps, validation, early stopping) is "
+                               "one request; the evaluation afterwards is a second"),
 ) -> None:
     """Fine-tune a function vector (model frozen): FFV = argmin NLL of the answer on zero-shot prompts."""
     from fv_remote.data import load_task
@@ -97,7 +105,7 @@ def finetune(
         raise UserError("--init fv needs --fv FILE (make one with `fv-remote run` or `fv-remote fit`); "
                         "or use --init zero --layer N")
     relation = load_task(task, data_dir=data_dir)
-    loaded = _load(model)
+    loaded = _load(model, remote)
     if source is not None:
         source.check_model(loaded)
     prepared = prepare_task(loaded.tokenizer, relation, seed=seed, min_pairs=n_train + 2)
@@ -108,7 +116,7 @@ def finetune(
                         f"--n-train {n_train}")
     with progress_bar(f"finetune {relation.name}", steps) as update:
         run = train_ffv(loaded, prepared, source, init=init, layer=layer_opt, n_train=n_train, n_valid=n_valid,
-                        settings=settings, progress=update)
+                        settings=settings, progress=update, remote=remote)
     res = run.result
     ffv = res.ffv
     out_path = out_path or Path("out/ffv") / f"{relation.name}.ffv.safetensors"
@@ -133,7 +141,7 @@ def finetune(
         raise UserError(f"task {relation.name!r} has no test pairs to evaluate on (use --no-evaluate)")
     base = source if source is not None else ffv
     scores = evaluate_task(loaded, prepared, base, n_test=n_test, n_shots=n_shots,
-                           extra_vectors={"ffv": ffv} if source is not None else None)
+                           extra_vectors={"ffv": ffv} if source is not None else None, remote=remote)
     row = scores.as_json()
     if source is None:  # no FV: the FFV sat in the FV's place
         row["zero_shot_ffv"], row["shuffled_ffv"] = row["zero_shot_fv"], row["shuffled_fv"]
@@ -177,6 +185,8 @@ def bank_build(
     batch_size: int = typer.Option(32, help="prompts per step"),
     seed: int = typer.Option(0),
     fresh: bool = typer.Option(False, help="ignore an existing bank file instead of resuming it"),
+    remote: bool = _remote_opt("every missing relation is fine-tuned in one request; the bank is written when it "
+                               "is back"),
 ) -> None:
     """Fine-tune an FFV for every relation and store them in one bank file (resumable)."""
     from fv_remote.bank import build_bank
@@ -187,7 +197,7 @@ def bank_build(
     relations = [load_task(n, data_dir=data_dir) for n in names] + [load_task(str(p)) for p in (data or [])]
     if not relations:
         raise UserError("no relations given: use --tasks, --data, or neither for every bundled relation")
-    loaded = _load(model)
+    loaded = _load(model, remote)
     if layer is None and init != "fv":
         layer = round(0.4 * loaded.adapter.n_layers)
         console.print(f"common layer {layer} of {loaded.adapter.n_layers} (set it with --layer)")
@@ -201,7 +211,7 @@ def bank_build(
     with progress_bar("bank build", len(relations)) as update:
         bank = build_bank(loaded, relations, out_path, layer=layer, init=init, fv_dir=fv_dir, n_train=n_train,
                           n_valid=n_valid, settings=settings, seed=seed, resume=not fresh, on_task=report,
-                          progress=update)
+                          progress=update, remote=remote)
     out.print(f"bank {out_path}: {len(bank)} relations for {bank.model}"
               + (f"; {len(skipped)} skipped ({', '.join(skipped)})" if skipped else "")
               + f"\nsee `fv-remote bank info {out_path}`")
@@ -241,15 +251,16 @@ def decode(
     top_k: int = typer.Option(15, help="top tokens to list"),
     model: str = typer.Option(DEFAULT_MODEL, "--model", "-m"),
     json_path: Optional[Path] = typer.Option(None, "--json"),
+    remote: bool = _remote_opt("all vectors through the server's final norm and unembedding in one request"),
 ) -> None:
     """Project vectors through the final norm and unembedding: top tokens and relation-word ranks, side by side."""
     from fv_remote.bank import RelationBank
     from fv_remote.data import load_task
-    from fv_remote.decode import decode as run_decode
+    from fv_remote.decode import decode_many
     from fv_remote.vectors import FunctionVector
 
     require_positive("--top-k", top_k)
-    loaded = _load(model)
+    loaded = _load(model, remote)
     named = []
     for spec in vectors:
         path, _, relation = spec.partition(":") if ":" in spec and not Path(spec).exists() else (spec, "", "")
@@ -267,7 +278,7 @@ def decode(
                 word_list += [w for w in load_task(vec.task).relation_words if w not in word_list]
             except UserError:
                 pass
-    results = [run_decode(loaded, vec.vector, name, word_list, top_k) for name, vec in named]
+    results = decode_many(loaded, [(name, vec.vector) for name, vec in named], word_list, top_k, remote)
     table = Table(title="top tokens (final norm + unembedding)", title_justify="left")
     table.add_column("#", justify="right")
     for r in results:
@@ -362,6 +373,8 @@ def analogy(
     seed: int = typer.Option(0),
     model: str = typer.Option(DEFAULT_MODEL, "--model", "-m"),
     json_path: Optional[Path] = typer.Option(None, "--json"),
+    remote: bool = _remote_opt("relation profiles, CFV weights and every method's scores in one request (with "
+                               "--combiner; --train-combiner runs locally only)"),
 ) -> None:
     """Analogies (A is to B as C is to ?) with composite FVs, against no vector, the best single FFV and ICL."""
     import random
@@ -375,6 +388,9 @@ def analogy(
         raise UserError("give exactly one of --mc FILE.jsonl or --csv FILE.csv")
     if combiner and train_combiner:
         raise UserError("use --combiner (apply a saved one) or --train-combiner (fit one), not both")
+    if remote and train_combiner:
+        raise UserError("--train-combiner runs locally only: train and --save-combiner it locally, then use "
+                        "--combiner FILE with --remote")
     settings = AnalogySettings(mode=mode, temperature=temperature, score=score, scale=scale, batch_size=batch_size,
                                icl_format=icl_format, n_boot=n_boot, seed=seed).check()
     items = read_mc_analogies(mc) if mc else read_analogy_csv(csv_path)
@@ -383,7 +399,7 @@ def analogy(
     if limit is not None:
         items = items[:require_positive("--limit", limit)]
     bank = RelationBank.load(bank_path)
-    loaded = _load(model)
+    loaded = _load(model, remote)
     bank.check_model(loaded)
     comb = None
     if combiner:
@@ -399,7 +415,7 @@ def analogy(
             console.print(f"saved combiner to {save_combiner}")
         comb.meta["path"] = str(save_combiner or "(trained, not saved)")
     with progress_bar(f"analogies ({mode})", 6) as update:
-        result = run_analogies(loaded, bank, items, settings, comb, progress=update)
+        result = run_analogies(loaded, bank, items, settings, comb, progress=update, remote=remote)
     for item, reason in result.skipped[:10]:
         console.print(f"[yellow]skipped {item.stem[0]}:{item.stem[1]}: {reason}[/]")
     if result.n_skipped > 10:

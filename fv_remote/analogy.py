@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import nnsight
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
@@ -38,7 +39,9 @@ from fv_remote.data import MCAnalogy, PromptTemplate
 from fv_remote.errors import UserError, require_positive
 from fv_remote.ffv import trace_kwargs
 from fv_remote.models import LoadedModel
-from fv_remote.traces.patching import layer_hidden
+from fv_remote.remote import check_shippable, remote_mode, stage_session
+from fv_remote.traces.mixing import bank_additions, combine_weights, mix_rows, row_scores
+from fv_remote.traces.patching import add_at_positions, layer_hidden, read_positions
 
 METHODS = ("cfv", "no_vector", "best_ffv", "icl", "icl_qa")
 MODES = ("mc", "generative")
@@ -428,8 +431,13 @@ def _choice_scores(model: LoadedModel, bank: RelationBank, prompts: list[str], c
 
 def run_analogies(model: LoadedModel, bank: RelationBank, items: Sequence[MCAnalogy],
                   settings: AnalogySettings | None = None, combiner: Combiner | None = None,
-                  methods: Sequence[str] = METHODS, progress: Progress | None = None) -> AnalogyResult:
-    """Score every method on the items (bad items are skipped and counted, never silently dropped)."""
+                  methods: Sequence[str] = METHODS, progress: Progress | None = None,
+                  remote: Any = False) -> AnalogyResult:
+    """Score every method on the items (bad items are skipped and counted, never silently dropped).
+
+    `remote=True`: the relation profiles, the CFV weights and every method's scores are ONE NDIF request
+    (`analogy_session`); `progress` is then called once, at the end.
+    """
     s = (settings or AnalogySettings()).check()
     bank.require_entries()
     bank.check_model(model)
@@ -441,67 +449,177 @@ def run_analogies(model: LoadedModel, bank: RelationBank, items: Sequence[MCAnal
     kept, skipped = check_items(model.tokenizer, items, s)
     n_bank = len(bank)
     steps = len(methods) + 1
-    done = 0
-
-    def tick() -> None:
-        nonlocal done
-        done += 1
-        if progress:
-            progress(done, steps)
-
-    if kept:
-        logp = relation_profile(model, bank, [it.stem for it in kept], s)
-        weights = cfv_weights(logp, s.temperature, combiner)
+    if s.mode == "mc":
+        chance = float(np.mean([1 / len(it.choices) for it in kept])) if kept else float("nan")
     else:
-        weights = torch.empty(0, n_bank)
-    tick()
-    correct: dict[str, np.ndarray] = {}
+        chance = 1.0 / model.adapter.vocab_size
+    if not kept:
+        weights, scores = torch.empty(0, n_bank), {m: None for m in methods}
+    elif remote_mode(remote):
+        weights, scores = analogy_session(model, bank, kept, s, combiner, methods, remote)
+    else:
+        weights, scores = _local_scores(model, bank, kept, s, combiner, methods, progress)
+    if progress and (remote_mode(remote) or not kept):
+        progress(steps, steps)
+    correct = {m: _hits(kept, scores[m], s.mode) for m in methods}
+    return AnalogyResult(len(kept), len(skipped), chance, correct, weights, bank.names, kept, skipped, s,
+                         combiner.meta.get("path") if combiner else None)
+
+
+def _method_rows(kept: Sequence[MCAnalogy], s: AnalogySettings,
+                 method: str) -> tuple[list[int], list[str], list[str], PromptTemplate]:
+    """Per scored row of a method: its item, prompt and answer D, and the template D is scored with."""
     if s.mode == "mc":
         row_item = [i for i, it in enumerate(kept) for _ in it.choices]
         cs = [c for it in kept for c, _ in it.choices]
         ds = [d for it in kept for _, d in it.choices]
-        q = s.template
-        icl = s.icl_template()
-        chance = float(np.mean([1 / len(it.choices) for it in kept])) if kept else float("nan")
     else:
         row_item = list(range(len(kept)))
         cs = [it.correct[0] for it in kept]
         ds = [it.correct[1] for it in kept]
-        q, icl = s.template, s.icl_template()
-        chance = 1.0 / model.adapter.vocab_size
-    idx = torch.tensor(row_item, dtype=torch.long)
+    q = s.template
+    if method == "icl":
+        return row_item, [s.icl_prompt(kept[i].stem[0], kept[i].stem[1], c) for i, c in zip(row_item, cs)], ds, \
+            s.icl_template()
+    if method == "icl_qa":
+        return row_item, [q.render([kept[i].stem], c) for i, c in zip(row_item, cs)], ds, q
+    return row_item, [q.query_text(c) for c in cs], ds, q
+
+
+def _hits(kept: Sequence[MCAnalogy], scores: torch.Tensor | None, mode: str) -> np.ndarray:
+    """0/1 per item: the generative hit, or whether the best-scored choice is the answer."""
+    if scores is None:
+        return np.zeros(0)
+    if mode == "generative":
+        return scores.numpy().astype(np.float64)
+    hits, start = [], 0
+    for it in kept:
+        block = scores[start:start + len(it.choices)]
+        hits.append(float(int(block.argmax()) == it.answer))
+        start += len(it.choices)
+    return np.array(hits)
+
+
+def _local_scores(model: LoadedModel, bank: RelationBank, kept: list[MCAnalogy], s: AnalogySettings,
+                  combiner: Combiner | None, methods: Sequence[str],
+                  progress: Progress | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    steps, done = len(methods) + 1, 1
+    weights = cfv_weights(relation_profile(model, bank, [it.stem for it in kept], s), s.temperature, combiner)
+    if progress:
+        progress(done, steps)
+    scores = {}
     for method in methods:
-        if not kept:
-            correct[method] = np.zeros(0)
-            tick()
-            continue
-        mix, template = None, q
+        row_item, prompts, ds, template = _method_rows(kept, s, method)
+        idx = torch.tensor(row_item, dtype=torch.long)
+        mix = None
         if method == "cfv":
             mix = weights[idx]
-            prompts = [q.query_text(c) for c in cs]
         elif method == "best_ffv":
-            mix = torch.nn.functional.one_hot(weights.argmax(-1), n_bank).float()[idx]
-            prompts = [q.query_text(c) for c in cs]
-        elif method == "no_vector":
-            prompts = [q.query_text(c) for c in cs]
-        elif method == "icl":
-            template = icl
-            prompts = [s.icl_prompt(kept[i].stem[0], kept[i].stem[1], c) for i, c in zip(row_item, cs)]
-        else:  # icl_qa
-            prompts = [q.render([kept[i].stem], c) for i, c in zip(row_item, cs)]
-        scores = _choice_scores(model, bank, prompts, ds, template, mix, s, s.mode)
-        if s.mode == "generative":
-            correct[method] = scores.numpy().astype(np.float64)
+            mix = torch.nn.functional.one_hot(weights.argmax(-1), len(bank)).float()[idx]
+        scores[method] = _choice_scores(model, bank, prompts, ds, template, mix, s, s.mode)
+        done += 1
+        if progress:
+            progress(done, steps)
+    return weights, scores
+
+
+# --- one remote request ----------------------------------------------------------------------------------------
+
+
+def _score_batches(model: LoadedModel, prompts: Sequence[str], conts: Sequence[str], rows: Sequence[int],
+                   batch_size: int, first: bool) -> list[dict]:
+    """Rows as plain-tensor batches for `analogy_session`: the texts, where the vector goes (the prompt's last
+    token), which logits to read and the tokens expected there (`first`: D's first token after the prompt only;
+    else all of D's tokens, teacher-forced, as `continuation_scores`)."""
+    tok = model.tokenizer
+    batches = []
+    for start in range(0, len(prompts), batch_size):
+        ps, cs = list(prompts[start:start + batch_size]), list(conts[start:start + batch_size])
+        if first:
+            ids = [[first_token(tok, p, c)] for p, c in zip(ps, cs)]
+            if any(i[0] is None for i in ids):
+                raise UserError("an answer has no usable first token after its query")
+            texts = ps
         else:
-            hits, start = [], 0
-            for it in kept:
-                block = scores[start:start + len(it.choices)]
-                hits.append(float(int(block.argmax()) == it.answer))
-                start += len(it.choices)
-            correct[method] = np.array(hits)
-        tick()
-    return AnalogyResult(len(kept), len(skipped), chance, correct, weights, bank.names, kept, skipped, s,
-                         combiner.meta.get("path") if combiner else None)
+            ids = [_split_continuation(tok, p, c) for p, c in zip(ps, cs)]
+            texts = [p + c for p, c in zip(ps, cs)]
+        k = max(len(i) for i in ids)
+        read = torch.tensor([[-(len(i) + 1) + min(j, len(i) - 1) + (1 if first else 0) for j in range(k)]
+                             for i in ids])
+        batches.append({"texts": texts, "rows": torch.tensor(list(rows[start:start + batch_size])),
+                        "positions": read[:, 0].clone(), "read": read,
+                        "targets": torch.tensor([i + i[-1:] * (k - len(i)) for i in ids]),
+                        "mask": torch.tensor([[j < len(i) for j in range(k)] for i in ids]),
+                        "keep": trace_kwargs(model) if first else {}})
+    return batches
+
+
+def analogy_session(model: LoadedModel, bank: RelationBank, kept: list[MCAnalogy], s: AnalogySettings,
+                    combiner: Combiner | None, methods: Sequence[str],
+                    remote: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """`_local_scores` as one stage: relation profiles -> CFV weights (softmax, or the combiner's) -> each method's
+    row scores, all in one session; only the weights and one score per row come back.
+
+    Whole prompts throughout (locally the first-token path shares cached prefixes; same values up to rounding).
+    The body ends by clearing its locals: the server returns every local whose object was saved (by id, and the ids
+    of freed saved logits get reused), so only `outs` and `weights` go back.
+    """
+    n_bank, n_items = len(bank), len(kept)
+    vectors, by_layer = _bank_tensors(bank)
+    tmpl = s.template
+    profile_first = s.score == "first"
+    stems = [it.stem for it in kept]
+    passes = [{"mix": "eye", "batches": _score_batches(
+        model, [tmpl.query_text(a) for a, _ in stems for _ in range(n_bank)],
+        [tmpl.answer_text(b) for _, b in stems for _ in range(n_bank)], list(range(n_bank)) * n_items,
+        s.batch_size, profile_first)}]
+    method_first = s.mode == "mc" and s.score == "first"
+    for method in methods:
+        row_item, prompts, ds, template = _method_rows(kept, s, method)
+        mix = {"cfv": "weights", "best_ffv": "onehot"}.get(method, "none")
+        passes.append({"mix": mix, "batches": _score_batches(
+            model, prompts, [template.answer_text(d) for d in ds], row_item, s.batch_size, method_first)})
+    combine = None
+    if combiner is not None:
+        combine = {"weight": combiner.weight.float(), "bias": combiner.bias.float(), "t": combiner.temperature}
+    ad, lm = model.adapter, model.lm
+    layers = [ad.layer(lm, index) for index in range(ad.n_layers)]
+    add_layers = sorted(by_layer)
+    is_tuple, unembed, scale, temperature = ad.layer_output_is_tuple, ad.unembed(lm), s.scale, s.temperature
+    session = bool(remote_mode(remote))
+    if session:
+        check_shippable(passes=passes, vectors=vectors, by_layer=by_layer, combine=combine)
+    outs: list = []
+    with stage_session(model, remote):
+        weights = torch.empty(0, n_bank)
+        for p in passes:
+            sums, counts, matches = [], [], []
+            for b in p["batches"]:
+                mix = mix_rows(p["mix"], b["rows"], weights, n_bank)
+                adds = bank_additions(mix, vectors, by_layer, add_layers, layers, scale)
+                with lm.trace(b["texts"], **b["keep"]):
+                    for envoy, vec in adds:
+                        add_at_positions(envoy, is_tuple, vec, b["positions"])
+                    picked = read_positions(unembed.output, b["read"]).save()
+                total, match = row_scores(picked, b["targets"], b["mask"])
+                sums.append(total)
+                counts.append(b["mask"].sum(1))
+                matches.append(match)
+            sums, counts, matches = torch.cat(sums), torch.cat(counts), torch.cat(matches)
+            if p["mix"] == "eye":
+                weights = combine_weights((sums / counts).view(n_items, n_bank), temperature, combine)
+            outs.append((sums.detach().cpu(), counts.cpu(), matches.cpu()))
+        weights = weights.detach().cpu()
+        picked = mix = adds = envoy = vec = total = match = sums = counts = matches = b = p = None
+        if session:
+            outs, weights = nnsight.save(outs), nnsight.save(weights)
+    scores = {}
+    for method, (sums, counts, matches) in zip(methods, outs[1:]):
+        if s.mode == "generative":
+            scores[method] = matches.float()
+        else:
+            scores[method] = sums if method_first else sums / counts
+    return weights, scores
 
 
 # --- the learned combiner --------------------------------------------------------------------------------------

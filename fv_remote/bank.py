@@ -25,6 +25,7 @@ from fv_remote.data import RelationTask
 from fv_remote.errors import UserError, did_you_mean
 from fv_remote.ffv import FinetuneSettings, train_ffv
 from fv_remote.models import LoadedModel
+from fv_remote.remote import remote_mode
 from fv_remote.tasks import prepare_task
 from fv_remote.vectors import FunctionVector
 
@@ -161,14 +162,13 @@ def build_bank(model: LoadedModel, tasks: Iterable[RelationTask], path: str | Pa
                init: str = "zero", fv_dir: str | Path | None = None, n_train: int = 20, n_valid: int = 30,
                settings: FinetuneSettings | None = None, seed: int = 0, resume: bool = True,
                on_task: Callable[[str, str], None] | None = None,
-               progress: Callable[[int, int], None] | None = None) -> RelationBank:
+               progress: Callable[[int, int], None] | None = None, remote: Any = False) -> RelationBank:
     """Fine-tune one FFV per task and write the bank to `path` after each (an interrupted build resumes).
 
     `init="fv"` starts each relation from `fv_dir/<task>.fv.safetensors` (and its layer unless `layer` is given);
-    `on_task(name, status)` reports "done", "kept" (already in the bank) or "skipped: why".
+    `on_task(name, status)` reports "done", "kept" (already in the bank) or "skipped: why". `remote=True` trains
+    every missing relation in ONE NDIF request (`fv_remote.ffv_session`) and writes the bank once it has come back.
     """
-    from fv_remote.ffv import examples, score
-
     s = settings or FinetuneSettings()
     tasks = list(tasks)
     if not tasks:
@@ -180,6 +180,7 @@ def build_bank(model: LoadedModel, tasks: Iterable[RelationTask], path: str | Pa
     bank.check_model(model)
     bank.settings = {"init": init, "layer": layer, "n_train": n_train, "n_valid": n_valid, "seed": seed,
                      "finetune": s.as_dict()}
+    todo = []
     for i, task in enumerate(tasks):
         if task.name in bank.names:
             if on_task:
@@ -188,29 +189,85 @@ def build_bank(model: LoadedModel, tasks: Iterable[RelationTask], path: str | Pa
                 progress(i + 1, len(tasks))
             continue
         try:
-            prepared = prepare_task(model.tokenizer, task, seed=seed, min_pairs=n_train + 2)
-            if len(prepared.splits.train) < n_train:
-                raise UserError(f"{len(prepared.splits.train)} training pairs, fewer than --n-train {n_train}")
-            fv = None
-            if init == "fv":
-                fv_path = Path(fv_dir or ".") / f"{task.name}.fv.safetensors"
-                fv = FunctionVector.load(fv_path)
+            prepared, fv = _prepare_relation(model, task, init, fv_dir, n_train, seed)
+            if remote_mode(remote):
+                todo.append((i, task, prepared, fv))
+                continue
             run = train_ffv(model, prepared, fv, init=init, layer=layer, n_train=n_train, n_valid=n_valid,
                             settings=s)
         except UserError as exc:
             if on_task:
                 on_task(task.name, f"skipped: {exc}")
             continue
-        ffv = run.result.ffv
-        extra: dict[str, Any] = {"task": task.name, "category": task.category,
-                                 "relation_words": list(task.relation_words), "source": task.source}
-        if prepared.splits.valid:
-            valid = examples(prepared, "valid", n_valid)
-            extra["zero_shot_valid_acc"] = score(model, valid, torch.zeros_like(ffv.vector), ffv.layer)[1]
-        bank.add_vector(ffv, name=task.name, **extra)
-        bank.save(path)
-        if on_task:
-            on_task(task.name, "done")
-        if progress:
-            progress(i + 1, len(tasks))
+        baseline = _zero_shot_valid_acc(model, prepared, run.result.ffv, n_valid)
+        _add(bank, path, task, run.result.ffv, baseline, on_task, progress, i, len(tasks))
+    if todo:
+        for (i, task, _, _), ffv, baseline in _train_remote(model, todo, layer, init, n_train, n_valid, s, on_task,
+                                                           remote):
+            _add(bank, path, task, ffv, baseline, on_task, progress, i, len(tasks))
     return bank.require_entries(path)
+
+
+def _prepare_relation(model: LoadedModel, task: RelationTask, init: str, fv_dir: str | Path | None, n_train: int,
+                      seed: int) -> tuple[Any, FunctionVector | None]:
+    """The task prepared for the model and, for init "fv", its FV; a UserError skips the relation."""
+    prepared = prepare_task(model.tokenizer, task, seed=seed, min_pairs=n_train + 2)
+    if len(prepared.splits.train) < n_train:
+        raise UserError(f"{len(prepared.splits.train)} training pairs, fewer than --n-train {n_train}")
+    fv = None
+    if init == "fv":
+        fv = FunctionVector.load(Path(fv_dir or ".") / f"{task.name}.fv.safetensors")
+    return prepared, fv
+
+
+def _zero_shot_valid_acc(model: LoadedModel, prepared: Any, ffv: FunctionVector, n_valid: int) -> float | None:
+    from fv_remote.ffv import examples, score
+
+    if not prepared.splits.valid:
+        return None
+    return score(model, examples(prepared, "valid", n_valid), torch.zeros_like(ffv.vector), ffv.layer)[1]
+
+
+def _add(bank: RelationBank, path: Path, task: RelationTask, ffv: FunctionVector, baseline: float | None,
+         on_task: Callable[[str, str], None] | None, progress: Callable[[int, int], None] | None, i: int,
+         total: int) -> None:
+    extra: dict[str, Any] = {"task": task.name, "category": task.category,
+                             "relation_words": list(task.relation_words), "source": task.source}
+    if baseline is not None:
+        extra["zero_shot_valid_acc"] = baseline
+    bank.add_vector(ffv, name=task.name, **extra)
+    bank.save(path)
+    if on_task:
+        on_task(task.name, "done")
+    if progress:
+        progress(i + 1, total)
+
+
+def _train_remote(model: LoadedModel, todo: list, layer: int | None, init: str, n_train: int, n_valid: int,
+                  s: FinetuneSettings, on_task: Callable[[str, str], None] | None,
+                  remote: Any) -> list[tuple[tuple, FunctionVector, float | None]]:
+    """Every relation of `todo` as one job of one session; relations whose plan fails are skipped (reported)."""
+    from fv_remote.ffv import examples, initial_plan
+    from fv_remote.ffv_session import SCORE_BATCH, Plan, to_result
+
+    plan = Plan(model)
+    planned = []
+    for entry in todo:
+        _, task, prepared, fv = entry
+        try:
+            at = model.adapter.check_layer(fv.layer if layer is None else layer)
+            train = examples(prepared, "train", n_train)
+            valid = examples(prepared, "valid", n_valid) if n_valid and prepared.splits.valid else None
+            vector, scale_texts = initial_plan(model, init, fv, train.texts, s.seed)
+        except UserError as exc:
+            if on_task:
+                on_task(task.name, f"skipped: {exc}")
+            continue
+        train_i = plan.data(train, s.batch_size, s.seed, s.fast)
+        valid_i = plan.data(valid, s.batch_size, s.seed, s.fast)
+        base_i = plan.data(valid, SCORE_BATCH, fast=False, shuffle=False)  # `ffv.score`'s batches
+        plan.job(s, train_i, valid_i, at, vector, scale_texts, baseline=base_i)
+        planned.append((entry, fv, len(train), len(valid) if valid is not None else 0, len(plan.datasets[train_i])))
+    outs = plan.run(remote) if planned else []
+    return [(entry, to_result(model, out, s, entry[2].name, init, fv, n_tr, n_va, n_b).ffv, out["baseline_acc"])
+            for (entry, fv, n_tr, n_va, n_b), out in zip(planned, outs)]

@@ -10,10 +10,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from typing import Any
+
+import nnsight
 import torch
 
 from fv_remote.errors import UserError, require_positive
 from fv_remote.models import LoadedModel
+from fv_remote.remote import remote_mode, stage_session
+from fv_remote.traces.projection import project_rows
 
 
 @dataclass
@@ -58,13 +63,17 @@ def ranks_of(logits: torch.Tensor, tokenizer, words: Sequence[str]) -> tuple[dic
     order = torch.argsort(logits, descending=True)
     position = torch.empty_like(order)
     position[order] = torch.arange(len(order))
+    return _best_forms(tokenizer, words, lambda t: int(position[t]))
+
+
+def _best_forms(tokenizer, words: Sequence[str], position_of) -> tuple[dict[str, int], dict[str, str]]:
     ranks, forms = {}, {}
     for word in words:
         options = word_forms(tokenizer, word)
         if not options:
             continue
-        best = min(options, key=lambda t: int(position[t]))
-        ranks[word], forms[word] = int(position[best]) + 1, options[best]
+        best = min(options, key=position_of)
+        ranks[word], forms[word] = position_of(best) + 1, options[best]
     return ranks, forms
 
 
@@ -77,6 +86,39 @@ def decode(model: LoadedModel, vector: torch.Tensor, name: str = "vector", words
     top = [(tok.decode([int(i)]), float(v)) for v, i in zip(values, ids)]
     ranks, forms = ranks_of(logits, tok, words)
     return Decoded(name, top, ranks, forms)
+
+
+def decode_many(model: LoadedModel, named: Sequence[tuple[str, torch.Tensor]], words: Sequence[str] = (),
+                k: int = 20, remote: Any = False) -> list[Decoded]:
+    """`decode` for several (name, vector); `remote=True` projects them all in ONE NDIF request.
+
+    Remotely the server's final norm and unembedding are called on the vectors (no weights travel), and only the
+    top-k (ids, logits) and the vocabulary positions of the relation words' token forms come back.
+    """
+    require_positive("top-k", k)
+    if not remote_mode(remote):
+        return [decode(model, vector, name, words, k) for name, vector in named]
+    ad, lm, tok = model.adapter, model.lm, model.tokenizer
+    for _, vector in named:
+        if vector.shape[-1] != ad.d_model:
+            raise UserError(f"vector has width {vector.shape[-1]}, the model's residual stream {ad.d_model}")
+    candidates = torch.tensor(sorted({t for w in words for t in word_forms(tok, w)}), dtype=torch.long)
+    rows = torch.stack([v.detach().float().view(-1) for _, v in named]).unsqueeze(1)  # [n, 1, d_model]
+    norm, unembed = ad.final_norm(lm), ad.unembed(lm)
+    top_k = min(k, ad.vocab_size)
+    session = bool(remote_mode(remote))
+    with stage_session(model, remote):
+        values, ids, where = project_rows(norm, unembed, rows, top_k, candidates)
+        values, ids, where = values.cpu(), ids.cpu(), where.cpu()
+        if session:
+            values, ids, where = nnsight.save(values), nnsight.save(ids), nnsight.save(where)
+    out = []
+    for i, (name, _) in enumerate(named):
+        position = dict(zip(candidates.tolist(), where[i].tolist()))
+        top = [(tok.decode([int(t)]), float(v)) for v, t in zip(values[i], ids[i])]
+        ranks, forms = _best_forms(tok, words, lambda t: position[t])
+        out.append(Decoded(name, top, ranks, forms))
+    return out
 
 
 def best_relation_words(model: LoadedModel, vectors: dict[str, torch.Tensor], candidates: Sequence[str],

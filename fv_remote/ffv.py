@@ -6,8 +6,8 @@ initial vector. Adam with a cosine learning-rate schedule; every `eval_every` st
 measured and the best vector so far is kept; training stops after `patience` steps without improvement.
 
 Every forward pass is an nnsight trace (`_trace_loss`): add the vector, read the logits, compute and `.save()` the
-loss; `backward()` and the optimiser step run outside the trace. This is the loop NNSIGHT.md verified to run
-unchanged inside `model.session()`, so it can later become a single remote job.
+loss; `backward()` and the optimiser step run outside the trace. With `remote=True` the same loop runs inside one
+`model.session()`, as a single NDIF job (`fv_remote.ffv_session`).
 
 The result is a `FunctionVector` with kind="ffv" (same file format as an FV), so `fv-remote evaluate` and steering
 take it as is.
@@ -16,6 +16,7 @@ take it as is.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -26,6 +27,7 @@ import torch
 
 from fv_remote.errors import UserError, require_positive
 from fv_remote.models import LoadedModel
+from fv_remote.remote import remote_mode
 from fv_remote.tasks import PreparedTask
 from fv_remote.traces.patching import add_to_residual, layer_hidden
 from fv_remote.vectors import FunctionVector
@@ -186,20 +188,24 @@ def _trace_loss_fast(model: LoadedModel, prefix: Prefix, vector: torch.Tensor, l
     return loss, hits
 
 
+def chunk_examples(data: Examples, batch_size: int, seed: int = 0,
+                   shuffle: bool = True) -> list[tuple[list[str], torch.Tensor]]:
+    """Fixed chunks of (texts, targets), shuffled once with `seed` when there are more than `batch_size`."""
+    order = list(range(len(data)))
+    if shuffle and len(data) > batch_size:
+        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed)).tolist()
+    return [([data.texts[i] for i in order[start:start + batch_size]], data.targets[order[start:start + batch_size]])
+            for start in range(0, len(order), batch_size)]
+
+
 class Batches:
     """Training/validation data in fixed chunks, each with its cached prefix when the fast path is on."""
 
     def __init__(self, model: LoadedModel, data: Examples, batch_size: int, fast: bool, seed: int = 0,
                  shuffle: bool = True):
-        order = list(range(len(data)))
-        if shuffle and len(data) > batch_size:
-            order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed)).tolist()
         self.model = model
-        self.chunks = []
-        for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
-            texts, targets = [data.texts[i] for i in idx], data.targets[idx]
-            self.chunks.append((texts, targets, build_prefix(model, texts, targets) if fast else None))
+        self.chunks = [(texts, targets, build_prefix(model, texts, targets) if fast else None)
+                       for texts, targets in chunk_examples(data, batch_size, seed, shuffle)]
         self.n = len(data)
 
     def loss(self, i: int, vector: torch.Tensor, layer: int):
@@ -254,23 +260,31 @@ def initial_vector(model: LoadedModel, init: str, fv: FunctionVector | None = No
                    texts: Sequence[str] = (), seed: int = 0) -> torch.Tensor:
     """The starting point: the FV itself, zeros, or a random direction (norm of the FV, else 10% of the
     residual stream's norm at `layer`)."""
-    d = model.adapter.d_model
+    vector, scale_texts = initial_plan(model, init, fv, texts, seed)
+    if scale_texts is None:
+        return vector
+    norm = 0.1 * residual_norm(model, scale_texts, layer if layer is not None else 0)
+    return vector / vector.norm() * norm
+
+
+def initial_plan(model: LoadedModel, init: str, fv: FunctionVector | None = None, texts: Sequence[str] = (),
+                 seed: int = 0) -> tuple[torch.Tensor, list[str] | None]:
+    """`initial_vector` without tracing: (vector, None), or (random direction, prompts) when the direction still
+    has to be scaled to 10% of the residual stream's norm at the layer (measured on those prompts)."""
     if init not in INITS:
         raise UserError(f"unknown init {init!r}; use one of {', '.join(INITS)}")
     if init == "fv":
         if fv is None:
             raise UserError("init 'fv' needs a function vector (--fv FILE); or use --init zero / random")
         fv.check_model(model)
-        return fv.vector.detach().float().clone()
+        return fv.vector.detach().float().clone(), None
+    d = model.adapter.d_model
     if init == "zero":
-        return torch.zeros(d)
-    gen = torch.Generator().manual_seed(seed)
-    direction = torch.randn(d, generator=gen)
+        return torch.zeros(d), None
+    direction = torch.randn(d, generator=torch.Generator().manual_seed(seed))
     if fv is not None:
-        norm = float(fv.vector.float().norm())
-    else:
-        norm = 0.1 * residual_norm(model, texts[:16] or ["Q: a\nA:"], layer if layer is not None else 0)
-    return direction / direction.norm() * norm
+        return direction / direction.norm() * float(fv.vector.float().norm()), None
+    return direction, list(texts[:16]) or ["Q: a\nA:"]
 
 
 def prepare_batches(model: LoadedModel, data: "Examples | Batches | None", settings: FinetuneSettings,
@@ -297,11 +311,13 @@ def prepare_batches(model: LoadedModel, data: "Examples | Batches | None", setti
 def finetune(model: LoadedModel, train: "Examples | Batches", valid: "Examples | Batches | None",
              init_vector: torch.Tensor, layer: int, settings: FinetuneSettings | None = None, task: str = "",
              init: str = "custom", source: FunctionVector | None = None,
-             progress: Progress | None = None) -> FinetuneResult:
+             progress: Progress | None = None, remote: Any = False) -> FinetuneResult:
     """Optimise a vector added at `layer` so the frozen model answers the zero-shot training prompts.
 
     Without a validation set the last vector is kept and there is no early stopping. With more training prompts
-    than `batch_size`, fixed chunks (shuffled once) are cycled.
+    than `batch_size`, fixed chunks (shuffled once) are cycled. `remote=True` runs the whole optimisation (Adam,
+    schedule, validation, early stopping) as one NDIF request (`fv_remote.ffv_session`); `train`/`valid` must then
+    be Examples.
     """
     s = (settings or FinetuneSettings()).check()
     layer = model.adapter.check_layer(layer)
@@ -310,14 +326,19 @@ def finetune(model: LoadedModel, train: "Examples | Batches", valid: "Examples |
     if init_vector.shape != (model.adapter.d_model,):
         raise UserError(f"initial vector has shape {tuple(init_vector.shape)}, the model needs "
                         f"({model.adapter.d_model},)")
+    if remote_mode(remote):
+        if isinstance(train, Batches) or isinstance(valid, Batches):
+            raise UserError("remote fine-tuning takes Examples (the prompts are batched on the server)")
+        from fv_remote.ffv_session import finetune_remote
+
+        return finetune_remote(model, train, valid, init_vector, layer, s, task, init, source, remote)
     note: dict[str, Any] = {}
     train_b = prepare_batches(model, train, s, layer, note)
     valid_b = prepare_batches(model, valid, s, layer, note)
     v0 = init_vector.detach().float().clone()
     vector = v0.clone().requires_grad_(True)
     opt = torch.optim.Adam([vector], lr=s.lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda step: s.min_lr_ratio + (1 - s.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * step / s.steps)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, functools.partial(cosine_factor, s))
     history: dict[str, list] = {"step": [], "train_loss": [], "lr": [], "eval_step": [], "valid_loss": [],
                                 "valid_acc": []}
 
@@ -358,11 +379,25 @@ def finetune(model: LoadedModel, train: "Examples | Batches", valid: "Examples |
                 break
     if progress:
         progress(s.steps, s.steps)
+    meta: dict[str, Any] = {"n_train": train_b.n, "n_valid": valid_b.n if valid_b else 0,
+                            "n_train_batches": len(train_b.chunks), **note}
+    return finetune_result(model, best, layer, history, best_step, best_loss, best_acc, stopped, float(v0.norm()),
+                           s, task, init, source, meta)
+
+
+def cosine_factor(s: FinetuneSettings, step: int) -> float:
+    """The learning-rate factor at `step`: cosine from 1 down to `min_lr_ratio` over `steps`."""
+    return s.min_lr_ratio + (1 - s.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * step / s.steps))
+
+
+def finetune_result(model: LoadedModel, best: torch.Tensor, layer: int, history: dict[str, list], best_step: int,
+                    best_loss: float, best_acc: float, stopped: bool, init_norm: float, s: FinetuneSettings,
+                    task: str, init: str, source: FunctionVector | None, extra: dict) -> FinetuneResult:
+    """The FFV (metadata included) and its training record, from a local or a remote run."""
     meta: dict[str, Any] = {
-        "init": init, "settings": s.as_dict(), "n_train": train_b.n, "n_valid": valid_b.n if valid_b else 0,
+        "init": init, "settings": s.as_dict(), "n_train": extra.pop("n_train"), "n_valid": extra.pop("n_valid"),
         "best_step": best_step, "best_valid_loss": best_loss, "best_valid_acc": best_acc,
-        "stopped_early": stopped, "init_norm": float(v0.norm()), "norm": float(best.norm()),
-        "n_train_batches": len(train_b.chunks), **note,
+        "stopped_early": stopped, "init_norm": init_norm, "norm": float(best.norm()), **extra,
     }
     if source is not None:
         meta["source"] = {"task": source.task, "layer": source.layer, "kind": source.kind,
@@ -440,11 +475,12 @@ class FFVRun:
 def train_ffv(model: LoadedModel, prepared: PreparedTask, fv: FunctionVector | None = None, init: str = "fv",
               layer: int | str | None = None, n_train: int = 20, n_valid: int = 30,
               settings: FinetuneSettings | None = None, quick_steps: int = 30,
-              progress: Progress | None = None) -> FFVRun:
+              progress: Progress | None = None, remote: Any = False) -> FFVRun:
     """Fine-tune on the first `n_train` training pairs, validate on up to `n_valid` validation pairs.
 
     `layer`: an int; None = the FV's layer (required without an FV); "auto" = short runs on `candidate_layers`
-    and the best by validation accuracy (then loss).
+    and the best by validation accuracy (then loss). `remote=True`: all of it (the layer search included) is one
+    NDIF request; `progress` is then called once, at the end.
     """
     s = (settings or FinetuneSettings()).check()
     require_positive("n_train", n_train)
@@ -452,20 +488,28 @@ def train_ffv(model: LoadedModel, prepared: PreparedTask, fv: FunctionVector | N
     valid = examples(prepared, "valid", n_valid) if n_valid and prepared.splits.valid else None
     if fv is not None:
         fv.check_model(model)
+    if layer == "auto" and valid is None:
+        raise UserError(f"--layer auto needs validation pairs; task {prepared.name!r} has none")
+    if layer is None and fv is None:
+        raise UserError("give --layer (an index or 'auto') when there is no FV to take the layer from")
+    if remote_mode(remote):
+        from fv_remote.ffv_session import train_ffv_remote
+
+        run = train_ffv_remote(model, prepared.name, train, valid, fv, init, fv.layer if layer is None else layer,
+                               s, quick_steps, remote)
+        if progress:
+            progress(s.steps, s.steps)
+        return run
 
     def make_init(at: int) -> torch.Tensor:
         return initial_vector(model, init, fv, at, train.texts, s.seed)
 
     search: dict[int, dict[str, float]] = {}
     if layer == "auto":
-        if valid is None:
-            raise UserError(f"--layer auto needs validation pairs; task {prepared.name!r} has none")
         search = select_layer(model, train, valid, candidate_layers(model.adapter.n_layers, fv.layer if fv else None),
                               make_init, s, quick_steps)
         layer = best_ffv_layer(search)
     elif layer is None:
-        if fv is None:
-            raise UserError("give --layer (an index or 'auto') when there is no FV to take the layer from")
         layer = fv.layer
     layer = model.adapter.check_layer(int(layer))
     result = finetune(model, train, valid, make_init(layer), layer, s, task=prepared.name, init=init, source=fv,

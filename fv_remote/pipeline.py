@@ -11,13 +11,13 @@ from typing import Any
 
 from fv_remote.cma import run_cma
 from fv_remote.data import RelationTask
-from fv_remote.evaluate import TaskScores, best_layer, evaluate_task, layer_sweep
+from fv_remote.evaluate import TaskScores, evaluate_task, fit_function_vector
 from fv_remote.extract import extract, mean_heads_tensor
 from fv_remote.models import LoadedModel
 from fv_remote.plots import aie_heatmap
 from fv_remote.store import ActivationStore
 from fv_remote.tasks import prepare_task
-from fv_remote.vectors import FunctionVector, build_function_vector
+from fv_remote.vectors import FunctionVector
 
 # A progress factory: (description, total) -> context manager yielding update(done, total).
 ProgressFactory = Callable[[str, int], Any]
@@ -51,25 +51,27 @@ def _no_progress(description: str, total: int):
 
 
 def run_task(model: LoadedModel, task: RelationTask, store: ActivationStore, out_dir: str | Path,
-             settings: PipelineSettings | None = None, progress: ProgressFactory = _no_progress) -> TaskRun:
+             settings: PipelineSettings | None = None, progress: ProgressFactory = _no_progress,
+             remote: Any = False) -> TaskRun:
+    """All stages for one task. `remote=True`: each stage is one NDIF request (extract, CMA, fit with its layer
+    sweep, evaluate: four per task; a stage with nothing left to compute sends none)."""
     s = settings or PipelineSettings()
     out_dir = Path(out_dir)
     prepared = prepare_task(model.tokenizer, task, seed=s.seed, min_pairs=s.n_shots + 2)
     with progress(f"{task.name}: extract", s.n_prompts) as update:
-        extract(model, task, store, n_prompts=s.n_prompts, n_shots=s.n_shots, seed=s.seed, progress=update)
+        extract(model, task, store, n_prompts=s.n_prompts, n_shots=s.n_shots, seed=s.seed, progress=update,
+                remote=remote)
     means = mean_heads_tensor(store, task.name)
     with progress(f"{task.name}: mediation", s.n_cma_prompts) as update:
         cma = run_cma(model, prepared, store, means, n_prompts=s.n_cma_prompts, n_shots=s.n_shots,
-                      method=s.cma_method, progress=update)
-    fv = build_function_vector(model, task.name, means, cma.aie, k=s.k, meta={"store": store.url})
+                      method=s.cma_method, progress=update, remote=remote)
+    with progress(f"{task.name}: layer sweep", model.adapter.n_layers) as update:
+        fv, sweep = fit_function_vector(model, prepared, means, cma.aie, k=s.k, meta={"store": store.url},
+                                        progress=update, remote=remote)
     aie_heatmap(cma.aie, out_dir / f"{task.name}_aie.png", title=f"{task.name}: AIE per head",
                 top=fv.heads)
-    with progress(f"{task.name}: layer sweep", model.adapter.n_layers) as update:
-        sweep = layer_sweep(model, prepared, fv, progress=update)
-    fv.layer = best_layer(sweep)
-    fv.meta["sweep"] = {str(k): v for k, v in sweep.items()}
     fv_path = fv.save(out_dir / f"{task.name}.fv.safetensors")
-    scores = evaluate_task(model, prepared, fv, n_shots=s.n_shots, n_test=s.n_test)
+    scores = evaluate_task(model, prepared, fv, n_shots=s.n_shots, n_test=s.n_test, remote=remote)
     return TaskRun(scores, fv, fv_path, sweep, prepared.problems)
 
 

@@ -3,6 +3,8 @@
 Edits go through views of the live tensors so they reach the model (an edit to a copy would be silently lost).
 """
 
+import torch
+
 
 def set_head(site, head: int, head_dim: int, value, position: int = -1):
     """Overwrite one head's output (the head site's input slice) at `position` for every row."""
@@ -47,3 +49,16 @@ def apply_edits(edits):
 def last_token_value(logits, top1: bool):
     """What a scoring trace sends back from last-token logits [B, V]: the top-1 ids [B], or float32 logits."""
     return logits.argmax(dim=-1) if top1 else logits.float()
+
+
+def add_at_positions(layer, output_is_tuple: bool, vectors, positions):
+    """Add row r of `vectors` [B, d_model] to a block's output at row r's (negative) position `positions[r]`."""
+    hidden = layer_hidden(layer, output_is_tuple)
+    rows = torch.arange(hidden.shape[0], device=hidden.device)
+    hidden[rows, hidden.shape[1] + positions.to(hidden.device)] += vectors.to(device=hidden.device, dtype=hidden.dtype)
+
+
+def read_positions(logits, read):
+    """float32 logits [B, K, vocab] at each row's (negative) positions `read` [B, K]."""
+    rows = torch.arange(logits.shape[0], device=logits.device).view(-1, 1)
+    return logits[rows, logits.shape[1] + read.to(logits.device)].float()

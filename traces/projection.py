@@ -23,3 +23,17 @@ def project_heads(sites, heads, means, head_width: int, head_dim: int):
         y = site(x).float()
         rows.append(y[0] - y[1])
     return torch.stack(rows)
+
+
+def project_rows(norm, unembed, rows, k: int, candidates):
+    """Residual-stream vectors rows [n, 1, d_model] read through the final norm and the unembedding (both called
+    directly): (top-k logits [n, k], their token ids [n, k], the 0-based vocabulary position of each `candidates`
+    token [n, len(candidates)])."""
+    weight = unembed.weight
+    dtype = weight.dtype if weight.dtype.is_floating_point else torch.bfloat16  # quantised weights
+    logits = unembed(norm(rows.to(device=weight.device, dtype=dtype))).float()[:, 0]
+    values, ids = torch.topk(logits, k, dim=-1)
+    order = torch.argsort(logits, dim=-1, descending=True)
+    position = torch.empty_like(order)
+    position.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order).contiguous())
+    return values, ids, position[:, candidates.to(position.device)]

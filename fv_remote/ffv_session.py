@@ -1,0 +1,236 @@
+"""FFV fine-tuning as ONE remote request: every optimisation a stage needs (one relation, a layer search and its
+final run, a whole bank) runs inside one `model.session`.
+
+On the server, per job: the initial vector (scaled there for a random init without an FV), Adam with the cosine
+schedule, one trace per step (the loss, saved), backward and step, the validation checks, keeping the best vector
+and early stopping — the loop of `ffv.finetune`, decided where the model is. Only each job's best vector, its training
+record and a few floats come back.
+
+Differences from the local loop, none of which changes the result beyond float rounding:
+- the cached-prefix fast path is the plain KV-cache continuation that generation uses: each chunk's prompts minus
+  their last token run once; a step feeds the last tokens through every layer against that cache and crops the
+  appended position off again (locally the cache is deep-copied per step and the layers below the vector skipped:
+  the sandbox has no `copy`, and a plain continuation needs no check against the full forward);
+- prompts are tokenised on the client (the padding and position ids nnsight would use);
+- every step's learning rate is computed on the client and set on the optimiser (LambdaLR's exact values).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import nnsight
+import torch
+
+from fv_remote.errors import UserError
+from fv_remote.ffv import (Examples, FFVRun, FinetuneResult, FinetuneSettings, candidate_layers, chunk_examples,
+                           cosine_factor, finetune_result, initial_plan, trace_kwargs)
+from fv_remote.models import LoadedModel
+from fv_remote.remote import check_shippable, remote_mode, stage_session
+from fv_remote.traces.patching import add_to_residual, layer_hidden
+from fv_remote.vectors import FunctionVector
+
+SCORE_BATCH = 64  # `ffv.score`'s batch size (the bank's zero-vector baseline)
+
+
+def encode_chunk(model: LoadedModel, texts: list[str], targets: torch.Tensor, fast: bool) -> dict:
+    """A chunk as plain tensors: whole prompts ("full"), and for the fast path the prefix and the last token."""
+    enc = model.tokenizer(list(texts), return_tensors="pt", padding=True)  # nnsight set left padding
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    position = (mask.cumsum(-1) - 1).clamp(min=0)
+    chunk = {"n": len(texts), "targets": targets.clone(),
+             "full": {"input_ids": ids, "attention_mask": mask, "position_ids": position}}
+    if fast:
+        chunk["prefix"] = {"input_ids": ids[:, :-1], "attention_mask": mask[:, :-1], "position_ids": position[:, :-1]}
+        chunk["last"] = {"input_ids": ids[:, -1:], "attention_mask": mask, "position_ids": position[:, -1:],
+                         "use_cache": True}
+    return chunk
+
+
+class Plan:
+    """Datasets and jobs for `run_jobs`, built on the client as plain values (they travel in the request)."""
+
+    def __init__(self, model: LoadedModel):
+        self.model = model
+        self.datasets: list[list[dict]] = []
+        self.jobs: list[dict] = []
+
+    def data(self, data: Examples | None, batch_size: int, seed: int = 0, fast: bool = True,
+             shuffle: bool = True) -> int | None:
+        """Add a dataset (chunks as `ffv.Batches` makes them); its index, or None for no data."""
+        if data is None or not len(data):
+            return None
+        self.datasets.append([encode_chunk(self.model, texts, targets, fast)
+                              for texts, targets in chunk_examples(data, batch_size, seed, shuffle)])
+        return len(self.datasets) - 1
+
+    def job(self, s: FinetuneSettings, train: int, valid: int | None, layer: int, init: torch.Tensor,
+            scale_texts: list[str] | None = None, baseline: int | None = None, search: list[int] = ()) -> int:
+        """Add a fine-tuning job; layer -1 means "the best layer of the `search` jobs" (decided on the server)."""
+        d = self.model.adapter.d_model
+        if init.shape != (d,):
+            raise UserError(f"initial vector has shape {tuple(init.shape)}, the model needs ({d},)")
+        if layer >= 0:
+            layer = self.model.adapter.check_layer(layer)
+        self.jobs.append({"train": train, "valid": valid, "layer": int(layer), "search": list(search),
+                          "init": init.detach().float().clone(), "scale_texts": scale_texts, "baseline": baseline,
+                          "steps": s.steps, "lrs": [s.lr * cosine_factor(s, i) for i in range(s.steps)],
+                          "l2": s.l2, "eval_every": s.eval_every, "patience": s.patience})
+        return len(self.jobs) - 1
+
+    def run(self, remote: Any) -> list[dict]:
+        return run_jobs(self.model, self.datasets, self.jobs, remote)
+
+
+def run_jobs(model: LoadedModel, datasets: list[list[dict]], jobs: list[dict], remote: Any = False) -> list[dict]:
+    """Every job of `Plan` in one stage session (one NDIF request with `remote=True`; plain local traces with False).
+
+    Returns per job: layer, vector (the best, CPU), history, best_step, best_loss, best_acc, stopped, init_norm,
+    baseline_acc (zero-shot accuracy on the baseline dataset, or None).
+
+    The session body has one statement per line and no comment lines up to its last trace: nnsight 0.8.1 ships it
+    re-generated by `ast.unparse`, and its in-process dry run (remote="local") then looks nested traces up in the
+    original file by the re-generated line numbers, which only agree when nothing before them collapses.
+    The server sends back every local whose object was saved, by id, and ids of freed saved objects (each trace's
+    loss, its KV cache) get reused: so the body ends by clearing its locals, leaving only `results`.
+    """
+    ad, lm = model.adapter, model.lm
+    layers = [ad.layer(lm, index) for index in range(ad.n_layers)]
+    is_tuple, unembed, keep = ad.layer_output_is_tuple, ad.unembed(lm), trace_kwargs(model)
+    session = bool(remote_mode(remote))
+    if session:
+        check_shippable(datasets=datasets, jobs=jobs)
+    results: list[dict] = []
+    with stage_session(model, remote):
+        caches = []  # per dataset, per chunk: the prefix's keys/values (fast path) or None
+        for data in datasets:
+            row = []
+            for chunk in data:
+                cache = None
+                if "prefix" in chunk:
+                    with lm.trace(**chunk["prefix"], use_cache=True, **keep):
+                        cache = lm.output.past_key_values.save()
+                row.append(cache)
+            caches.append(row)
+        for job in jobs:
+            layer = job["layer"]
+            if layer < 0:  # after a layer search: its best run's layer (validation accuracy, then loss)
+                ranked = [(-results[i]["best_acc"], results[i]["best_loss"], n) for n, i in enumerate(job["search"])]
+                layer = results[job["search"][min(ranked)[2]]]["layer"]
+            v0 = job["init"]
+            if job["scale_texts"]:  # random init without an FV: 10% of the residual stream's norm at the layer
+                with lm.trace(job["scale_texts"]):
+                    norm = layer_hidden(layers[layer], is_tuple)[:, -1].float().norm(dim=-1).mean().save()
+                v0 = v0 / v0.norm() * (0.1 * float(norm))
+            vector = v0.clone().requires_grad_(True)
+            opt = torch.optim.Adam([vector], lr=job["lrs"][0])
+            hist = {"step": [], "train_loss": [], "lr": [], "eval_step": [], "valid_loss": [], "valid_acc": []}
+            best, best_step, best_loss, best_acc, base_acc, stopped = v0.clone(), 0, math.inf, math.nan, None, False
+            for step in range(job["steps"] + 1):
+                items = [] if step == 0 else [("train", job["train"], (step - 1) % len(datasets[job["train"]]))]
+                if job["valid"] is not None and (step == 0 or step % job["eval_every"] == 0 or step == job["steps"]):
+                    items += [("valid", job["valid"], i) for i in range(len(datasets[job["valid"]]))]
+                if step == 0 and job["baseline"] is not None:
+                    items += [("base", job["baseline"], i) for i in range(len(datasets[job["baseline"]]))]
+                sums = {"valid": [0.0, 0, 0], "base": [0.0, 0, 0]}  # loss * n, hits, n
+                for kind, d, c in items:
+                    chunk, cache = datasets[d][c], caches[d][c]
+                    vec = vector if kind == "train" else vector.detach() if kind == "valid" else torch.zeros_like(v0)
+                    feed = chunk["full"] if cache is None else dict(chunk["last"], past_key_values=cache)
+                    with lm.trace(**feed, **keep):
+                        add_to_residual(layers[layer], is_tuple, vec)
+                        logits = unembed.output[:, -1].float()
+                        loss = torch.nn.functional.cross_entropy(logits, chunk["targets"]).save()
+                        hits = (logits.argmax(-1) == chunk["targets"]).sum().save()
+                    if cache is not None:  # drop the fed last token again (no_grad: keep this step's graph out)
+                        with torch.no_grad():
+                            cache.crop(-1)
+                    if kind != "train":
+                        sums[kind][0] += float(loss) * chunk["n"]
+                        sums[kind][1] += int(hits)
+                        sums[kind][2] += chunk["n"]
+                        continue
+                    hist["step"].append(step)
+                    hist["train_loss"].append(float(loss.detach()))
+                    hist["lr"].append(job["lrs"][step - 1])
+                    if job["l2"]:
+                        loss = loss + job["l2"] * (vector - v0).pow(2).sum()
+                    opt.zero_grad()
+                    opt.param_groups[0]["lr"] = job["lrs"][step - 1]
+                    loss.backward()
+                    opt.step()
+                    if job["valid"] is None:
+                        best, best_step = vector.detach().clone(), step
+                if sums["base"][2]:
+                    base_acc = sums["base"][1] / sums["base"][2]
+                if sums["valid"][2]:
+                    v_loss, v_acc = sums["valid"][0] / sums["valid"][2], sums["valid"][1] / sums["valid"][2]
+                    hist["eval_step"].append(step)
+                    hist["valid_loss"].append(v_loss)
+                    hist["valid_acc"].append(v_acc)
+                    if step == 0 or v_loss < best_loss:
+                        best, best_step, best_loss, best_acc = vector.detach().clone(), step, v_loss, v_acc
+                    elif step - best_step >= job["patience"]:
+                        stopped = True
+                        break
+            results.append({"layer": layer, "vector": best.detach().cpu(), "history": hist, "best_step": best_step,
+                            "best_loss": best_loss, "best_acc": best_acc, "stopped": stopped,
+                            "init_norm": float(v0.norm()), "baseline_acc": base_acc})
+        cache = loss = hits = norm = vec = logits = v0 = vector = best = feed = chunk = job = row = data = None
+        items = sums = hist = opt = None
+        if session:
+            results = nnsight.save(results)
+    return results
+
+
+def to_result(model: LoadedModel, out: dict, s: FinetuneSettings, task: str, init: str,
+              source: FunctionVector | None, n_train: int, n_valid: int, n_batches: int) -> FinetuneResult:
+    return finetune_result(model, out["vector"].float(), int(out["layer"]), out["history"], out["best_step"],
+                           out["best_loss"], out["best_acc"], out["stopped"], out["init_norm"], s, task, init, source,
+                           {"n_train": n_train, "n_valid": n_valid, "n_train_batches": n_batches})
+
+
+def finetune_remote(model: LoadedModel, train: Examples, valid: Examples | None, init_vector: torch.Tensor,
+                    layer: int, s: FinetuneSettings, task: str = "", init: str = "custom",
+                    source: FunctionVector | None = None, remote: Any = True) -> FinetuneResult:
+    """`ffv.finetune` as one request."""
+    plan = Plan(model)
+    train_i = plan.data(train, s.batch_size, s.seed, s.fast)
+    valid_i = plan.data(valid, s.batch_size, s.seed, s.fast)
+    plan.job(s, train_i, valid_i, layer, init_vector)
+    out = plan.run(remote)[0]
+    return to_result(model, out, s, task, init, source, len(train), len(valid) if valid is not None else 0,
+                     len(plan.datasets[train_i]))
+
+
+def quick_settings(s: FinetuneSettings, quick_steps: int) -> FinetuneSettings:
+    """A layer-search run's settings (as `ffv.select_layer`)."""
+    return FinetuneSettings(**{**s.as_dict(), "steps": quick_steps, "patience": quick_steps,
+                               "eval_every": quick_steps})
+
+
+def train_ffv_remote(model: LoadedModel, name: str, train: Examples, valid: Examples | None,
+                     fv: FunctionVector | None, init: str, layer: int | str, s: FinetuneSettings,
+                     quick_steps: int, remote: Any) -> FFVRun:
+    """`ffv.train_ffv` as one request: with layer="auto" the short runs, the choice and the final run together."""
+    vector, scale_texts = initial_plan(model, init, fv, train.texts, s.seed)
+    plan = Plan(model)
+    train_i = plan.data(train, s.batch_size, s.seed, s.fast)
+    valid_i = plan.data(valid, s.batch_size, s.seed, s.fast)
+    search: list[int] = []
+    layers: list[int] = []
+    if layer == "auto":
+        layers = candidate_layers(model.adapter.n_layers, fv.layer if fv else None)
+        quick = quick_settings(s, quick_steps)
+        search = [plan.job(quick, train_i, valid_i, at, vector, scale_texts) for at in layers]
+        layer = -1
+    plan.job(s, train_i, valid_i, int(layer), vector, scale_texts, search=search)
+    outs = plan.run(remote)
+    found = {at: {"valid_loss": outs[i]["best_loss"], "valid_acc": outs[i]["best_acc"]}
+             for at, i in zip(layers, search)}
+    result = to_result(model, outs[-1], s, name, init, fv, len(train), len(valid) if valid is not None else 0,
+                       len(plan.datasets[train_i]))
+    if found:
+        result.ffv.meta["layer_search"] = {str(k): v for k, v in found.items()}
+    return FFVRun(result, found, len(train), len(valid) if valid is not None else 0)

@@ -168,9 +168,7 @@ def steer(
     remote: bool = REMOTE_OPT,
 ) -> None:
     """Add an FV to the residual stream and score: top next tokens of a prompt, or a task's zero-shot accuracy."""
-    import torch
-
-    from fv_remote.steering import Condition, Steer, logits_conditions, score_conditions
+    from fv_remote.steering import Condition, Steer, score_conditions, top_tokens_conditions
 
     if (prompt is None) == (task is None):
         raise UserError("give exactly one of --prompt or --task")
@@ -180,13 +178,12 @@ def steer(
     where = "distributed over its heads" if distributed else f"layer {st.resolved_layer(loaded)}"
     if prompt is not None:
         table = Table("rank", "without", "p", f"with {vec.kind.upper()} ({where})", "p")
-        runs = logits_conditions(loaded, [Condition([prompt]), Condition([prompt], st)], remote)
-        base, steered = (torch.softmax(logits[0], -1) for logits in runs)
-        b_top, s_top = base.topk(top), steered.topk(top)
+        (b_p, b_ids), (s_p, s_ids) = top_tokens_conditions(loaded, [Condition([prompt]), Condition([prompt], st)],
+                                                           top, remote)
         dec = loaded.tokenizer.decode
-        for i in range(top):
-            table.add_row(str(i + 1), repr(dec([int(b_top.indices[i])])), f"{float(b_top.values[i]):.3f}",
-                          repr(dec([int(s_top.indices[i])])), f"{float(s_top.values[i]):.3f}")
+        for i in range(b_p.shape[1]):
+            table.add_row(str(i + 1), repr(dec([int(b_ids[0, i])])), f"{float(b_p[0, i]):.3f}",
+                          repr(dec([int(s_ids[0, i])])), f"{float(s_p[0, i]):.3f}")
         out.print(table)
         return
     prepared = _prepare(loaded, task, data_dir, seed)

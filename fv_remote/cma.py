@@ -288,6 +288,7 @@ def cma_fast_session(model: LoadedModel, jobs: list[tuple[str, int]], means: tor
                         patch_positions(sites[layer], pos, hs, values, n_heads, head_dim)
                     probs.append(answer_prob_positions(unembed.output, job["answer"]).detach().save())
             results.append((base.detach(), probs))
+        hidden = base = cache = probs = rep = job = step = None
         if session:
             results = nnsight.save(results)
     out = []

@@ -239,7 +239,7 @@ def _fit_sweep_session(model: LoadedModel, prepared: PreparedTask, means: torch.
                 add_to_residual(layer_envoy, is_tuple, vector)
                 top = unembed.output[:, -1].argmax(dim=-1).save()
             tops.append(top.cpu())
-            del top  # saved only to leave the trace: don't send it back twice
+        top = vector = layer_envoy = batch = None
         vecs = vecs.cpu()
         vecs, tops = nnsight.save(vecs), nnsight.save(tops)
     answer = torch.tensor(ids)

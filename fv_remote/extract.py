@@ -82,7 +82,7 @@ def trace_heads_batches(model: LoadedModel, batches: list[tuple[list[str], list[
                 prob, top1, _ = answer_stats(logits, ids.to(logits.device))
                 prob, top1 = prob.save(), top1.save()
             outs.append({"heads": heads.cpu(), "answer_prob": prob.cpu(), "top1": top1.cpu()})
-            del heads, prob, top1  # saved only to leave the trace: don't send the last batch back twice
+        heads = prob = top1 = logits = _ = texts = ids = None
         if session:
             outs = nnsight.save(outs)
     return outs

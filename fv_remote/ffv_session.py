@@ -178,7 +178,7 @@ def run_jobs(model: LoadedModel, datasets: list[list[dict]], jobs: list[dict], r
                             "best_loss": best_loss, "best_acc": best_acc, "stopped": stopped,
                             "init_norm": float(v0.norm()), "baseline_acc": base_acc})
         cache = loss = hits = norm = vec = logits = v0 = vector = best = feed = chunk = job = row = data = None
-        items = sums = hist = opt = None
+        items = sums = hist = opt = caches = None
         if session:
             results = nnsight.save(results)
     return results

@@ -8,7 +8,11 @@ How a stage runs remotely (nnsight 0.8.1):
   as ids the server resolves against its own copy of the model. Helpers called inside it must come from
   `fv_remote.traces` (registered here to ship by value) and plain values (ints, lists, tensors) — never objects of
   `fv_remote` classes (adapters, LoadedModel): those are pickled by reference and the server does not have them;
-- only values marked with `nnsight.save` come back, pushed into the caller's frame when the block ends.
+- only values marked with `nnsight.save` come back, pushed into the caller's frame when the block ends. The server
+  matches them by object id against *every* variable of the block, so a value saved only to leave a trace (a KV
+  cache, logits) comes back too while a variable still holds it, and ids of freed saved objects get reused: a block
+  ends by setting every variable it created except its results to None (tests/test_remote_results.py checks this
+  per stage; benchmarks/REMOTE_SIZES.md has the sizes).
 
 Configuration: API key from `NDIF_API_KEY` or nnsight's config (`nnsight login`), host from `NDIF_HOST` or
 nnsight's `CONFIG.API.HOST`, client wait limit from `FV_REMOTE_TIMEOUT` (seconds).

@@ -19,7 +19,7 @@ import torch
 from fv_remote.errors import UserError, require_positive
 from fv_remote.models import LoadedModel
 from fv_remote.remote import JobSubmitted, check_shippable, remote_mode, stage_session
-from fv_remote.traces.patching import apply_edits, last_token_value
+from fv_remote.traces.patching import apply_edits, last_token_value, top_probs
 from fv_remote.vectors import FunctionVector
 
 
@@ -74,10 +74,13 @@ class Condition:
 
 
 def _last_token_runs(model: LoadedModel, conditions: list[Condition], top1: bool,
-                     remote: Any = False) -> list[torch.Tensor]:
-    """Per condition: last-token float32 logits [N, vocab] or top-1 ids [N], all conditions in one session.
+                     remote: Any = False, top_k: int = 0) -> list[Any]:
+    """Per condition: last-token float32 logits [N, vocab], top-1 ids [N], or with `top_k` the (probabilities
+    [N, k], ids [N, k]) of the k most probable next tokens; all conditions in one session.
 
-    The session body reads only plain values, envoys and `fv_remote.traces` helpers (it travels as source).
+    The session body reads only plain values, envoys and `fv_remote.traces` helpers (it travels as source). It ends
+    by clearing its variables: the server returns every one whose object was saved (by id, and ids of freed saved
+    objects get reused), so only `outs` goes back.
     """
     work: list[tuple[list[str], list[tuple]]] = []
     owners: list[int] = []
@@ -107,13 +110,17 @@ def _last_token_runs(model: LoadedModel, conditions: list[Condition], top1: bool
                     with lm.trace(texts):
                         apply_edits(edits)
                         value = last_token_value(unembed.output[:, -1], top1).save()
-                    outs.append(value.detach().cpu())
-                    del value  # saved only to leave the trace: don't send the last batch back twice
+                    outs.append(top_probs(value, top_k) if top_k else value.detach().cpu())
+                value = texts = edits = None
                 if session:
                     outs = nnsight.save(outs)
         except JobSubmitted as job:  # no-wait: say how to regroup the batches later (`accuracies_from_job`)
             job.details.update(result_key="outs", owners=owners, n_conditions=len(conditions), top1=top1)
             raise
+    if top_k:
+        mine = [[o for o, i in zip(outs, owners) if i == index] for index in range(len(conditions))]
+        return [(torch.cat([p for p, _ in m]), torch.cat([t for _, t in m])) if m else
+                (torch.empty(0, top_k), torch.empty(0, top_k, dtype=torch.long)) for m in mine]
     empty = torch.empty(0, dtype=torch.long) if top1 else torch.empty(0, model.adapter.vocab_size)
     return [torch.cat([o for o, i in zip(outs, owners) if i == index]) if index in owners else empty
             for index in range(len(conditions))]
@@ -122,6 +129,17 @@ def _last_token_runs(model: LoadedModel, conditions: list[Condition], top1: bool
 def logits_conditions(model: LoadedModel, conditions: list[Condition], remote: Any = False) -> list[torch.Tensor]:
     """Last-token logits [N, vocab] (float32, CPU) for each condition; one NDIF request for all when remote."""
     return _last_token_runs(model, conditions, top1=False, remote=remote)
+
+
+def top_tokens_conditions(model: LoadedModel, conditions: list[Condition], k: int = 5,
+                          remote: Any = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The k most probable next tokens per condition: (probabilities [N, k] float32, token ids [N, k]), CPU.
+
+    The softmax and top-k run where the model is: remotely only k probabilities and ids per prompt come back, not
+    the logits over the whole vocabulary.
+    """
+    require_positive("top", k)
+    return _last_token_runs(model, conditions, top1=False, remote=remote, top_k=min(k, model.adapter.vocab_size))
 
 
 def score_conditions(model: LoadedModel, conditions: list[Condition], remote: Any = False) -> list[float]:
@@ -188,7 +206,7 @@ def generate_many(model: LoadedModel, runs: list[tuple[str, Steer | None]], max_
                 apply_edits(edits)  # first step only: the prompt's tokens
                 tokens = tracer.result.save()
             outs.append(tokens.detach().cpu())
-            del tokens  # saved only to leave the trace: don't send it back twice
+        tokens = tracer = prompt = edits = None
         if session:
             outs = nnsight.save(outs)
     texts = []

@@ -14,8 +14,10 @@ against a model it hosts (looked up by the repo id in the model key), then `trac
 scope, returning the values the block saved as `torch.save` bytes (zstd when the request asked for compression).
 Like NDIF it freezes the weights, rejects pickled references to modules the server does not have (anything outside
 torch/numpy/transformers/nnsight and the sandbox whitelist, e.g. this project's own package) and lets request code
-import only the sandbox whitelist. It counts requests, records payload and result sizes, and can simulate a
-server-side error, a job that never answers, a dropped connection and an execution timeout.
+import only the sandbox whitelist. It counts requests, records payload and result sizes and the variables a session
+body left bound to objects it created (`Job.left_locals`: any of them could come back on NDIF, which matches saved
+values by object id), and can simulate a server-side error, a job that never answers, a dropped connection and an
+execution timeout.
 
 The server runs in daemon threads of the test process; every socket has a timeout, jobs run one at a time, and
 `stop()` (or leaving the `with` block) shuts everything down. Executing in-process means nnsight's per-file source
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import base64
 import builtins
+import contextlib
 import hashlib
 import io
 import json
@@ -74,6 +77,9 @@ class Job:
     error: str = ""
     result_bytes: int = 0
     result: bytes | None = field(repr=False, default=None)
+    # Variables the session body left bound to objects made while it ran (name -> type; None and plain scalars
+    # aside): the server returns those whose object id is in the saved set, and ids of freed saved objects get reused.
+    left_locals: dict = field(default_factory=dict)
     seconds: float = 0.0
     cancelled: bool = False
     last: str | None = field(repr=False, default=None)  # latest status as JSON, for GET /response/{id}
@@ -308,15 +314,21 @@ class LoopbackNDIF:
                 for key in [k for k in ng.BLOCKS if k[0] == filename]:
                     ng.BLOCKS.pop(key)
                 guard.request_files.add(filename)
+                arrived = _reachable(tracer.info.frame.f_locals)  # what the body reads, kept alive till the end
+                scopes: list[dict] = []
                 inc()
                 try:
-                    if self.autocast_dtype is not None:
-                        with torch.autocast("cpu", dtype=self.autocast_dtype):
+                    with _ScopeRecorder.into(scopes):
+                        if self.autocast_dtype is not None:
+                            with torch.autocast("cpu", dtype=self.autocast_dtype):
+                                tracer.execute(tracer.info.code)
+                        else:
                             tracer.execute(tracer.info.code)
-                    else:
-                        tracer.execute(tracer.info.code)
                     saves = _saves()
                     result = {k: v for k, v in tracer.info.frame.f_locals.items() if id(v) in saves}
+                    final = scopes[-1] if scopes else {}
+                    job.left_locals = {k: type(v).__name__ for k, v in final.items()
+                                       if k != "__builtins__" and not _inert(v) and id(v) not in arrived}
                 finally:
                     dec()
         finally:
@@ -370,6 +382,69 @@ class LoopbackNDIF:
         packages = {k: v for k, v in env["packages"].items() if v != "local"}
         packages.update(self.env_override)
         return {"python_version": env["python_version"], "packages": packages}
+
+
+class _ScopeRecorder:
+    """While a job runs in its thread: copies of the outermost block's variables, taken when nnsight is about to keep
+    only the saved ones (`push_result` at depth 1), so a job can report what its body left behind. Installed for
+    as long as some job runs; other threads (the client's) pass straight through."""
+
+    lock = threading.Lock()
+    users = 0
+    original: Any = None
+    state = threading.local()
+
+    @classmethod
+    @contextlib.contextmanager
+    def into(cls, target: list) -> Any:
+        import nnsight.tracing.tracer as nt
+
+        with cls.lock:
+            if cls.users == 0:
+                cls.original = nt.push_result
+                nt.push_result = cls._record
+            cls.users += 1
+        cls.state.target = target
+        try:
+            yield
+        finally:
+            cls.state.target = None
+            with cls.lock:
+                cls.users -= 1
+                if cls.users == 0:
+                    nt.push_result = cls.original
+
+    @classmethod
+    def _record(cls, frame: Any, variables: dict) -> None:
+        import nnsight.tracing.tracer as nt
+
+        target = getattr(cls.state, "target", None)
+        if target is not None and getattr(nt._local, "depth", 0) == 1:
+            target.append(dict(variables))
+        return cls.original(frame, variables)
+
+
+def _reachable(variables: dict) -> dict[int, Any]:
+    """Every object reachable from `variables` through lists, tuples, sets and dicts: {id: object} (the objects are
+    held, so their ids stay theirs). Such objects existed before the body ran: they cannot share an id with
+    anything it saved and freed."""
+    seen: dict[int, Any] = {}
+    stack = list(variables.values())
+    while stack:
+        value = stack.pop()
+        if id(value) in seen:
+            continue
+        seen[id(value)] = value
+        if isinstance(value, dict):
+            stack.extend(value.values())
+        elif isinstance(value, (list, tuple, set, frozenset)):
+            stack.extend(value)
+    return seen
+
+
+def _inert(value: Any) -> bool:
+    """None and plain scalars: nothing worth sending back even if their id collided with a saved object's."""
+    return value is None or isinstance(value, (bool, int, float, complex, str, bytes))
 
 
 def _to_cpu(value: Any) -> Any:

@@ -51,6 +51,12 @@ def last_token_value(logits, top1: bool):
     return logits.argmax(dim=-1) if top1 else logits.float()
 
 
+def top_probs(logits, k: int):
+    """The `k` most probable next tokens of float logits [B, V]: (probabilities [B, k], ids [B, k]) on the CPU."""
+    top = torch.softmax(logits.float(), dim=-1).topk(k)
+    return top.values.detach().cpu(), top.indices.cpu()
+
+
 def add_at_positions(layer, output_is_tuple: bool, vectors, positions):
     """Add row r of `vectors` [B, d_model] to a block's output at row r's (negative) position `positions[r]`."""
     hidden = layer_hidden(layer, output_is_tuple)

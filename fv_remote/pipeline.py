@@ -77,10 +77,14 @@ def run_task(model: LoadedModel, task: RelationTask, store: ActivationStore, out
 
 def results_json(model: LoadedModel, runs: list[TaskRun], settings: PipelineSettings) -> dict:
     """The evaluation JSON contract: model, layer, settings, results (one row per task)."""
-    layers = sorted({r.scores.layer for r in runs})
+    per_task = [r.scores.layer for r in runs]
+    # The contract wants one int; with per-task sweeps it is the most common layer (ties: the lowest), and
+    # "layers" plus each row's "layer" say what each task really used.
+    common = min(set(per_task), key=lambda layer: (-per_task.count(layer), layer)) if per_task else -1
     return {
         "model": model.model_id,
-        "layer": layers[0] if len(layers) == 1 else None,
+        "layer": int(common),
+        "layer_is_per_task": len(set(per_task)) > 1,
         "layers": {r.scores.task: r.scores.layer for r in runs},
         "settings": settings.as_dict(),
         "results": [r.scores.as_json() for r in runs],

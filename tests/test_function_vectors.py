@@ -150,3 +150,22 @@ def test_pipeline_stages_on_tiny_model(tiny_tokenizer, tmp_path):
     assert row["n_test"] == 4 and row["layer"] == fv.layer
     text = generate(model, "Q: hot\nA:", Steer(fv), max_new_tokens=3)
     assert isinstance(text, str)
+
+
+def test_results_json_layer_is_an_int_with_per_task_layers():
+    from types import SimpleNamespace
+
+    from fv_remote.evaluate import TaskScores
+    from fv_remote.pipeline import PipelineSettings, TaskRun, results_json
+
+    def run(task, layer):
+        return TaskRun(TaskScores(task, 10, 0.0, 0.5, 0.1, 0.6, 0.9, layer), fv=None, fv_path=None, sweep={layer: 0.5})
+
+    model = SimpleNamespace(model_id="tiny")
+    mixed = results_json(model, [run("a", 12), run("b", 16), run("c", 16)], PipelineSettings())
+    assert mixed["layer"] == 16 and isinstance(mixed["layer"], int) and mixed["layer_is_per_task"]
+    assert mixed["layers"] == {"a": 12, "b": 16, "c": 16} and [r["layer"] for r in mixed["results"]] == [12, 16, 16]
+    tie = results_json(model, [run("a", 17), run("b", 4)], PipelineSettings())
+    assert tie["layer"] == 4
+    same = results_json(model, [run("a", 9)], PipelineSettings())
+    assert same["layer"] == 9 and not same["layer_is_per_task"]

@@ -85,8 +85,11 @@ def cma(
     from fv_remote.cma import run_cma
     from fv_remote.extract import mean_heads_tensor
     from fv_remote.plots import aie_heatmap
+    from fv_remote.errors import require_positive
     from fv_remote.store import ActivationStore
 
+    for name, value in (("--n-prompts", n_prompts), ("--n-shots", n_shots), ("--top", top)):
+        require_positive(name, value)  # before the model loads: a typo should not cost a minute
     act_store = ActivationStore(store)
     loaded = _load(model, remote)
     prepared = _prepare(loaded, task, data_dir, seed, n_shots)

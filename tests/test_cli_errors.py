@@ -23,6 +23,9 @@ def test_non_positive_counts(tmp_path):
     for flag, value in (("--n-prompts", "0"), ("--n-prompts", "-2"), ("--batch-size", "0")):
         proc = run_cli("extract", "--task", "antonym", "--store", str(tmp_path / "x.zarr"), flag, value)
         assert_one_line_error(proc, "positive")
+    for flag in ("--n-prompts", "--n-shots", "--top"):
+        proc = run_cli("cma", "--task", "antonym", "--store", str(tmp_path / "x.zarr"), flag, "0")
+        assert_one_line_error(proc, flag, "positive")
 
 
 def test_missing_store():

@@ -1,4 +1,4 @@
-"""FV vs FFV vs FFV-from-zero vs ICL on Todd et al.'s tasks (the numbers in fv_remote/RELATIONAL_RESULTS.md).
+"""FV vs FFV vs FFV-from-zero vs ICL on Todd et al.'s tasks (the numbers in benchmarks/RESULTS.md).
 
 Per task: hold out N_TEST pairs (seeded) that nothing ever trains on; run the FV pipeline (extract -> CMA -> fit ->
 layer sweep) on the remaining pairs; fine-tune (a) from the FV at a layer chosen on validation pairs and (b) from
@@ -20,7 +20,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 TASKS = ("antonym", "capitalize", "country-capital", "english-french", "present-past", "singular-plural")
-TODD = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "todd_fv"
+TODD = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "todd_fv" / "abstractive"
 
 
 def main() -> None:

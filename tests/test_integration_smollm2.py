@@ -109,3 +109,23 @@ def test_gemma3_head_dim_when_cached():
     assert (ad.n_layers, ad.n_heads, ad.head_dim, ad.d_model) == (18, 4, 256, 640)
     out = trace_heads(gemma, ["Q: hot\nA:"], [0])
     assert out["heads"].shape == (1, 1, 18, 4, 256)
+
+
+def test_ffv_from_zero_learns_the_task(smollm2):
+    """A vector trained from zero on 20 zero-shot pairs (model frozen) makes present-past work on held-out pairs."""
+    from fv_remote.ffv import FinetuneSettings, examples, finetune
+    from fv_remote.steering import Steer, top1_accuracy
+    from fv_remote.tasks import prepare_task
+
+    prepared = prepare_task(smollm2.tokenizer, load_task("present-past"), seed=0)
+    train, valid = examples(prepared, "train", 20), examples(prepared, "valid", 10)
+    settings = FinetuneSettings(steps=30, lr=0.2, eval_every=5, patience=50)
+    res = finetune(smollm2, train, valid, torch.zeros(smollm2.adapter.d_model), 9, settings, task="present-past",
+                   init="zero")
+    assert res.history["train_loss"][-1] < res.history["train_loss"][0] - 1.0, res.history["train_loss"]
+    test = prepared.prompts("test", len(prepared.splits.test), kind="zero_shot", n_shots=0)
+    texts, ids = [p.text for p in test], prepared.ids(test)
+    with torch.no_grad():
+        before = top1_accuracy(smollm2, texts, ids)
+        after = top1_accuracy(smollm2, texts, ids, Steer(res.ffv))
+    assert after >= before + 0.3, (before, after)

@@ -35,10 +35,41 @@ def _finish_evaluate(job: dict, saved: dict, progress=None) -> str:
             f"{job['settings']['kind'].upper()} at layer {scores.layer} ({scores.n_test} test pairs)")
 
 
+def _finish_cma(job: dict, saved: dict, progress=None) -> str:
+    """A `cma --no-wait` job: the AIE into the store's TASK/cma group, the top-heads table and the heatmap."""
+    from fv_remote.cli.pipeline_cmd import report_cma
+    from fv_remote.cma import store_remote_cma
+    from fv_remote.store import ActivationStore
+
+    details = job["details"]
+    result = store_remote_cma(ActivationStore(details["store"]), saved, details, progress)
+    report_cma(job["settings"], result)
+    return f"{result.task}: {result.n_prompts} corrupted prompts ({result.n_new} new) in {details['store']}"
+
+
+def _finish_finetune(job: dict, saved: dict, progress=None) -> str:
+    """A `finetune --no-wait` job: the FFV file and loss curve as the blocking command; the evaluation it would
+    have run next is printed as a command instead."""
+    from pathlib import Path
+
+    from fv_remote.cli.relational_cmd import report_finetune
+    from fv_remote.ffv_session import ffv_run_from_job
+
+    settings = job["settings"]
+    run = ffv_run_from_job(saved, job["details"])
+    report_finetune(run, settings["task"], settings["init"], Path(settings["out"]), Path(settings["plot"]))
+    message = f"{settings['task']}: FFV at layer {run.result.ffv.layer} saved to {settings['out']}"
+    if settings.get("evaluate"):
+        message += f"\nevaluate it: {settings['evaluate']}"
+    return message
+
+
 def _register_finishers() -> None:
     from fv_remote.jobs import FINISHERS
 
     FINISHERS.setdefault("evaluate", _finish_evaluate)
+    FINISHERS.setdefault("cma", _finish_cma)
+    FINISHERS.setdefault("finetune", _finish_finetune)
 
 
 _register_finishers()
@@ -69,7 +100,7 @@ def fetch(job_id: str = typer.Argument(..., help="the id `--no-wait` printed"),
         if state in ("COMPLETED", "FETCHED") or not wait:
             break
         time.sleep(max(interval, 0.1))
-    out.print(message)
+    out.print(message, soft_wrap=True)  # no wrapping: a printed command stays one line
     if state not in ("COMPLETED", "FETCHED"):
         raise typer.Exit(1)
 

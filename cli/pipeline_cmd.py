@@ -80,28 +80,51 @@ def cma(
     data_dir: str = DATA_DIR_OPT,
     remote: bool = typer.Option(False, "--remote", help="run on NDIF as one request (fast method only; --model is "
                                 "a Hub repo id)"),
+    no_wait: bool = typer.Option(False, "--no-wait", help="with --remote: submit, print the job id and return; "
+                                 "`fv-remote jobs fetch ID` stores the AIE, prints the top heads and writes the "
+                                 "heatmap later"),
 ) -> None:
     """Average indirect effect of every head (patched with its mean clean activation into shuffled prompts)."""
     from fv_remote.cma import run_cma
     from fv_remote.extract import mean_heads_tensor
-    from fv_remote.plots import aie_heatmap
     from fv_remote.errors import require_positive
+    from fv_remote.remote import JobSubmitted
+    from fv_remote.remote import no_wait as submit_only
     from fv_remote.store import ActivationStore
 
     for name, value in (("--n-prompts", n_prompts), ("--n-shots", n_shots), ("--top", top)):
         require_positive(name, value)  # before the model loads: a typo should not cost a minute
+    if no_wait and not remote:
+        raise UserError("--no-wait needs --remote (only NDIF jobs can be fetched later)")
     act_store = ActivationStore(store)
     loaded = _load(model, remote)
     prepared = _prepare(loaded, task, data_dir, seed, n_shots)
     means = mean_heads_tensor(act_store, prepared.name)  # says which command to run first if missing
     act_store.check_compatible(prepared.name, {"model": loaded.model_id})
-    with progress_bar(f"mediation {prepared.name}", n_prompts) as update:
-        result = run_cma(loaded, prepared, act_store, means, n_prompts=n_prompts, n_shots=n_shots, method=method,
-                         progress=update, remote=remote)
-    out.print(_top_heads_table(result.aie, min(top, result.aie.size)))
-    path = aie_heatmap(result.aie, plot or Path("out") / f"{prepared.name}_aie.png",
-                       title=f"{prepared.name}: AIE per head ({loaded.model_id})")
-    out.print(f"{result.n_prompts} corrupted prompts ({result.n_new} new) in {store}; heatmap: {path}")
+    report = {"model": loaded.model_id, "task": prepared.name, "store": store, "top": top,
+              "plot": str(plot or Path("out") / f"{prepared.name}_aie.png")}
+    try:
+        with submit_only() if no_wait else nullcontext(), \
+                progress_bar(f"mediation {prepared.name}", n_prompts) as update:
+            result = run_cma(loaded, prepared, act_store, means, n_prompts=n_prompts, n_shots=n_shots,
+                             method=method, progress=update, remote=remote)
+    except JobSubmitted as job:
+        from fv_remote.cli.jobs_cmd import submitted
+
+        submitted(job, report)
+        return
+    if no_wait:
+        console.print(f"all {n_prompts} corrupted prompts already in {store}; nothing submitted")
+    report_cma(report, result)
+
+
+def report_cma(report: dict, result) -> None:
+    """The top-heads table, heatmap and summary of `cma` (also what `jobs fetch` does for a cma job)."""
+    from fv_remote.plots import aie_heatmap
+
+    out.print(_top_heads_table(result.aie, min(int(report["top"]), result.aie.size)))
+    path = aie_heatmap(result.aie, Path(report["plot"]), title=f"{result.task}: AIE per head ({report['model']})")
+    out.print(f"{result.n_prompts} corrupted prompts ({result.n_new} new) in {report['store']}; heatmap: {path}")
 
 
 @app.command()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shlex
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Optional
 
@@ -89,15 +91,23 @@ def finetune(
     evaluate: bool = typer.Option(True, help="evaluate FV / FFV / ICL on the test split afterwards"),
     remote: bool = _remote_opt("the whole optimisation (layer search, Adam steps, validation, early stopping) is "
                                "one request; the evaluation afterwards is a second"),
+    no_wait: bool = typer.Option(False, "--no-wait", help="with --remote: submit the fine-tuning, print the job id "
+                                 "and return; `fv-remote jobs fetch ID` saves the FFV and loss curve later and "
+                                 "prints the `fv-remote evaluate` command that evaluates it (instead of evaluating)"),
 ) -> None:
     """Fine-tune a function vector (model frozen): FFV = argmin NLL of the answer on zero-shot prompts."""
     from fv_remote.data import load_task
     from fv_remote.evaluate import evaluate_task
-    from fv_remote.ffv import loss_curve, train_ffv
+    from fv_remote.ffv import train_ffv
     from fv_remote.tasks import prepare_task
     from fv_remote.vectors import FunctionVector
 
+    from fv_remote.remote import JobSubmitted
+    from fv_remote.remote import no_wait as submit_only
+
     require_positive("--n-train", n_train)
+    if no_wait and not remote:
+        raise UserError("--no-wait needs --remote (only NDIF jobs can be fetched later)")
     settings = _settings(steps, lr, l2, patience, batch_size, seed)
     layer_opt = _layer_option(layer)
     source = FunctionVector.load(fv) if fv is not None else None
@@ -114,29 +124,31 @@ def finetune(
     if len(prepared.splits.train) < n_train:
         raise UserError(f"task {relation.name!r} has {len(prepared.splits.train)} training pairs, fewer than "
                         f"--n-train {n_train}")
-    with progress_bar(f"finetune {relation.name}", steps) as update:
-        run = train_ffv(loaded, prepared, source, init=init, layer=layer_opt, n_train=n_train, n_valid=n_valid,
-                        settings=settings, progress=update, remote=remote)
-    res = run.result
-    ffv = res.ffv
     out_path = out_path or Path("out/ffv") / f"{relation.name}.ffv.safetensors"
-    ffv.save(out_path)
     plot = plot or out_path.with_name(out_path.name.replace(".safetensors", "") + "_loss.png")
-    loss_curve(res.history, plot, title=f"{relation.name}: FFV at layer {ffv.layer} (init {init})")
-    if run.layer_search:
-        table = Table(title="layer search (short runs)", title_justify="left")
-        for col in ("layer", "valid acc", "valid NLL"):
-            table.add_column(col, justify="right")
-        for lay, r in sorted(run.layer_search.items()):
-            table.add_row(str(lay), _pct(r["valid_acc"]), f"{r['valid_loss']:.3f}")
-        out.print(table)
-    out.print(f"{relation.name}: FFV at layer {ffv.layer}, init {init}, {run.n_train} training / {run.n_valid} "
-              f"validation pairs; kept step {res.best_step}"
-              + (f" (valid acc {res.best_valid_acc:.2f}, NLL {res.best_valid_loss:.3f})" if run.n_valid else "")
-              + ("; stopped early" if res.stopped_early else "")
-              + f"\nsaved {out_path} and {plot}")
+    try:
+        with submit_only() if no_wait else nullcontext(), \
+                progress_bar(f"finetune {relation.name}", steps) as update:
+            run = train_ffv(loaded, prepared, source, init=init, layer=layer_opt, n_train=n_train,
+                            n_valid=n_valid, settings=settings, progress=update, remote=remote)
+    except JobSubmitted as job:
+        from fv_remote.cli.jobs_cmd import submitted
+
+        evaluate_cmd = None
+        if evaluate and prepared.splits.test:
+            vectors = ["--fv", str(fv), "--ffv", str(out_path)] if fv is not None else ["--fv", str(out_path)]
+            evaluate_cmd = shlex.join(
+                ["fv-remote", "evaluate", *vectors, "--task", task, "--model", loaded.model_id, "--n-shots",
+                 str(n_shots), "--seed", str(seed), *(["--data-dir", str(data_dir)] if data_dir else []),
+                 *(["--n-test", str(n_test)] if n_test else []), *(["--json", str(json_path)] if json_path else []),
+                 "--remote"])
+        submitted(job, {"model": loaded.model_id, "task": relation.name, "init": init, "out": str(out_path),
+                        "plot": str(plot), "evaluate": evaluate_cmd})
+        return
+    report_finetune(run, relation.name, init, out_path, plot)
     if not evaluate:
         return
+    ffv, res = run.result.ffv, run.result
     if not prepared.splits.test:
         raise UserError(f"task {relation.name!r} has no test pairs to evaluate on (use --no-evaluate)")
     base = source if source is not None else ffv
@@ -158,6 +170,29 @@ def finetune(
                      "settings": {"n_train": n_train, "n_valid": n_valid, "n_shots": n_shots, "seed": seed,
                                   "init": init, "fv": str(fv) if fv else None, "finetune": settings.as_dict()},
                      "results": [row]}, json_path)
+
+
+def report_finetune(run, name: str, init: str, out_path: Path, plot: Path) -> None:
+    """Save the FFV and its loss curve, print the layer search and a summary (the blocking `finetune`, and what
+    `jobs fetch` does for a finetune job)."""
+    from fv_remote.ffv import loss_curve
+
+    res = run.result
+    ffv = res.ffv
+    ffv.save(out_path)
+    loss_curve(res.history, plot, title=f"{name}: FFV at layer {ffv.layer} (init {init})")
+    if run.layer_search:
+        table = Table(title="layer search (short runs)", title_justify="left")
+        for col in ("layer", "valid acc", "valid NLL"):
+            table.add_column(col, justify="right")
+        for lay, r in sorted(run.layer_search.items()):
+            table.add_row(str(lay), _pct(r["valid_acc"]), f"{r['valid_loss']:.3f}")
+        out.print(table)
+    out.print(f"{name}: FFV at layer {ffv.layer}, init {init}, {run.n_train} training / {run.n_valid} "
+              f"validation pairs; kept step {res.best_step}"
+              + (f" (valid acc {res.best_valid_acc:.2f}, NLL {res.best_valid_loss:.3f})" if run.n_valid else "")
+              + ("; stopped early" if res.stopped_early else "")
+              + f"\nsaved {out_path} and {plot}")
 
 
 # --- bank -------------------------------------------------------------------------------------------------------
@@ -187,10 +222,17 @@ def bank_build(
     fresh: bool = typer.Option(False, help="ignore an existing bank file instead of resuming it"),
     remote: bool = _remote_opt("every missing relation is fine-tuned in one request; the bank is written when it "
                                "is back"),
+    no_wait: bool = typer.Option(False, "--no-wait", help="with --remote: submit, print the job id and return; "
+                                 "`fv-remote jobs fetch ID` writes the bank later"),
 ) -> None:
     """Fine-tune an FFV for every relation and store them in one bank file (resumable)."""
     from fv_remote.bank import build_bank
     from fv_remote.data import list_tasks, load_task
+    from fv_remote.remote import JobSubmitted
+    from fv_remote.remote import no_wait as submit_only
+
+    if no_wait and not remote:
+        raise UserError("--no-wait needs --remote (only NDIF jobs can be fetched later)")
 
     settings = _settings(steps, lr, l2, patience, batch_size, seed)
     names = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else ([] if data else list_tasks())
@@ -208,10 +250,18 @@ def bank_build(
             skipped.append(name)
             console.print(f"[yellow]{name}: {status}[/]")
 
-    with progress_bar("bank build", len(relations)) as update:
-        bank = build_bank(loaded, relations, out_path, layer=layer, init=init, fv_dir=fv_dir, n_train=n_train,
-                          n_valid=n_valid, settings=settings, seed=seed, resume=not fresh, on_task=report,
-                          progress=update, remote=remote)
+    try:
+        with submit_only() if no_wait else nullcontext(), progress_bar("bank build", len(relations)) as update:
+            bank = build_bank(loaded, relations, out_path, layer=layer, init=init, fv_dir=fv_dir, n_train=n_train,
+                              n_valid=n_valid, settings=settings, seed=seed, resume=not fresh, on_task=report,
+                              progress=update, remote=remote)
+    except JobSubmitted as job:
+        from fv_remote.cli.jobs_cmd import submitted
+
+        submitted(job, {"model": loaded.model_id, "out": str(out_path)})
+        return
+    if no_wait:
+        console.print(f"every relation is already in {out_path}; nothing submitted")
     out.print(f"bank {out_path}: {len(bank)} relations for {bank.model}"
               + (f"; {len(skipped)} skipped ({', '.join(skipped)})" if skipped else "")
               + f"\nsee `fv-remote bank info {out_path}`")

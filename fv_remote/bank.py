@@ -25,7 +25,7 @@ from fv_remote.data import RelationTask
 from fv_remote.errors import UserError, did_you_mean
 from fv_remote.ffv import FinetuneSettings, train_ffv
 from fv_remote.models import LoadedModel
-from fv_remote.remote import remote_mode
+from fv_remote.remote import JobSubmitted, remote_mode
 from fv_remote.tasks import prepare_task
 from fv_remote.vectors import FunctionVector
 
@@ -168,6 +168,8 @@ def build_bank(model: LoadedModel, tasks: Iterable[RelationTask], path: str | Pa
     `init="fv"` starts each relation from `fv_dir/<task>.fv.safetensors` (and its layer unless `layer` is given);
     `on_task(name, status)` reports "done", "kept" (already in the bank) or "skipped: why". `remote=True` trains
     every missing relation in ONE NDIF request (`fv_remote.ffv_session`) and writes the bank once it has come back.
+    Under `fv_remote.remote.no_wait()` that request is submitted and `JobSubmitted` raised (nothing written), its
+    `details` saying how `store_remote_bank` writes the bank later.
     """
     s = settings or FinetuneSettings()
     tasks = list(tasks)
@@ -200,12 +202,47 @@ def build_bank(model: LoadedModel, tasks: Iterable[RelationTask], path: str | Pa
                 on_task(task.name, f"skipped: {exc}")
             continue
         baseline = _zero_shot_valid_acc(model, prepared, run.result.ffv, n_valid)
-        _add(bank, path, task, run.result.ffv, baseline, on_task, progress, i, len(tasks))
+        _add(bank, path, _task_info(task), run.result.ffv, baseline, on_task, progress, i, len(tasks))
     if todo:
-        for (i, task, _, _), ffv, baseline in _train_remote(model, todo, layer, init, n_train, n_valid, s, on_task,
-                                                           remote):
-            _add(bank, path, task, ffv, baseline, on_task, progress, i, len(tasks))
+        try:
+            trained = _train_remote(model, todo, layer, init, n_train, n_valid, s, on_task, remote)
+        except JobSubmitted as job:
+            job.details.update(stage="bank", path=str(path), resume=resume, bank_settings=bank.settings,
+                               n_tasks=len(tasks))
+            raise
+        for (i, task, _, _), ffv, baseline in trained:
+            _add(bank, path, _task_info(task), ffv, baseline, on_task, progress, i, len(tasks))
     return bank.require_entries(path)
+
+
+def store_remote_bank(saved: dict, details: dict, on_task: Callable[[str, str], None] | None = None,
+                      progress: Callable[[int, int], None] | None = None) -> RelationBank:
+    """Write a no-wait `build_bank`'s results (the job's saved values) to its bank file, as the blocking build
+    would have: onto the bank now in the file when resuming (entries of the same name are replaced, so writing
+    twice is harmless), onto an empty one with resume=False."""
+    from fv_remote.ffv_session import job_outputs, source_from_info, to_result
+    from types import SimpleNamespace
+
+    outs = job_outputs(saved, details)
+    path, model_id = Path(details["path"]), details["model"]
+    bank = RelationBank.load(path, require=False) if details["resume"] and path.exists() else RelationBank(model_id)
+    if bank.model != model_id:
+        raise UserError(f"the bank at {path} is now for model {bank.model!r}, the job trained vectors for "
+                        f"{model_id!r}; nothing written")
+    bank.settings = details["bank_settings"]
+    s = FinetuneSettings(**details["settings"])
+    model = SimpleNamespace(model_id=model_id)  # `finetune_result` only reads the model's id
+    for entry, out in zip(details["entries"], outs):
+        ffv = to_result(model, out, s, entry["name"], details["init"], source_from_info(entry["source_fv"]),
+                        int(entry["n_train"]), int(entry["n_valid"]), int(entry["n_batches"])).ffv
+        _add(bank, path, entry, ffv, out["baseline_acc"], on_task, progress, int(entry["index"]),
+             int(details["n_tasks"]))
+    return bank.require_entries(path)
+
+
+def _task_info(task: RelationTask) -> dict[str, Any]:
+    return {"name": task.name, "category": task.category, "relation_words": list(task.relation_words),
+            "source": task.source}
 
 
 def _prepare_relation(model: LoadedModel, task: RelationTask, init: str, fv_dir: str | Path | None, n_train: int,
@@ -228,17 +265,18 @@ def _zero_shot_valid_acc(model: LoadedModel, prepared: Any, ffv: FunctionVector,
     return score(model, examples(prepared, "valid", n_valid), torch.zeros_like(ffv.vector), ffv.layer)[1]
 
 
-def _add(bank: RelationBank, path: Path, task: RelationTask, ffv: FunctionVector, baseline: float | None,
+def _add(bank: RelationBank, path: Path, task: dict[str, Any], ffv: FunctionVector, baseline: float | None,
          on_task: Callable[[str, str], None] | None, progress: Callable[[int, int], None] | None, i: int,
          total: int) -> None:
-    extra: dict[str, Any] = {"task": task.name, "category": task.category,
-                             "relation_words": list(task.relation_words), "source": task.source}
+    """Add one trained relation (`task`: `_task_info`) and write the bank."""
+    extra: dict[str, Any] = {"task": task["name"], "category": task["category"],
+                             "relation_words": list(task["relation_words"]), "source": task["source"]}
     if baseline is not None:
         extra["zero_shot_valid_acc"] = baseline
-    bank.add_vector(ffv, name=task.name, **extra)
+    bank.add_vector(ffv, name=task["name"], **extra)
     bank.save(path)
     if on_task:
-        on_task(task.name, "done")
+        on_task(task["name"], "done")
     if progress:
         progress(i + 1, total)
 
@@ -248,7 +286,7 @@ def _train_remote(model: LoadedModel, todo: list, layer: int | None, init: str, 
                   remote: Any) -> list[tuple[tuple, FunctionVector, float | None]]:
     """Every relation of `todo` as one job of one session; relations whose plan fails are skipped (reported)."""
     from fv_remote.ffv import examples, initial_plan
-    from fv_remote.ffv_session import SCORE_BATCH, Plan, to_result
+    from fv_remote.ffv_session import SCORE_BATCH, Plan, source_info, to_result
 
     plan = Plan(model)
     planned = []
@@ -268,6 +306,13 @@ def _train_remote(model: LoadedModel, todo: list, layer: int | None, init: str, 
         base_i = plan.data(valid, SCORE_BATCH, fast=False, shuffle=False)  # `ffv.score`'s batches
         plan.job(s, train_i, valid_i, at, vector, scale_texts, baseline=base_i)
         planned.append((entry, fv, len(train), len(valid) if valid is not None else 0, len(plan.datasets[train_i])))
-    outs = plan.run(remote) if planned else []
+    try:
+        outs = plan.run(remote) if planned else []
+    except JobSubmitted as job:  # no-wait: what `store_remote_bank` needs per relation
+        job.details.update(
+            result_key="results", model=model.model_id, init=init, settings=s.as_dict(), n_jobs=len(plan.jobs),
+            entries=[{**_task_info(entry[1]), "index": entry[0], "source_fv": source_info(fv), "n_train": n_tr,
+                      "n_valid": n_va, "n_batches": n_b} for entry, fv, n_tr, n_va, n_b in planned])
+        raise
     return [(entry, to_result(model, out, s, entry[2].name, init, fv, n_tr, n_va, n_b).ffv, out["baseline_acc"])
             for (entry, fv, n_tr, n_va, n_b), out in zip(planned, outs)]

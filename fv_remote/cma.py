@@ -28,7 +28,7 @@ import xarray as xr
 
 from fv_remote.errors import UserError, require_positive
 from fv_remote.models import LoadedModel
-from fv_remote.remote import remote_mode, stage_session
+from fv_remote.remote import JobSubmitted, remote_mode, stage_session
 from fv_remote.store import PROMPT_DIM, ActivationStore
 from fv_remote.tasks import PreparedTask
 from fv_remote.traces.mediation import answer_prob, answer_prob_positions, copies_mask, patch_positions, patch_rows
@@ -238,7 +238,7 @@ def cma_fast_session(model: LoadedModel, jobs: list[tuple[str, int]], means: tor
     unembed = ad.unembed(lm)
     keep = _last_logits_only(model)
     mask_dtype = _mask_dtype(model)
-    groups = plan_groups(heads, ad.n_layers, _unit_costs(model), fixed=1e12, weights=0.0, max_copies=max_copies)
+    groups = session_groups(model, heads, max_copies)
     plan = []
     for text, answer_id in jobs:
         ids = _encode(model, text)
@@ -291,9 +291,23 @@ def cma_fast_session(model: LoadedModel, jobs: list[tuple[str, int]], means: tor
         hidden = base = cache = probs = rep = job = step = None
         if session:
             results = nnsight.save(results)
+    return session_effects(results, groups, len(heads))
+
+
+def session_groups(model: LoadedModel, heads: Heads, max_copies: int = 1024) -> list[list[int]]:
+    """How `cma_fast_session` splits the patches into copies forwards (indices into `heads`)."""
+    return plan_groups(heads, model.adapter.n_layers, _unit_costs(model), fixed=1e12, weights=0.0,
+                       max_copies=max_copies)
+
+
+def session_effects(results: list, groups: list[list[int]], n_heads: int) -> list[tuple[float, torch.Tensor]]:
+    """(P(answer | corrupted), indirect effect per head) per prompt from `cma_fast_session`'s saved `results`
+    (per prompt: the base probability and one probability tensor per group of `groups`)."""
     out = []
     for base, probs in results:
-        effects = torch.empty(len(heads), dtype=torch.float64)
+        if len(probs) != len(groups):
+            raise UserError(f"the CMA result has {len(probs)} groups of patches per prompt, expected {len(groups)}")
+        effects = torch.empty(n_heads, dtype=torch.float64)
         for group, p in zip(groups, probs):
             effects[torch.tensor(group)] = p.double().cpu() - float(base[0])
         out.append((float(base[0]), effects.float()))
@@ -401,13 +415,21 @@ def run_cma(model: LoadedModel, prepared: PreparedTask, store: ActivationStore, 
 
     `method="attribution"` stores the gradient estimate instead, in `<task>/attribution` (see fv_remote.attribution).
     `remote=True` (NDIF) or `"local"` (dry run) computes all missing prompts in one request (`cma_fast_session`;
-    method "fast" only) and stores them once the results are back.
+    method "fast" only) and stores them once the results are back. Under `fv_remote.remote.no_wait()` the request
+    is submitted and `JobSubmitted` raised, its `details` saying how `store_remote_cma` stores the results later.
     """
     batch = None
     if remote_mode(remote):
         if method != "fast":
             raise UserError(f"remote CMA runs the fast method only, not {method!r}")
-        batch = lambda jobs: cma_fast_session(model, jobs, means, remote=remote)  # noqa: E731
+
+        def batch(jobs: list[tuple[str, int]]) -> list[tuple[float, torch.Tensor]]:
+            try:
+                return cma_fast_session(model, jobs, means, remote=remote)
+            except JobSubmitted as job:
+                job.details.update(stage="cma", result_key="results", n_heads=len(all_heads(model)),
+                                   groups=session_groups(model, all_heads(model)))
+                raise
     if method == "attribution":
         from fv_remote.attribution import attribution_prompt
 
@@ -440,26 +462,72 @@ def run_head_scores(model: LoadedModel, prepared: PreparedTask, store: Activatio
     store.check_compatible(group, identity)
     start = store.repair(group)
     jobs = [(p.text, prepared.answer_token[p.answer]) for p in prompts]
-    done = batch(jobs[start:]) if batch is not None and start < n_prompts else None
+    rows = [(p.query, p.answer, p.text) for p in prompts]
+    try:
+        done = batch(jobs[start:]) if batch is not None and start < n_prompts else None
+    except JobSubmitted as job:  # no-wait: everything `store_remote_cma` needs to store the results later
+        job.details.update(task=prepared.name, store=store.url, source=source, method=method, n_prompts=n_prompts,
+                           n_shots=n_shots, start=start, identity=identity, rows=[list(r) for r in rows[start:]])
+        raise
     for i in range(start, n_prompts):
-        prompt = prompts[i]
-        base, effects = done[i - start] if done is not None else fn(model, *jobs[i], means)
-        ds = xr.Dataset(
-            {
-                "indirect_effect": ((PROMPT_DIM, "layer", "head"),
-                                    effects.reshape(1, ad.n_layers, ad.n_heads).float().numpy()),
-                "p_corrupted": ((PROMPT_DIM,), np.array([base], dtype=np.float32)),
-                "query": ((PROMPT_DIM,), np.array([prompt.query], dtype=object)),
-                "answer": ((PROMPT_DIM,), np.array([prompt.answer], dtype=object)),
-                "text": ((PROMPT_DIM,), np.array([prompt.text], dtype=object)),
-            },
-            coords={PROMPT_DIM: [i], "layer": np.arange(ad.n_layers), "head": np.arange(ad.n_heads)},
-        )
-        store.append(group, ds, {**identity, "method": method})
+        scored = done[i - start] if done is not None else fn(model, *jobs[i], means)
+        _append_scores(store, group, identity, method, i, rows[i], scored)
         if progress:
             progress(i + 1, n_prompts)
     return CMAResult(prepared.name, load_aie(store, prepared.name, n_prompts, source=source), n_prompts,
                      n_prompts - start)
+
+
+def _append_scores(store: ActivationStore, group: str, identity: dict, method: str, i: int,
+                   row: tuple[str, str, str], scored: tuple[float, torch.Tensor]) -> None:
+    """Append prompt `i` (query, answer, text) and its head scores to `<task>/<source>`."""
+    base, effects = scored
+    n_layers, n_heads = int(identity["n_layers"]), int(identity["n_heads"])
+    query, answer, text = row
+    ds = xr.Dataset(
+        {
+            "indirect_effect": ((PROMPT_DIM, "layer", "head"),
+                                effects.reshape(1, n_layers, n_heads).float().numpy()),
+            "p_corrupted": ((PROMPT_DIM,), np.array([base], dtype=np.float32)),
+            "query": ((PROMPT_DIM,), np.array([query], dtype=object)),
+            "answer": ((PROMPT_DIM,), np.array([answer], dtype=object)),
+            "text": ((PROMPT_DIM,), np.array([text], dtype=object)),
+        },
+        coords={PROMPT_DIM: [i], "layer": np.arange(n_layers), "head": np.arange(n_heads)},
+    )
+    store.append(group, ds, {**identity, "method": method})
+
+
+def store_remote_cma(store: ActivationStore, saved: dict, details: dict,
+                     progress: Callable[[int, int], None] | None = None) -> CMAResult:
+    """Store a no-wait CMA's results (the job's saved values) exactly as `run_cma` would have.
+
+    `details` are the ones `run_cma` put on `JobSubmitted` (prompts, identity, where the store stood). Storing
+    twice is a no-op; a store that moved on since the job was submitted (another run appended prompts) is refused
+    rather than mixed. Needs no model: the job file says everything.
+    """
+    task, source, method = details["task"], details.get("source", "cma"), details.get("method", "fast")
+    n_prompts, start = int(details["n_prompts"]), int(details["start"])
+    identity, rows = details["identity"], [tuple(r) for r in details["rows"]]
+    group = cma_group(task, source)
+    store.check_compatible(group, identity)
+    now = store.repair(group)
+    if now >= n_prompts and now > start:  # already stored (by this job, or a run that caught up)
+        return CMAResult(task, load_aie(store, task, n_prompts, source=source), n_prompts, 0)
+    if now != start:
+        raise UserError(f"store {store.url} has {now} {group!r} prompts but the job starts at prompt {start}: the "
+                        "store changed since it was submitted; nothing stored")
+    key = details.get("result_key", "results")
+    if key not in saved:
+        raise UserError(f"the CMA job's result has no {key!r} (saved: {', '.join(saved) or 'nothing'})")
+    done = session_effects(saved[key], [list(g) for g in details["groups"]], int(details["n_heads"]))
+    if len(done) != len(rows) or len(rows) != n_prompts - start:
+        raise UserError(f"the job returned {len(done)} prompts, expected {n_prompts - start}; nothing stored")
+    for i in range(start, n_prompts):
+        _append_scores(store, group, identity, method, i, rows[i - start], done[i - start])
+        if progress:
+            progress(i + 1, n_prompts)
+    return CMAResult(task, load_aie(store, task, n_prompts, source=source), n_prompts, n_prompts - start)
 
 
 def load_aie(store: ActivationStore, task: str, n_prompts: int | None = None, source: str = "auto") -> xr.DataArray:

@@ -18,6 +18,7 @@ Differences from the local loop, none of which changes the result beyond float r
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 from typing import Any
 
 import nnsight
@@ -27,7 +28,7 @@ from fv_remote.errors import UserError
 from fv_remote.ffv import (Examples, FFVRun, FinetuneResult, FinetuneSettings, candidate_layers, chunk_examples,
                            cosine_factor, finetune_result, initial_plan, trace_kwargs)
 from fv_remote.models import LoadedModel
-from fv_remote.remote import check_shippable, remote_mode, stage_session
+from fv_remote.remote import JobSubmitted, check_shippable, remote_mode, stage_session
 from fv_remote.traces.patching import add_to_residual, layer_hidden
 from fv_remote.vectors import FunctionVector
 
@@ -226,11 +227,60 @@ def train_ffv_remote(model: LoadedModel, name: str, train: Examples, valid: Exam
         search = [plan.job(quick, train_i, valid_i, at, vector, scale_texts) for at in layers]
         layer = -1
     plan.job(s, train_i, valid_i, int(layer), vector, scale_texts, search=search)
-    outs = plan.run(remote)
+    n_valid = len(valid) if valid is not None else 0
+    try:
+        outs = plan.run(remote)
+    except JobSubmitted as job:  # no-wait: everything `ffv_run_from_job` needs to rebuild the result later
+        job.details.update(stage="finetune", result_key="results", model=model.model_id, task=name, init=init,
+                           settings=s.as_dict(), source=source_info(fv), n_train=len(train), n_valid=n_valid,
+                           n_batches=len(plan.datasets[train_i]), layers=layers, search=search,
+                           n_jobs=len(plan.jobs))
+        raise
+    return _ffv_run(model, outs, s, name, init, fv, len(train), n_valid, len(plan.datasets[train_i]), layers,
+                    search)
+
+
+def _ffv_run(model: Any, outs: list[dict], s: FinetuneSettings, name: str, init: str, fv: Any, n_train: int,
+             n_valid: int, n_batches: int, layers: list[int], search: list[int]) -> FFVRun:
     found = {at: {"valid_loss": outs[i]["best_loss"], "valid_acc": outs[i]["best_acc"]}
              for at, i in zip(layers, search)}
-    result = to_result(model, outs[-1], s, name, init, fv, len(train), len(valid) if valid is not None else 0,
-                       len(plan.datasets[train_i]))
+    result = to_result(model, outs[-1], s, name, init, fv, n_train, n_valid, n_batches)
     if found:
         result.ffv.meta["layer_search"] = {str(k): v for k, v in found.items()}
-    return FFVRun(result, found, len(train), len(valid) if valid is not None else 0)
+    return FFVRun(result, found, n_train, n_valid)
+
+
+def source_info(fv: FunctionVector | None) -> dict | None:
+    """What a fine-tuning result records of its starting FV (JSON; see `ffv.finetune_result`)."""
+    if fv is None:
+        return None
+    return {"task": fv.task, "layer": int(fv.layer), "kind": fv.kind, "heads": [list(h) for h in fv.heads]}
+
+
+def source_from_info(info: dict | None) -> Any:
+    """The starting FV's fields from `source_info`, as `ffv.finetune_result` reads them (task, layer, kind, heads)."""
+    if info is None:
+        return None
+    return SimpleNamespace(task=info["task"], layer=int(info["layer"]), kind=info["kind"],
+                           heads=[tuple(int(x) for x in h) for h in info["heads"]])
+
+
+def job_outputs(saved: dict, details: dict) -> list[dict]:
+    """`run_jobs`' per-job results from a no-wait job's saved values (checked against the job's size)."""
+    key = details.get("result_key", "results")
+    if key not in saved:
+        raise UserError(f"the fine-tuning job's result has no {key!r} (saved: {', '.join(saved) or 'nothing'})")
+    outs = saved[key]
+    if len(outs) != int(details["n_jobs"]):
+        raise UserError(f"the job returned {len(outs)} fine-tuning runs, expected {details['n_jobs']}")
+    return outs
+
+
+def ffv_run_from_job(saved: dict, details: dict) -> FFVRun:
+    """What `ffv.train_ffv(..., remote=True)` returns, from a no-wait job's saved values and its details."""
+    outs = job_outputs(saved, details)
+    model = SimpleNamespace(model_id=details["model"])  # `finetune_result` only reads the model's id
+    return _ffv_run(model, outs, FinetuneSettings(**details["settings"]), details["task"], details["init"],
+                    source_from_info(details.get("source")), int(details["n_train"]), int(details["n_valid"]),
+                    int(details["n_batches"]), [int(x) for x in details["layers"]],
+                    [int(x) for x in details["search"]])

@@ -1,10 +1,15 @@
 """Non-blocking remote stages: a job file per submitted request, and fetching its results into place later.
 
-`fv-remote extract|evaluate --remote --no-wait` submits the stage's one NDIF request and writes a small JSON job
-file (`<jobs dir>/<job id>.json`: the stage, its settings, the batch layout, host and model); `fv-remote jobs status
-ID` polls it and `fv-remote jobs fetch ID` stores the results exactly as the blocking run would have (same code
-path: the store's commit points for extract; the table, plot and --json file for evaluate), then marks the job
-fetched. Fetching twice is harmless.
+`fv-remote extract|cma|evaluate|finetune|bank build --remote --no-wait` submits the stage's one NDIF request and
+writes a small JSON job file (`<jobs dir>/<job id>.json`: the stage, its settings, the batch layout, host and
+model); `fv-remote jobs status ID` polls it and `fv-remote jobs fetch ID` stores the results exactly as the blocking
+run would have (same code path: the store's commit points for extract and cma, plus cma's heatmap; the table, plot
+and --json file for evaluate; the FFV file and loss curve for finetune, which prints the evaluate command instead of
+evaluating; the bank file for bank build), then marks the job fetched. Fetching twice is harmless.
+
+From Python: run the stage under `fv_remote.remote.no_wait()`, catch `JobSubmitted`, `save_job(job, settings)`, and
+later `fetch_job(id)`; or poll yourself and rebuild the result with `extract.store_remote_extraction`,
+`cma.store_remote_cma`, `ffv_session.ffv_run_from_job`, `bank.store_remote_bank` or `evaluate.scores_from_job`.
 
 The jobs dir is FV_REMOTE_JOBS, else `<fv-remote cache>/jobs` (FV_REMOTE_CACHE or ~/.cache/fv-remote).
 """
@@ -129,7 +134,16 @@ def _finish_extract(job: dict[str, Any], saved: dict[str, Any], progress: Any = 
             f"{details['n_shots']}-shot accuracy {result.accuracy:.2f}")
 
 
-FINISHERS: dict[str, Callable[..., str]] = {"extract": _finish_extract}
+def _finish_bank(job: dict[str, Any], saved: dict[str, Any], progress: Any = None) -> str:
+    from fv_remote.bank import store_remote_bank
+
+    details = job["details"]
+    bank = store_remote_bank(saved, details, progress=progress)
+    return (f"bank {details['path']}: {len(bank)} relations for {bank.model}\n"
+            f"see `fv-remote bank info {details['path']}`")
+
+
+FINISHERS: dict[str, Callable[..., str]] = {"extract": _finish_extract, "bank": _finish_bank}
 
 
 def fetch_job(job_id: str, progress: Any = None) -> tuple[str, str]:

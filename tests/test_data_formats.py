@@ -24,7 +24,8 @@ from fv_remote.data import (
 from fv_remote.errors import UserError
 
 FIX = Path(__file__).resolve().parent / "fixtures"
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+# The public datasets live beside the checkout (../shared/data); a clone elsewhere names them with FV_REMOTE_SHARED_DATA.
+SHARED = Path(os.environ.get("FV_REMOTE_SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 
 
 def shared(*parts: str) -> Path:

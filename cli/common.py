@@ -11,8 +11,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 # Piped output (CI logs, files) gets a wide fixed width so result tables are not truncated.
-console = Console(stderr=True, width=None if sys.stderr.isatty() else 140)
-out = Console(width=None if sys.stdout.isatty() else 140)
+# emoji=False: word pairs such as "dublin:ireland:" must not turn into flags.
+console = Console(stderr=True, width=None if sys.stderr.isatty() else 140, emoji=False)
+out = Console(width=None if sys.stdout.isatty() else 140, emoji=False)
 
 
 def offline_if_local(model: str) -> None:

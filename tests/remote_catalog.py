@@ -13,10 +13,7 @@ from a fake Hub cache, a toy relation task, random head means/AIE, an FV and a s
 from __future__ import annotations
 
 import contextlib
-import copy
-import dataclasses
 import functools
-import hashlib
 import io
 import os
 import tempfile
@@ -29,8 +26,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from conftest import _tiny_tokenizer, make_tiny_model  # noqa: E402
+from conftest import _tiny_tokenizer  # noqa: E402
 from loopback_ndif import LoopbackNDIF  # noqa: E402
+from remote_fixtures import hosted_tiny_model, serve_copy, write_hub_cache  # noqa: E402
 
 REPO = "test-org/tiny-llama-catalog"
 WORDS = ["hot", "cold", "up", "down", "big", "small", "the", "quick", "brown", "fox", "lazy", "dog", "over"]
@@ -78,14 +76,12 @@ class Harness:
 
     def __enter__(self) -> "Harness":
         from fv_remote import remote as R
-        from fv_remote.models import wrap_model
 
         tok = _tiny_tokenizer()
         self.tokenizer = tok
-        self.local = dataclasses.replace(make_tiny_model("llama", tok, seed=3), name=REPO)
+        self.local = hosted_tiny_model(tok, REPO)
         self.hub_cache = self._hub_cache(tok)
-        hosted = wrap_model(copy.deepcopy(self.local.hf), tok, name=REPO)
-        self.server = self._env.enter_context(LoopbackNDIF({REPO: hosted.lm}, hang_s=1.0))
+        self.server = self._env.enter_context(serve_copy(self.local, tok, REPO, hang_s=1.0))
         self._setenv("NDIF_HOST", self.server.host)
         self._setenv("NDIF_API_KEY", None)
         self.remote = R.load_remote_model(REPO, cache_dir=self.hub_cache)
@@ -105,15 +101,7 @@ class Harness:
                            else os.environ.pop(name, None))
 
     def _hub_cache(self, tok: Any) -> str:
-        root = self.workdir / "hf-cache"
-        commit = hashlib.sha1(REPO.encode()).hexdigest()
-        repo_dir = root / ("models--" + REPO.replace("/", "--"))
-        (repo_dir / "snapshots" / commit).mkdir(parents=True, exist_ok=True)
-        (repo_dir / "refs").mkdir(exist_ok=True)
-        (repo_dir / "refs" / "main").write_text(commit)
-        self.local.hf.config.save_pretrained(repo_dir / "snapshots" / commit)
-        tok.save_pretrained(repo_dir / "snapshots" / commit)
-        return str(root)
+        return write_hub_cache(self.workdir / "hf-cache", REPO, self.local.hf, tok)
 
     def _inputs(self) -> None:
         from fv_remote.bank import RelationBank

@@ -7,8 +7,6 @@ nnsight's own server-side deserialisation, so these tests drive nnsight's real R
 
 from __future__ import annotations
 
-import copy
-import hashlib
 import os
 import socket
 
@@ -17,7 +15,7 @@ import pytest
 import torch
 
 from conftest import make_tiny_model
-from loopback_ndif import LoopbackNDIF
+from remote_fixtures import serve_copy, write_hub_cache
 
 from fv_remote import remote as R
 from fv_remote.errors import UserError
@@ -37,24 +35,12 @@ def local_model(tiny_tokenizer):
 @pytest.fixture(scope="module")
 def hub_cache(local_model, tiny_tokenizer, tmp_path_factory):
     """A Hugging Face cache holding only REPO's config and tokenizer (what a remote user downloads; no weights)."""
-    root = tmp_path_factory.mktemp("hf-cache")
-    commit = hashlib.sha1(REPO.encode()).hexdigest()
-    repo_dir = root / ("models--" + REPO.replace("/", "--"))
-    snapshot = repo_dir / "snapshots" / commit
-    snapshot.mkdir(parents=True)
-    (repo_dir / "refs").mkdir()
-    (repo_dir / "refs" / "main").write_text(commit)
-    local_model.hf.config.save_pretrained(snapshot)
-    tiny_tokenizer.save_pretrained(snapshot)
-    return str(root)
+    return write_hub_cache(tmp_path_factory.mktemp("hf-cache"), REPO, local_model.hf, tiny_tokenizer)
 
 
 @pytest.fixture(scope="module")
 def server(local_model, tiny_tokenizer):
-    from fv_remote.models import wrap_model
-
-    hosted = wrap_model(copy.deepcopy(local_model.hf), tiny_tokenizer, name=REPO)
-    with LoopbackNDIF({REPO: hosted.lm}, hang_s=1.5) as srv, pytest.MonkeyPatch.context() as mp:
+    with serve_copy(local_model, tiny_tokenizer, REPO, hang_s=1.5) as srv, pytest.MonkeyPatch.context() as mp:
         mp.setenv("NDIF_HOST", srv.host)
         mp.delenv("NDIF_API_KEY", raising=False)
         yield srv

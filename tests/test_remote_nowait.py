@@ -8,10 +8,6 @@ set-up as test_remote_relational.py: a weightless client copy of a tiny model, t
 
 from __future__ import annotations
 
-import copy
-import dataclasses
-import functools
-import hashlib
 import json
 import time
 
@@ -21,8 +17,7 @@ import torch
 import zarr
 from typer.testing import CliRunner
 
-from conftest import make_tiny_model
-from loopback_ndif import LoopbackNDIF
+from remote_fixtures import hosted_model_fixtures, point_client_at
 
 from fv_remote import remote as R
 from fv_remote.bank import RelationBank, build_bank
@@ -42,46 +37,12 @@ SETTINGS = FinetuneSettings(steps=6, lr=0.2, batch_size=4, eval_every=2, patienc
 TOL = 1e-4
 
 
-@pytest.fixture(scope="module")
-def local(tiny_tokenizer):
-    return dataclasses.replace(make_tiny_model("llama", tiny_tokenizer, seed=3), name=REPO)
-
-
-@pytest.fixture(scope="module")
-def hub_cache(local, tiny_tokenizer, tmp_path_factory):
-    root = tmp_path_factory.mktemp("hf-cache")
-    commit = hashlib.sha1(REPO.encode()).hexdigest()
-    repo_dir = root / ("models--" + REPO.replace("/", "--"))
-    (repo_dir / "snapshots" / commit).mkdir(parents=True)
-    (repo_dir / "refs").mkdir()
-    (repo_dir / "refs" / "main").write_text(commit)
-    local.hf.config.save_pretrained(repo_dir / "snapshots" / commit)
-    tiny_tokenizer.save_pretrained(repo_dir / "snapshots" / commit)
-    return str(root)
-
-
-@pytest.fixture(scope="module")
-def server(local, tiny_tokenizer):
-    from fv_remote.models import wrap_model
-
-    hosted = wrap_model(copy.deepcopy(local.hf), tiny_tokenizer, name=REPO)
-    with LoopbackNDIF({REPO: hosted.lm}, hang_s=1.0) as srv:
-        yield srv
+local, hub_cache, server, remote_model = hosted_model_fixtures(REPO, hang_s=1.0)
 
 
 @pytest.fixture
 def ndif(server, monkeypatch, hub_cache, tmp_path):
-    server.reset()
-    monkeypatch.setenv("NDIF_HOST", server.host)
-    monkeypatch.delenv("NDIF_API_KEY", raising=False)
-    monkeypatch.setenv("FV_REMOTE_JOBS", str(tmp_path / "jobs"))
-    monkeypatch.setattr(R, "load_remote_model", functools.partial(R.load_remote_model, cache_dir=hub_cache))
-    return server
-
-
-@pytest.fixture(scope="module")
-def remote_model(hub_cache):
-    return R.load_remote_model(REPO, cache_dir=hub_cache)
+    return point_client_at(server, monkeypatch, hub_cache, tmp_path / "jobs")
 
 
 @pytest.fixture(scope="module")

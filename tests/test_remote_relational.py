@@ -7,10 +7,7 @@ server (NDIF's import whitelist enforced). Payload and result sizes per stage ar
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import functools
-import hashlib
 import json
 
 import numpy as np
@@ -18,10 +15,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import make_tiny_model
-from loopback_ndif import LoopbackNDIF
+from remote_fixtures import hosted_model_fixtures, point_client_at
 
-from fv_remote import remote as R
 from fv_remote.analogy import AnalogySettings, Combiner, run_analogies
 from fv_remote.bank import RelationBank, build_bank
 from fv_remote.data import MCAnalogy, RelationTask
@@ -44,49 +39,12 @@ SIZES: dict[str, tuple[int, int]] = {}  # stage -> (payload bytes, result bytes)
 TOL = 1e-4
 
 
-@pytest.fixture(scope="module")
-def local(tiny_tokenizer):
-    return dataclasses.replace(make_tiny_model("llama", tiny_tokenizer, seed=3), name=REPO)
-
-
-@pytest.fixture(scope="module")
-def hub_cache(local, tiny_tokenizer, tmp_path_factory):
-    root = tmp_path_factory.mktemp("hf-cache")
-    commit = hashlib.sha1(REPO.encode()).hexdigest()
-    repo_dir = root / ("models--" + REPO.replace("/", "--"))
-    (repo_dir / "snapshots" / commit).mkdir(parents=True)
-    (repo_dir / "refs").mkdir()
-    (repo_dir / "refs" / "main").write_text(commit)
-    local.hf.config.save_pretrained(repo_dir / "snapshots" / commit)
-    tiny_tokenizer.save_pretrained(repo_dir / "snapshots" / commit)
-    return str(root)
-
-
-@pytest.fixture(scope="module")
-def server(local, tiny_tokenizer):
-    from fv_remote.models import wrap_model
-
-    hosted = wrap_model(copy.deepcopy(local.hf), tiny_tokenizer, name=REPO)
-    with LoopbackNDIF({REPO: hosted.lm}, hang_s=1.0) as srv:
-        yield srv
-    width = max(len(k) for k in SIZES) if SIZES else 10
-    print("\nloopback NDIF, per stage: payload bytes / result bytes")
-    for stage, (payload, result) in SIZES.items():
-        print(f"  {stage:<{width}}  {payload:>8,}  {result:>8,}")
+local, hub_cache, server, remote_model = hosted_model_fixtures(REPO, hang_s=1.0, sizes=SIZES)
 
 
 @pytest.fixture
 def ndif(server, monkeypatch, hub_cache):
-    server.reset()
-    monkeypatch.setenv("NDIF_HOST", server.host)
-    monkeypatch.delenv("NDIF_API_KEY", raising=False)
-    monkeypatch.setattr(R, "load_remote_model", functools.partial(R.load_remote_model, cache_dir=hub_cache))
-    return server
-
-
-@pytest.fixture(scope="module")
-def remote_model(hub_cache):
-    return R.load_remote_model(REPO, cache_dir=hub_cache)
+    return point_client_at(server, monkeypatch, hub_cache)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,100 @@
+"""Shared set-up for the remote tests: the tiny model named like a hosted repo, a fake Hugging Face Hub cache holding
+the repo's config and tokenizer (what a remote user downloads; no weights), a loopback NDIF server hosting a copy of
+the local model with its real weights, and the client pointed at that server."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import functools
+import hashlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import make_tiny_model
+from loopback_ndif import LoopbackNDIF
+
+
+def hosted_tiny_model(tokenizer: Any, repo: str) -> Any:
+    """The tiny llama (seed 3) with real weights, named like the hosted repo (so FVs made here fit the remote copy)."""
+    return dataclasses.replace(make_tiny_model("llama", tokenizer, seed=3), name=repo)
+
+
+def write_hub_cache(root: str | Path, repo: str, hf: Any, tokenizer: Any) -> str:
+    """Write `repo`'s config (from the HF model `hf`) and `tokenizer` as a Hub cache snapshot under `root`."""
+    root = Path(root)
+    commit = hashlib.sha1(repo.encode()).hexdigest()
+    repo_dir = root / ("models--" + repo.replace("/", "--"))
+    snapshot = repo_dir / "snapshots" / commit
+    snapshot.mkdir(parents=True, exist_ok=True)
+    (repo_dir / "refs").mkdir(exist_ok=True)
+    (repo_dir / "refs" / "main").write_text(commit)
+    hf.config.save_pretrained(snapshot)
+    tokenizer.save_pretrained(snapshot)
+    return str(root)
+
+
+def print_sizes(sizes: dict[str, tuple[int, int]]) -> None:
+    """The per-stage payload/result size table (shown with pytest -s)."""
+    width = max(len(k) for k in sizes) if sizes else 10
+    print("\nloopback NDIF, per stage: payload bytes / result bytes")
+    for stage, (payload, result) in sizes.items():
+        print(f"  {stage:<{width}}  {payload:>8,}  {result:>8,}")
+
+
+@contextlib.contextmanager
+def serve_copy(local_model: Any, tokenizer: Any, repo: str, hang_s: float = 1.0,
+               sizes: dict[str, tuple[int, int]] | None = None) -> Iterator[LoopbackNDIF]:
+    """A loopback NDIF server hosting a deep copy of `local_model` as `repo`; on exit, the `sizes` table if given."""
+    from fv_remote.models import wrap_model
+
+    hosted = wrap_model(copy.deepcopy(local_model.hf), tokenizer, name=repo)
+    with LoopbackNDIF({repo: hosted.lm}, hang_s=hang_s) as srv:
+        yield srv
+    if sizes is not None:
+        print_sizes(sizes)
+
+
+def point_client_at(server: LoopbackNDIF, monkeypatch: Any, hub_cache: str, jobs_dir: Path | None = None
+                    ) -> LoopbackNDIF:
+    """Per test: reset `server`, point the client at it (no API key), keep `--no-wait` job files in `jobs_dir` if
+    given, and make the CLI load remote models from the fake Hub cache instead of the default one."""
+    from fv_remote import remote as R
+
+    server.reset()
+    monkeypatch.setenv("NDIF_HOST", server.host)
+    monkeypatch.delenv("NDIF_API_KEY", raising=False)
+    if jobs_dir is not None:
+        monkeypatch.setenv("FV_REMOTE_JOBS", str(jobs_dir))
+    monkeypatch.setattr(R, "load_remote_model", functools.partial(R.load_remote_model, cache_dir=hub_cache))
+    return server
+
+
+def hosted_model_fixtures(repo: str, hang_s: float = 1.0, sizes: dict[str, tuple[int, int]] | None = None
+                          ) -> tuple[Any, Any, Any, Any]:
+    """Module-scoped fixtures `local` (hosted_tiny_model), `hub_cache`, `server` (serve_copy) and `remote_model` (the
+    weightless client copy) for a test module hosting `repo`; bind them at module level under those names."""
+    from fv_remote import remote as R
+
+    @pytest.fixture(scope="module")
+    def local(tiny_tokenizer):
+        return hosted_tiny_model(tiny_tokenizer, repo)
+
+    @pytest.fixture(scope="module")
+    def hub_cache(local, tiny_tokenizer, tmp_path_factory):
+        return write_hub_cache(tmp_path_factory.mktemp("hf-cache"), repo, local.hf, tiny_tokenizer)
+
+    @pytest.fixture(scope="module")
+    def server(local, tiny_tokenizer):
+        with serve_copy(local, tiny_tokenizer, repo, hang_s=hang_s, sizes=sizes) as srv:
+            yield srv
+
+    @pytest.fixture(scope="module")
+    def remote_model(hub_cache):
+        return R.load_remote_model(repo, cache_dir=hub_cache)
+
+    return local, hub_cache, server, remote_model

@@ -66,6 +66,15 @@ def _top_heads_table(aie, k: int) -> Table:
 
 
 @app.command()
+def _warn_if_flat(task: str, scores: dict[int, float] | None) -> None:
+    from fv_remote.evaluate import sweep_is_flat
+
+    if scores and sweep_is_flat(scores):
+        value = next(iter(scores.values()))
+        console.print(f"[yellow]{task}: the validation sweep is flat (accuracy {value:.2f} at every layer): the FV "
+                      f"does not move this task on validation pairs, so its layer (the middle one) is a guess[/]")
+
+
 def cma(
     task: str = typer.Option(..., "--task", "-t"),
     store: str = typer.Option(..., "--store", "-s", help="store holding the task's extraction"),
@@ -165,6 +174,7 @@ def fit(
     if scores is not None:
         png = layer_sweep_plot({prepared.name: scores}, plot or Path("out") / f"{prepared.name}_sweep.png")
         out.print(f"validation sweep: best layer {fv.layer} (accuracy {scores[fv.layer]:.2f}); plot: {png}")
+        _warn_if_flat(prepared.name, scores)
     path = fv.save(output or Path("out") / f"{prepared.name}.fv.safetensors")
     heads = ", ".join(f"({a},{b})" for a, b in fv.heads)
     out.print(f"FV for {prepared.name}: {len(fv.heads)} heads [{heads}], layer {fv.layer}, "
@@ -365,6 +375,7 @@ def run(
         r = result.scores
         console.print(f"[green]{r.task}[/]: zero-shot {r.zero_shot:.2f} -> {r.zero_shot_fv:.2f} with FV at layer "
                       f"{r.layer}; FV saved to {result.fv_path}")
+        _warn_if_flat(r.task, result.sweep)
     data = results_json(loaded, runs, settings)
     out.print(scores_table(data["results"], title=f"{loaded.model_id}: function vectors ({k} heads)"))
     png = layer_sweep_plot({r.scores.task: r.sweep for r in runs}, out_dir / "layer_sweep.png",

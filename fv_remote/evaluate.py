@@ -84,8 +84,15 @@ def layer_sweep(model: LoadedModel, prepared: PreparedTask, fv: FunctionVector, 
 
 
 def best_layer(scores: dict[int, float]) -> int:
-    """Highest accuracy; ties go to the earliest layer."""
-    return max(scores, key=lambda layer: (scores[layer], -layer))
+    """Highest accuracy; among tied layers the middle one (lower middle), so a flat sweep does not pick layer 0."""
+    top = max(scores.values())
+    tied = sorted(layer for layer, value in scores.items() if value == top)
+    return tied[(len(tied) - 1) // 2]
+
+
+def sweep_is_flat(scores: dict[int, float]) -> bool:
+    """Every layer scored the same: the sweep carries no information about where the FV works."""
+    return len(set(scores.values())) <= 1
 
 
 def evaluation_conditions(model: LoadedModel, prepared: PreparedTask, fv: FunctionVector, layer: int | None = None,
@@ -208,6 +215,7 @@ def fit_function_vector(model: LoadedModel, prepared: PreparedTask, means: torch
     if scores is not None:
         fv.layer = best_layer(scores)
         fv.meta["sweep"] = {str(x): v for x, v in scores.items()}
+        fv.meta["sweep_flat"] = sweep_is_flat(scores)
     return fv, scores
 
 

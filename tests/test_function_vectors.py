@@ -169,3 +169,14 @@ def test_results_json_layer_is_an_int_with_per_task_layers():
     assert tie["layer"] == 4
     same = results_json(model, [run("a", 9)], PipelineSettings())
     assert same["layer"] == 9 and not same["layer_is_per_task"]
+
+
+def test_best_layer_takes_the_middle_of_a_tie_and_flags_flat_sweeps():
+    from fv_remote.evaluate import sweep_is_flat
+
+    assert best_layer({0: 0.1, 1: 0.5, 2: 0.2}) == 1
+    assert best_layer({3: 0.4, 7: 0.4, 9: 0.4, 2: 0.1}) == 7
+    assert best_layer({10: 0.14, 13: 0.14, 4: 0.0}) == 10  # even tie: the lower middle
+    flat = {layer: 0.0 for layer in range(30)}
+    assert best_layer(flat) == 14 and sweep_is_flat(flat)
+    assert not sweep_is_flat({0: 0.0, 1: 0.05})

@@ -65,7 +65,6 @@ def _top_heads_table(aie, k: int) -> Table:
     return table
 
 
-@app.command()
 def _warn_if_flat(task: str, scores: dict[int, float] | None) -> None:
     from fv_remote.evaluate import sweep_is_flat
 
@@ -75,6 +74,7 @@ def _warn_if_flat(task: str, scores: dict[int, float] | None) -> None:
                       f"does not move this task on validation pairs, so its layer (the middle one) is a guess[/]")
 
 
+@app.command()
 def cma(
     task: str = typer.Option(..., "--task", "-t"),
     store: str = typer.Option(..., "--store", "-s", help="store holding the task's extraction"),

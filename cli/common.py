@@ -25,6 +25,22 @@ def offline_if_local(model: str) -> None:
     hf_logging.disable_progress_bar()  # our own progress bars are enough on the terminal
 
 
+def load_stage(model: str, remote: bool = False):
+    """The model a command runs on: local (offline when it can be) or, with --remote, NDIF's weightless copy."""
+    from fv_remote.remote import load_stage_model
+
+    if not remote:
+        offline_if_local(model)
+    return load_stage_model(model, remote)
+
+
+def require_remote_for_no_wait(no_wait: bool, remote: bool) -> None:
+    if no_wait and not remote:
+        from fv_remote.errors import UserError
+
+        raise UserError("--no-wait needs --remote (only NDIF jobs can be fetched later)")
+
+
 @contextmanager
 def progress_bar(description: str, total: int):
     """Yields an `update(done, total)` callback that drives a rich progress bar on stderr.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from fv_remote.cli.app import app
-from fv_remote.cli.common import console, offline_if_local, out, progress_bar
+from fv_remote.cli.common import console, load_stage, out, progress_bar, require_remote_for_no_wait
 from fv_remote.models import DEFAULT_MODEL
 
 
@@ -37,19 +37,16 @@ def extract(
     """Trace every attention head's output on clean n-shot prompts into the store (resumable)."""
     from fv_remote import remote as R
     from fv_remote.data import load_task
-    from fv_remote.errors import UserError, require_positive
+    from fv_remote.errors import require_positive
     from fv_remote.extract import extract as run_extract
     from fv_remote.store import ActivationStore
 
     require_positive("--n-prompts", n_prompts)
     require_positive("--batch-size", batch_size)
-    if no_wait and not remote:
-        raise UserError("--no-wait needs --remote (only NDIF jobs can be fetched later)")
+    require_remote_for_no_wait(no_wait, remote)
     pos = _positions(positions)
     relation = load_task(task, data_dir=data_dir)
-    if not remote:
-        offline_if_local(model)
-    loaded = R.load_stage_model(model, remote)
+    loaded = load_stage(model, remote)
     act_store = ActivationStore(store)
     done = act_store.n_complete(relation.name)
     if done:

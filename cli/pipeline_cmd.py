@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from fv_remote.cli.app import app
-from fv_remote.cli.common import console, offline_if_local, out, progress_bar
+from fv_remote.cli.common import console, load_stage, out, progress_bar, require_remote_for_no_wait
 from fv_remote.errors import UserError
 from fv_remote.models import DEFAULT_MODEL
 
@@ -18,14 +18,6 @@ DATA_DIR_OPT = typer.Option(None, "--data-dir", help="folder of Todd-format TASK
 SCORE_COLUMNS = ("zero_shot", "zero_shot_fv", "shuffled", "shuffled_fv", "icl")
 REMOTE_OPT = typer.Option(False, "--remote", help="run on NDIF as one request (--model is a Hub repo id; short "
                           "names map to their original repo)")
-
-
-def _load(model: str, remote: bool = False):
-    from fv_remote.remote import load_stage_model
-
-    if not remote:
-        offline_if_local(model)
-    return load_stage_model(model, remote)
 
 
 def _prepare(loaded, task: str, data_dir: str | None, seed: int, n_shots: int = 10):
@@ -103,10 +95,9 @@ def cma(
 
     for name, value in (("--n-prompts", n_prompts), ("--n-shots", n_shots), ("--top", top)):
         require_positive(name, value)  # before the model loads: a typo should not cost a minute
-    if no_wait and not remote:
-        raise UserError("--no-wait needs --remote (only NDIF jobs can be fetched later)")
+    require_remote_for_no_wait(no_wait, remote)
     act_store = ActivationStore(store)
-    loaded = _load(model, remote)
+    loaded = load_stage(model, remote)
     prepared = _prepare(loaded, task, data_dir, seed, n_shots)
     means = mean_heads_tensor(act_store, prepared.name)  # says which command to run first if missing
     act_store.check_compatible(prepared.name, {"model": loaded.model_id})
@@ -159,7 +150,7 @@ def fit(
     from fv_remote.store import ActivationStore
 
     act_store = ActivationStore(store)
-    loaded = _load(model, remote)
+    loaded = load_stage(model, remote)
     prepared = _prepare(loaded, task, data_dir, seed)
     act_store.check_compatible(prepared.name, {"model": loaded.model_id})
     aie = load_aie(act_store, prepared.name)
@@ -208,7 +199,7 @@ def steer(
 
     if (prompt is None) == (task is None):
         raise UserError("give exactly one of --prompt or --task")
-    loaded = _load(model, remote)
+    loaded = load_stage(model, remote)
     vec = _load_vector(fv_path, loaded)
     st = Steer(vec, layer=layer, scale=scale, distributed=distributed)
     where = "distributed over its heads" if distributed else f"layer {st.resolved_layer(loaded)}"
@@ -245,7 +236,7 @@ def generate(
     from fv_remote.steering import Steer, generate_many
 
     text = prompt.replace("\\n", "\n")
-    loaded = _load(model, remote)
+    loaded = load_stage(model, remote)
     vec = _load_vector(fv_path, loaded)
     st = Steer(vec, layer=layer, scale=scale, distributed=distributed)
     without, steered = generate_many(loaded, [(text, None), (text, st)], max_new_tokens, remote)
@@ -281,9 +272,8 @@ def evaluate(
 
     if n_test is not None and n_test <= 0:
         raise UserError(f"--n-test must be a positive integer, got {n_test}")
-    if no_wait and not remote:
-        raise UserError("--no-wait needs --remote (only NDIF jobs can be fetched later)")
-    loaded = _load(model, remote)
+    require_remote_for_no_wait(no_wait, remote)
+    loaded = load_stage(model, remote)
     vec = _load_vector(fv_path, loaded)
     extra = {"ffv": _load_vector(ffv_path, loaded)} if ffv_path else None
     if layer is not None:
@@ -364,7 +354,7 @@ def run(
     for name, value in (("--n-prompts", n_prompts), ("--n-cma-prompts", n_cma_prompts), ("--k", k)):
         require_positive(name, value)
     relations = [load_task(name, data_dir=data_dir) for name in names]  # fail fast on a bad name
-    loaded = _load(model, remote)
+    loaded = load_stage(model, remote)
     settings = PipelineSettings(n_prompts=n_prompts, n_cma_prompts=n_cma_prompts, n_shots=n_shots, k=k, seed=seed,
                                 n_test=n_test)
     act_store = ActivationStore(store or str(out_dir / "store.zarr"))

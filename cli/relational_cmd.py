@@ -13,7 +13,7 @@ from rich.table import Table
 from rich.text import Text
 
 from fv_remote.cli.app import app
-from fv_remote.cli.common import console, offline_if_local, out, progress_bar
+from fv_remote.cli.common import console, load_stage, out, progress_bar, require_remote_for_no_wait
 from fv_remote.errors import UserError, require_positive
 from fv_remote.models import DEFAULT_MODEL
 
@@ -21,14 +21,6 @@ bank_app = typer.Typer(help="Relation banks: many fine-tuned FVs in one file.", 
 app.add_typer(bank_app, name="bank")
 
 DEFAULT_BANK = "out/bank.safetensors"
-
-
-def _load(model: str, remote: bool = False):
-    from fv_remote.remote import load_stage_model
-
-    if not remote:
-        offline_if_local(model)
-    return load_stage_model(model, remote)
 
 
 def _remote_opt(what: str):
@@ -106,8 +98,7 @@ def finetune(
     from fv_remote.remote import no_wait as submit_only
 
     require_positive("--n-train", n_train)
-    if no_wait and not remote:
-        raise UserError("--no-wait needs --remote (only NDIF jobs can be fetched later)")
+    require_remote_for_no_wait(no_wait, remote)
     settings = _settings(steps, lr, l2, patience, batch_size, seed)
     layer_opt = _layer_option(layer)
     source = FunctionVector.load(fv) if fv is not None else None
@@ -115,7 +106,7 @@ def finetune(
         raise UserError("--init fv needs --fv FILE (make one with `fv-remote run` or `fv-remote fit`); "
                         "or use --init zero --layer N")
     relation = load_task(task, data_dir=data_dir)
-    loaded = _load(model, remote)
+    loaded = load_stage(model, remote)
     if source is not None:
         source.check_model(loaded)
     prepared = prepare_task(loaded.tokenizer, relation, seed=seed, min_pairs=n_train + 2)
@@ -148,7 +139,7 @@ def finetune(
     report_finetune(run, relation.name, init, out_path, plot)
     if not evaluate:
         return
-    ffv, res = run.result.ffv, run.result
+    ffv = run.result.ffv
     if not prepared.splits.test:
         raise UserError(f"task {relation.name!r} has no test pairs to evaluate on (use --no-evaluate)")
     base = source if source is not None else ffv
@@ -231,15 +222,14 @@ def bank_build(
     from fv_remote.remote import JobSubmitted
     from fv_remote.remote import no_wait as submit_only
 
-    if no_wait and not remote:
-        raise UserError("--no-wait needs --remote (only NDIF jobs can be fetched later)")
+    require_remote_for_no_wait(no_wait, remote)
 
     settings = _settings(steps, lr, l2, patience, batch_size, seed)
     names = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else ([] if data else list_tasks())
     relations = [load_task(n, data_dir=data_dir) for n in names] + [load_task(str(p)) for p in (data or [])]
     if not relations:
         raise UserError("no relations given: use --tasks, --data, or neither for every bundled relation")
-    loaded = _load(model, remote)
+    loaded = load_stage(model, remote)
     if layer is None and init != "fv":
         layer = round(0.4 * loaded.adapter.n_layers)
         console.print(f"common layer {layer} of {loaded.adapter.n_layers} (set it with --layer)")
@@ -310,7 +300,7 @@ def decode(
     from fv_remote.vectors import FunctionVector
 
     require_positive("--top-k", top_k)
-    loaded = _load(model, remote)
+    loaded = load_stage(model, remote)
     named = []
     for spec in vectors:
         path, _, relation = spec.partition(":") if ":" in spec and not Path(spec).exists() else (spec, "", "")
@@ -379,7 +369,7 @@ def align(
     require_positive("--n-boot", n_boot)
     rows = read_ratings(ratings, parse_columns(columns))
     bank = RelationBank.load(bank_path)
-    loaded = _load(model)
+    loaded = load_stage(model)
     pairs = len({p for r in rows for p in (r.pair1, r.pair2)})
     with progress_bar("relation profiles", pairs * len(bank)) as update:
         result = run_align(loaded, bank, rows, method, temperature, n_boot, seed,
@@ -449,7 +439,7 @@ def analogy(
     if limit is not None:
         items = items[:require_positive("--limit", limit)]
     bank = RelationBank.load(bank_path)
-    loaded = _load(model, remote)
+    loaded = load_stage(model, remote)
     bank.check_model(loaded)
     comb = None
     if combiner:

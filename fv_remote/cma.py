@@ -28,7 +28,7 @@ import xarray as xr
 
 from fv_remote.errors import UserError, require_positive
 from fv_remote.models import LoadedModel
-from fv_remote.remote import JobSubmitted, remote_mode, stage_session
+from fv_remote.remote import JobSubmitted, remote_mode, saved_result, stage_session
 from fv_remote.store import PROMPT_DIM, ActivationStore
 from fv_remote.tasks import PreparedTask
 from fv_remote.traces.mediation import answer_prob, answer_prob_positions, copies_mask, patch_positions, patch_rows
@@ -517,10 +517,8 @@ def store_remote_cma(store: ActivationStore, saved: dict, details: dict,
     if now != start:
         raise UserError(f"store {store.url} has {now} {group!r} prompts but the job starts at prompt {start}: the "
                         "store changed since it was submitted; nothing stored")
-    key = details.get("result_key", "results")
-    if key not in saved:
-        raise UserError(f"the CMA job's result has no {key!r} (saved: {', '.join(saved) or 'nothing'})")
-    done = session_effects(saved[key], [list(g) for g in details["groups"]], int(details["n_heads"]))
+    results = saved_result(saved, details, "results", "the CMA job's")
+    done = session_effects(results, [list(g) for g in details["groups"]], int(details["n_heads"]))
     if len(done) != len(rows) or len(rows) != n_prompts - start:
         raise UserError(f"the job returned {len(done)} prompts, expected {n_prompts - start}; nothing stored")
     for i in range(start, n_prompts):

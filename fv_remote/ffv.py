@@ -407,6 +407,12 @@ def finetune_result(model: LoadedModel, best: torch.Tensor, layer: int, history:
     return FinetuneResult(ffv, history, best_step, best_loss, best_acc, stopped)
 
 
+def quick_settings(s: FinetuneSettings, quick_steps: int) -> FinetuneSettings:
+    """A layer-search run's settings: `quick_steps` steps, validated once at the end, no early stop before."""
+    return FinetuneSettings(**{**s.as_dict(), "steps": quick_steps, "patience": quick_steps,
+                               "eval_every": quick_steps})
+
+
 def select_layer(model: LoadedModel, train: "Examples | Batches", valid: "Examples | Batches", layers: Sequence[int],
                  make_init: Callable[[int], torch.Tensor], settings: FinetuneSettings | None = None,
                  quick_steps: int = 30, progress: Progress | None = None) -> dict[int, dict[str, float]]:
@@ -416,9 +422,7 @@ def select_layer(model: LoadedModel, train: "Examples | Batches", valid: "Exampl
     """
     if valid is None or (isinstance(valid, Examples) and not len(valid)):
         raise UserError("choosing the FFV layer needs validation pairs")
-    base = settings or FinetuneSettings()
-    quick = FinetuneSettings(**{**base.as_dict(), "steps": quick_steps, "patience": quick_steps,
-                                "eval_every": quick_steps})
+    quick = quick_settings(settings or FinetuneSettings(), quick_steps)
     results = {}
     layers = list(layers)
     train = prepare_batches(model, train, quick, layers[0])  # the cached prefixes serve every layer

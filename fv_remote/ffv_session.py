@@ -26,9 +26,9 @@ import torch
 
 from fv_remote.errors import UserError
 from fv_remote.ffv import (Examples, FFVRun, FinetuneResult, FinetuneSettings, candidate_layers, chunk_examples,
-                           cosine_factor, finetune_result, initial_plan, trace_kwargs)
+                           cosine_factor, finetune_result, initial_plan, quick_settings, trace_kwargs)
 from fv_remote.models import LoadedModel
-from fv_remote.remote import JobSubmitted, check_shippable, remote_mode, stage_session
+from fv_remote.remote import JobSubmitted, check_shippable, remote_mode, saved_result, stage_session
 from fv_remote.traces.patching import add_to_residual, layer_hidden
 from fv_remote.vectors import FunctionVector
 
@@ -205,12 +205,6 @@ def finetune_remote(model: LoadedModel, train: Examples, valid: Examples | None,
                      len(plan.datasets[train_i]))
 
 
-def quick_settings(s: FinetuneSettings, quick_steps: int) -> FinetuneSettings:
-    """A layer-search run's settings (as `ffv.select_layer`)."""
-    return FinetuneSettings(**{**s.as_dict(), "steps": quick_steps, "patience": quick_steps,
-                               "eval_every": quick_steps})
-
-
 def train_ffv_remote(model: LoadedModel, name: str, train: Examples, valid: Examples | None,
                      fv: FunctionVector | None, init: str, layer: int | str, s: FinetuneSettings,
                      quick_steps: int, remote: Any) -> FFVRun:
@@ -267,10 +261,7 @@ def source_from_info(info: dict | None) -> Any:
 
 def job_outputs(saved: dict, details: dict) -> list[dict]:
     """`run_jobs`' per-job results from a no-wait job's saved values (checked against the job's size)."""
-    key = details.get("result_key", "results")
-    if key not in saved:
-        raise UserError(f"the fine-tuning job's result has no {key!r} (saved: {', '.join(saved) or 'nothing'})")
-    outs = saved[key]
+    outs = saved_result(saved, details, "results", "the fine-tuning job's")
     if len(outs) != int(details["n_jobs"]):
         raise UserError(f"the job returned {len(outs)} fine-tuning runs, expected {details['n_jobs']}")
     return outs

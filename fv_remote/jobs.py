@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from fv_remote.errors import UserError
-from fv_remote.remote import JobSubmitted, PollResult, host, poll_job
+from fv_remote.remote import JobSubmitted, PollResult, host, poll_job, saved_result
 
 _ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 
@@ -123,13 +123,11 @@ def _finish_extract(job: dict[str, Any], saved: dict[str, Any], progress: Any = 
     from fv_remote.store import ActivationStore
 
     settings, details = job["settings"], job["details"]
-    key = details.get("result_key", "outs")
-    if key not in saved:
-        raise UserError(f"job {job['job_id']} result has no {key!r} (saved: {', '.join(saved) or 'nothing'})")
+    outs = saved_result(saved, details, "outs", f"job {job['job_id']}")
     task = load_task(settings["task"], data_dir=settings.get("data_dir"))
     model = load_remote_model(settings["model"], revision=settings.get("revision") or None)
     store = ActivationStore(details["store"])
-    result = store_remote_extraction(model, task, store, saved[key], details, progress)
+    result = store_remote_extraction(model, task, store, outs, details, progress)
     return (f"{result.task}: {result.n_complete} prompts in {details['store']} ({result.n_new} new); "
             f"{details['n_shots']}-shot accuracy {result.accuracy:.2f}")
 

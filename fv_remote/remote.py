@@ -174,6 +174,14 @@ class JobSubmitted(Exception):
         super().__init__(f"submitted NDIF job {record.job_id}")
 
 
+def saved_result(saved: dict, details: dict, default_key: str, what: str) -> Any:
+    """The value a no-wait stage's session saved for its results (`details["result_key"]`), or a clear error."""
+    key = details.get("result_key", default_key)
+    if key not in saved:
+        raise UserError(f"{what} result has no {key!r} (saved: {', '.join(saved) or 'nothing'})")
+    return saved[key]
+
+
 _NO_WAIT: contextvars.ContextVar[bool] = contextvars.ContextVar("fv_remote_no_wait", default=False)
 
 

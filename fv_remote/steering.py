@@ -18,7 +18,7 @@ import torch
 
 from fv_remote.errors import UserError, require_positive
 from fv_remote.models import LoadedModel
-from fv_remote.remote import JobSubmitted, check_shippable, remote_mode, stage_session
+from fv_remote.remote import JobSubmitted, check_shippable, remote_mode, saved_result, stage_session
 from fv_remote.traces.patching import apply_edits, last_token_value, top_probs
 from fv_remote.vectors import FunctionVector
 
@@ -159,7 +159,7 @@ def score_conditions(model: LoadedModel, conditions: list[Condition], remote: An
 
 def accuracies_from_job(saved: dict, details: dict) -> list[float]:
     """`score_conditions`' result from a no-wait job: its saved values and the details it was submitted with."""
-    outs = saved[details["result_key"]]
+    outs = saved_result(saved, details, "outs", "the evaluation job's")
     owners = details["owners"]
     if len(outs) != len(owners):
         raise UserError(f"the job returned {len(outs)} batches, expected {len(owners)}")

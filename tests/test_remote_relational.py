@@ -205,7 +205,7 @@ def test_cli_relational_remote(local, bank, ndif, tmp_path):
     from fv_remote.cli import relational_cmd
 
     with pytest.MonkeyPatch.context() as mp:  # the local run uses the same tiny model
-        mp.setattr(relational_cmd, "_load", lambda model, remote=False: local)
+        mp.setattr(relational_cmd, "load_stage", lambda model, remote=False: local)
         assert _cli("finetune", *args, "--out", str(local_path)).exit_code == 0
     torch.testing.assert_close(FunctionVector.load(ffv_path).vector, FunctionVector.load(local_path).vector,
                                atol=TOL, rtol=0)

@@ -73,6 +73,21 @@ def timeout_s() -> float:
     return value
 
 
+def sandboxed() -> bool:
+    """FV_REMOTE_SANDBOX=1: ask NDIF to run requests in its process sandbox (`"trusted": false` in the envelope).
+
+    Public NDIF runs ordinary users' requests there (a runner process with a weightless model; no gradients cross
+    to it); a server with auth off runs requests trusted unless asked. Set it to check a stage the way public NDIF
+    will run it. A server with auth on decides by the API key and ignores this.
+    """
+    raw = os.environ.get("FV_REMOTE_SANDBOX", "").strip().lower()
+    if raw in ("", "0", "false", "no"):
+        return False
+    if raw in ("1", "true", "yes"):
+        return True
+    raise UserError(f"FV_REMOTE_SANDBOX must be 1 or 0, got {raw!r}")
+
+
 def remote_mode(remote: Any) -> str | None:
     """Normalise a `remote` argument: False/None -> None (local), True/"ndif" -> "ndif", "local" -> "local"."""
     if remote is None or remote is False:
@@ -245,6 +260,12 @@ def _backend_class() -> type:
             self.record.job_id = self.job_id
             self.record.status = getattr(self.status, "value", str(self.status or ""))
             raise JobSubmitted(self.record, compress=self.compress, model_key=self.model_key)
+
+        def _post(self, request: Any, blob: bytes) -> Any:
+            if sandboxed():  # the envelope gains `"trusted": false` (NDIF's opt-in to its sandbox)
+                envelope = json.dumps({**json.loads(request.metadata()), "trusted": False})
+                request = types.SimpleNamespace(metadata=lambda: envelope)
+            return super()._post(request, blob)
 
         def send(self, request: Any, blob: bytes) -> Any:
             response = self._post(request, blob)

@@ -381,6 +381,7 @@ def finetune(model: LoadedModel, train: "Examples | Batches", valid: "Examples |
         progress(s.steps, s.steps)
     meta: dict[str, Any] = {"n_train": train_b.n, "n_valid": valid_b.n if valid_b else 0,
                             "n_train_batches": len(train_b.chunks), **note}
+    meta["moved"] = float((vector.detach() - v0).norm())
     return finetune_result(model, best, layer, history, best_step, best_loss, best_acc, stopped, float(v0.norm()),
                            s, task, init, source, meta)
 
@@ -393,7 +394,12 @@ def cosine_factor(s: FinetuneSettings, step: int) -> float:
 def finetune_result(model: LoadedModel, best: torch.Tensor, layer: int, history: dict[str, list], best_step: int,
                     best_loss: float, best_acc: float, stopped: bool, init_norm: float, s: FinetuneSettings,
                     task: str, init: str, source: FunctionVector | None, extra: dict) -> FinetuneResult:
-    """The FFV (metadata included) and its training record, from a local or a remote run."""
+    """The FFV (metadata included) and its training record, from a local or a remote run.
+
+    Refuses (UserError) a run whose losses or vector are not finite, or whose optimiser never moved the vector
+    (`extra["moved"]`: the norm of final - initial vector): saving such a vector would be a silent wrong result.
+    """
+    check_trained(history, best, extra.get("moved"), s.steps, task)
     meta: dict[str, Any] = {
         "init": init, "settings": s.as_dict(), "n_train": extra.pop("n_train"), "n_valid": extra.pop("n_valid"),
         "best_step": best_step, "best_valid_loss": best_loss, "best_valid_acc": best_acc,
@@ -405,6 +411,20 @@ def finetune_result(model: LoadedModel, best: torch.Tensor, layer: int, history:
     ffv = FunctionVector(vector=best, model=model.model_id, task=task or (source.task if source else ""),
                          layer=layer, heads=list(source.heads) if source else [], kind="ffv", meta=meta)
     return FinetuneResult(ffv, history, best_step, best_loss, best_acc, stopped)
+
+
+def check_trained(history: dict[str, list], best: torch.Tensor, moved: float | None, steps: int, task: str = "") -> None:
+    """A fine-tuning run is usable: finite training losses and vector, and a vector the optimiser moved."""
+    what = f"fine-tuning {task!r}" if task else "fine-tuning"
+    bad = [step for step, loss in zip(history.get("step", []), history.get("train_loss", [])) if not math.isfinite(loss)]
+    if bad:
+        raise UserError(f"{what}: the training loss is not finite from step {bad[0]} on: lower --lr (or check the "
+                        "data); nothing was saved")
+    if not bool(torch.isfinite(best).all()):
+        raise UserError(f"{what}: the vector has non-finite values: lower --lr; nothing was saved")
+    if steps > 0 and history.get("step") and moved is not None and not moved > 0:
+        raise UserError(f"{what}: the vector did not move in {len(history['step'])} optimiser steps (no gradient "
+                        "reached it); nothing was saved")
 
 
 def quick_settings(s: FinetuneSettings, quick_steps: int) -> FinetuneSettings:

@@ -33,6 +33,11 @@ from fv_remote.traces.patching import add_to_residual, layer_hidden
 from fv_remote.vectors import FunctionVector
 
 SCORE_BATCH = 64  # `ffv.score`'s batch size (the bank's zero-vector baseline)
+# Raised inside the session body when backward() cannot reach the vector: NDIF runs untrusted requests in a runner
+# process whose activations are copies of the model's, so no gradient crosses back (ndif 0.1.2's sandbox notes).
+NO_GRADIENT = ("fv-remote: no gradient reached the steering vector: NDIF's sandbox for ordinary (untrusted) requests "
+               "does not carry gradients back to your code, so fine-tuning cannot run there; run it locally, or on a "
+               "server that runs your requests trusted")
 
 
 def encode_chunk(model: LoadedModel, texts: list[str], targets: torch.Tensor, fast: bool) -> dict:
@@ -159,7 +164,13 @@ def run_jobs(model: LoadedModel, datasets: list[list[dict]], jobs: list[dict], r
                         loss = loss + job["l2"] * (vector - v0).pow(2).sum()
                     opt.zero_grad()
                     opt.param_groups[0]["lr"] = job["lrs"][step - 1]
+                    if not loss.requires_grad:
+                        raise RuntimeError(NO_GRADIENT)
                     loss.backward()
+                    if vector.grad is None:
+                        raise RuntimeError(NO_GRADIENT)
+                    if not bool(torch.isfinite(vector.grad).all()):
+                        raise RuntimeError(f"fv-remote: the gradient is not finite at step {step}: lower --lr")
                     opt.step()
                     if job["valid"] is None:
                         best, best_step = vector.detach().clone(), step
@@ -177,7 +188,8 @@ def run_jobs(model: LoadedModel, datasets: list[list[dict]], jobs: list[dict], r
                         break
             results.append({"layer": layer, "vector": best.detach().cpu(), "history": hist, "best_step": best_step,
                             "best_loss": best_loss, "best_acc": best_acc, "stopped": stopped,
-                            "init_norm": float(v0.norm()), "baseline_acc": base_acc})
+                            "init_norm": float(v0.norm()), "baseline_acc": base_acc,
+                            "moved": float((vector.detach() - v0).norm())})
         cache = loss = hits = norm = vec = logits = v0 = vector = best = feed = chunk = job = row = data = None
         items = sums = hist = opt = caches = None
         if session:
@@ -189,7 +201,8 @@ def to_result(model: LoadedModel, out: dict, s: FinetuneSettings, task: str, ini
               source: FunctionVector | None, n_train: int, n_valid: int, n_batches: int) -> FinetuneResult:
     return finetune_result(model, out["vector"].float(), int(out["layer"]), out["history"], out["best_step"],
                            out["best_loss"], out["best_acc"], out["stopped"], out["init_norm"], s, task, init, source,
-                           {"n_train": n_train, "n_valid": n_valid, "n_train_batches": n_batches})
+                           {"n_train": n_train, "n_valid": n_valid, "n_train_batches": n_batches,
+                            "moved": out.get("moved")})
 
 
 def finetune_remote(model: LoadedModel, train: Examples, valid: Examples | None, init_vector: torch.Tensor,

@@ -5,7 +5,7 @@ What differs from ndif 0.1.2's `ModelActor` / `SandboxModelActor`, and nothing e
   (the stock one pins CUDA devices, sets GPU memory limits and verifies CUDA placement);
 - `torch.cuda.synchronize` / `empty_cache` are no-ops when CUDA is absent (the stock actor calls them after every
   request);
-- every executed request appends one JSON line to `$FV_REMOTE_NDIF_LOG` (id, trusted, payload and result bytes,
+- every executed request appends a JSON line when it starts and one when it ends to `$FV_REMOTE_NDIF_LOG` (id, trusted, payload and result bytes,
   seconds, outcome): the tests count requests from this server-side record, not from the client;
 - `num_cpus=0`, so two actors fit the 2-core test machine's Ray node.
 Scheduling, the queue, the sandbox runner, serialisation and execution are NDIF's code unchanged.
@@ -52,6 +52,7 @@ class _OnCPU:
         start = time.time()
         entry = {"id": request.id, "model_key": self.model_key, "trusted": bool(request.trusted),
                  "payload_bytes": len(request.payload or b""), "start": start}
+        _record({**entry, "outcome": "started"})
         try:
             blob, deserialize_ms = super().execute(request)
         except BaseException as exc:

@@ -245,6 +245,13 @@ class NDIFStack:
 
     def requests(self) -> list[dict]:
         """Every request the model actors executed (their own record, one JSON line each), oldest first."""
+        return [entry for entry in self._records() if entry["outcome"] != "started"]
+
+    def started(self) -> list[dict]:
+        """Every request a model actor began executing (finished or not)."""
+        return [entry for entry in self._records() if entry["outcome"] == "started"]
+
+    def _records(self) -> list[dict]:
         if not self.request_log.exists():
             return []
         return [json.loads(line) for line in self.request_log.read_text().splitlines() if line.strip()]
@@ -268,6 +275,24 @@ class NDIFStack:
                     os.kill(pid, signal.SIGKILL)
                     killed.append(pid)
         return killed
+
+    def kill_service(self, name: str) -> list[int]:
+        """SIGKILL one service started here (e.g. "api") with all its descendants (fault injection)."""
+        process = self.processes[name]
+        tree = {process.pid}
+        pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
+        changed = True
+        while changed:
+            changed = False
+            for pid in pids:
+                if pid not in tree and _ppid(pid) in tree:
+                    tree.add(pid)
+                    changed = True
+        for pid in tree:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        process.wait(timeout=10)
+        return sorted(tree)
 
     # -- stop -------------------------------------------------------------------------------------------------------
 

@@ -1,0 +1,39 @@
+"""The real NDIF stack for the tests in this folder (marker `ndif`; `make test-ndif` runs them, `make test` does not).
+
+One stack per test session: started, the tiny Llama and SmolLM2-135M deployed with NDIF's sandbox actor (CPU), and
+stopped at the end (also after a failure or Ctrl-C). Needs `.venv-ndif` (tests/ndif_stack/setup_env.sh); without it
+every test here is skipped with the command to run.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tests" / "ndif_stack"))
+
+VENV = Path(os.environ.get("FV_REMOTE_NDIF_VENV", ROOT / ".venv-ndif"))
+
+
+def pytest_collection_modifyitems(config, items):
+    here = Path(__file__).parent
+    for item in items:
+        if here in Path(str(item.fspath)).parents:
+            item.add_marker(pytest.mark.ndif)
+
+
+@pytest.fixture(scope="session")
+def stack():
+    if not (VENV / ".ndif-installed").exists():
+        pytest.skip(f"no NDIF environment at {VENV}: run `make test-ndif` (it sets one up)")
+    from models import deploy_all
+    from stack import NDIFStack
+
+    ndif = NDIFStack(VENV)
+    with ndif:
+        ndif.keys = deploy_all(ndif)
+        yield ndif

@@ -2,7 +2,8 @@
 relation words (e.g. "opposite", "antonym") rank among the whole vocabulary.
 
 Todd et al. (2024) and Kang, Wu & Lu (2026) read FVs this way: a vector that encodes "antonym" tends to rank words
-about opposition high. Plain torch on the loaded weights (no trace needed: nothing here depends on a prompt).
+about opposition high. Locally plain torch on the loaded weights; remotely one tiny trace that calls the final norm
+and the unembedding ad hoc (nothing here depends on a prompt).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from fv_remote.errors import UserError, require_positive
 from fv_remote.models import LoadedModel
 from fv_remote.remote import remote_mode, stage_session
 from fv_remote.traces.projection import project_rows
+from fv_remote.vectors import probe_ids
 
 
 @dataclass
@@ -92,8 +94,9 @@ def decode_many(model: LoadedModel, named: Sequence[tuple[str, torch.Tensor]], w
                 k: int = 20, remote: Any = False) -> list[Decoded]:
     """`decode` for several (name, vector); `remote=True` projects them all in ONE NDIF request.
 
-    Remotely the server's final norm and unembedding are called on the vectors (no weights travel), and only the
-    top-k (ids, logits) and the vocabulary positions of the relation words' token forms come back.
+    Remotely the server's final norm and unembedding are called on the vectors inside one tiny trace (no weight is
+    read: NDIF's sandbox holds none), and only the top-k (ids, logits) and the vocabulary positions of the relation
+    words' token forms come back.
     """
     require_positive("top-k", k)
     if not remote_mode(remote):
@@ -105,10 +108,11 @@ def decode_many(model: LoadedModel, named: Sequence[tuple[str, torch.Tensor]], w
     candidates = torch.tensor(sorted({t for w in words for t in word_forms(tok, w)}), dtype=torch.long)
     rows = torch.stack([v.detach().float().view(-1) for _, v in named]).unsqueeze(1)  # [n, 1, d_model]
     norm, unembed = ad.final_norm(lm), ad.unembed(lm)
-    top_k = min(k, ad.vocab_size)
+    top_k, probe = min(k, ad.vocab_size), probe_ids()
     session = bool(remote_mode(remote))
     with stage_session(model, remote):
-        values, ids, where = project_rows(norm, unembed, rows, top_k, candidates)
+        with lm.trace(input_ids=probe):
+            values, ids, where = project_rows(norm, unembed, rows, top_k, candidates)
         values, ids, where = values.cpu(), ids.cpu(), where.cpu()
         if session:
             values, ids, where = nnsight.save(values), nnsight.save(ids), nnsight.save(where)

@@ -49,6 +49,12 @@ def top_heads(aie: xr.DataArray | torch.Tensor | np.ndarray, k: int | None = 10,
     return ranked[:k]
 
 
+def probe_ids() -> torch.Tensor:
+    """A one-token input [1, 1] for the trace a projection runs in (`traces.projection`): its values are never used,
+    only the dtype and device of the activations it produces."""
+    return torch.zeros(1, 1, dtype=torch.long)
+
+
 def output_weight(module: Any) -> torch.Tensor:
     """The output projection as a [d_model, n_heads*head_dim] matrix (GPT-2's Conv1D stores it transposed)."""
     weight = module.weight
@@ -58,8 +64,9 @@ def output_weight(module: Any) -> torch.Tensor:
 def head_vectors(model: LoadedModel, means: torch.Tensor, heads: Heads, remote: Any = False) -> torch.Tensor:
     """Each head's mean output projected to the residual stream: [len(heads), d_model].
 
-    Locally this reads the projection weights. With `remote` (the weights are on the server) it is one request that
-    calls each head's output projection on its mean (`traces.projection.project_heads`); only the k means travel.
+    Locally this reads the projection weights. With `remote` (the weights are on the server) it is one request whose
+    one tiny trace calls each head's output projection on its mean (`traces.projection.project_heads`, no weight
+    read: NDIF's sandbox holds none); only the k means travel.
     """
     ad = model.adapter
     if remote_mode(remote):
@@ -69,12 +76,16 @@ def head_vectors(model: LoadedModel, means: torch.Tensor, heads: Heads, remote: 
 
         if not heads:
             raise UserError("no heads to project")
-        sites = [ad.head_site(model.lm, layer) for layer, _ in heads]
+        lm = model.lm
+        sites = [ad.head_site(lm, layer) for layer, _ in heads]
+        layers = [layer for layer, _ in heads]
         index = [head for _, head in heads]
         rows = torch.stack([means[layer, head].float() for layer, head in heads])
-        width, head_dim = ad.head_width, ad.head_dim
+        width, head_dim, probe = ad.head_width, ad.head_dim, probe_ids()
         with stage_session(model, remote):
-            vecs = project_heads(sites, index, rows, width, head_dim).cpu()
+            with lm.trace(input_ids=probe):
+                vecs = project_heads(sites, layers, index, rows, width, head_dim)
+            vecs = vecs.cpu()
             vecs = nnsight.save(vecs)
         return vecs
     rows = []

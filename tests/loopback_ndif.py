@@ -23,6 +23,38 @@ The server runs in daemon threads of the test process; every socket has a timeou
 `stop()` (or leaving the `with` block) shuts everything down. Executing in-process means nnsight's per-file source
 caches (`linecache`, `SOURCES`, `BLOCKS`) are shared with the client: they are set aside for the request's file while
 a job runs and restored afterwards, as a separate server process would never see them.
+
+Whose import rule is whose: the whitelist here (`SANDBOX_MODULES`) is the *old* NDIF server's list (early 2026).
+ndif 0.1.2 has no import whitelist at all (trusted requests run in the model actor, untrusted ones in a runner
+process with no further hardening). `fv_remote.traces` keeps the stricter rule (torch, math, typing, collections,
+numpy), which fits both. The loopback applies its whitelist to trusted and sandboxed jobs alike.
+
+Sandbox mode (ndif 0.1.2's process sandbox, `ndif/services/ray/sandbox/`): a job runs sandboxed when the request
+envelope says `"trusted": false` (the client sends that with FV_REMOTE_SANDBOX=1) or the server was made with
+`LoopbackNDIF(..., sandbox=True)`; `Job.sandboxed` records which. There NDIF runs the body in a runner process that
+holds a weightless (meta) model and drives the host's forward pass over a socket, whose codec is `torch.save` /
+`torch.load`. The loopback still runs everything in one thread, but while a sandboxed job runs it imitates the
+runner's limits (`_SandboxEmulation`):
+- parameters cannot be read: `.weight`, `.bias`, any tensor attribute (parameter or buffer) and `parameters()`,
+  `named_parameters()`, `buffers()`, `state_dict()`... of a module, reached through an envoy by request code (the
+  body, or a function it shipped), raise `AttributeError: 'Envoy' object (nor its module) has attribute 'weight'`,
+  what the real runner raised;
+- every value that crosses the socket there crosses here as a `torch.save` / `torch.load` round trip, so it is a
+  copy cut from the autograd graph (a tensor that required grad arrives as a new leaf that still does): an
+  activation read by the body (the runner gets a copy; after the worker moves on, the copy, edited in place or not,
+  is swapped back into the forward pass, as `nns.IPCInterleaver.writeback` does), a value the body swaps or skips
+  in, the trace's inputs and the forward's result, and the arguments and output of an ad-hoc module call
+  (`envoy(x)` inside a trace, the runner's CALL event, run here with the real weights). So no gradient crosses:
+  `loss.backward()` in the body never reaches a vector the body added to the residual stream (its `.grad` stays
+  None), as on NDIF;
+- an ad-hoc module call by request code outside a trace (in a session body) fails: the runner has no weights to
+  run it on and no host to ask (the real one fails with AttributeError: 'NoneType' object has no attribute
+  'switch').
+Not emulated: the separate process and its socket (the job shares this process, so request code that reaches for
+`envoy._module` still finds the real module with its weights, and `envoy.device` the real device); `.grad` locations
+raising `OutOfOrderError` (here a backward in the body simply sees the copies); `.source`, `tracer.cache()` and
+`tracer.barrier()` served by the host; the runner's 8-variable environment, its fresh process per request and its
+PRINT events. Trusted jobs run exactly as before.
 """
 
 from __future__ import annotations
@@ -83,6 +115,7 @@ class Job:
     seconds: float = 0.0
     cancelled: bool = False
     last: str | None = field(repr=False, default=None)  # latest status as JSON, for GET /response/{id}
+    sandboxed: bool = False  # ran in the emulated process sandbox ("trusted": false, or a sandbox=True server)
 
 
 class _Session:
@@ -118,12 +151,15 @@ class LoopbackNDIF:
     Simulations, set before a request: `fail = "error"` (the job fails server-side), `"hang"` (the job is accepted
     and never answers; bounded by `hang_s`), `"drop"` (the websocket is closed while the job runs), and
     `exec_timeout` / `delay_s` (a job running longer than the timeout ends with NDIF's timeout error).
+    `sandbox=True` runs every job in the emulated process sandbox (see the module docstring); otherwise only jobs
+    whose envelope says `"trusted": false` do.
     """
 
     def __init__(self, models: dict[str, Any], *, api_key: str | None = None, exec_timeout: float = 60.0,
                  inline_limit: int = 1 << 20, hang_s: float = 20.0, env_override: dict | None = None,
-                 autocast_dtype: Any = None):
+                 autocast_dtype: Any = None, sandbox: bool = False):
         self.models = dict(models)
+        self.sandbox = sandbox
         self.api_key = api_key
         self.exec_timeout = exec_timeout
         self.inline_limit = inline_limit
@@ -305,8 +341,9 @@ class LoopbackNDIF:
         saved_sources = dict(ng.SOURCES)
         saved_blocks = dict(ng.BLOCKS)
         guard = _ImportGuard()
+        sandbox = _SandboxEmulation() if job.sandboxed else contextlib.nullcontext()
         try:
-            with guard:
+            with guard, sandbox:
                 tracer = RequestModel.deserialize(job.blob, persistent, compress=job.compress,
                                                   unpickler=_SandboxUnpickler)
                 filename = tracer.info.frame.f_code.co_filename
@@ -353,7 +390,8 @@ class LoopbackNDIF:
     def submit(self, metadata: dict, blob: bytes) -> Job:
         job = Job(id=str(uuid.uuid4()), model_key=metadata.get("model_key", ""),
                   session_id=metadata.get("session_id", "") or "", compress=bool(metadata.get("compress")),
-                  env=metadata.get("env") or {}, payload_bytes=len(blob), blob=blob)
+                  env=metadata.get("env") or {}, payload_bytes=len(blob), blob=blob,
+                  sandboxed=self.sandbox or metadata.get("trusted") is False)
         with self._lock:
             self.jobs.append(job)
             self.by_id[job.id] = job
@@ -478,6 +516,155 @@ class _SandboxUnpickler(pickle.Unpickler):
             raise ModuleNotFoundError(f"No module named {module!r} on the NDIF server (pickled by reference; "
                                       "register it with nnsight.register to ship it by value)", name=module)
         return super().find_class(module, name)
+
+
+_sandbox_state = threading.local()
+
+
+def _in_sandbox() -> bool:
+    return getattr(_sandbox_state, "active", False)
+
+
+def _cross(value: Any) -> Any:
+    """One trip over the runner's socket: ndif's codec (`sandbox/protocol.py`) is `torch.save` / `torch.load`, so
+    the value arrives as a copy cut from the autograd graph (a tensor that required grad becomes a new leaf that
+    still does)."""
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(value, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)
+
+
+# Module attributes that hand out parameters or buffers; the runner's module has no weights to give.
+_PARAMETER_NAMES = frozenset({"weight", "bias", "parameters", "named_parameters", "buffers", "named_buffers",
+                              "state_dict", "get_parameter", "get_buffer"})
+_HELD = object()  # marks "no park held back" (a held park may itself be None: the worker finished)
+
+
+class _SandboxEmulation:
+    """While active in this thread: the runner's limits (module docstring). The patches are installed on nnsight's
+    classes while some sandboxed job runs and act only in the thread that runs it; other threads (the client's)
+    and trusted jobs get the originals."""
+
+    _installed = 0
+    _install_lock = threading.Lock()
+    _originals: dict[str, Any] = {}
+
+    def __enter__(self) -> "_SandboxEmulation":
+        from nnsight.intervention.batching import Batcher
+        from nnsight.intervention.envoy import Envoy
+        from nnsight.intervention.interleaver import Mediator
+
+        with _SandboxEmulation._install_lock:
+            if _SandboxEmulation._installed == 0:
+                originals = _SandboxEmulation._originals
+                originals.update(switch=Mediator.switch, getattr=Envoy.__getattr__, call=Envoy.__call__,
+                                 interleave=Envoy.interleave, assemble=Batcher.assemble)
+                Mediator.switch = _sandbox_switch
+                Envoy.__getattr__ = _sandbox_getattr
+                Envoy.__call__ = _sandbox_call
+                Envoy.interleave = _sandbox_interleave
+                Batcher.assemble = _sandbox_assemble
+            _SandboxEmulation._installed += 1
+        _sandbox_state.active = True
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        from nnsight.intervention.batching import Batcher
+        from nnsight.intervention.envoy import Envoy
+        from nnsight.intervention.interleaver import Mediator
+
+        _sandbox_state.active = False
+        with _SandboxEmulation._install_lock:
+            _SandboxEmulation._installed -= 1
+            if _SandboxEmulation._installed == 0:
+                originals = _SandboxEmulation._originals
+                Mediator.switch = originals["switch"]
+                Envoy.__getattr__ = originals["getattr"]
+                Envoy.__call__ = originals["call"]
+                Envoy.interleave = originals["interleave"]
+                Batcher.assemble = originals["assemble"]
+
+
+def _crossed_park(park: Any) -> Any:
+    """A worker's park as the host receives it: a swap's or skip's replacement value crossed the socket."""
+    from nnsight.intervention.interleaver import Event
+
+    if park is not None and park.event in (Event.SWAP, Event.SKIP):
+        return park._replace(value=_cross(park.value))
+    return park
+
+
+def _sandbox_switch(self: Any, *args: Any) -> Any:
+    """`Mediator.switch` (host -> worker -> next park) as the sandbox's host proxy sees it.
+
+    A read hands the worker a copy. When the worker parks again, the runner first swaps that copy (edited in place
+    or not) back in at the location it read (`nns.IPCInterleaver.writeback`) and only then sends the new park: here
+    the write-back is returned as a SWAP park for `Mediator.handle` to splice in, and the held-back park answers the
+    resume that follows it."""
+    from nnsight.intervention.interleaver import Event, Pending
+
+    original = _SandboxEmulation._originals["switch"]
+    if not _in_sandbox():
+        return original(self, *args)
+    held = self.__dict__.pop("_loopback_held", _HELD)
+    if held is not _HELD:
+        return held
+    read = self.pending
+    if not args or read is None or read.event is not Event.VALUE:
+        return _crossed_park(original(self, *args))
+    copy = _cross(args[0])
+    park = original(self, copy, *args[1:])
+    self._loopback_held = _crossed_park(park)
+    return Pending(Event.SWAP, read.provider, read.iteration, _cross(copy))
+
+
+def _runner_side(depth: int = 2) -> bool:
+    """Whether the caller `depth` frames up is request code (it would run in the runner), not nnsight's own code
+    driving the model (which runs on the host, e.g. `TransformersModel._generate` calling `model.generator`)."""
+    guard = getattr(_guard_state, "guard", None)
+    return guard is not None and guard.is_request_code(sys._getframe(depth).f_code.co_filename)
+
+
+def _sandbox_getattr(self: Any, name: str) -> Any:
+    """`Envoy.__getattr__` in the runner: the module there is weightless, so its parameters cannot be read."""
+    import torch
+
+    value = _SandboxEmulation._originals["getattr"](self, name)
+    if (_in_sandbox() and (name in _PARAMETER_NAMES or isinstance(value, torch.Tensor))
+            and _runner_side()):
+        raise AttributeError(f"{type(self).__name__!r} object (nor its module) has attribute {name!r}")
+    return value
+
+
+def _sandbox_call(self: Any, *args: Any, hook: bool = False, **kwargs: Any) -> Any:
+    """`Envoy.__call__` in the runner (`nns.IPCEnvoy.__call__`): inside a trace a CALL event the host serves with the
+    real weights (arguments and output cross the socket); outside one there is nothing to serve it."""
+    from greenlet import getcurrent
+
+    original = _SandboxEmulation._originals["call"]
+    if not _in_sandbox() or not _runner_side():
+        return original(self, *args, hook=hook, **kwargs)
+    if getattr(getcurrent(), "mediator", None) is None:
+        raise AttributeError(f"calling {self.path} outside a trace: NDIF's sandbox runner holds no weights and "
+                             "serves ad-hoc module calls only inside a trace (the real runner fails with "
+                             "AttributeError: 'NoneType' object has no attribute 'switch')")
+    args, kwargs = _cross((args, kwargs))
+    return _cross(original(self, *args, hook=hook, **kwargs))
+
+
+def _sandbox_assemble(self: Any, fn: Any) -> tuple:
+    """`Batcher.assemble`: the trace's inputs reach the host over the socket (the INTERLEAVE message)."""
+    result = _SandboxEmulation._originals["assemble"](self, fn)
+    return _cross(result) if _in_sandbox() else result
+
+
+def _sandbox_interleave(self: Any, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """`Envoy.interleave`: the forward's result comes back to the runner over the socket (DONE)."""
+    result = _SandboxEmulation._originals["interleave"](self, fn, *args, **kwargs)
+    return _cross(result) if _in_sandbox() else result
 
 
 _REAL_IMPORT = builtins.__import__

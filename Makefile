@@ -35,14 +35,14 @@ test-fast: setup
 	@$(PY) -m pytest -q -m "not integration and not ndif"
 
 # The real NDIF server (PyPI ndif 0.1.2) on 127.0.0.1: a separate Python 3.12 environment (.venv-ndif, ~5.5 GB, set up
-# once), then every --remote stage through the CLI, trusted and sandboxed (tests/ndif/). ~15 min on 2 cores.
+# once), then every --remote stage through the CLI, trusted and sandboxed (tests/real_ndif/). ~15 min on 2 cores.
 NDIF_VENV ?= .venv-ndif
 ndif-env:
 	@bash tests/ndif_stack/setup_env.sh $(NDIF_VENV) 2>&1 | grep -v -E "^WARNING: (Location|Ignoring)" || true
 	@test -f $(NDIF_VENV)/.ndif-installed
 
 test-ndif: model ndif-env
-	@FV_REMOTE_NDIF_VENV=$(abspath $(NDIF_VENV)) $(PY) -m pytest -q -s -m ndif tests/ndif -p no:cacheprovider
+	@FV_REMOTE_NDIF_VENV=$(abspath $(NDIF_VENV)) $(PY) -m pytest -q -s -m ndif tests/real_ndif -p no:cacheprovider
 
 bench: model
 	@for b in benchmarks/bench_*.py; do $(PY) $$b || exit 1; done

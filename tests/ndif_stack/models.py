@@ -16,19 +16,29 @@ from pathlib import Path
 from typing import Any
 
 TESTS = Path(__file__).resolve().parents[1]
-if str(TESTS) not in sys.path:
-    sys.path.insert(0, str(TESTS))
 
 TINY_REPO = "fv-remote-tests/tiny-llama"
 SMOL_REPO = "HuggingFaceTB/SmolLM2-135M-Instruct"
 ACTOR = "cpu_actor.CPUSandboxModelActor"
 
 
-def tiny_snapshot(stack: Any) -> Path:
-    from conftest import _tiny_tokenizer, make_tiny_model
+def _unit_test_helpers() -> Any:
+    """tests/conftest.py under its own module name (tests/ndif has a conftest of its own)."""
+    import importlib.util
 
-    tokenizer = _tiny_tokenizer()
-    model = make_tiny_model("llama", tokenizer, seed=3)
+    name = "fv_remote_unit_conftest"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, TESTS / "conftest.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def tiny_snapshot(stack: Any) -> Path:
+    helpers = _unit_test_helpers()
+    tokenizer = helpers._tiny_tokenizer()
+    model = helpers.make_tiny_model("llama", tokenizer, seed=3)
 
     def save(folder: Path) -> None:
         model.hf.save_pretrained(folder)

@@ -459,23 +459,25 @@ def run_head_scores(model: LoadedModel, prepared: PreparedTask, store: Activatio
                 "head_dim": ad.head_dim, "n_shots": n_shots, "seed": prepared.seed, "kind": "shuffled",
                 "template": [prepared.template.query, prepared.template.answer, prepared.template.separator,
                              prepared.template.prefix]}
-    store.check_compatible(group, identity)
-    start = store.repair(group)
-    jobs = [(p.text, prepared.answer_token[p.answer]) for p in prompts]
-    rows = [(p.query, p.answer, p.text) for p in prompts]
-    try:
-        done = batch(jobs[start:]) if batch is not None and start < n_prompts else None
-    except JobSubmitted as job:  # no-wait: everything `store_remote_cma` needs to store the results later
-        job.details.update(task=prepared.name, store=store.url, source=source, method=method, n_prompts=n_prompts,
-                           n_shots=n_shots, start=start, identity=identity, rows=[list(r) for r in rows[start:]])
-        raise
-    for i in range(start, n_prompts):
-        scored = done[i - start] if done is not None else fn(model, *jobs[i], means)
-        _append_scores(store, group, identity, method, i, rows[i], scored)
-        if progress:
-            progress(i + 1, n_prompts)
-    return CMAResult(prepared.name, load_aie(store, prepared.name, n_prompts, source=source), n_prompts,
-                     n_prompts - start)
+    with store.writing():  # one writer per store for the whole run
+        store.check_compatible(group, identity)
+        start = store.trim(group)
+        jobs = [(p.text, prepared.answer_token[p.answer]) for p in prompts]
+        rows = [(p.query, p.answer, p.text) for p in prompts]
+        try:
+            done = batch(jobs[start:]) if batch is not None and start < n_prompts else None
+        except JobSubmitted as job:  # no-wait: everything `store_remote_cma` needs to store the results later
+            job.details.update(task=prepared.name, store=store.url, source=source, method=method,
+                               n_prompts=n_prompts, n_shots=n_shots, start=start, identity=identity,
+                               rows=[list(r) for r in rows[start:]])
+            raise
+        for i in range(start, n_prompts):
+            scored = done[i - start] if done is not None else fn(model, *jobs[i], means)
+            _append_scores(store, group, identity, method, i, rows[i], scored)
+            if progress:
+                progress(i + 1, n_prompts)
+        return CMAResult(prepared.name, load_aie(store, prepared.name, n_prompts, source=source), n_prompts,
+                         n_prompts - start)
 
 
 def _append_scores(store: ActivationStore, group: str, identity: dict, method: str, i: int,
@@ -510,8 +512,15 @@ def store_remote_cma(store: ActivationStore, saved: dict, details: dict,
     n_prompts, start = int(details["n_prompts"]), int(details["start"])
     identity, rows = details["identity"], [tuple(r) for r in details["rows"]]
     group = cma_group(task, source)
+    with store.writing():
+        return _store_remote_cma(store, saved, details, progress, task, source, method, n_prompts, start, identity,
+                                 rows, group)
+
+
+def _store_remote_cma(store, saved, details, progress, task, source, method, n_prompts, start, identity, rows,
+                      group) -> CMAResult:
     store.check_compatible(group, identity)
-    now = store.repair(group)
+    now = store.trim(group)
     if now >= n_prompts and now > start:  # already stored (by this job, or a run that caught up)
         return CMAResult(task, load_aie(store, task, n_prompts, source=source), n_prompts, 0)
     if now != start:
@@ -540,4 +549,7 @@ def load_aie(store: ActivationStore, task: str, n_prompts: int | None = None, so
                     + (" --method attribution" if source == "attribution" else ""))
     if n_prompts is not None:
         ds = ds.isel({PROMPT_DIM: slice(0, n_prompts)})
-    return ds["indirect_effect"].mean(PROMPT_DIM).load()
+    effects = ds["indirect_effect"]
+    # Read once, checked: a damaged chunk or a NaN must be an error naming the prompts, not a NaN AIE.
+    values = store.finite_values(cma_group(task, source), effects)
+    return effects.copy(data=values).mean(PROMPT_DIM)

@@ -148,7 +148,7 @@ def _plan(model: LoadedModel, task: RelationTask, store: ActivationStore, n_prom
         "positions": list(positions), "kind": "clean",
     }
     store.check_compatible(task.name, identity)
-    start = store.repair(task.name)
+    start = store.trim(task.name)
     return _Plan(prompts, prepared.answer_token, prepared.problems, identity,
                  list(range(start, n_prompts, batch_size)))
 
@@ -168,7 +168,7 @@ def _store_batches(model: LoadedModel, task: RelationTask, store: ActivationStor
         if progress:
             progress(lo + len(batch), n_prompts)
     ds = store.open(task.name)
-    accuracy = float(ds["correct"].values[:n_prompts].mean()) if n_prompts else 0.0
+    accuracy = float(store.finite_values(task.name, ds["correct"])[:n_prompts].mean()) if n_prompts else 0.0
     return ExtractionResult(task.name, store.n_complete(task.name), n_new, accuracy, plan.problems)
 
 
@@ -187,18 +187,20 @@ def extract(model: LoadedModel, task: RelationTask, store: ActivationStore, n_pr
     failed request leaves the store as it was. Under `fv_remote.remote.no_wait()` the request is submitted and
     `JobSubmitted` raised, its `details` saying how `store_remote_extraction` stores the results later.
     """
-    plan = _plan(model, task, store, n_prompts, n_shots, seed, batch_size, positions, template)
-    remote_outs = None
-    if remote_mode(remote) and plan.starts:
-        try:
-            remote_outs = trace_heads_batches(model, _remote_batches(model, plan, batch_size), positions, remote)
-        except JobSubmitted as job:
-            job.details.update(stage="extract", task=task.name, store=store.url, n_prompts=n_prompts,
-                               n_shots=n_shots, seed=seed, batch_size=batch_size, positions=list(positions),
-                               template=plan.identity["template"], identity=plan.identity, starts=plan.starts,
-                               result_key="outs")
-            raise
-    return _store_batches(model, task, store, plan, n_prompts, batch_size, positions, remote_outs, progress)
+    with store.writing():  # one writer per store for the whole run
+        plan = _plan(model, task, store, n_prompts, n_shots, seed, batch_size, positions, template)
+        remote_outs = None
+        if remote_mode(remote) and plan.starts:
+            try:
+                remote_outs = trace_heads_batches(model, _remote_batches(model, plan, batch_size), positions,
+                                                  remote)
+            except JobSubmitted as job:
+                job.details.update(stage="extract", task=task.name, store=store.url, n_prompts=n_prompts,
+                                   n_shots=n_shots, seed=seed, batch_size=batch_size, positions=list(positions),
+                                   template=plan.identity["template"], identity=plan.identity,
+                                   starts=plan.starts, result_key="outs")
+                raise
+        return _store_batches(model, task, store, plan, n_prompts, batch_size, positions, remote_outs, progress)
 
 
 def store_remote_extraction(model: LoadedModel, task: RelationTask, store: ActivationStore, outs: list[dict],
@@ -208,6 +210,12 @@ def store_remote_extraction(model: LoadedModel, task: RelationTask, store: Activ
     `details` are the ones `extract` put on `JobSubmitted`. Storing twice is a no-op; a store that moved on since
     the job was submitted (another run appended prompts) is refused rather than mixed.
     """
+    with store.writing():
+        return _store_remote_extraction(model, task, store, outs, details, progress)
+
+
+def _store_remote_extraction(model: LoadedModel, task: RelationTask, store: ActivationStore, outs: list[dict],
+                             details: dict, progress: Progress | None) -> ExtractionResult:
     n_prompts, batch_size = int(details["n_prompts"]), int(details["batch_size"])
     positions = tuple(details["positions"])
     template = PromptTemplate(*details["template"])
@@ -238,12 +246,14 @@ def mean_head_activations(store: ActivationStore, task: str, only_correct: bool 
     if "position" in heads.dims:
         heads = heads.isel(position=-1)
     if only_correct:
-        mask = ds["correct"].values.astype(bool)
+        mask = store.finite_values(task, ds["correct"]).astype(bool)
         if not mask.any():
             raise UserError(f"the model answered none of the {ds.sizes[PROMPT_DIM]} stored {task!r} prompts "
                             "correctly; extract more prompts or use all prompts (only_correct=False)")
         heads = heads.isel({PROMPT_DIM: np.flatnonzero(mask)})
-    return heads.mean(PROMPT_DIM).load()
+    # Read once, checked: a damaged chunk or a NaN must be an error naming the prompts, not a NaN mean.
+    values = store.finite_values(task, heads)
+    return heads.copy(data=values).mean(PROMPT_DIM)
 
 
 def mean_heads_tensor(store: ActivationStore, task: str, only_correct: bool = True) -> torch.Tensor:

@@ -25,6 +25,9 @@ def status(model: str = typer.Option(None, "--model", "-m", help="repo id to che
     out.print(f"NDIF at {state.host}: {len(state.models)} hosted model(s)")
     if state.models:
         out.print(table)
+    for entry in state.models:
+        if entry.get("note"):
+            out.print(f"{entry['repo_id']}: {entry['note']}", soft_wrap=True)
     if model:
         running = state.running(model, revision)
         out.print(f"{model}: {'running' if running else 'not running'}")

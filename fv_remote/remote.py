@@ -549,25 +549,66 @@ def _get(path: str) -> Any:
 @dataclass
 class ServiceStatus:
     host: str
-    models: list[dict]  # one per deployment: repo_id, revision, task, level, state
+    models: list[dict]  # one per hosted repo: repo_id, revision, task, level, state, replicas, note
 
     def running(self, repo_id: str, revision: str | None = None) -> bool:
         return any(m["repo_id"] == repo_id and (revision is None or m["revision"] == revision)
                    and m["state"] == "RUNNING" for m in self.models)
 
 
+def _key_fields(text: str) -> dict | None:
+    """repo_id/revision/task of an nnsight model key (`module.Class:{json}`) found in `text`, else None."""
+    start = text.find(":{")
+    if start < 0:
+        return None
+    try:
+        fields = json.loads(text[start + 1:])
+    except ValueError:
+        return None
+    return fields if isinstance(fields, dict) and fields.get("repo_id") else None
+
+
 def status() -> ServiceStatus:
-    """The models NDIF hosts (HOT/WARM deployments) and their state."""
+    """The models NDIF hosts (HOT/WARM deployments, or any with a running replica) and their state.
+
+    ndif 0.1.2 with nnsight 0.8.1 reports a served model as level COLD with no details (its controller cannot
+    describe the checkpoint) next to one entry per replica, `<id>:<actor>:<model key>` with the replica's
+    `application_state`; such a model is listed from its replicas, with a note saying the level is unknown.
+    """
     raw = _get("/status")
-    models = []
-    for name, value in (raw.get("deployments") or {}).items():
-        if value.get("deployment_level") not in ("HOT", "WARM"):
+    entries = raw.get("deployments") or {}
+    replicas: dict[tuple[str, str], list[str]] = {}
+    tasks: dict[tuple[str, str], str] = {}
+    models: dict[tuple[str, str], dict] = {}
+    for name, value in entries.items():
+        if not isinstance(value, dict):
             continue
-        models.append({"repo_id": value.get("repo_id", name), "revision": value.get("revision") or "main",
-                       "task": value.get("task") or "-", "level": value.get("deployment_level"),
-                       "state": value.get("application_state", "UNHEALTHY")})
-    models.sort(key=lambda m: m["repo_id"])
-    return ServiceStatus(host=host(), models=models)
+        fields = None if "deployment_level" in value else _key_fields(name)
+        if fields is not None:  # one replica of a deployment
+            key = (fields["repo_id"], fields.get("revision") or "main")
+            replicas.setdefault(key, []).append(str(value.get("application_state", "UNKNOWN")))
+            tasks[key] = fields.get("task") or "-"
+            continue
+        repo = value.get("repo_id", name)
+        key = (repo, value.get("revision") or "main")
+        models[key] = {"repo_id": repo, "revision": key[1], "task": value.get("task") or "-",
+                       "level": value.get("deployment_level") or "?", "state": value.get("application_state"),
+                       "replicas": 0, "note": ""}
+    for key, states in replicas.items():
+        entry = models.setdefault(key, {"repo_id": key[0], "revision": key[1], "task": tasks[key], "level": "?",
+                                        "state": None, "replicas": 0, "note": ""})
+        entry["replicas"] = len(states)
+        if entry["task"] == "-":
+            entry["task"] = tasks[key]
+        if not entry["state"]:
+            entry["state"] = "RUNNING" if "RUNNING" in states else states[0]
+            entry["note"] = (f"{states.count('RUNNING')} of {len(states)} replica(s) running; the server reports "
+                             f"level {entry['level']} without details (ndif 0.1.2 with nnsight 0.8.x)")
+    listed = [m for m in models.values() if m["level"] in ("HOT", "WARM") or m["replicas"]]
+    for m in listed:
+        m["state"] = m["state"] or "UNHEALTHY"
+    listed.sort(key=lambda m: m["repo_id"])
+    return ServiceStatus(host=host(), models=listed)
 
 
 @dataclass

@@ -164,6 +164,7 @@ class LoopbackNDIF:
         self.exec_timeout = exec_timeout
         self.inline_limit = inline_limit
         self.hang_s = hang_s
+        self.status_style = "ndif-0.1.2"  # what /status looks like (see status_json)
         self.env_override = dict(env_override or {})
         self.autocast_dtype = autocast_dtype
         self.fail: str | None = None
@@ -402,13 +403,20 @@ class LoopbackNDIF:
         return job
 
     def status_json(self) -> dict:
+        """`/status` as ndif 0.1.2 with nnsight 0.8.1 answers it (`status_style="ndif-0.1.2"`, the default): each
+        model at level COLD without details, plus one `<replica>:<actor>:<model key>` entry whose
+        `application_state` is RUNNING; or with complete details (`status_style="complete"`, older servers)."""
         deployments = {}
-        for repo_id in self.models:
+        for i, repo_id in enumerate(self.models):
             key = "nnsight.modeling.transformers.TransformersModel:" + json.dumps(
                 {"repo_id": repo_id, "revision": None, "task": "text-generation"})
-            deployments[repo_id] = {"model_key": key, "repo_id": repo_id, "revision": "main",
-                                    "task": "text-generation", "deployment_level": "HOT",
-                                    "application_state": "RUNNING"}
+            if self.status_style == "complete":
+                deployments[repo_id] = {"model_key": key, "repo_id": repo_id, "revision": "main",
+                                        "task": "text-generation", "deployment_level": "HOT",
+                                        "application_state": "RUNNING"}
+                continue
+            deployments[f"{i:05x}:ModelActor:{key}"] = {"application_state": "RUNNING"}
+            deployments[repo_id] = {"deployment_level": "COLD", "repo_id": repo_id}
         return {"deployments": deployments}
 
     def env_json(self) -> dict:

@@ -255,10 +255,23 @@ def test_bad_remote_value():
 
 # -- status and version check ----------------------------------------------------------------------------------
 
-def test_status_lists_hosted_models(ndif):
-    state = R.status()
+@pytest.mark.parametrize("style", ["ndif-0.1.2", "complete"])
+def test_status_lists_hosted_models(ndif, style):
+    """ndif 0.1.2 + nnsight 0.8.1 report a served model as COLD without details, beside a RUNNING replica entry:
+    the model is running (with a note saying what is unknown); a server with details is read as before."""
+    ndif.status_style = style
+    try:
+        state = R.status()
+    finally:
+        ndif.status_style = "ndif-0.1.2"
     assert [m["repo_id"] for m in state.models] == [REPO]
     assert state.running(REPO) and not state.running("meta-llama/Llama-3.1-70B")
+    (entry,) = state.models
+    assert entry["task"] == "text-generation"
+    if style == "complete":
+        assert entry["level"] == "HOT" and not entry["note"]
+    else:
+        assert entry["level"] == "COLD" and entry["replicas"] == 1 and "without details" in entry["note"]
 
 
 def test_check_versions(ndif):

@@ -2,7 +2,7 @@
 
 One stack per test session: started, the tiny Llama and SmolLM2-135M deployed with NDIF's sandbox actor (CPU), and
 stopped at the end (also after a failure or Ctrl-C). Needs `.venv-ndif` (tests/ndif_stack/setup_env.sh); without it
-every test here is skipped with the command to run.
+every test here is skipped with the command to run, and so is every test here outside `make test-ndif`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests" / "ndif_stack"))
 
-VENV = Path(os.environ.get("FV_REMOTE_NDIF_VENV", ROOT / ".venv-ndif"))
+# Set by `make test-ndif`: a plain `pytest` (or `make test`) never starts the real stack, even where .venv-ndif exists.
+VENV_ENV = os.environ.get("FV_REMOTE_NDIF_VENV")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -28,12 +29,15 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def stack():
-    if not (VENV / ".ndif-installed").exists():
-        pytest.skip(f"no NDIF environment at {VENV}: run `make test-ndif` (it sets one up)")
+    if not VENV_ENV:
+        pytest.skip("the real NDIF stack runs under `make test-ndif` only (FV_REMOTE_NDIF_VENV unset)")
+    venv = Path(VENV_ENV)
+    if not (venv / ".ndif-installed").exists():
+        pytest.skip(f"no NDIF environment at {venv}: run `make test-ndif` (it sets one up)")
     from models import deploy_all
     from stack import NDIFStack
 
-    ndif = NDIFStack(VENV)
+    ndif = NDIFStack(venv)
     with ndif:
         ndif.keys = deploy_all(ndif)
         yield ndif

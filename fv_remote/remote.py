@@ -250,6 +250,7 @@ def _backend_class() -> type:
 
             last_job = self.record
             start = time.monotonic()
+            self.display.enabled = False  # its unterminated status line would run into the job id printed next
             try:
                 self.submit(tracer)
             except RemoteError as exc:

@@ -284,7 +284,7 @@ def test_no_wait_extract_then_fetch(local, toy_dir, ndif, tmp_path):
     result = _cli(*args)
     assert result.exit_code == 0, result.output
     job_id = ndif.jobs[0].id
-    assert f"job {job_id}" in result.output
+    assert f"job {job_id}" in result.output.splitlines()  # its own line: scripts read it (no status line before)
     assert ActivationStore(url).n_complete("toy") == 0  # nothing stored before the fetch
     assert json.loads((tmp_path / "jobs" / f"{job_id}.json").read_text())["details"]["starts"] == [0, 4]
     _wait_done(ndif)

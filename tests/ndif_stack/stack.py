@@ -107,6 +107,7 @@ class NDIFStack:
                                                      "node_manager", "runtime_env_agent")}
         self.request_log = self.root / "requests.jsonl"
         self.processes: dict[str, subprocess.Popen] = {}
+        self.created = time.time()
         self.timings: dict[str, float] = {}
 
     # -- environment ------------------------------------------------------------------------------------------------
@@ -317,6 +318,11 @@ class NDIFStack:
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline and marked_processes(self.token):
             time.sleep(0.2)
+        # NDIF's sandbox pool puts its runners' sockets in /tmp whatever TMPDIR says (sandbox/host.py)
+        for sock in Path("/tmp").glob("sbx-*.sock"):
+            with contextlib.suppress(OSError):
+                if sock.stat().st_mtime >= self.created - 1:
+                    sock.unlink()
         if not self.keep:
             shutil.rmtree(self.root, ignore_errors=True)
         return stubborn

@@ -41,3 +41,10 @@ def stack():
     with ndif:
         ndif.keys = deploy_all(ndif)
         yield ndif
+    # stopped: nothing of it may be left running or listening
+    from stack import marked_processes
+
+    left = marked_processes(ndif.token)
+    listening = [port for port in ndif.ports.values() if ndif._tcp(port)]
+    print(f"\nNDIF stack stopped: {len(left)} process(es) left, ports still listening: {listening or 'none'}")
+    assert not left and not listening, (left, listening)

@@ -26,10 +26,39 @@ def _register() -> None:
     from fv_remote.cli import relational_cmd  # noqa: F401
 
 
+def _fail(message: str, code: int = 2) -> None:
+    # One line, whatever the message quotes (a prompt, a file name with a newline in it).
+    message = message.replace("\r", "\\r").replace("\n", "\\n")
+    typer.secho(f"error: {message}", fg="red", err=True)
+    sys.exit(code)
+
+
 def main() -> None:
+    """Run the app. A user mistake (UserError), or an OSError a user can fix (permissions, full disk, a file in
+    the way), ends with one `error:` line and exit 2; Ctrl-C with one line saying what was kept and exit 130;
+    anything else is a bug and keeps its traceback."""
+    from fv_remote.checks import kept_line, reset_kept
+
     _register()
+    reset_kept()
     try:
         app()
     except UserError as exc:
-        typer.secho(f"error: {exc}", fg="red", err=True)
-        sys.exit(2)
+        _fail(str(exc))
+    except OSError as exc:
+        from fv_remote.store import os_error_message
+
+        target = exc.filename or "a file"
+        message = os_error_message(exc, str(target), "write" if exc.filename else "access")
+        if message is None and isinstance(exc, FileNotFoundError) and exc.filename:
+            message = f"{exc.filename}: no such file or folder"
+        if message is None:
+            raise
+        _fail(message)
+    except KeyboardInterrupt:  # raised outside typer's own handling (e.g. while it starts)
+        typer.secho(f"interrupted: {kept_line()}", fg="yellow", err=True)
+        sys.exit(130)
+    except SystemExit as stop:
+        if stop.code == 130:  # typer turns Ctrl-C into a silent exit 130
+            typer.secho(f"interrupted: {kept_line()}", fg="yellow", err=True)
+        raise

@@ -14,6 +14,7 @@ from rich.text import Text
 from fv_remote.cli.app import app
 from fv_remote.data import build_prompts, list_tasks, load_task
 from fv_remote.errors import require_positive
+from fv_remote.models import DEFAULT_MODEL
 
 data_app = typer.Typer(
     help="Relation datasets: list the bundled tasks, show pairs and example prompts.", no_args_is_help=True
@@ -23,19 +24,70 @@ app.add_typer(data_app, name="data")
 console = Console()
 
 
+def _local_tokenizer(model: str):
+    """The tokenizer of a cached short name or a local model folder (no download, no weights); None otherwise."""
+    import os
+
+    from fv_remote.models import RELEASES, is_cached, model_dir
+
+    if model in RELEASES:
+        if not is_cached(model):
+            return None
+        folder = str(model_dir(model))
+    elif os.path.isdir(os.path.expanduser(model)):
+        folder = os.path.expanduser(model)
+    else:
+        return None
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except Exception:  # noqa: BLE001 - a tokenizer we cannot read just means "not checked"
+        return None
+
+
+def usability(tokenizer, task, min_pairs: int = 12) -> str:
+    """Whether a task works on a tokenizer: its answers need a first token that is not whitespace (accuracy is
+    top-1 of that token), and enough such pairs for 10-shot prompts."""
+    from fv_remote.data import resolve_answers
+
+    kept, _, problems = resolve_answers(tokenizer, task.pairs)
+    if len(kept) < min_pairs:
+        return f"no: {len(kept)}/{len(task.pairs)} answers have a usable first token"
+    if problems:
+        return f"yes ({len(problems)} pair{'s' if len(problems) > 1 else ''} skipped)"
+    return "yes"
+
+
 @data_app.command("list")
-def list_cmd() -> None:
-    """List the bundled tasks."""
+def list_cmd(model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="check usability with this model's "
+                                       "tokenizer (a cached short name or a local folder; nothing is downloaded)")
+             ) -> None:
+    """List the bundled tasks and whether each is usable on the model (default: the default model)."""
+    tokenizer = _local_tokenizer(model)
     table = Table(title="bundled relation tasks", title_justify="left")
-    for column in ("name", "category", "#pairs", "description"):
+    usable_col = f"usable on {model}"
+    for column in ("name", "category", "#pairs", usable_col, "description"):
         table.add_column(column, justify="right" if column == "#pairs" else "left")
     names = list_tasks()
+    unusable = []
     for name in names:
         task = load_task(name)
-        table.add_row(Text(task.name), Text(task.category), str(len(task.pairs)), Text(task.description))
+        verdict = usability(tokenizer, task) if tokenizer is not None else "?"
+        if verdict.startswith("no"):
+            unusable.append(name)
+        table.add_row(Text(task.name), Text(task.category), str(len(task.pairs)),
+                      Text(verdict, style="red" if verdict.startswith("no") else ""), Text(task.description))
     console.print(table)
     if not names:
         console.print("no bundled tasks found")
+    if tokenizer is None:
+        console.print(f"usability not checked: {model} is not cached locally (`fv-remote models pull {model}`)")
+    elif unusable:
+        console.print(Text(f"{len(unusable)} relation(s) unusable on {model}: {', '.join(unusable)} (their answers "
+                           "begin with a bare space token, e.g. ' 0' -> ' ', '0'); `bank build` skips them"))
 
 
 @data_app.command("show")

@@ -16,7 +16,25 @@ def _positions(text: str) -> tuple[int, ...]:
         values = tuple(int(v) for v in text.split(","))
     except ValueError:
         raise UserError(f"--positions takes comma-separated integers such as -1 or -3,-2,-1, got {text!r}") from None
+    if any(v >= 0 for v in values):
+        raise UserError(f"--positions counts from the end of the prompt (-1 = the last token), got {text!r}")
+    if len(set(values)) != len(values):
+        raise UserError(f"--positions lists a position twice: {text!r}")
     return values
+
+
+def _note_counts(loaded, relation, n_prompts: int, n_shots: int, seed: int) -> None:
+    from fv_remote.tasks import MAX_PROMPTS, prepare_task
+
+    if n_prompts > MAX_PROMPTS:
+        from fv_remote.errors import UserError
+
+        raise UserError(f"--n-prompts {n_prompts}: at most {MAX_PROMPTS} prompts per run (each prompt is a forward "
+                        f"pass and a row of every head's output); ask for fewer")
+    note = prepare_task(loaded.tokenizer, relation, seed=seed, min_pairs=n_shots + 1).count_note("--n-prompts",
+                                                                                                 n_prompts)
+    if note:
+        console.print(f"[yellow]note: {note}[/]")
 
 
 @app.command()
@@ -47,6 +65,7 @@ def extract(
     pos = _positions(positions)
     relation = load_task(task, data_dir=data_dir)
     loaded = load_stage(model, remote)
+    _note_counts(loaded, relation, n_prompts, n_shots, seed)
     act_store = ActivationStore(store)
     done = act_store.n_complete(relation.name)
     if done:

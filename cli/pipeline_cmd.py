@@ -9,8 +9,10 @@ import typer
 from rich.table import Table
 
 from fv_remote.cli.app import app
+from fv_remote.checks import atomic_save, check_output_path, check_prompt_lengths, require_finite_option
+from fv_remote.checks import require_finite_vector
 from fv_remote.cli.common import console, load_stage, out, progress_bar, require_remote_for_no_wait
-from fv_remote.errors import UserError
+from fv_remote.errors import UserError, require_positive
 from fv_remote.models import DEFAULT_MODEL
 
 MODEL_OPT = typer.Option(DEFAULT_MODEL, "--model", "-m", help="short name, repo id, folder or .gguf")
@@ -29,6 +31,11 @@ def _prepare(loaded, task: str, data_dir: str | None, seed: int, n_shots: int = 
         console.print(f"[yellow]{task}: {len(prepared.problems)} pairs skipped (answer has no usable first "
                       f"token), e.g. {prepared.problems[0][0]!r}: {prepared.problems[0][1]}[/]")
     return prepared
+
+
+def _note(note: str | None) -> None:
+    if note:
+        console.print(f"[yellow]note: {note}[/]")
 
 
 def scores_table(rows: list[dict], title: str = "") -> Table:
@@ -96,9 +103,11 @@ def cma(
     for name, value in (("--n-prompts", n_prompts), ("--n-shots", n_shots), ("--top", top)):
         require_positive(name, value)  # before the model loads: a typo should not cost a minute
     require_remote_for_no_wait(no_wait, remote)
+    check_output_path(plot, "--plot")
     act_store = ActivationStore(store)
     loaded = load_stage(model, remote)
     prepared = _prepare(loaded, task, data_dir, seed, n_shots)
+    _note(prepared.count_note("--n-prompts", n_prompts))
     means = mean_heads_tensor(act_store, prepared.name)  # says which command to run first if missing
     act_store.check_compatible(prepared.name, {"model": loaded.model_id})
     report = {"model": loaded.model_id, "task": prepared.name, "store": store, "top": top,
@@ -149,6 +158,9 @@ def fit(
     from fv_remote.plots import layer_sweep_plot
     from fv_remote.store import ActivationStore
 
+    check_output_path(output, "--out")
+    check_output_path(plot, "--plot")
+    require_finite_option("--share", share)
     act_store = ActivationStore(store)
     loaded = load_stage(model, remote)
     prepared = _prepare(loaded, task, data_dir, seed)
@@ -166,7 +178,8 @@ def fit(
         png = layer_sweep_plot({prepared.name: scores}, plot or Path("out") / f"{prepared.name}_sweep.png")
         out.print(f"validation sweep: best layer {fv.layer} (accuracy {scores[fv.layer]:.2f}); plot: {png}")
         _warn_if_flat(prepared.name, scores)
-    path = fv.save(output or Path("out") / f"{prepared.name}.fv.safetensors")
+    require_finite_vector(fv, "the fitted FV")  # never save a vector of norm nan
+    path = atomic_save(fv.save, output or Path("out") / f"{prepared.name}.fv.safetensors", "FV")
     heads = ", ".join(f"({a},{b})" for a, b in fv.heads)
     out.print(f"FV for {prepared.name}: {len(fv.heads)} heads [{heads}], layer {fv.layer}, "
               f"norm {float(fv.vector.norm()):.3f} -> {path}")
@@ -177,6 +190,7 @@ def _load_vector(path: Path, loaded):
 
     fv = FunctionVector.load(path)
     fv.check_model(loaded)
+    require_finite_vector(fv, path)  # a NaN vector would steer into a table of nan
     return fv
 
 
@@ -199,8 +213,15 @@ def steer(
 
     if (prompt is None) == (task is None):
         raise UserError("give exactly one of --prompt or --task")
+    require_finite_option("--scale", scale)
+    if prompt is not None and not prompt.strip():
+        raise UserError("--prompt is empty; give the text whose next token to score, e.g. 'Q: hot\\nA:'")
+    require_positive("--top", top)
     loaded = load_stage(model, remote)
     vec = _load_vector(fv_path, loaded)
+    if prompt is not None:
+        check_prompt_lengths(loaded, [prompt], "--prompt")
+        top = min(top, loaded.adapter.vocab_size)
     st = Steer(vec, layer=layer, scale=scale, distributed=distributed)
     where = "distributed over its heads" if distributed else f"layer {st.resolved_layer(loaded)}"
     if prompt is not None:
@@ -236,8 +257,13 @@ def generate(
     from fv_remote.steering import Steer, generate_many
 
     text = prompt.replace("\\n", "\n")
+    if not text.strip():
+        raise UserError("--prompt is empty; give the text to continue, e.g. 'Q: hot\\nA:'")
+    require_positive("--max-new-tokens", max_new_tokens)
+    require_finite_option("--scale", scale)
     loaded = load_stage(model, remote)
     vec = _load_vector(fv_path, loaded)
+    check_prompt_lengths(loaded, [text], "--prompt", reserve=max_new_tokens)
     st = Steer(vec, layer=layer, scale=scale, distributed=distributed)
     without, steered = generate_many(loaded, [(text, None), (text, st)], max_new_tokens, remote)
     out.print(f"[bold]prompt[/]: {text!r}")
@@ -273,12 +299,18 @@ def evaluate(
     if n_test is not None and n_test <= 0:
         raise UserError(f"--n-test must be a positive integer, got {n_test}")
     require_remote_for_no_wait(no_wait, remote)
+    check_output_path(json_path, "--json")
+    check_output_path(plot, "--plot")
+    require_finite_option("--scale", scale)
     loaded = load_stage(model, remote)
     vec = _load_vector(fv_path, loaded)
     extra = {"ffv": _load_vector(ffv_path, loaded)} if ffv_path else None
     if layer is not None:
         loaded.adapter.check_layer(layer)
     prepared = _prepare(loaded, task or vec.task, data_dir, seed, n_shots)
+    if n_test is not None:
+        require_positive("--n-test", n_test)
+        _note(prepared.count_note("--n-test", n_test, "test"))
     settings = {"fv": str(fv_path), "ffv": str(ffv_path) if ffv_path else None, "scale": scale,
                 "distributed": distributed, "n_shots": n_shots, "seed": seed}
     report = {"model": loaded.model_id, "kind": vec.kind, "task": prepared.name, "settings": settings,
@@ -353,8 +385,23 @@ def run(
         raise UserError("give at least one task: fv-remote run --task antonym (see `fv-remote data list`)")
     for name, value in (("--n-prompts", n_prompts), ("--n-cma-prompts", n_cma_prompts), ("--k", k)):
         require_positive(name, value)
+    check_output_path(json_path, "--json")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--out {out_dir} is a file; give a folder for the FVs, plots and results")
+    check_output_path(out_dir / "results.json", "--out")
     relations = [load_task(name, data_dir=data_dir) for name in names]  # fail fast on a bad name
+    if n_test is not None:
+        require_positive("--n-test", n_test)
     loaded = load_stage(model, remote)
+    from fv_remote.tasks import prepare_task
+
+    for relation in relations:  # before any work: counts the data cannot supply (prompts would repeat)
+        prepared = prepare_task(loaded.tokenizer, relation, seed=seed, min_pairs=n_shots + 2)
+        for flag, n, split in (("--n-prompts", n_prompts, "train"), ("--n-cma-prompts", n_cma_prompts, "train"),
+                               ("--n-test", n_test, "test")):
+            if n is not None:
+                _note(prepared.count_note(flag, n, split))
+
     settings = PipelineSettings(n_prompts=n_prompts, n_cma_prompts=n_cma_prompts, n_shots=n_shots, k=k, seed=seed,
                                 n_test=n_test)
     act_store = ActivationStore(store or str(out_dir / "store.zarr"))

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-import json
 import shlex
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import typer
 from rich.table import Table
 from rich.text import Text
 
+from fv_remote.checks import atomic_save, check_output_path, json_text, require_finite, require_finite_vector
+from fv_remote.checks import require_finite_option, write_output
 from fv_remote.cli.app import app
 from fv_remote.cli.common import console, load_stage, out, progress_bar, require_remote_for_no_wait
 from fv_remote.errors import UserError, require_positive
@@ -38,8 +40,8 @@ def _layer_option(text: Optional[str]):
 
 
 def _write_json(data: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2, default=float))
+    """Atomically; a failed write puts the results in a fallback file and the error says where."""
+    write_output(path, json_text(data))
     console.print(f"wrote {path}")
 
 
@@ -50,6 +52,8 @@ def _pct(x) -> str:
 def _settings(steps, lr, l2, patience, batch_size, seed):
     from fv_remote.ffv import FinetuneSettings
 
+    require_finite_option("--lr", lr)
+    require_finite_option("--l2", l2)
     return FinetuneSettings(steps=steps, lr=lr, l2=l2, patience=patience, batch_size=batch_size, seed=seed).check()
 
 
@@ -99,9 +103,13 @@ def finetune(
 
     require_positive("--n-train", n_train)
     require_remote_for_no_wait(no_wait, remote)
+    for flag, path in (("--out", out_path), ("--plot", plot), ("--json", json_path)):
+        check_output_path(path, flag)
     settings = _settings(steps, lr, l2, patience, batch_size, seed)
     layer_opt = _layer_option(layer)
     source = FunctionVector.load(fv) if fv is not None else None
+    if source is not None:
+        require_finite_vector(source, fv)
     if init == "fv" and source is None:
         raise UserError("--init fv needs --fv FILE (make one with `fv-remote run` or `fv-remote fit`); "
                         "or use --init zero --layer N")
@@ -170,7 +178,8 @@ def report_finetune(run, name: str, init: str, out_path: Path, plot: Path) -> No
 
     res = run.result
     ffv = res.ffv
-    ffv.save(out_path)
+    require_finite_vector(ffv, "the fine-tuned FFV")  # training diverged: say so rather than save it
+    atomic_save(ffv.save, out_path, "FFV")
     loss_curve(res.history, plot, title=f"{name}: FFV at layer {ffv.layer} (init {init})")
     if run.layer_search:
         table = Table(title="layer search (short runs)", title_justify="left")
@@ -223,7 +232,7 @@ def bank_build(
     from fv_remote.remote import no_wait as submit_only
 
     require_remote_for_no_wait(no_wait, remote)
-
+    check_output_path(out_path, "--out")
     settings = _settings(steps, lr, l2, patience, batch_size, seed)
     names = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else ([] if data else list_tasks())
     relations = [load_task(n, data_dir=data_dir) for n in names] + [load_task(str(p)) for p in (data or [])]
@@ -265,6 +274,7 @@ def bank_info(
     """List the relations in a bank: layer, norm, validation accuracy with and without the vector."""
     from fv_remote.bank import RelationBank, info
 
+    check_output_path(json_path, "--json")
     bank = RelationBank.load(path)
     summary = info(bank)
     table = Table(title=Text(f"{path}: {summary['n']} relations, model {bank.model}, d_model {summary['d_model']}"),
@@ -300,7 +310,9 @@ def decode(
     from fv_remote.vectors import FunctionVector
 
     require_positive("--top-k", top_k)
+    check_output_path(json_path, "--json")
     loaded = load_stage(model, remote)
+    top_k = min(top_k, loaded.adapter.vocab_size)
     named = []
     for spec in vectors:
         path, _, relation = spec.partition(":") if ":" in spec and not Path(spec).exists() else (spec, "", "")
@@ -310,6 +322,7 @@ def decode(
         else:
             vec = FunctionVector.load(path)
         vec.check_model(loaded)
+        require_finite(vec.vector, f"{spec}: the vector", "it decodes to nothing; fit or fine-tune it again")
         named.append((f"{vec.kind.upper()} {vec.task} L{vec.layer}" if vec.task else Path(path).name, vec))
     word_list = [w.strip() for w in words.split(",") if w.strip()] if words else []
     if not word_list:
@@ -367,6 +380,9 @@ def align(
     from fv_remote.bank import RelationBank
 
     require_positive("--n-boot", n_boot)
+    require_finite_option("--temperature", temperature)
+    check_output_path(json_path, "--json")
+    check_output_path(plot, "--plot")
     rows = read_ratings(ratings, parse_columns(columns))
     bank = RelationBank.load(bank_path)
     loaded = load_stage(model)
@@ -378,10 +394,16 @@ def align(
         console.print(f"[yellow]skipped row at line {line}: {reason}[/]")
     if len(result.skipped) > 10:
         console.print(f"[yellow]... and {len(result.skipped) - 10} more[/]")
+    why = result.undefined()
+    if why:
+        raise UserError(f"Spearman's rho is undefined on these {result.n_used} rows: {why}; use rows with varied "
+                        "ratings, or another --method")
     plot = plot or (json_path.with_suffix(".png") if json_path else Path("out/align.png"))
     scatter(result, plot)
     lo, hi = result.ci95
-    out.print(f"Spearman ρ = {result.spearman:.3f}  95% CI [{lo:.3f}, {hi:.3f}]  method {method}, "
+    interval = f"95% CI [{lo:.3f}, {hi:.3f}]" if np.isfinite([lo, hi]).all() else \
+        "95% CI undefined (every bootstrap resample had constant values; written as null)"
+    out.print(f"Spearman ρ = {result.spearman:.3f}  {interval}  method {method}, "
               f"{result.n_used} rows used, {result.n_skipped} skipped; scatter {plot}")
     if json_path:
         _write_json(result.as_json(), json_path)
@@ -431,6 +453,11 @@ def analogy(
     if remote and train_combiner:
         raise UserError("--train-combiner runs locally only: train and --save-combiner it locally, then use "
                         "--combiner FILE with --remote")
+    check_output_path(json_path, "--json")
+    check_output_path(save_combiner, "--save-combiner")
+    require_finite_option("--scale", scale)
+    require_finite_option("--temperature", temperature)
+    require_finite_option("--combiner-lr", combiner_lr)
     settings = AnalogySettings(mode=mode, temperature=temperature, score=score, scale=scale, batch_size=batch_size,
                                icl_format=icl_format, n_boot=n_boot, seed=seed).check()
     items = read_mc_analogies(mc) if mc else read_analogy_csv(csv_path)
@@ -451,7 +478,7 @@ def analogy(
             comb = fit_combiner(loaded, bank, train_items, settings, steps=combiner_steps, lr=combiner_lr,
                                 progress=update)
         if save_combiner:
-            comb.save(save_combiner)
+            atomic_save(comb.save, save_combiner, "combiner")
             console.print(f"saved combiner to {save_combiner}")
         comb.meta["path"] = str(save_combiner or "(trained, not saved)")
     with progress_bar(f"analogies ({mode})", 6) as update:

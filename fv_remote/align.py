@@ -58,8 +58,18 @@ def read_ratings(path: str | Path, columns: Sequence[str] = DEFAULT_COLUMNS) -> 
     path = Path(path)
     if not path.is_file():
         raise UserError(f"ratings file not found: {path}")
-    text = path.read_text(encoding="utf-8-sig")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8") from None
     reader = csv.DictReader(text.splitlines())
+    try:
+        return _read_rating_rows(path, reader, columns)
+    except csv.Error as exc:
+        raise UserError(f"{path}:{reader.line_num}: not valid CSV ({exc})") from None
+
+
+def _read_rating_rows(path: Path, reader: csv.DictReader, columns: Sequence[str]) -> list[RatingRow]:
     header = [h.strip() for h in (reader.fieldnames or [])]
     reader.fieldnames = header
     missing = [c for c in columns if c not in header]
@@ -80,6 +90,9 @@ def read_ratings(path: str | Path, columns: Sequence[str] = DEFAULT_COLUMNS) -> 
             rating = float(cells[4])
         except ValueError:
             raise UserError(f"{path}:{line}: rating {cells[4]!r} in column {columns[4]!r} is not a number") from None
+        if not np.isfinite(rating):
+            raise UserError(f"{path}:{line}: rating {cells[4]!r} in column {columns[4]!r} is not a finite number "
+                            "(NaN/inf would make Spearman's rho undefined); drop the row or give a value")
         rows.append(RatingRow((cells[0], cells[1]), (cells[2], cells[3]), rating, line))
     if not rows:
         raise UserError(f"{path}: no ratings")
@@ -111,6 +124,8 @@ def spearman_ci(x: Sequence[float], y: Sequence[float], n_boot: int = 1000, seed
     ry -= ry.mean(1, keepdims=True)
     denom = np.sqrt((rx ** 2).sum(1) * (ry ** 2).sum(1))
     ok = denom > 0
+    if not ok.any():
+        return rho, [float("nan"), float("nan")]
     rhos = (rx * ry).sum(1)[ok] / denom[ok]
     lo, hi = np.quantile(rhos, [(1 - level) / 2, 1 - (1 - level) / 2])
     return rho, [float(lo), float(hi)]
@@ -151,6 +166,16 @@ class AlignResult:
     model_sim: list[float] = field(default_factory=list)
     ratings: list[float] = field(default_factory=list)
     skipped: list[tuple[int, str]] = field(default_factory=list)  # (line, reason)
+
+    def undefined(self) -> str | None:
+        """Why ρ is NaN (constant ratings or similarities), None when it is a number."""
+        if np.isfinite(self.spearman):
+            return None
+        if len(self.ratings) and np.ptp(self.ratings) == 0:
+            return "the ratings are all equal"
+        if len(self.model_sim) and np.ptp(self.model_sim) == 0:
+            return f"the model similarities ({self.method}) are all equal"
+        return "the similarities are not finite"
 
     def as_json(self) -> dict[str, Any]:
         return {"spearman": self.spearman, "ci95": self.ci95, "n_used": self.n_used, "n_skipped": self.n_skipped,

@@ -137,12 +137,23 @@ class RelationBank:
             hint = " (it looks like a single vector: use it with --fv, or add it to a bank)" \
                 if "vector" in tensors else ""
             raise UserError(f"{path} is not a relation bank{hint}")
-        names = json.loads(metadata.get("names", "[]"))
-        metas = json.loads(metadata.get("entries", "[]"))
-        vectors, layers = tensors["vectors"], tensors["layers"].tolist()
-        entries = [BankEntry(n, vectors[i], int(layers[i]), metas[i] if i < len(metas) else {})
-                   for i, n in enumerate(names)]
-        bank = cls(metadata["model"], entries, json.loads(metadata.get("settings", "{}")))
+        try:
+            names = json.loads(metadata.get("names", "[]"))
+            metas = json.loads(metadata.get("entries", "[]"))
+            settings = json.loads(metadata.get("settings", "{}"))
+            vectors, layers = tensors["vectors"], tensors["layers"].tolist()
+            if not isinstance(names, list) or vectors.ndim != 2 or len(layers) != vectors.shape[0] or \
+                    (names and len(names) != vectors.shape[0]) or not isinstance(metas, list):
+                raise ValueError("names, vectors and layers do not match")
+            entries = [BankEntry(str(n), vectors[i], int(layers[i]), metas[i] if i < len(metas) else {})
+                       for i, n in enumerate(names)]
+            bank = cls(str(metadata["model"]), entries, settings if isinstance(settings, dict) else {})
+        except (ValueError, TypeError, KeyError, IndexError, RuntimeError) as exc:
+            raise UserError(f"{path} is a damaged relation bank ({type(exc).__name__}: {exc})") from None
+        for entry in entries:
+            if not torch.isfinite(entry.vector).all():
+                raise UserError(f"{path}: the vector of relation {entry.name!r} has NaN/inf values; rebuild it "
+                                f"(`{BUILD_HINT.format(path=path)}` after removing the file)")
         return bank.require_entries(path) if require else bank
 
 

@@ -459,6 +459,9 @@ def run_head_scores(model: LoadedModel, prepared: PreparedTask, store: Activatio
                 "head_dim": ad.head_dim, "n_shots": n_shots, "seed": prepared.seed, "kind": "shuffled",
                 "template": [prepared.template.query, prepared.template.answer, prepared.template.separator,
                              prepared.template.prefix]}
+    from fv_remote.checks import check_prompt_lengths
+
+    check_prompt_lengths(model, [p.text for p in prompts], "corrupted prompt")
     with store.writing():  # one writer per store for the whole run
         store.check_compatible(group, identity)
         start = store.trim(group)

@@ -119,6 +119,24 @@ def _batch_dataset(start: int, prompts, answer_ids, out, positions, ad) -> xr.Da
     )
 
 
+def check_positions(model: LoadedModel, texts: list[str], positions: tuple[int, ...]) -> None:
+    """Before any forward pass: every prompt fits the model's context, and every position (counted from the end,
+    -1 = the last token) lies inside the shortest prompt."""
+    from fv_remote.checks import check_prompt_lengths
+
+    if not positions:
+        raise UserError("--positions is empty; give token positions from the end such as -1 or -3,-2,-1")
+    lengths = check_prompt_lengths(model, texts, "prompt")
+    shortest = min(lengths) if lengths else 0
+    for p in positions:
+        if p >= 0:
+            raise UserError(f"--positions counts from the end of the prompt (-1 = the last token), got {p}; "
+                            "positions from the start differ between padded prompts")
+        if -p > shortest:
+            raise UserError(f"--positions {p} reaches before the start of the shortest prompt ({shortest} tokens); "
+                            f"use positions between -{shortest} and -1")
+
+
 @dataclass
 class _Plan:
     prompts: list
@@ -139,6 +157,7 @@ def _plan(model: LoadedModel, task: RelationTask, store: ActivationStore, n_prom
     prepared = prepare_task(model.tokenizer, task, seed=seed, template=template, min_pairs=n_shots + 1)
     template = prepared.template
     prompts = prepared.prompts("train", n_prompts, kind="clean", n_shots=n_shots)
+    check_positions(model, [p.text for p in prompts], positions)
     identity = {
         "model": model.model_id, "model_source": model.source, "revision": model.revision,
         "family": ad.family, "n_layers": ad.n_layers, "n_heads": ad.n_heads, "head_dim": ad.head_dim,

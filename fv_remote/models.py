@@ -211,8 +211,13 @@ def load_model(name: str = DEFAULT_MODEL, device: str | None = None, dtype: Any 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source, info = _resolve_source(name)
+    local = Path(source).expanduser().exists()
     if source.endswith(".gguf"):
-        hf, tokenizer = _load_gguf(Path(source), dtype)
+        try:
+            hf, tokenizer = _load_gguf(Path(source), dtype)
+        except Exception as exc:  # noqa: BLE001 - whatever the GGUF reader trips on, the file is the problem
+            raise UserError(f"{source} is not a usable GGUF model file ({type(exc).__name__}: "
+                            f"{_first_line(exc)}); give a complete .gguf of a supported architecture") from None
     else:
         kwargs: dict[str, Any] = {"dtype": dtype or torch.float32}
         if revision:
@@ -221,7 +226,12 @@ def load_model(name: str = DEFAULT_MODEL, device: str | None = None, dtype: Any 
             tokenizer = AutoTokenizer.from_pretrained(source, **({"revision": revision} if revision else {}))
             hf = AutoModelForCausalLM.from_pretrained(source, **kwargs)
         except OSError as exc:
-            raise UserError(f"could not load model {name!r}: {str(exc).splitlines()[0]}") from None
+            raise UserError(f"could not load model {name!r}: {_first_line(exc)}") from None
+        except Exception as exc:  # noqa: BLE001 - a damaged local folder (config, tokenizer, weights)
+            if not local:
+                raise
+            raise UserError(f"could not load model folder {source}: {type(exc).__name__}: {_first_line(exc)}; "
+                            "check its config.json, tokenizer files and weights") from None
     hf.eval()
     hf.requires_grad_(False)
     if device:
@@ -229,6 +239,11 @@ def load_model(name: str = DEFAULT_MODEL, device: str | None = None, dtype: Any 
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return wrap_model(hf, tokenizer, name=name, source=source, revision=revision or "", info=info)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:200]
 
 
 def wrap_model(hf: Any, tokenizer: Any, name: str = "custom", source: str = "memory", revision: str = "",

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fv_remote.checks import atomic_save
 from fv_remote.cma import run_cma
 from fv_remote.data import RelationTask
 from fv_remote.evaluate import TaskScores, evaluate_task, fit_function_vector
@@ -70,7 +70,7 @@ def run_task(model: LoadedModel, task: RelationTask, store: ActivationStore, out
                                         progress=update, remote=remote)
     aie_heatmap(cma.aie, out_dir / f"{task.name}_aie.png", title=f"{task.name}: AIE per head",
                 top=fv.heads)
-    fv_path = fv.save(out_dir / f"{task.name}.fv.safetensors")
+    fv_path = atomic_save(fv.save, out_dir / f"{task.name}.fv.safetensors", "FV")
     scores = evaluate_task(model, prepared, fv, n_shots=s.n_shots, n_test=s.n_test, remote=remote)
     return TaskRun(scores, fv, fv_path, sweep, prepared.problems)
 
@@ -93,7 +93,7 @@ def results_json(model: LoadedModel, runs: list[TaskRun], settings: PipelineSett
 
 
 def write_json(data: dict, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2))
-    return path
+    """Atomically; if the write fails the results go to a fallback file and the error says where."""
+    from fv_remote.checks import json_text, write_output
+
+    return write_output(path, json_text(data))

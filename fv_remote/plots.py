@@ -12,11 +12,13 @@ import numpy as np  # noqa: E402
 
 
 def _save(fig, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    """Atomically (temp file + rename): an interrupted run never leaves half a PNG."""
+    from fv_remote.checks import atomic_save
+
+    try:
+        return atomic_save(lambda tmp: fig.savefig(tmp, dpi=120, bbox_inches="tight"), Path(path), "plot")
+    finally:
+        plt.close(fig)
 
 
 def aie_heatmap(aie, path: str | Path, title: str = "", top: list[tuple[int, int]] | None = None) -> Path:

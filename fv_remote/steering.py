@@ -73,6 +73,20 @@ class Condition:
     batch_size: int = 16
 
 
+_LENGTH_CHECKED: dict[int, set[int]] = {}  # id(model.lm) -> hashes of prompts already checked (sweeps repeat them)
+
+
+def _check_lengths(model: LoadedModel, conditions: list[Condition]) -> None:
+    """Every prompt fits the model's context (checked once per prompt text), before any forward pass."""
+    from fv_remote.checks import check_prompt_lengths
+
+    seen = _LENGTH_CHECKED.setdefault(id(model.lm), set())
+    new = {hash(t): t for cond in conditions for t in cond.texts if hash(t) not in seen}
+    if new:
+        check_prompt_lengths(model, list(new.values()), "prompt")
+        seen.update(new)
+
+
 def _last_token_runs(model: LoadedModel, conditions: list[Condition], top1: bool,
                      remote: Any = False, top_k: int = 0) -> list[Any]:
     """Per condition: last-token float32 logits [N, vocab], top-1 ids [N], or with `top_k` the (probabilities
@@ -82,6 +96,7 @@ def _last_token_runs(model: LoadedModel, conditions: list[Condition], top1: bool
     by clearing its variables: the server returns every one whose object was saved (by id, and ids of freed saved
     objects get reused), so only `outs` goes back.
     """
+    _check_lengths(model, conditions)
     work: list[tuple[list[str], list[tuple]]] = []
     owners: list[int] = []
     chunks_of: dict[tuple[int, int], list[list[str]]] = {}  # id(texts) -> its batches, so shared prompt lists ship once

@@ -28,6 +28,7 @@ import xarray as xr
 import zarr
 
 from fv_remote import __version__
+from fv_remote.checks import note_kept
 from fv_remote.errors import UserError
 from fv_remote.integrity import BOOKKEEPING, STORE_IDENTITY_KEYS, describe_rows
 
@@ -373,6 +374,8 @@ class ActivationStore:
             n_after = n_before + batch.sizes[PROMPT_DIM]
             # Written last: this is the commit point of the batch.
             group.attrs["n_complete"] = n_after
+            note_kept(f"store {self.url} {task}", f"{n_after} committed prompts of {task!r} in {self.url} (rerun "
+                      "the same command to resume from there)")
             self._record_identity(attrs)
             self._backup_metadata()
         return n_after

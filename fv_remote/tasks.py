@@ -7,6 +7,9 @@ from dataclasses import dataclass, field
 from fv_remote.data import ICLPrompt, PromptTemplate, RelationTask, Splits, build_prompts, resolve_answers, split_pairs
 from fv_remote.errors import UserError
 
+# Prompts per split and run: beyond this a count is a typo, not an experiment (each prompt costs a forward pass).
+MAX_PROMPTS = 100_000
+
 
 @dataclass
 class PreparedTask:
@@ -26,8 +29,19 @@ class PreparedTask:
         queries = getattr(self.splits, split)
         if not queries:
             raise UserError(f"task {self.name!r} has no {split} pairs")
+        if n > MAX_PROMPTS:
+            raise UserError(f"{n} prompts asked of task {self.name!r}, which has {len(queries)} {split} queries; "
+                            f"at most {MAX_PROMPTS} prompts per run (ask for fewer)")
         return build_prompts(self.splits.train, n, n_shots=n_shots, kind=kind, seed=self.seed + seed_offset,
                              template=self.template, query_pairs=queries)
+
+    def count_note(self, flag: str, n: int, split: str = "train") -> str | None:
+        """A line to show when `n` prompts are more than the split's distinct queries (they repeat)."""
+        have = len(getattr(self.splits, split))
+        if have and n > have:
+            return (f"{flag} {n} is more than the {have} {split} queries of {self.name!r}: queries repeat (each "
+                    f"with other demonstrations); {have} distinct queries will be used")
+        return None
 
     def ids(self, prompts: list[ICLPrompt]) -> list[int]:
         return [self.answer_token[p.answer] for p in prompts]

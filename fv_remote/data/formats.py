@@ -124,19 +124,31 @@ def _locate(text: str, keys: tuple) -> int | None:
         return None
 
 
+# Relation entries are words or short phrases; a 5 MB "word" would make every prompt holding it explode a forward
+# pass (and memory) long before the model's context check could say why.
+MAX_ENTRY_CHARS = 2000
+
+
+def _entry_ok(value) -> bool:
+    return isinstance(value, str) and bool(value.strip()) and len(value) <= MAX_ENTRY_CHARS
+
+
 def _word(value, path: Path, line: int | None, what: str) -> str:
     if not isinstance(value, str):
-        raise _fail(path, line, f"{what} must be a string, got {type(value).__name__} {value!r}")
+        raise _fail(path, line, f"{what} must be a string, got {type(value).__name__} {value!r:.80}")
     value = value.strip()
     if not value:
         raise _fail(path, line, f"{what} is empty")
+    if len(value) > MAX_ENTRY_CHARS:
+        raise _fail(path, line, f"{what} has {len(value)} characters ({value[:30]!r}...); entries are words or "
+                                f"short phrases of at most {MAX_ENTRY_CHARS} characters")
     return value
 
 
 def _pair(value, path: Path, text: str, keys: tuple, what: str = "pair") -> tuple[str, str]:
     if not isinstance(value, (list, tuple)) or len(value) != 2:
         raise _fail(path, _locate(text, keys), f"{what} must be a list of 2 strings, got {value!r}")
-    line = _locate(text, keys) if not all(isinstance(v, str) and v.strip() for v in value) else None
+    line = _locate(text, keys) if not all(_entry_ok(v) for v in value) else None
     return _word(value[0], path, line, f"{what}[0]"), _word(value[1], path, line, f"{what}[1]")
 
 
@@ -159,7 +171,7 @@ def _todd_from(path: Path, text: str, data) -> RelationTask:
         if not isinstance(item, dict) or "input" not in item or "output" not in item:
             line = _locate(text, (i,))
             raise _fail(path, line, f'element {i} must be an object with "input" and "output", got {item!r}')
-        bad = not all(isinstance(item[k], str) and item[k].strip() for k in ("input", "output"))
+        bad = not all(_entry_ok(item[k]) for k in ("input", "output"))
         line = _locate(text, (i,)) if bad else None
         pairs.append((_word(item["input"], path, line, "input"), _word(item["output"], path, line, "output")))
     return RelationTask(name=path.stem, pairs=pairs, category="todd", source=str(path))
@@ -361,8 +373,11 @@ def read_analogy_csv(path: str | Path) -> list[MCAnalogy]:
     path, text = _read_text(path)
     problems = []
     reader = csv.reader(text.splitlines())
-    for row in reader:
-        n = reader.line_num
+    try:
+        rows = [(reader.line_num, row) for row in reader]
+    except csv.Error as exc:
+        raise _fail(path, reader.line_num, f"not valid CSV ({exc})") from None
+    for n, row in rows:
         if not any(cell.strip() for cell in row):
             continue
         if len(row) != 5:

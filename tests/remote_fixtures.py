@@ -98,3 +98,42 @@ def hosted_model_fixtures(repo: str, hang_s: float = 1.0, sizes: dict[str, tuple
         return R.load_remote_model(repo, cache_dir=hub_cache)
 
     return local, hub_cache, server, remote_model
+
+
+def toy_vector_fixtures(task: Any) -> tuple[Any, Any, Any]:
+    """Module-scoped fixtures `prepared` (the toy task for the tiny tokenizer), `means_aie` (seeded random head means
+    and scores) and `fv` (top-3 heads at layer 1, x4: strong enough to move a random model's top-1 tokens)."""
+    import torch
+
+    from fv_remote.tasks import prepare_task
+    from fv_remote.vectors import build_function_vector
+
+    @pytest.fixture(scope="module")
+    def prepared(tiny_tokenizer):
+        return prepare_task(tiny_tokenizer, task, seed=0, min_pairs=4)
+
+    @pytest.fixture(scope="module")
+    def means_aie(local):
+        ad = local.adapter
+        gen = torch.Generator().manual_seed(1)
+        means = torch.randn(ad.n_layers, ad.n_heads, ad.head_dim, generator=gen)
+        return means, torch.rand(ad.n_layers, ad.n_heads, generator=gen).numpy()
+
+    @pytest.fixture(scope="module")
+    def fv(local, means_aie):
+        means, aie = means_aie
+        vec = build_function_vector(local, "toy", means, aie, k=3, layer=1)
+        vec.vector, vec.head_means = vec.vector * 4, vec.head_means * 4
+        return vec
+
+    return prepared, means_aie, fv
+
+
+def assert_same_decoding(got: Any, want: Any, tol: float) -> None:
+    """Remote `decode_many` results equal the local ones: ranks, forms and top tokens exactly, logits within tol."""
+    import numpy as np
+
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert (g.ranks, g.forms, [t for t, _ in g.top]) == (w.ranks, w.forms, [t for t, _ in w.top])
+        np.testing.assert_allclose([v for _, v in g.top], [v for _, v in w.top], atol=tol, rtol=0)

@@ -15,7 +15,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from remote_fixtures import hosted_model_fixtures, point_client_at
+from remote_fixtures import assert_same_decoding, hosted_model_fixtures, point_client_at
 
 from fv_remote.analogy import AnalogySettings, Combiner, run_analogies
 from fv_remote.bank import RelationBank, build_bank
@@ -157,9 +157,7 @@ def test_decode_one_request(local, remote_model, bank, ndif):
     words = ["hot", "cold", "fox", "zzz"]
     want = decode_many(local, named, words, 8)
     got = decode_many(remote_model, named, words, 8, remote=True)
-    for g, w in zip(got, want):
-        assert (g.ranks, g.forms, [t for t, _ in g.top]) == (w.ranks, w.forms, [t for t, _ in w.top])
-        np.testing.assert_allclose([v for _, v in g.top], [v for _, v in w.top], atol=TOL, rtol=0)
+    assert_same_decoding(got, want, TOL)
     _requests(ndif, "decode (3 vectors, top 8, 4 words)")
 
 

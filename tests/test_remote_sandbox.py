@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from loopback_ndif import LoopbackNDIF
-from remote_fixtures import hosted_model_fixtures, point_client_at
+from remote_fixtures import assert_same_decoding, hosted_model_fixtures, point_client_at, toy_vector_fixtures
 
 from fv_remote import remote as R
 from fv_remote.data import RelationTask
@@ -48,25 +48,7 @@ def ndif(server, monkeypatch, hub_cache):
     return point_client_at(server, monkeypatch, hub_cache)
 
 
-@pytest.fixture(scope="module")
-def prepared(tiny_tokenizer):
-    return prepare_task(tiny_tokenizer, TASK, seed=0, min_pairs=4)
-
-
-@pytest.fixture(scope="module")
-def means_aie(local):
-    ad = local.adapter
-    gen = torch.Generator().manual_seed(1)
-    return torch.randn(ad.n_layers, ad.n_heads, ad.head_dim, generator=gen), \
-        torch.rand(ad.n_layers, ad.n_heads, generator=gen).numpy()
-
-
-@pytest.fixture(scope="module")
-def fv(local, means_aie):
-    means, aie = means_aie
-    vec = build_function_vector(local, "toy", means, aie, k=3, layer=1)
-    vec.vector, vec.head_means = vec.vector * 4, vec.head_means * 4  # strong enough to move a random model
-    return vec
+prepared, means_aie, fv = toy_vector_fixtures(TASK)
 
 
 def _all_sandboxed(ndif, n: int) -> None:
@@ -105,9 +87,7 @@ def test_decode_sandboxed(local, remote_model, ndif):
     words = ["hot", "cold", "fox", "zzz"]
     want = decode_many(local, named, words, 8)
     got = decode_many(remote_model, named, words, 8, remote=True)
-    for g, w in zip(got, want):
-        assert (g.ranks, g.forms, [t for t, _ in g.top]) == (w.ranks, w.forms, [t for t, _ in w.top])
-        np.testing.assert_allclose([v for _, v in g.top], [v for _, v in w.top], atol=TOL, rtol=0)
+    assert_same_decoding(got, want, TOL)
     _all_sandboxed(ndif, 1)
 
 

@@ -20,7 +20,7 @@ import zarr
 from typer.testing import CliRunner
 
 from loopback_ndif import LoopbackNDIF
-from remote_fixtures import hosted_model_fixtures, point_client_at
+from remote_fixtures import hosted_model_fixtures, point_client_at, toy_vector_fixtures
 
 from fv_remote import remote as R
 from fv_remote.data import RelationTask
@@ -47,27 +47,7 @@ def ndif(server, monkeypatch, hub_cache, tmp_path):
     return point_client_at(server, monkeypatch, hub_cache, tmp_path / "jobs")
 
 
-@pytest.fixture(scope="module")
-def prepared(tiny_tokenizer):
-    return prepare_task(tiny_tokenizer, TASK, seed=0, min_pairs=4)
-
-
-@pytest.fixture(scope="module")
-def means_aie(local):
-    ad = local.adapter
-    gen = torch.Generator().manual_seed(1)
-    means = torch.randn(ad.n_layers, ad.n_heads, ad.head_dim, generator=gen)
-    aie = torch.rand(ad.n_layers, ad.n_heads, generator=gen).numpy()
-    return means, aie
-
-
-@pytest.fixture(scope="module")
-def fv(local, means_aie):
-    means, aie = means_aie
-    vec = build_function_vector(local, "toy", means, aie, k=3, layer=1)
-    vec.vector = vec.vector * 4  # strong enough to move top-1 tokens of a random model
-    vec.head_means = vec.head_means * 4
-    return vec
+prepared, means_aie, fv = toy_vector_fixtures(TASK)
 
 
 def _one_request(ndif, stage: str) -> None:

@@ -649,6 +649,8 @@ def check() -> VersionCheck:
     if others:
         problems.append("other differences (client vs server): " + ", ".join(others))
     fatal = server_nn == "unknown" or server_nn.split(".")[:2] != local_nn.split(".")[:2]
-    message = "; ".join(problems) if problems else f"client and server both run nnsight {local_nn}"
+    if server_nn == local_nn:
+        problems.insert(0, f"client and server both run nnsight {local_nn}")
+    message = "; ".join(problems)
     return VersionCheck(host=host(), ok=not fatal, message=message, packages=critical,
                         python=(comparison.local_python, comparison.remote_python), api_key_set=bool(api_key()))

@@ -39,9 +39,26 @@ def pull(name: str = typer.Argument(M.DEFAULT_MODEL, help="short model name"),
 
 @models_app.command("info")
 def info(name: str = typer.Argument(M.DEFAULT_MODEL, help="short name, repo id, folder or .gguf")) -> None:
-    """Layers, heads, head_dim, d_model, vocabulary, family and cache location."""
+    """Layers, heads, head_dim, d_model, vocabulary, family, where the post-attention norm is, cache location."""
     offline_if_local(name)
     table = Table("property", "value")
     for key, value in M.describe(name).items():
         table.add_row(key, escape(str(value)))  # paths like layers[i] are not rich markup
+    out.print(table)
+
+
+@models_app.command("families")
+def families() -> None:
+    """The supported architecture families: config model types, module paths, and the post-attention norm (the
+    norm between the attention output and the residual add, which FVs are carried through)."""
+    from fv_remote.adapters import SPECS
+
+    table = Table("family", "model_type")
+    table.add_column("per-head site (o_proj input)", no_wrap=True)
+    table.add_column("post-attention norm", no_wrap=True)
+    table.add_column("notes")
+    for spec in SPECS:
+        table.add_row(spec.family, "/".join(spec.model_types), escape(f"{spec.layers}[i].{spec.head_site}"),
+                      escape(f"{spec.layers}[i].{spec.post_attn_norm}") if spec.post_attn_norm else "none",
+                      spec.notes)
     out.print(table)

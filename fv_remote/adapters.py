@@ -24,15 +24,40 @@ class ArchSpec:
     final_norm: str
     unembed: str
     layer_output_is_tuple: bool  # the guess when the block's forward does not say; a local probe has the last word
+    # Relative to a block: an RMSNorm applied to the attention output *before* it joins the residual stream
+    # (Gemma 2/3, OLMo 2/3: residual + norm(o_proj(heads))). None where the attention output is added as it is. Not
+    # to be confused with a module of the same name that normalises the residual stream before the MLP (Llama,
+    # Mistral, Qwen, Phi-3, Mixtral, gpt-oss, OLMo 1, Gemma 1 call that one `post_attention_layernorm` too).
+    post_attn_norm: str | None = None
+    notes: str = ""  # what is special about the family for function vectors (shown by `models info`)
 
 
+_POST = "post_attention_layernorm"
 SPECS: tuple[ArchSpec, ...] = (
     ArchSpec("llama", ("llama",), "model.layers", "self_attn.o_proj", "model.norm", "lm_head", False),
     ArchSpec("mistral", ("mistral",), "model.layers", "self_attn.o_proj", "model.norm", "lm_head", False),
+    ArchSpec("mixtral", ("mixtral",), "model.layers", "self_attn.o_proj", "model.norm", "lm_head", False,
+             notes="sparse MoE MLP (top-k experts per token); attention as Mistral"),
     ArchSpec("qwen", ("qwen2", "qwen3"), "model.layers", "self_attn.o_proj", "model.norm", "lm_head", False),
-    ArchSpec("gemma", ("gemma", "gemma2", "gemma3", "gemma3_text"), "model.layers", "self_attn.o_proj",
-             "model.norm", "lm_head", False),
-    ArchSpec("olmo", ("olmo", "olmo2"), "model.layers", "self_attn.o_proj", "model.norm", "lm_head", False),
+    ArchSpec("qwen3_moe", ("qwen3_moe",), "model.layers", "self_attn.o_proj", "model.norm", "lm_head", False,
+             notes="sparse MoE MLP; attention as Qwen3 (q/k norms, head_dim from the config)"),
+    ArchSpec("phi3", ("phi3",), "model.layers", "self_attn.o_proj", "model.norm", "lm_head", False,
+             notes="fused qkv_proj; o_proj separate, so heads read as Llama's"),
+    ArchSpec("gpt_oss", ("gpt_oss",), "model.layers", "self_attn.o_proj", "model.norm", "lm_head", False,
+             notes="MoE MLP, attention sinks (a per-head softmax logit with no value: it only scales the head "
+                   "output down), alternating sliding-window layers, o_proj bias"),
+    ArchSpec("gemma1", ("gemma",), "model.layers", "self_attn.o_proj", "model.norm", "lm_head", False,
+             notes="Gemma 1: pre-norm only; its post_attention_layernorm is the pre-MLP norm"),
+    ArchSpec("gemma", ("gemma2", "gemma3", "gemma3_text"), "model.layers", "self_attn.o_proj", "model.norm",
+             "lm_head", False, post_attn_norm=_POST,
+             notes="Gemma 2/3: RMSNorm (gain 1 + weight) on the attention output before the residual add; "
+                   "embeddings scaled by sqrt(d_model)"),
+    ArchSpec("olmo", ("olmo",), "model.layers", "self_attn.o_proj", "model.norm", "lm_head", False,
+             notes="OLMo 1: non-parametric pre-norms"),
+    ArchSpec("olmo2", ("olmo2",), "model.layers", "self_attn.o_proj", "model.norm", "lm_head", False,
+             post_attn_norm=_POST, notes="no pre-norms: RMSNorm on the attention and MLP outputs, q/k norms"),
+    ArchSpec("olmo3", ("olmo3",), "model.layers", "self_attn.o_proj", "model.norm", "lm_head", False,
+             post_attn_norm=_POST, notes="as OLMo 2, with sliding-window layers (3 of 4)"),
     ArchSpec("gpt2", ("gpt2",), "transformer.h", "attn.c_proj", "transformer.ln_f", "lm_head", False),
     ArchSpec("gptj", ("gptj",), "transformer.h", "attn.out_proj", "transformer.ln_f", "lm_head", False),
     ArchSpec("gpt_neox", ("gpt_neox",), "gpt_neox.layers", "attention.dense", "gpt_neox.final_layer_norm",
@@ -99,6 +124,12 @@ def _returns_tuple(block: Any, default: bool) -> bool:
     return default
 
 
+def _norm_eps(config: Any) -> float:
+    """RMSNorm epsilon from the (text) config; every post-norm family names it rms_norm_eps."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return float(getattr(text, "rms_norm_eps", 1e-6))
+
+
 @dataclass(frozen=True)
 class Adapter:
     """An ArchSpec bound to one model's sizes."""
@@ -110,6 +141,7 @@ class Adapter:
     d_model: int
     vocab_size: int
     layer_output_is_tuple: bool = False  # transformers changed this per family across releases, so it is detected
+    norm_eps: float = 0.0  # the post-attention RMSNorm's epsilon (config.rms_norm_eps), where there is such a norm
 
     @property
     def family(self) -> str:
@@ -138,6 +170,7 @@ class Adapter:
             d_model=int(unembed.weight.shape[1]),
             vocab_size=int(unembed.weight.shape[0]),
             layer_output_is_tuple=_returns_tuple(layers[0], spec.layer_output_is_tuple),
+            norm_eps=_norm_eps(config) if spec.post_attn_norm else 0.0,
         )
 
     # Paths resolve the same on the torch model and on the nnsight wrapper (Envoys mirror modules).
@@ -149,6 +182,16 @@ class Adapter:
 
     def head_site(self, root: Any, layer: int) -> Any:
         return get_path(self.layer(root, layer), self.spec.head_site)
+
+    @property
+    def has_post_attn_norm(self) -> bool:
+        return self.spec.post_attn_norm is not None
+
+    def post_attn_norm(self, root: Any, layer: int) -> Any:
+        """The norm between a block's attention output and the residual add, or None where there is none."""
+        if self.spec.post_attn_norm is None:
+            return None
+        return get_path(self.layer(root, layer), self.spec.post_attn_norm)
 
     def final_norm(self, root: Any) -> Any:
         return get_path(root, self.spec.final_norm)
@@ -171,4 +214,8 @@ class Adapter:
             "vocab_size": self.vocab_size,
             "head_site": f"{self.spec.layers}[i].{self.spec.head_site}",
             "layer_output": "tuple" if self.layer_output_is_tuple else "tensor",
+            "post_attention_norm": (f"{self.spec.layers}[i].{self.spec.post_attn_norm} (on the attention output, "
+                                    "before the residual add)" if self.has_post_attn_norm
+                                    else "none (the attention output joins the residual stream as it is)"),
+            **({"notes": self.spec.notes} if self.spec.notes else {}),
         }

@@ -2,7 +2,9 @@
 
 FV = sum over top heads of W_O[:, slot(h)] @ mean(l, h): the head's mean output placed in its own slot (zeros
 elsewhere) and pushed through the output projection. The projection's bias is left out on purpose: it does not
-belong to any head, and adding it once per head would scale with k.
+belong to any head, and adding it once per head would scale with k. Where a family normalises the attention output
+before the residual add (Gemma 2/3, OLMo 2/3), each head's projection is carried through that norm, linearised at
+the layer's mean attention output, so every FV is in residual-stream units (ARCHITECTURE.md, "FV units").
 """
 
 from __future__ import annotations
@@ -61,38 +63,64 @@ def output_weight(module: Any) -> torch.Tensor:
     return weight.t() if type(module).__name__ == "Conv1D" else weight
 
 
-def head_vectors(model: LoadedModel, means: torch.Tensor, heads: Heads, remote: Any = False) -> torch.Tensor:
-    """Each head's mean output projected to the residual stream: [len(heads), d_model].
+def projection_plan(model: LoadedModel, means: torch.Tensor, heads: Heads) -> dict[str, Any]:
+    """The plain arguments of `traces.projection.project_heads` for `heads` (envoys of `model.lm`, tensors), so the
+    FV stage and the fit session build the same call."""
+    ad, lm = model.adapter, model.lm
+    layers = [layer for layer, _ in heads]
+    plan: dict[str, Any] = dict(sites=[ad.head_site(lm, layer) for layer in layers], layers=layers,
+                                heads=[head for _, head in heads],
+                                means=torch.stack([means[layer, head].float() for layer, head in heads]),
+                                head_width=ad.head_width, head_dim=ad.head_dim)
+    if ad.has_post_attn_norm:
+        plan["norms"] = [ad.post_attn_norm(lm, layer) for layer in layers]
+        plan["layer_means"] = torch.stack([means[layer].reshape(-1).float() for layer in sorted(set(layers))])
+        plan["norm_eps"] = ad.norm_eps
+    return plan
 
-    Locally this reads the projection weights. With `remote` (the weights are on the server) it is one request whose
-    one tiny trace calls each head's output projection on its mean (`traces.projection.project_heads`, no weight
-    read: NDIF's sandbox holds none); only the k means travel.
+
+def head_vectors(model: LoadedModel, means: torch.Tensor, heads: Heads, remote: Any = False) -> torch.Tensor:
+    """Each head's mean output in residual-stream units: [len(heads), d_model].
+
+    W_O[:, slot] @ mean, the head's share of the attention output; in post-norm families (Gemma 2/3, OLMo 2/3) then
+    through the post-attention norm, linearised at the layer's mean attention output (the attention output of all
+    heads' means, `traces.projection.linearised_norm`; ARCHITECTURE.md, "FV units").
+
+    Locally this reads the projection weights (and calls the norm). With `remote` (the weights are on the server) it
+    is one request whose one tiny trace calls each head's output projection (and norm) on its mean
+    (`traces.projection.project_heads`, no weight read: NDIF's sandbox holds none); only the means travel.
     """
     ad = model.adapter
+    if not heads:
+        raise UserError("no heads to project")
     if remote_mode(remote):
         import nnsight
 
         from fv_remote.traces.projection import project_heads
 
-        if not heads:
-            raise UserError("no heads to project")
-        lm = model.lm
-        sites = [ad.head_site(lm, layer) for layer, _ in heads]
-        layers = [layer for layer, _ in heads]
-        index = [head for _, head in heads]
-        rows = torch.stack([means[layer, head].float() for layer, head in heads])
-        width, head_dim, probe = ad.head_width, ad.head_dim, probe_ids()
+        lm, plan, probe = model.lm, projection_plan(model, means, heads), probe_ids()
         with stage_session(model, remote):
             with lm.trace(input_ids=probe):
-                vecs = project_heads(sites, layers, index, rows, width, head_dim)
+                vecs = project_heads(**plan)
             vecs = vecs.cpu()
             vecs = nnsight.save(vecs)
         return vecs
+    from fv_remote.traces.projection import linearised_norm
+
     rows = []
     for layer, head in heads:
-        weight = output_weight(ad.head_site(model.hf, layer)).detach().float().cpu()
+        site = ad.head_site(model.hf, layer)
+        weight = output_weight(site).detach().float().cpu()
         slot = slice(head * ad.head_dim, (head + 1) * ad.head_dim)
-        rows.append(weight[:, slot] @ means[layer, head].float())
+        u = weight[:, slot] @ means[layer, head].float()
+        norm = ad.post_attn_norm(model.hf, layer)
+        if norm is not None:
+            param = next(site.parameters())
+            with torch.no_grad():
+                anchor = site(means[layer].reshape(1, -1).to(device=param.device, dtype=param.dtype))[0]
+                u = linearised_norm(norm, u.view(1, -1).to(param.device), anchor, param.dtype, ad.norm_eps)
+            u = u[0].cpu()
+        rows.append(u)
     return torch.stack(rows)
 
 

@@ -32,12 +32,16 @@ def tiny_tokenizer():
 
 
 def tiny_config(family: str, vocab_size: int):
-    """A 3-layer, 4-head random config per family; Gemma/Qwen3 use head_dim != d_model / n_heads on purpose."""
+    """A 3-layer, 4-head random config per family; Gemma/Qwen3/gpt-oss use head_dim != d_model / n_heads on purpose.
+
+    MoE families get 4 experts, 2 per token. gpt-oss and OLMo 3 get a 6-token sliding window on layers 0 and 2, so
+    the test prompts (longer than that) really exercise the window (and the fast CMA's fallback for it)."""
     import transformers as T
 
     L, H, D = TINY_SIZES["n_layers"], TINY_SIZES["n_heads"], TINY_SIZES["d_model"]
     common = dict(vocab_size=vocab_size, hidden_size=D, intermediate_size=2 * D, num_hidden_layers=L,
                   num_attention_heads=H)
+    ids = dict(bos_token_id=0, eos_token_id=0, pad_token_id=0)  # where the default ids lie outside the tiny vocab
     configs = {
         "llama": lambda: T.LlamaConfig(**common, num_key_value_heads=2),
         "mistral": lambda: T.MistralConfig(**common, num_key_value_heads=2),
@@ -49,11 +53,26 @@ def tiny_config(family: str, vocab_size: int):
         "gptj": lambda: T.GPTJConfig(vocab_size=vocab_size, n_embd=D, n_layer=L, n_head=H, rotary_dim=8),
         "gpt_neox": lambda: T.GPTNeoXConfig(**common),
         "olmo": lambda: T.OlmoConfig(**common),
+        "olmo2": lambda: T.Olmo2Config(**common, **ids),
+        "olmo3": lambda: T.Olmo3Config(**common, **ids, sliding_window=6, layer_types=list(SLIDING_LAYERS)),
+        "phi3": lambda: T.Phi3Config(**common, **ids, num_key_value_heads=2),
+        "mixtral": lambda: T.MixtralConfig(**common, num_key_value_heads=2, num_local_experts=4,
+                                           num_experts_per_tok=2),
+        "qwen3_moe": lambda: T.Qwen3MoeConfig(**common, num_key_value_heads=2, head_dim=16, num_experts=4,
+                                              num_experts_per_tok=2, moe_intermediate_size=32),
+        "gpt_oss": lambda: T.GptOssConfig(**common, num_key_value_heads=2, head_dim=24, num_local_experts=4,
+                                          num_experts_per_tok=2, sliding_window=6, layer_types=list(SLIDING_LAYERS)),
     }
     return configs[family]()
 
 
-TINY_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "gpt2", "gptj", "gpt_neox", "olmo")
+SLIDING_LAYERS = ("sliding_attention", "full_attention", "sliding_attention")
+TINY_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "gpt2", "gptj", "gpt_neox", "olmo", "olmo2",
+                 "olmo3", "phi3", "mixtral", "qwen3_moe", "gpt_oss")
+# Families whose attention output goes through an RMSNorm before the residual add.
+POST_NORM_FAMILIES = ("gemma2", "gemma3", "olmo2", "olmo3")
+# head_dim != d_model / n_heads in these tiny configs.
+WIDE_HEAD_FAMILIES = {"gemma2": 24, "gemma3": 24, "qwen3": 24, "gpt_oss": 24}
 
 
 def make_tiny_model(family: str, tokenizer, seed: int = 0):

@@ -8,7 +8,7 @@ from fv_remote.errors import UserError
 from fv_remote.extract import trace_heads
 from fv_remote.traces.patching import set_head
 
-from conftest import TINY_SIZES
+from conftest import TINY_SIZES, WIDE_HEAD_FAMILIES
 
 PROMPTS = ["Q: hot\nA:", "Q: the quick brown fox\nA:"]
 
@@ -29,7 +29,7 @@ def test_adapter_sizes(tiny_model):
     assert ad.n_layers == TINY_SIZES["n_layers"]
     assert ad.n_heads == TINY_SIZES["n_heads"]
     assert ad.d_model == TINY_SIZES["d_model"]
-    expected_head_dim = 24 if tiny_model.name in ("tiny-gemma2", "tiny-gemma3", "tiny-qwen3") else 16
+    expected_head_dim = WIDE_HEAD_FAMILIES.get(tiny_model.name.removeprefix("tiny-"), 16)
     assert ad.head_dim == expected_head_dim  # never d_model // n_heads blindly
     assert ad.vocab_size == len(tiny_model.tokenizer)
     assert ad.family in SUPPORTED_FAMILIES

@@ -43,7 +43,7 @@ _ATTN = {
     "gpt2": ("attn.c_attn", "attn.c_attn", "attn.c_attn", "attn.c_proj"),
     "gpt_neox": ("attention.query_key_value",) * 3 + ("attention.dense",),
 }
-for _fam in ("mistral", "qwen", "gemma", "olmo"):
+for _fam in ("mistral", "mixtral", "qwen", "qwen3_moe", "gemma", "gemma1", "olmo", "olmo2", "olmo3", "gpt_oss"):
     _ATTN[_fam] = _ATTN["llama"]
 
 

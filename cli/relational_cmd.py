@@ -13,7 +13,8 @@ from rich.table import Table
 from rich.text import Text
 
 from fv_remote.checks import atomic_save, check_output_path, json_text, require_finite, require_finite_vector
-from fv_remote.checks import require_finite_option, write_output
+from fv_remote.checks import MAX_BOOT, MAX_STEPS, check_scale, load_vector, require_count, require_finite_option
+from fv_remote.checks import write_output
 from fv_remote.cli.app import app
 from fv_remote.cli.common import console, load_stage, out, progress_bar, require_remote_for_no_wait
 from fv_remote.errors import UserError, require_positive
@@ -54,6 +55,8 @@ def _settings(steps, lr, l2, patience, batch_size, seed):
 
     require_finite_option("--lr", lr)
     require_finite_option("--l2", l2)
+    require_count("--steps", steps, MAX_STEPS, "optimiser steps")
+    require_count("--batch-size", batch_size, MAX_BOOT, "prompts per step")
     return FinetuneSettings(steps=steps, lr=lr, l2=l2, patience=patience, batch_size=batch_size, seed=seed).check()
 
 
@@ -96,7 +99,6 @@ def finetune(
     from fv_remote.evaluate import evaluate_task
     from fv_remote.ffv import train_ffv
     from fv_remote.tasks import prepare_task
-    from fv_remote.vectors import FunctionVector
 
     from fv_remote.remote import JobSubmitted
     from fv_remote.remote import no_wait as submit_only
@@ -107,7 +109,7 @@ def finetune(
         check_output_path(path, flag)
     settings = _settings(steps, lr, l2, patience, batch_size, seed)
     layer_opt = _layer_option(layer)
-    source = FunctionVector.load(fv) if fv is not None else None
+    source = load_vector(fv) if fv is not None else None
     if source is not None:
         require_finite_vector(source, fv)
     if init == "fv" and source is None:
@@ -307,7 +309,6 @@ def decode(
     from fv_remote.bank import RelationBank
     from fv_remote.data import load_task
     from fv_remote.decode import decode_many
-    from fv_remote.vectors import FunctionVector
 
     require_positive("--top-k", top_k)
     check_output_path(json_path, "--json")
@@ -320,7 +321,7 @@ def decode(
             bank = RelationBank.load(path)
             vec = bank.function_vector(relation)
         else:
-            vec = FunctionVector.load(path)
+            vec = load_vector(path)
         vec.check_model(loaded)
         require_finite(vec.vector, f"{spec}: the vector", "it decodes to nothing; fit or fine-tune it again")
         named.append((f"{vec.kind.upper()} {vec.task} L{vec.layer}" if vec.task else Path(path).name, vec))
@@ -379,7 +380,7 @@ def align(
     from fv_remote.analogy import AnalogySettings
     from fv_remote.bank import RelationBank
 
-    require_positive("--n-boot", n_boot)
+    require_count("--n-boot", n_boot, MAX_BOOT, "bootstrap resamples; 1000 give a stable interval")
     require_finite_option("--temperature", temperature)
     check_output_path(json_path, "--json")
     check_output_path(plot, "--plot")
@@ -455,7 +456,9 @@ def analogy(
                         "--combiner FILE with --remote")
     check_output_path(json_path, "--json")
     check_output_path(save_combiner, "--save-combiner")
-    require_finite_option("--scale", scale)
+    require_count("--n-boot", n_boot, MAX_BOOT, "bootstrap resamples; 1000 give a stable interval")
+    require_count("--combiner-steps", combiner_steps, MAX_STEPS, "optimiser steps")
+    check_scale(scale)
     require_finite_option("--temperature", temperature)
     require_finite_option("--combiner-lr", combiner_lr)
     settings = AnalogySettings(mode=mode, temperature=temperature, score=score, scale=scale, batch_size=batch_size,

@@ -187,6 +187,75 @@ def require_finite_option(flag: str, value: float | None) -> float | None:
     return value
 
 
+def load_vector(path: str | Path) -> Any:
+    """`FunctionVector.load` for a file from the user: any inconsistency (a vector that is not 1-D, heads that are
+    not (layer, head) pairs, per-head parts of the wrong size, metadata that is not what we write) is an error
+    naming the file, never an exception deep inside steering."""
+    from fv_remote.vectors import FunctionVector
+
+    try:
+        vec = FunctionVector.load(path)
+    except UserError:
+        raise
+    except (ValueError, TypeError, KeyError, IndexError, RuntimeError, AttributeError) as exc:
+        raise UserError(f"{path} is not a valid function-vector file ({type(exc).__name__}: {exc})") from None
+    problem = None
+    k = len(vec.heads)
+    if vec.vector.ndim != 1 or vec.vector.numel() == 0 or not vec.vector.is_floating_point():
+        problem = f"its vector has shape {list(vec.vector.shape)} ({vec.vector.dtype}), not [d_model] floats"
+    elif not isinstance(vec.meta, dict):
+        problem = f"its 'meta' metadata is a {type(vec.meta).__name__}, not an object"
+    elif any(len(h) != 2 for h in vec.heads):
+        problem = "its heads are not (layer, head) pairs"
+    elif vec.head_means is not None and (vec.head_means.ndim != 2 or vec.head_means.shape[0] != k):
+        problem = f"head_means has shape {list(vec.head_means.shape)} for {k} heads"
+    elif vec.head_vectors is not None and (vec.head_vectors.ndim != 2 or vec.head_vectors.shape[0] != k
+                                           or vec.head_vectors.shape[1] != vec.vector.shape[0]):
+        problem = f"head_vectors has shape {list(vec.head_vectors.shape)} for {k} heads"
+    if problem:
+        raise UserError(f"{path} is not a valid function-vector file: {problem}")
+    return vec
+
+
+def check_vector_fits(vec: Any, model: Any, path: str | Path) -> None:
+    """Heads and per-head means must exist in this model (distributed steering indexes them)."""
+    ad = model.adapter
+    for layer, head in vec.heads:
+        if not (0 <= layer < ad.n_layers and 0 <= head < ad.n_heads):
+            raise UserError(f"{path}: head ({layer}, {head}) does not exist in {model.model_id} ({ad.n_layers} "
+                            f"layers x {ad.n_heads} heads)")
+    if vec.head_means is not None and vec.heads and vec.head_means.shape[1] != ad.head_dim:
+        raise UserError(f"{path}: head_means are {vec.head_means.shape[1]}-dimensional, the model's heads "
+                        f"{ad.head_dim}")
+
+
+def require_count(flag: str, value: int | None, most: int, why: str) -> int | None:
+    """A positive count that is not absurd: above `most` it would run for hours or exhaust memory."""
+    from fv_remote.errors import require_positive
+
+    if value is None:
+        return None
+    require_positive(flag, value)
+    if value > most:
+        raise UserError(f"{flag} {value} is more than {most} ({why}); ask for fewer")
+    return value
+
+
+MAX_BOOT = 100_000  # bootstrap resamples: the interval is stable long before this
+MAX_STEPS = 100_000  # optimiser steps
+
+
+MAX_SCALE = 1000.0  # an FV is about the residual stream's size: 1000x of it only overflows the forward pass
+
+
+def check_scale(scale: float, flag: str = "--scale") -> float:
+    require_finite_option(flag, scale)
+    if abs(scale) > MAX_SCALE:
+        raise UserError(f"{flag} {scale:g} is out of range: the vector is about the size of the model's residual "
+                        f"stream, so use a value between -{MAX_SCALE:g} and {MAX_SCALE:g} (1 is the usual one)")
+    return scale
+
+
 # --- bounded inputs ----------------------------------------------------------------------------------------------
 
 

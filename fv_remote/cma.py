@@ -552,7 +552,7 @@ def load_aie(store: ActivationStore, task: str, n_prompts: int | None = None, so
                     + (" --method attribution" if source == "attribution" else ""))
     if n_prompts is not None:
         ds = ds.isel({PROMPT_DIM: slice(0, n_prompts)})
-    effects = ds["indirect_effect"]
+    effects = store.require(ds, cma_group(task, source), "indirect_effect")["indirect_effect"]
     # Read once, checked: a damaged chunk or a NaN must be an error naming the prompts, not a NaN AIE.
     values = store.finite_values(cma_group(task, source), effects)
     return effects.copy(data=values).mean(PROMPT_DIM)

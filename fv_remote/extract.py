@@ -186,7 +186,7 @@ def _store_batches(model: LoadedModel, task: RelationTask, store: ActivationStor
         n_new += len(batch)
         if progress:
             progress(lo + len(batch), n_prompts)
-    ds = store.open(task.name)
+    ds = store.require(store.open(task.name), task.name, "correct")
     accuracy = float(store.finite_values(task.name, ds["correct"])[:n_prompts].mean()) if n_prompts else 0.0
     return ExtractionResult(task.name, store.n_complete(task.name), n_new, accuracy, plan.problems)
 
@@ -260,7 +260,7 @@ def _store_remote_extraction(model: LoadedModel, task: RelationTask, store: Acti
 
 def mean_head_activations(store: ActivationStore, task: str, only_correct: bool = True) -> xr.DataArray:
     """Mean last-token head output over the stored prompts (by default only those the model answered right)."""
-    ds = store.open(task)
+    ds = store.require(store.open(task), task, "head_out", "correct")
     heads = ds["head_out"]
     if "position" in heads.dims:
         heads = heads.isel(position=-1)

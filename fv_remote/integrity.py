@@ -136,6 +136,19 @@ def read_doc(files: Files, key: str) -> tuple[dict | None, str | None]:
     return doc, None
 
 
+def _doc_conflict(doc: dict, saved: dict | None) -> str | None:
+    """Why a parseable zarr.json is still wrong: a commit point that is not a count, or a node that changed kind."""
+    if doc["node_type"] == "group":
+        n = (doc.get("attributes") or {}).get("n_complete") if isinstance(doc.get("attributes"), dict) else None
+        if not isinstance(doc.get("attributes", {}), dict):
+            return "not zarr metadata (attributes are not an object)"
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
+            return f"wrong: its commit point n_complete={n!r} is not a count"
+    if saved is not None and saved.get("node_type") != doc["node_type"]:
+        return f"wrong: it describes a {doc['node_type']} where the store had an {saved.get('node_type')}"
+    return None
+
+
 def _array_doc_ok(doc: dict) -> bool:
     try:
         shape = [int(s) for s in doc["shape"]]
@@ -212,8 +225,10 @@ def scan(url: str, full: bool = True, only: str | None = None) -> Scan:
     debris = sorted(k for k in keys if k.endswith(".partial") or k.endswith(".tmp"))
     for key in sorted(k for k in keys if posixpath.basename(k) == "zarr.json"):
         doc, why = read_doc(files, key)
-        if doc is None:
-            damaged[key] = why or "unreadable"
+        if doc is not None:
+            why = _doc_conflict(doc, backup.get(key))
+        if why:
+            damaged[key] = why
         else:
             docs[key] = doc
     node_dirs = {posixpath.dirname(k) for k in list(docs) + list(damaged)}

@@ -151,11 +151,17 @@ class ActivationStore:
             raise UserError(f"store {self.url} has no {task!r} (tasks: {have}); run `{hint}` first")
         return group
 
+    def _commit_point(self, group: zarr.Group, task: str) -> int:
+        n = group.attrs.get("n_complete", 0)
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise _damaged(self.url, f"{task}/zarr.json", ValueError(f"n_complete={n!r} is not a count"))
+        return n
+
     def n_complete(self, task: str) -> int:
         group = self._open_group(task)
         if group is None:
             return 0
-        return int(group.attrs.get("n_complete", 0))
+        return self._commit_point(group, task)
 
     def open(self, task: str, hint: str | None = None) -> xr.Dataset:
         """The group's dataset (lazy), cut to the committed prompts; `hint` is the command that creates it.
@@ -167,7 +173,7 @@ class ActivationStore:
         from fv_remote.integrity import scan
 
         group = self._group(task, hint)
-        n = int(group.attrs.get("n_complete", 0))
+        n = self._commit_point(group, task)
         problems = [p for p in scan(self.url, full=False, only=task).damage
                     if p.group == task and p.kind != "uncommitted"]
         if problems:
@@ -175,6 +181,14 @@ class ActivationStore:
                             + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
                             + f"; `fv-remote store repair {self.url}` drops the damaged prompts (rerun the stage "
                             "to redo them)")
+        try:
+            return self._open_cut(task, group, n)
+        except UserError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - coordinates are read at open: an undecodable chunk is damage
+            raise _damaged(self.url, f"task {task!r}", exc) from None
+
+    def _open_cut(self, task: str, group: zarr.Group, n: int) -> xr.Dataset:
         lengths = {name: arr.shape[0] for name, arr in group.arrays()
                    if (arr.metadata.dimension_names or (None,))[0] == PROMPT_DIM}
         cut = {PROMPT_DIM: slice(0, n)}
@@ -189,6 +203,15 @@ class ActivationStore:
             parts.append(part.isel(cut))
         ds = xr.merge(parts, compat="override", join="override", combine_attrs="override")
         return ds.set_coords([c for c in ds.data_vars if c == PROMPT_DIM])
+
+    def require(self, ds: xr.Dataset, task: str, *names: str) -> xr.Dataset:
+        """`ds` (from `open(task)`) must hold `names`: an array gone from the store is damage, not a KeyError."""
+        missing = [n for n in names if n not in ds.variables]
+        if missing:
+            raise UserError(f"store {self.url} is damaged: {task} has no {', '.join(missing)} array; `fv-remote store "
+                            f"verify {self.url}` lists the damage (rerun the stage into a new store if repair cannot "
+                            "restore it)")
+        return ds
 
     def finite_values(self, task: str, data: xr.DataArray) -> np.ndarray:
         """`data` (read from `task`) as numpy; an unreadable chunk or a NaN/inf is an error with the prompts."""
@@ -314,7 +337,7 @@ class ActivationStore:
             if not self.has_task(task):
                 return 0
             group = self._open_group(task, mode="r+")
-            n = int(group.attrs.get("n_complete", 0))
+            n = self._commit_point(group, task)
             for name, arr in group.arrays():
                 dims = arr.metadata.dimension_names or ()
                 if dims and dims[0] == PROMPT_DIM and arr.shape[0] != n:

@@ -132,6 +132,7 @@ class NDIFStack:
             "NDIF_RAY_ADDRESS": f"ray://127.0.0.1:{p['ray_client']}", "NDIF_RAY_HEAD_PORT": str(p["ray"]),
             "NDIF_API_PORT": str(p["api"]), "NDIF_API_URL": self.host,
             "NDIF_SANDBOX_POOL_SIZE": "1", "NDIF_INFLUX_ENABLED": "false",
+            "NDIF_STATUS_TTL_S": "2",  # /status is cached in Redis (60 s by default): see deployments promptly
             "NDIF_DEFAULT_EXECUTION_TIMEOUT_SECONDS": os.environ.get("FV_REMOTE_NDIF_EXEC_TIMEOUT", "600"),
             "RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # node IP = loopback
             "GRPC_ENABLE_FORK_SUPPORT": "0", "RAY_DEDUP_LOGS": "0",

@@ -148,7 +148,13 @@ S = ("-m", "smollm2-135m")
 
 def test_remote_status_and_check(cli):
     """ndif 0.1.2 + nnsight 0.8.1 report the served models as COLD without details: still listed as running."""
-    ran = cli("remote", "status", "--model", TINY_REPO, mode="trusted").ok()
+    deadline = time.monotonic() + 60
+    while True:  # the API caches /status (NDIF_STATUS_TTL_S): right after a deploy it may not list it yet
+        ran = cli("remote", "status", "--model", TINY_REPO, mode="trusted")
+        if ran.rc == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    ran.ok()
     assert f"{TINY_REPO}: running" in ran.stdout and "without details" in ran.stdout, ran.stdout
     assert "HuggingFaceTB/SmolLM2-135M-Instruct" in ran.stdout
     ran = cli("remote", "status", "--model", "meta-llama/Llama-3.1-70B", mode="trusted")

@@ -24,6 +24,7 @@ def _register() -> None:
     from fv_remote.cli import jobs_cmd  # noqa: F401
     from fv_remote.cli import graft_cmd  # noqa: F401
     from fv_remote.cli import relational_cmd  # noqa: F401
+    from fv_remote.cli import export_cmd  # noqa: F401
 
 
 def _fail(message: str, code: int = 2) -> None:

@@ -10,7 +10,7 @@ from rich.table import Table
 
 from fv_remote.cli.app import app
 from fv_remote.checks import atomic_save, check_output_path, check_prompt_lengths, require_finite_option
-from fv_remote.checks import check_scale, require_finite_vector
+from fv_remote.checks import require_finite_vector
 from fv_remote.cli.common import console, load_stage, out, progress_bar, require_remote_for_no_wait
 from fv_remote.errors import UserError, require_positive
 from fv_remote.models import DEFAULT_MODEL
@@ -20,6 +20,27 @@ DATA_DIR_OPT = typer.Option(None, "--data-dir", help="folder of Todd-format TASK
 SCORE_COLUMNS = ("zero_shot", "zero_shot_fv", "shuffled", "shuffled_fv", "icl")
 REMOTE_OPT = typer.Option(False, "--remote", help="run on NDIF as one request (--model is a Hub repo id; short "
                           "names map to their original repo)")
+POSITIONS_HELP = ("last: add the vector at the prompt's last token (the FV papers); all: at every position of the "
+                  "prompt and of generated tokens, as a llama.cpp control vector does. Default: all for an imported "
+                  "control vector, else last")
+
+
+def _positions(value: str | None, vec) -> str:
+    from fv_remote.steering import check_positions, default_positions
+
+    return default_positions(vec) if value is None else check_positions(value)
+
+
+def _parse_scales(text: str) -> list[float]:
+    scales = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        try:
+            scales.append(require_finite_option("--sweep-scale", float(part)))
+        except ValueError:
+            raise UserError(f"--sweep-scale takes numbers separated by commas (e.g. 1,2,4,8), got {part!r}") from None
+    if not scales:
+        raise UserError("--sweep-scale is empty; give scales such as 1,2,4,8")
+    return sorted(set(scales))
 
 
 def _prepare(loaded, task: str, data_dir: str | None, seed: int, n_shots: int = 10):
@@ -186,11 +207,10 @@ def fit(
 
 
 def _load_vector(path: Path, loaded):
-    from fv_remote.checks import check_vector_fits, load_vector
+    from fv_remote.vectors import FunctionVector
 
-    fv = load_vector(path)
+    fv = FunctionVector.load(path)
     fv.check_model(loaded)
-    check_vector_fits(fv, loaded, path)
     require_finite_vector(fv, path)  # a NaN vector would steer into a table of nan
     return fv
 
@@ -205,6 +225,7 @@ def steer(
     scale: float = typer.Option(1.0),
     distributed: bool = typer.Option(False, help="add each head's mean at its own layer instead"),
     seed: int = typer.Option(0),
+    positions: str = typer.Option(None, "--positions", help=POSITIONS_HELP),
     top: int = typer.Option(5, help="next tokens to show for --prompt"),
     data_dir: str = DATA_DIR_OPT,
     remote: bool = REMOTE_OPT,
@@ -214,7 +235,7 @@ def steer(
 
     if (prompt is None) == (task is None):
         raise UserError("give exactly one of --prompt or --task")
-    check_scale(scale)
+    require_finite_option("--scale", scale)
     if prompt is not None and not prompt.strip():
         raise UserError("--prompt is empty; give the text whose next token to score, e.g. 'Q: hot\\nA:'")
     require_positive("--top", top)
@@ -223,17 +244,12 @@ def steer(
     if prompt is not None:
         check_prompt_lengths(loaded, [prompt], "--prompt")
         top = min(top, loaded.adapter.vocab_size)
-    st = Steer(vec, layer=layer, scale=scale, distributed=distributed)
-    where = "distributed over its heads" if distributed else f"layer {st.resolved_layer(loaded)}"
+    st = Steer(vec, layer=layer, scale=scale, distributed=distributed, positions=_positions(positions, vec))
+    where = st.describe(loaded)
     if prompt is not None:
         table = Table("rank", "without", "p", f"with {vec.kind.upper()} ({where})", "p")
         (b_p, b_ids), (s_p, s_ids) = top_tokens_conditions(loaded, [Condition([prompt]), Condition([prompt], st)],
                                                            top, remote)
-        import torch
-
-        if not (torch.isfinite(b_p).all() and torch.isfinite(s_p).all()):
-            raise UserError(f"the forward pass {'with' if torch.isfinite(b_p).all() else 'without'} the vector "
-                            f"gave NaN/inf probabilities (the model overflowed); try a smaller --scale")
         dec = loaded.tokenizer.decode
         for i in range(b_p.shape[1]):
             table.add_row(str(i + 1), repr(dec([int(b_ids[0, i])])), f"{float(b_p[0, i]):.3f}",
@@ -245,7 +261,7 @@ def steer(
     texts, ids = [p.text for p in prompts], prepared.ids(prompts)
     before, after = score_conditions(loaded, [Condition(texts, None, ids), Condition(texts, st, ids)], remote)
     out.print(f"{prepared.name}: zero-shot accuracy {before:.2f} -> {after:.2f} with the {vec.kind.upper()} "
-              f"({where}, scale {scale}) on {len(texts)} test pairs")
+              f"({where}) on {len(texts)} test pairs")
 
 
 @app.command()
@@ -256,25 +272,27 @@ def generate(
     layer: int = typer.Option(None),
     scale: float = typer.Option(1.0),
     distributed: bool = typer.Option(False),
+    positions: str = typer.Option(None, "--positions", help=POSITIONS_HELP),
     max_new_tokens: int = typer.Option(12),
     remote: bool = REMOTE_OPT,
 ) -> None:
-    """Greedy generation with and without the vector (added at the prompt's last token)."""
+    """Greedy generation with and without the vector (at the prompt's last token, or with --positions all at every
+    position of the prompt and of each generated token)."""
     from fv_remote.steering import Steer, generate_many
 
     text = prompt.replace("\\n", "\n")
     if not text.strip():
         raise UserError("--prompt is empty; give the text to continue, e.g. 'Q: hot\\nA:'")
     require_positive("--max-new-tokens", max_new_tokens)
-    check_scale(scale)
+    require_finite_option("--scale", scale)
     loaded = load_stage(model, remote)
     vec = _load_vector(fv_path, loaded)
     check_prompt_lengths(loaded, [text], "--prompt", reserve=max_new_tokens)
-    st = Steer(vec, layer=layer, scale=scale, distributed=distributed)
+    st = Steer(vec, layer=layer, scale=scale, distributed=distributed, positions=_positions(positions, vec))
     without, steered = generate_many(loaded, [(text, None), (text, st)], max_new_tokens, remote)
     out.print(f"[bold]prompt[/]: {text!r}")
     out.print(f"[bold]without[/]: {without!r}")
-    out.print(f"[bold]with {vec.kind.upper()}[/] ({vec.task}): {steered!r}")
+    out.print(f"[bold]with {vec.kind.upper()}[/] ({vec.task}; {st.describe(loaded)}): {steered!r}")
 
 
 @app.command()
@@ -286,6 +304,9 @@ def evaluate(
     layer: int = typer.Option(None, help="default: the layer stored in the FV file"),
     scale: float = typer.Option(1.0),
     distributed: bool = typer.Option(False),
+    positions: str = typer.Option(None, "--positions", help=POSITIONS_HELP),
+    sweep_scale: str = typer.Option(None, "--sweep-scale", help="scales to try on validation pairs, e.g. 1,2,4,8: "
+                                    "the test columns use the best (replaces --scale; the JSON keeps the sweep)"),
     n_test: int = typer.Option(None, help="test queries (default: the test split, at most 200)"),
     n_shots: int = typer.Option(10),
     seed: int = typer.Option(0),
@@ -298,18 +319,27 @@ def evaluate(
                                  "`fv-remote jobs fetch ID` prints the table and writes --json/the plot later"),
 ) -> None:
     """Zero-shot and shuffled n-shot accuracy with and without the vector, plus n-shot ICL, on test pairs."""
-    from fv_remote.evaluate import evaluate_and_sweep, evaluate_task, layer_sweep
+    from fv_remote.evaluate import best_scale, evaluate_and_sweep, evaluate_task, layer_sweep, scale_sweep
     from fv_remote.remote import JobSubmitted
     from fv_remote.remote import no_wait as submit_only
+    from fv_remote.steering import check_positions
 
     if n_test is not None and n_test <= 0:
         raise UserError(f"--n-test must be a positive integer, got {n_test}")
     require_remote_for_no_wait(no_wait, remote)
     check_output_path(json_path, "--json")
     check_output_path(plot, "--plot")
-    check_scale(scale)
+    require_finite_option("--scale", scale)
+    if positions is not None:
+        check_positions(positions)
+    scales = _parse_scales(sweep_scale) if sweep_scale is not None else None
+    if scales and no_wait:
+        raise UserError("--sweep-scale cannot be combined with --no-wait: the test columns need the scale the "
+                        "validation sweep chooses; run the sweep first (it is one request), then --no-wait with "
+                        "--scale")
     loaded = load_stage(model, remote)
     vec = _load_vector(fv_path, loaded)
+    positions = _positions(positions, vec)
     extra = {"ffv": _load_vector(ffv_path, loaded)} if ffv_path else None
     if layer is not None:
         loaded.adapter.check_layer(layer)
@@ -317,8 +347,18 @@ def evaluate(
     if n_test is not None:
         require_positive("--n-test", n_test)
         _note(prepared.count_note("--n-test", n_test, "test"))
+    scale_scores = None
+    if scales:
+        with progress_bar(f"scale sweep ({positions})", len(scales)) as update:
+            scale_scores = scale_sweep(loaded, prepared, vec, scales, layer=layer, positions=positions,
+                                       distributed=distributed, progress=update, remote=remote)
+        scale = best_scale(scale_scores)
+        console.print("validation accuracy by scale (positions " + positions + "): " +
+                      ", ".join(f"{s:g}: {a:.2f}" for s, a in scale_scores.items()) + f"; using {scale:g}")
     settings = {"fv": str(fv_path), "ffv": str(ffv_path) if ffv_path else None, "scale": scale,
-                "distributed": distributed, "n_shots": n_shots, "seed": seed}
+                "positions": positions, "distributed": distributed, "n_shots": n_shots, "seed": seed}
+    if scale_scores is not None:
+        settings["scale_sweep"] = {f"{s:g}": a for s, a in scale_scores.items()}
     report = {"model": loaded.model_id, "kind": vec.kind, "task": prepared.name, "settings": settings,
               "plot": str(plot or Path("out") / f"{prepared.name}_sweep.png") if sweep else None,
               "json": str(json_path) if json_path else None}
@@ -328,10 +368,11 @@ def evaluate(
             if sweep and remote:  # the evaluation and the sweep in one request
                 scores, curve = evaluate_and_sweep(loaded, prepared, vec, layer=layer, n_test=n_test,
                                                    n_shots=n_shots, scale=scale, distributed=distributed,
-                                                   extra_vectors=extra, remote=remote)
+                                                   extra_vectors=extra, remote=remote, positions=positions)
             else:
                 scores = evaluate_task(loaded, prepared, vec, layer=layer, n_test=n_test, n_shots=n_shots,
-                                       scale=scale, distributed=distributed, extra_vectors=extra, remote=remote)
+                                       scale=scale, distributed=distributed, extra_vectors=extra, remote=remote,
+                                       positions=positions)
     except JobSubmitted as job:
         from fv_remote.cli.jobs_cmd import submitted
 
@@ -339,7 +380,7 @@ def evaluate(
         return
     if sweep and curve is None:
         with progress_bar("layer sweep", loaded.adapter.n_layers) as update:
-            curve = layer_sweep(loaded, prepared, vec, scale=scale, progress=update)
+            curve = layer_sweep(loaded, prepared, vec, scale=scale, progress=update, positions=positions)
     report_evaluation(report, scores, curve)
 
 
@@ -349,7 +390,11 @@ def report_evaluation(report: dict, scores, curve: dict | None) -> None:
     from fv_remote.plots import layer_sweep_plot
 
     row = scores.as_json()
-    out.print(scores_table([row], title=f"{report['model']}: {report['kind'].upper()} at layer {scores.layer}"))
+    how = report["settings"]
+    chosen = " (best on validation)" if how.get("scale_sweep") else ""
+    out.print(scores_table([row], title=f"{report['model']}: {report['kind'].upper()} at layer {scores.layer}, "
+                                        f"positions {how.get('positions', 'last')}, scale {how.get('scale', 1.0):g}"
+                                        f"{chosen}"))
     data = {"model": report["model"], "layer": scores.layer,
             "settings": {**report["settings"], "n_test": scores.n_test}, "results": [row]}
     if curve is not None:

@@ -12,11 +12,12 @@ from typing import Any
 
 import torch
 
+from fv_remote.errors import UserError
 from fv_remote.models import LoadedModel
 from fv_remote.remote import JobSubmitted, remote_mode, stage_session
 from fv_remote.steering import Condition, Steer, score_conditions
 from fv_remote.tasks import PreparedTask
-from fv_remote.vectors import FunctionVector, assemble_function_vector, probe_ids, projection_plan, top_heads
+from fv_remote.vectors import FunctionVector, assemble_function_vector, probe_ids, top_heads
 
 Progress = Callable[[int, int], None]
 
@@ -56,20 +57,22 @@ def _sweep_prompts(model: LoadedModel, prepared: PreparedTask, split: str, layer
 
 def sweep_conditions(model: LoadedModel, prepared: PreparedTask, fv: FunctionVector, split: str = "valid",
                      layers: list[int] | None = None, n_prompts: int | None = None, scale: float = 1.0,
-                     batch_size: int = 32) -> dict[int, Condition]:
+                     batch_size: int = 32, positions: str = "last") -> dict[int, Condition]:
     """The layer sweep's scoring conditions, {layer: Condition} (to score together with others in one request)."""
     layers, texts, ids = _sweep_prompts(model, prepared, split, layers, n_prompts)
-    return {layer: Condition(texts, Steer(fv, layer=layer, scale=scale), ids, batch_size) for layer in layers}
+    return {layer: Condition(texts, Steer(fv, layer=layer, scale=scale, positions=positions), ids, batch_size)
+            for layer in layers}
 
 
 def layer_sweep(model: LoadedModel, prepared: PreparedTask, fv: FunctionVector, split: str = "valid",
                 layers: list[int] | None = None, n_prompts: int | None = None, scale: float = 1.0,
-                batch_size: int = 32, progress: Progress | None = None, remote: Any = False) -> dict[int, float]:
+                batch_size: int = 32, progress: Progress | None = None, remote: Any = False,
+                positions: str = "last") -> dict[int, float]:
     """Zero-shot accuracy with the FV added at each layer, on `split` pairs (validation; at most 50 by default).
 
     Remotely all layers are one request, so `progress` is called once, at the end.
     """
-    conditions = sweep_conditions(model, prepared, fv, split, layers, n_prompts, scale, batch_size)
+    conditions = sweep_conditions(model, prepared, fv, split, layers, n_prompts, scale, batch_size, positions)
     if remote_mode(remote):
         scores = dict(zip(conditions, score_conditions(model, list(conditions.values()), remote)))
         if progress:
@@ -81,6 +84,48 @@ def layer_sweep(model: LoadedModel, prepared: PreparedTask, fv: FunctionVector, 
         if progress:
             progress(i + 1, len(conditions))
     return scores
+
+
+def scale_sweep_conditions(model: LoadedModel, prepared: PreparedTask, fv: FunctionVector, scales: list[float],
+                           layer: int | None = None, positions: str = "last", distributed: bool = False,
+                           split: str = "valid", n_prompts: int | None = None,
+                           batch_size: int = 32) -> dict[float, Condition]:
+    """{scale: Condition}: zero-shot prompts of `split` with the vector at each scale (at its layer, `positions`)."""
+    if not scales:
+        raise UserError("no scales to sweep")
+    _, texts, ids = _sweep_prompts(model, prepared, split, [], n_prompts)
+    return {float(s): Condition(texts, Steer(fv, layer=layer, scale=float(s), distributed=distributed,
+                                             positions=positions), ids, batch_size) for s in scales}
+
+
+def scale_sweep(model: LoadedModel, prepared: PreparedTask, fv: FunctionVector, scales: list[float],
+                layer: int | None = None, positions: str = "last", distributed: bool = False, split: str = "valid",
+                n_prompts: int | None = None, batch_size: int = 32, progress: Progress | None = None,
+                remote: Any = False) -> dict[float, float]:
+    """Zero-shot accuracy on validation pairs (at most 50 by default) at each scale; one request when remote.
+
+    An FV added at every position (`positions="all"`, what a llama.cpp control vector does) usually needs another
+    scale than at the last token: this finds it without touching the test split."""
+    conditions = scale_sweep_conditions(model, prepared, fv, scales, layer, positions, distributed, split,
+                                        n_prompts, batch_size)
+    if remote_mode(remote):
+        scores = dict(zip(conditions, score_conditions(model, list(conditions.values()), remote)))
+    else:
+        scores = {}
+        for i, (scale, condition) in enumerate(conditions.items()):
+            scores[scale] = score_conditions(model, [condition])[0]
+            if progress:
+                progress(i + 1, len(conditions))
+        return scores
+    if progress:
+        progress(len(scores), len(scores))
+    return scores
+
+
+def best_scale(scores: dict[float, float]) -> float:
+    """Highest validation accuracy; among ties the smallest |scale| (the least intervention that does as well)."""
+    top = max(scores.values())
+    return min((s for s, v in scores.items() if v == top), key=lambda s: (abs(s), s))
 
 
 def best_layer(scores: dict[int, float]) -> int:
@@ -98,7 +143,7 @@ def sweep_is_flat(scores: dict[int, float]) -> bool:
 def evaluation_conditions(model: LoadedModel, prepared: PreparedTask, fv: FunctionVector, layer: int | None = None,
                           n_test: int | None = None, n_shots: int = 10, scale: float = 1.0, distributed: bool = False,
                           extra_vectors: dict[str, FunctionVector] | None = None,
-                          batch_size: int = 16) -> tuple[int, int, dict[str, Condition]]:
+                          batch_size: int = 16, positions: str = "last") -> tuple[int, int, dict[str, Condition]]:
     """`evaluate_task`'s conditions: (n_test, layer, {column: Condition})."""
     n = n_test or min(len(prepared.splits.test), MAX_TEST)
     zero = prepared.prompts("test", n, kind="zero_shot", n_shots=0, seed_offset=2)
@@ -111,7 +156,7 @@ def evaluation_conditions(model: LoadedModel, prepared: PreparedTask, fv: Functi
 
     def cond(kind: str, vec: FunctionVector | None) -> Condition:
         steer = None if vec is None else Steer(vec, layer=None if vec is not fv else layer, scale=scale,
-                                              distributed=distributed and vec is fv)
+                                              distributed=distributed and vec is fv, positions=positions)
         return Condition(texts[kind], steer, ids, batch_size)
 
     conditions = {}
@@ -123,52 +168,59 @@ def evaluation_conditions(model: LoadedModel, prepared: PreparedTask, fv: Functi
     return n, layer, conditions
 
 
-def _scores(prepared: PreparedTask, n: int, layer: int, acc: dict[str, float]) -> TaskScores:
-    return _scores_named(prepared.name, n, layer, acc)
+def _scores(prepared: PreparedTask, n: int, layer: int, acc: dict[str, float], positions: str = "last",
+            scale: float = 1.0) -> TaskScores:
+    return _scores_named(prepared.name, n, layer, acc, positions, scale)
 
 
-def _scores_named(task: str, n: int, layer: int, acc: dict[str, float]) -> TaskScores:
+def _scores_named(task: str, n: int, layer: int, acc: dict[str, float], positions: str | None = None,
+                  scale: float | None = None) -> TaskScores:
+    """The row; `positions` and `scale` (how the vectors were added) go into it unless None (older no-wait jobs)."""
     main = ("zero_shot", "zero_shot_fv", "shuffled", "shuffled_fv", "icl")
+    how = {k: v for k, v in (("positions", positions), ("scale", scale)) if v is not None}
     return TaskScores(task=task, n_test=n, **{k: acc[k] for k in main}, layer=layer,
-                      extra={k: v for k, v in acc.items() if k not in main})
+                      extra={**{k: v for k, v in acc.items() if k not in main}, **how})
 
 
 def evaluate_task(model: LoadedModel, prepared: PreparedTask, fv: FunctionVector, layer: int | None = None,
                   n_test: int | None = None, n_shots: int = 10, scale: float = 1.0, distributed: bool = False,
                   extra_vectors: dict[str, FunctionVector] | None = None, batch_size: int = 16,
-                  remote: Any = False) -> TaskScores:
+                  remote: Any = False, positions: str = "last") -> TaskScores:
     """Accuracy on test queries (the test split, at most 200 by default): zero-shot and shuffled n-shot, each
     with/without the FV, and clean n-shot ICL.
 
     `extra_vectors` (e.g. {"ffv": ...}) add `zero_shot_<name>` and `shuffled_<name>` columns. With `remote` all
-    conditions are one NDIF request.
+    conditions are one NDIF request. `positions` ("last" or "all") and `scale` apply to every vector; the row
+    records both.
     """
     n, layer, conditions = evaluation_conditions(model, prepared, fv, layer, n_test, n_shots, scale, distributed,
-                                                 extra_vectors, batch_size)
+                                                 extra_vectors, batch_size, positions)
     try:
         acc = dict(zip(conditions, score_conditions(model, list(conditions.values()), remote)))
     except JobSubmitted as job:
         job.details.update(stage="evaluate", task=prepared.name, n_test=n, layer=layer, names=list(conditions),
-                           sweep_layers=None)
+                           sweep_layers=None, positions=positions, scale=scale)
         raise
-    return _scores(prepared, n, layer, acc)
+    return _scores(prepared, n, layer, acc, positions, scale)
 
 
 def evaluate_and_sweep(model: LoadedModel, prepared: PreparedTask, fv: FunctionVector, layer: int | None = None,
                        n_test: int | None = None, n_shots: int = 10, scale: float = 1.0, distributed: bool = False,
                        extra_vectors: dict[str, FunctionVector] | None = None, batch_size: int = 16,
-                       sweep_batch_size: int = 32, remote: Any = False) -> tuple[TaskScores, dict[int, float]]:
-    """`evaluate_task` plus the validation `layer_sweep` (same scale), scored together: one request when remote."""
+                       sweep_batch_size: int = 32, remote: Any = False,
+                       positions: str = "last") -> tuple[TaskScores, dict[int, float]]:
+    """`evaluate_task` plus the validation `layer_sweep` (same scale and positions), scored together: one request
+    when remote."""
     n, layer, conditions = evaluation_conditions(model, prepared, fv, layer, n_test, n_shots, scale, distributed,
-                                                 extra_vectors, batch_size)
-    sweep = sweep_conditions(model, prepared, fv, scale=scale, batch_size=sweep_batch_size)
+                                                 extra_vectors, batch_size, positions)
+    sweep = sweep_conditions(model, prepared, fv, scale=scale, batch_size=sweep_batch_size, positions=positions)
     try:
         acc = score_conditions(model, [*conditions.values(), *sweep.values()], remote)
     except JobSubmitted as job:
         job.details.update(stage="evaluate", task=prepared.name, n_test=n, layer=layer, names=list(conditions),
-                           sweep_layers=list(sweep))
+                           sweep_layers=list(sweep), positions=positions, scale=scale)
         raise
-    scores = _scores(prepared, n, layer, dict(zip(conditions, acc)))
+    scores = _scores(prepared, n, layer, dict(zip(conditions, acc)), positions, scale)
     return scores, dict(zip(sweep, acc[len(conditions):]))
 
 
@@ -178,7 +230,8 @@ def scores_from_job(saved: dict, details: dict) -> tuple[TaskScores, dict[int, f
 
     acc = accuracies_from_job(saved, details)
     names = details["names"]
-    scores = _scores_named(details["task"], int(details["n_test"]), int(details["layer"]), dict(zip(names, acc)))
+    scores = _scores_named(details["task"], int(details["n_test"]), int(details["layer"]), dict(zip(names, acc)),
+                           details.get("positions"), details.get("scale"))
     layers = details.get("sweep_layers")
     return scores, (None if layers is None else {int(x): a for x, a in zip(layers, acc[len(names):])})
 
@@ -233,13 +286,16 @@ def _fit_sweep_session(model: LoadedModel, prepared: PreparedTask, means: torch.
     layers, texts, ids = _sweep_prompts(model, prepared, "valid", None, n_prompts)
     chunks = [texts[i:i + batch_size] for i in range(0, len(texts), batch_size)]
     work = [(ad.layer(lm, layer), chunk) for layer in layers for chunk in chunks]
-    plan = projection_plan(model, means, heads)
-    is_tuple = ad.layer_output_is_tuple
+    sites = [ad.head_site(lm, layer) for layer, _ in heads]
+    head_layers = [layer for layer, _ in heads]
+    index = [head for _, head in heads]
+    rows = torch.stack([means[layer, head].float() for layer, head in heads])
+    width, head_dim, is_tuple = ad.head_width, ad.head_dim, ad.layer_output_is_tuple
     unembed, probe = ad.unembed(lm), probe_ids()
     tops: list[torch.Tensor] = []
     with stage_session(model, remote):
         with lm.trace(input_ids=probe):
-            vecs = project_heads(**plan)
+            vecs = project_heads(sites, head_layers, index, rows, width, head_dim)
         vector = vecs.sum(0)
         for layer_envoy, batch in work:
             with lm.trace(batch):

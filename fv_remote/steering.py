@@ -1,7 +1,10 @@
-"""Steering: add a function vector at the last token, at one layer or distributed over its heads' own layers.
+"""Steering: add a function vector at one layer (or distributed over its heads' own layers), at the last token or at
+every position.
 
-Used for scoring (top-1 next token, answer probability) and for generation. The vector touches only the
-prompt's last token; generated tokens are not steered again.
+Used for scoring (top-1 next token, answer probability) and for generation. `positions="last"` (the FV papers' rule,
+the default) touches only the prompt's last token and generated tokens are not steered again; `positions="all"` adds
+the vector at every position of the prompt and of every generated token, as a llama.cpp control vector does
+(`fv_remote.export`).
 
 Every function takes `remote`: False runs locally, True runs the whole call as one NDIF request (a session around
 all its traces), "local" as nnsight's in-process dry run of one. Several scoring conditions (`Condition`) can share a
@@ -23,17 +26,56 @@ from fv_remote.traces.patching import apply_edits, last_token_value, top_probs
 from fv_remote.vectors import FunctionVector
 
 
+POSITIONS = ("last", "all")
+
+
+def check_positions(positions: str, flag: str = "--positions") -> str:
+    if positions not in POSITIONS:
+        raise UserError(f"{flag} must be one of {', '.join(POSITIONS)} (last: the prompt's last token, as in the FV "
+                        f"papers; all: every position of the prompt and of generated tokens, as a llama.cpp control "
+                        f"vector), got {positions!r}")
+    return positions
+
+
+def default_positions(fv: FunctionVector) -> str:
+    """Where a vector is added unless told: an imported control vector at every position (llama.cpp's rule), any
+    other vector at the last token."""
+    value = fv.meta.get("positions") if isinstance(fv.meta, dict) else None
+    return value if value in POSITIONS else "last"
+
+
 @dataclass
 class Steer:
-    """What to add: `vector` at `layer` (times `scale`), or with distributed=True each head's mean in its slot."""
+    """What to add: `vector` at `layer` (times `scale`), or with distributed=True each head's mean in its slot;
+    `positions` "last" (the prompt's last token) or "all" (every position, generated tokens included).
+
+    A multi-layer control vector (`fv_remote.export.import_control_vector`) adds each layer's direction at its own
+    layer; `layer` then must be None (or its first layer)."""
 
     fv: FunctionVector
     layer: int | None = None
     scale: float = 1.0
     distributed: bool = False
+    positions: str = "last"
+
+    def __post_init__(self) -> None:
+        check_positions(self.positions, "positions")
 
     def resolved_layer(self, model: LoadedModel) -> int:
         return model.adapter.check_layer(self.fv.layer if self.layer is None else self.layer)
+
+    def describe(self, model: LoadedModel) -> str:
+        """e.g. "layer 12, positions all, scale 4" (for tables and messages)."""
+        from fv_remote.export import directions
+
+        layers = sorted(directions(self.fv)) if self.layer is None and not self.distributed else []
+        if self.distributed:
+            where = "distributed over its heads"
+        elif len(layers) > 1:
+            where = f"layers {layers[0]}-{layers[-1]} ({len(layers)} directions)"
+        else:
+            where = f"layer {self.resolved_layer(model)}"
+        return f"{where}, positions {self.positions}, scale {self.scale:g}"
 
 
 def steer_edits(model: LoadedModel, steer: Steer | None) -> list[tuple]:
@@ -43,7 +85,10 @@ def steer_edits(model: LoadedModel, steer: Steer | None) -> list[tuple]:
     """
     if steer is None:
         return []
+    from fv_remote.export import directions
+
     ad, lm = model.adapter, model.lm
+    every = check_positions(steer.positions, "positions") == "all"
     if steer.distributed:
         if not steer.fv.heads or steer.fv.head_means is None:
             raise UserError(f"this {steer.fv.kind.upper()} has no per-head means; distributed steering needs an "
@@ -52,10 +97,20 @@ def steer_edits(model: LoadedModel, steer: Steer | None) -> list[tuple]:
         edits = []
         for i in order:
             layer, head = steer.fv.heads[i]
-            edits.append(("head", ad.head_site(lm, layer), head, ad.head_dim, steer.scale * steer.fv.head_means[i]))
+            edits.append(("head_all" if every else "head", ad.head_site(lm, layer), head, ad.head_dim,
+                          steer.scale * steer.fv.head_means[i]))
         return edits
+    kind = "residual_all" if every else "residual"
+    by_layer = directions(steer.fv)
+    if len(by_layer) > 1:  # an imported multi-layer control vector: each direction at its own layer
+        if steer.layer is not None and steer.layer != steer.fv.layer:
+            raise UserError(f"this {steer.fv.kind.upper()} has directions for {len(by_layer)} layers "
+                            f"({min(by_layer)}-{max(by_layer)}); each is added at its own layer, so --layer does "
+                            f"not apply")
+        return [(kind, ad.layer(lm, ad.check_layer(layer)), ad.layer_output_is_tuple, vector, steer.scale)
+                for layer, vector in sorted(by_layer.items())]
     layer = steer.resolved_layer(model)
-    return [("residual", ad.layer(lm, layer), ad.layer_output_is_tuple, steer.fv.vector, steer.scale)]
+    return [(kind, ad.layer(lm, layer), ad.layer_output_is_tuple, steer.fv.vector, steer.scale)]
 
 
 def _apply(model: LoadedModel, steer: Steer | None) -> None:
@@ -208,7 +263,8 @@ def generate_many(model: LoadedModel, runs: list[tuple[str, Steer | None]], max_
     for prompt, steer in runs:
         if steer is not None:
             steer.fv.check_model(model)
-        work.append((prompt, steer_edits(model, steer)))
+        every_step = steer is not None and steer.positions == "all"
+        work.append((prompt, steer_edits(model, steer), every_step))
     lm = model.lm
     pad = model.tokenizer.pad_token_id
     outs: list[torch.Tensor] = []
@@ -216,12 +272,16 @@ def generate_many(model: LoadedModel, runs: list[tuple[str, Steer | None]], max_
     if session:
         check_shippable(work=work)
     with stage_session(model, remote):
-        for prompt, edits in work:
+        for prompt, edits, every_step in work:
             with lm.generate(prompt, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad) as tracer:
-                apply_edits(edits)  # first step only: the prompt's tokens
+                if every_step:  # positions "all": the prompt at step 0, then each new token at its own step
+                    for _ in tracer.iter[:max_new_tokens]:
+                        apply_edits(edits)
+                else:
+                    apply_edits(edits)  # first step only: the prompt's last token
                 tokens = tracer.result.save()
             outs.append(tokens.detach().cpu())
-        tokens = tracer = prompt = edits = None
+        tokens = tracer = prompt = edits = every_step = None
         if session:
             outs = nnsight.save(outs)
     texts = []
@@ -233,5 +293,6 @@ def generate_many(model: LoadedModel, runs: list[tuple[str, Steer | None]], max_
 
 def generate(model: LoadedModel, prompt: str, steer: Steer | None = None, max_new_tokens: int = 12,
              remote: Any = False) -> str:
-    """Greedy continuation of `prompt` (only the new text), optionally steered at the prompt's last token."""
+    """Greedy continuation of `prompt` (only the new text), optionally steered (at the prompt's last token, or with
+    positions "all" at every position of the prompt and of the generated tokens)."""
     return generate_many(model, [(prompt, steer)], max_new_tokens, remote)[0]

@@ -33,15 +33,37 @@ def add_to_head(site, head: int, head_dim: int, value, position: int = -1):
     z[:, position, head * head_dim:(head + 1) * head_dim] += value.to(device=z.device, dtype=z.dtype)
 
 
+def add_to_residual_everywhere(layer, output_is_tuple: bool, vector, scale: float = 1.0):
+    """Add `scale * vector` ([d_model]) to a block's output at every position (a llama.cpp control vector's rule).
+
+    In a generation step after the first only the new token passes through the block, so applied at every step this
+    steers the prompt and every generated token. Left-padding positions get it too; attention masks them out.
+    """
+    hidden = layer_hidden(layer, output_is_tuple)
+    hidden[:, :] += scale * vector.to(device=hidden.device, dtype=hidden.dtype)
+
+
+def add_to_head_everywhere(site, head: int, head_dim: int, value):
+    """Add `value` to one head's output at every position (distributed vectors with positions "all")."""
+    z = site.input
+    z[:, :, head * head_dim:(head + 1) * head_dim] += value.to(device=z.device, dtype=z.dtype)
+
+
 def apply_edits(edits):
     """Apply a steering plan of plain tuples, in order (forward order is the caller's job):
 
     ("residual", layer, output_is_tuple, vector, scale) -> `add_to_residual`;
-    ("head", site, head, head_dim, value) -> `add_to_head`. An empty plan leaves the forward pass alone.
+    ("head", site, head, head_dim, value) -> `add_to_head`;
+    ("residual_all", layer, output_is_tuple, vector, scale) -> `add_to_residual_everywhere`;
+    ("head_all", site, head, head_dim, value) -> `add_to_head_everywhere`. An empty plan leaves the forward pass alone.
     """
     for edit in edits:
         if edit[0] == "residual":
             add_to_residual(edit[1], edit[2], edit[3], scale=edit[4])
+        elif edit[0] == "residual_all":
+            add_to_residual_everywhere(edit[1], edit[2], edit[3], scale=edit[4])
+        elif edit[0] == "head_all":
+            add_to_head_everywhere(edit[1], edit[2], edit[3], edit[4])
         else:
             add_to_head(edit[1], edit[2], edit[3], edit[4])
 

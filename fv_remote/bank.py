@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fv_remote import __version__
+from fv_remote.checks import note_kept
 from fv_remote.data import RelationTask
 from fv_remote.errors import UserError, did_you_mean
 from fv_remote.ffv import FinetuneSettings, train_ffv
@@ -284,8 +285,15 @@ def _add(bank: RelationBank, path: Path, task: dict[str, Any], ffv: FunctionVect
                              "relation_words": list(task["relation_words"]), "source": task["source"]}
     if baseline is not None:
         extra["zero_shot_valid_acc"] = baseline
+    if not torch.isfinite(ffv.vector).all():  # training diverged: a NaN entry would poison every CFV using it
+        if on_task:
+            on_task(task["name"], "skipped: training diverged (the vector has NaN/inf); try a smaller --lr")
+        if progress:
+            progress(i + 1, total)
+        return
     bank.add_vector(ffv, name=task["name"], **extra)
     bank.save(path)
+    note_kept(f"bank {path}", f"{len(bank)} relations in {path} (rerun the same command to resume)")
     if on_task:
         on_task(task["name"], "done")
     if progress:

@@ -187,3 +187,15 @@ def test_sigint_says_what_was_kept(env, tmp_path):
     n = s.n_complete("toy")
     assert last.startswith("interrupted: kept ") and f"{n} committed prompts of 'toy'" in last, last
     assert "resume" in last
+
+
+def test_bank_build_never_stores_a_diverged_vector(tmp_path):
+    from fv_remote.bank import RelationBank, _add
+    from fv_remote.vectors import FunctionVector
+
+    bank, seen = RelationBank("m"), []
+    path = tmp_path / "bank.safetensors"
+    nan = FunctionVector(torch.full((8,), float("nan")), model="m", task="t", layer=1, kind="ffv")
+    _add(bank, path, {"name": "t", "category": "", "relation_words": [], "source": ""}, nan, None,
+         lambda name, status: seen.append(status), None, 0, 1)
+    assert len(bank) == 0 and not path.exists() and seen[0].startswith("skipped: training diverged")

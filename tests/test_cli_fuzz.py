@@ -382,6 +382,31 @@ def test_fuzz_gguf(env, tmp_path_factory, data):
     check(invoke("steer", "--fv", env["fv"], "-m", path, "--prompt", "x"), "gguf/steer")
 
 
+# --- job files ---------------------------------------------------------------------------------------------------
+
+
+@settings(FUZZ, max_examples=25)
+@given(doc=st.one_of(json_values, st.fixed_dictionaries({"job_id": json_values, "stage": json_values,
+                                                          "settings": json_values, "submitted": json_values,
+                                                          "state": json_values})),
+       raw=st.one_of(st.none(), st.binary(max_size=40)))
+def test_fuzz_job_files(tmp_path_factory, doc, raw):
+    """`jobs list` reads every job file in FV_REMOTE_JOBS (nothing here reaches NDIF)."""
+    import os
+
+    folder = tmp_path_factory.mktemp("jobs")
+    write(folder / "job1.json", raw if raw is not None else json.dumps(doc))
+    old = os.environ.get("FV_REMOTE_JOBS")
+    os.environ["FV_REMOTE_JOBS"] = str(folder)
+    try:
+        check(invoke("jobs", "list"), "jobs/list")
+    finally:
+        if old is None:
+            os.environ.pop("FV_REMOTE_JOBS", None)
+        else:
+            os.environ["FV_REMOTE_JOBS"] = old
+
+
 # --- damaged stores ----------------------------------------------------------------------------------------------
 
 

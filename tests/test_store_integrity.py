@@ -311,6 +311,39 @@ def test_killed_at_every_write_boundary_resumes_bit_identical(env, tmp_path, mon
         shutil.rmtree(store)
 
 
+def test_cma_killed_at_every_write_boundary_resumes_bit_identical(env, tmp_path, monkeypatch):
+    """The same for `cma` (one append per prompt): 1 stored prompt extended to 3, a death at every write."""
+    from fv_remote.cma import run_cma
+    from fv_remote.tasks import prepare_task
+
+    model = env["model"]
+    prepared = prepare_task(model.tokenizer, TASK)
+    base = fresh(env, tmp_path, "base.zarr")
+    means = mean_heads_tensor(ActivationStore(str(base)), "toy", only_correct=False)
+    run_cma(model, prepared, ActivationStore(str(base)), means, n_prompts=1, n_shots=2)
+    ref = tmp_path / "ref.zarr"
+    shutil.copytree(base, ref)
+    with monkeypatch.context() as m:
+        state = count_writes(m, None)
+        run_cma(model, prepared, ActivationStore(str(ref)), means, n_prompts=3, n_shots=2)
+    reference = snapshot(ref, "toy/cma")
+    for k in range(1, state["n"] + 1):
+        store = tmp_path / f"c{k}.zarr"
+        shutil.copytree(base, store)
+        s = ActivationStore(str(store))
+        with monkeypatch.context() as m:
+            count_writes(m, k)
+            with pytest.raises(Killed):
+                run_cma(model, prepared, s, means, n_prompts=3, n_shots=2)
+        n = s.n_complete("toy/cma")
+        assert 1 <= n <= 3, k
+        assert_identical(snapshot(store, "toy/cma"), reference, n=n)
+        assert {p.kind for p in scan(str(store)).damage} <= {"uncommitted"}, (k, scan(str(store)).damage)
+        run_cma(model, prepared, s, means, n_prompts=3, n_shots=2)
+        assert_identical(snapshot(store, "toy/cma"), reference)
+        shutil.rmtree(store)
+
+
 @pytest.mark.parametrize("code,needle", [(errno.ENOSPC, "no space left"), (errno.EROFS, "read-only"),
                                          (errno.EACCES, "permission denied")])
 def test_disk_full_or_read_only_is_one_line_and_keeps_the_store(env, tmp_path, monkeypatch, code, needle):

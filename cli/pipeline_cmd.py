@@ -10,7 +10,7 @@ from rich.table import Table
 
 from fv_remote.cli.app import app
 from fv_remote.checks import atomic_save, check_output_path, check_prompt_lengths, require_finite_option
-from fv_remote.checks import require_finite_vector
+from fv_remote.checks import check_scale, require_finite_vector
 from fv_remote.cli.common import console, load_stage, out, progress_bar, require_remote_for_no_wait
 from fv_remote.errors import UserError, require_positive
 from fv_remote.models import DEFAULT_MODEL
@@ -207,10 +207,11 @@ def fit(
 
 
 def _load_vector(path: Path, loaded):
-    from fv_remote.vectors import FunctionVector
+    from fv_remote.checks import check_vector_fits, load_vector
 
-    fv = FunctionVector.load(path)
+    fv = load_vector(path)
     fv.check_model(loaded)
+    check_vector_fits(fv, loaded, path)
     require_finite_vector(fv, path)  # a NaN vector would steer into a table of nan
     return fv
 
@@ -235,7 +236,7 @@ def steer(
 
     if (prompt is None) == (task is None):
         raise UserError("give exactly one of --prompt or --task")
-    require_finite_option("--scale", scale)
+    check_scale(scale)
     if prompt is not None and not prompt.strip():
         raise UserError("--prompt is empty; give the text whose next token to score, e.g. 'Q: hot\\nA:'")
     require_positive("--top", top)
@@ -250,6 +251,11 @@ def steer(
         table = Table("rank", "without", "p", f"with {vec.kind.upper()} ({where})", "p")
         (b_p, b_ids), (s_p, s_ids) = top_tokens_conditions(loaded, [Condition([prompt]), Condition([prompt], st)],
                                                            top, remote)
+        import torch
+
+        if not (torch.isfinite(b_p).all() and torch.isfinite(s_p).all()):
+            raise UserError(f"the forward pass {'with' if torch.isfinite(b_p).all() else 'without'} the vector "
+                            f"gave NaN/inf probabilities (the model overflowed); try a smaller --scale")
         dec = loaded.tokenizer.decode
         for i in range(b_p.shape[1]):
             table.add_row(str(i + 1), repr(dec([int(b_ids[0, i])])), f"{float(b_p[0, i]):.3f}",
@@ -284,7 +290,7 @@ def generate(
     if not text.strip():
         raise UserError("--prompt is empty; give the text to continue, e.g. 'Q: hot\\nA:'")
     require_positive("--max-new-tokens", max_new_tokens)
-    require_finite_option("--scale", scale)
+    check_scale(scale)
     loaded = load_stage(model, remote)
     vec = _load_vector(fv_path, loaded)
     check_prompt_lengths(loaded, [text], "--prompt", reserve=max_new_tokens)
@@ -329,7 +335,7 @@ def evaluate(
     require_remote_for_no_wait(no_wait, remote)
     check_output_path(json_path, "--json")
     check_output_path(plot, "--plot")
-    require_finite_option("--scale", scale)
+    check_scale(scale)
     if positions is not None:
         check_positions(positions)
     scales = _parse_scales(sweep_scale) if sweep_scale is not None else None

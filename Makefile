@@ -11,7 +11,7 @@ DEMO_TASKS ?= present-past singular-plural capitalize country-capital
 export HF_HUB_OFFLINE ?= 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup model demo test test-fast test-ndif ndif-env bench clean
+.PHONY: setup model demo test test-fast test-ndif ndif-env test-llamacpp bench clean
 
 setup: $(STAMP)
 
@@ -44,8 +44,17 @@ ndif-env:
 test-ndif: model ndif-env
 	@FV_REMOTE_NDIF_VENV=$(abspath $(NDIF_VENV)) $(PY) -m pytest -q -s -m ndif tests/real_ndif -p no:cacheprovider
 
+# llama.cpp itself (not in `make test`): llama-cpp-python from PyPI built once into .venv-llamacpp (one compile job,
+# ~20-40 min on 2 cores), then the exported present-past FV as a control vector in llama.cpp vs our --positions all.
+LLAMACPP_VENV ?= .venv-llamacpp
+test-llamacpp: model
+	@bash benchmarks/llamacpp/setup_env.sh $(LLAMACPP_VENV) 2>&1 | grep -v -E "^WARNING: (Location|Ignoring)" || true
+	@test -f $(LLAMACPP_VENV)/.llamacpp-installed
+	@test -f $(DEMO_OUT)/present-past.fv.safetensors || $(FV) run present-past --model $(MODEL) --out $(DEMO_OUT)
+	@$(PY) benchmarks/llamacpp_check.py --fv $(DEMO_OUT)/present-past.fv.safetensors --venv $(LLAMACPP_VENV)
+
 bench: model
 	@for b in benchmarks/bench_*.py; do $(PY) $$b || exit 1; done
 
 clean:
-	rm -rf $(VENV) $(NDIF_VENV) out .pytest_cache
+	rm -rf $(VENV) $(NDIF_VENV) $(LLAMACPP_VENV) out .pytest_cache

@@ -357,6 +357,10 @@ def scale_from_evaluation(json_path: str | Path, fv_path: str | Path, layer: int
         raise UserError(f"--evaluation {path} steered at layer {data.get('layer')}, the export is for layer {layer}")
     scale = float(settings["scale"])
     sweep = settings.get("scale_sweep")
-    source = (f"best validation accuracy of `fv-remote evaluate --positions all --sweep-scale` ({path}): "
-              f"{sweep}" if sweep else f"the scale `fv-remote evaluate --positions all` used ({path})")
+    if isinstance(sweep, dict) and sweep:
+        tried = ", ".join(f"{k}: {float(v):.2f}" for k, v in sweep.items())
+        source = (f"best zero-shot validation accuracy in `fv-remote evaluate --positions all --sweep-scale` ({path}; "
+                  f"scale: accuracy {tried})")
+    else:
+        source = f"the scale `fv-remote evaluate --positions all` used ({path})"
     return scale, source

@@ -366,3 +366,24 @@ def test_all_positions_remote_equals_local(local, remote_model, fv, server, monk
         generate_many(local, runs, max_new_tokens=4)
     assert ndif.n_requests == 2 and all(job.status == "COMPLETED" for job in ndif.jobs)
     assert all(job.sandboxed == sandbox for job in ndif.jobs)
+
+
+def test_scale_from_an_evaluation_json(tmp_path):
+    fv_file = tmp_path / "t.fv.safetensors"
+    fv_file.write_bytes(b"")
+    data = {"model": "m", "layer": 5, "settings": {"fv": str(fv_file), "scale": 2.0, "positions": "all",
+                                                   "scale_sweep": {"1": 0.5, "2": 0.75}}}
+    (tmp_path / "e.json").write_text(json.dumps(data))
+    scale, source = ex.scale_from_evaluation(tmp_path / "e.json", fv_file, 5)
+    assert scale == 2.0 and "2: 0.75" in source
+    with pytest.raises(UserError, match="layer 5"):
+        ex.scale_from_evaluation(tmp_path / "e.json", fv_file, 6)
+    with pytest.raises(UserError, match="evaluated"):
+        ex.scale_from_evaluation(tmp_path / "e.json", tmp_path / "other.fv.safetensors", 5)
+    data["settings"]["positions"] = "last"
+    (tmp_path / "e.json").write_text(json.dumps(data))
+    with pytest.raises(UserError, match="positions 'last'"):
+        ex.scale_from_evaluation(tmp_path / "e.json", fv_file, 5)
+    (tmp_path / "bad.json").write_text("[1, 2]")
+    with pytest.raises(UserError, match="not an `fv-remote evaluate --json` file"):
+        ex.scale_from_evaluation(tmp_path / "bad.json", fv_file, 5)

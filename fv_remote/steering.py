@@ -128,14 +128,12 @@ class Condition:
     batch_size: int = 16
 
 
-_LENGTH_CHECKED: dict[int, set[int]] = {}  # id(model.lm) -> hashes of prompts already checked (sweeps repeat them)
-
-
 def _check_lengths(model: LoadedModel, conditions: list[Condition]) -> None:
-    """Every prompt fits the model's context (checked once per prompt text), before any forward pass."""
+    """Every prompt fits the model's context (checked once per prompt text and model: sweeps repeat them), before
+    any forward pass."""
     from fv_remote.checks import check_prompt_lengths
 
-    seen = _LENGTH_CHECKED.setdefault(id(model.lm), set())
+    seen = model.__dict__.setdefault("_length_checked", set())
     new = {hash(t): t for cond in conditions for t in cond.texts if hash(t) not in seen}
     if new:
         check_prompt_lengths(model, list(new.values()), "prompt")

@@ -309,7 +309,7 @@ def fuzzed_vector_files(draw):
     return tensors, meta, fill
 
 
-@settings(FUZZ, max_examples=40)
+@settings(FUZZ, max_examples=35)
 @given(case=st.one_of(st.tuples(st.just("bytes"), st.just(0).flatmap(lambda _: mutated(_fv_bytes()))),
                       st.tuples(st.just("struct"), fuzzed_vector_files())),
        command=st.sampled_from(["steer", "decode", "generate", "steer-distributed"]))
@@ -452,7 +452,7 @@ def _damage(store: Path, ops) -> None:
                 pass
 
 
-@settings(FUZZ, max_examples=35)
+@settings(FUZZ, max_examples=30)
 @given(ops=damage_ops)
 def test_fuzz_damaged_store(env, tmp_path_factory, ops):
     folder = tmp_path_factory.mktemp("store")
@@ -540,7 +540,7 @@ def _remember_env(env):
     yield
 
 
-@settings(FUZZ, max_examples=150)
+@settings(FUZZ, max_examples=120)
 @given(case=option_cases())
 def test_fuzz_options(env, tmp_path_factory, case):
     folder = tmp_path_factory.mktemp("opt")

@@ -251,6 +251,27 @@ def test_second_writer_gets_a_clear_message(env, tmp_path):
     assert cli_extract(env, store, 48).code == 0
 
 
+def test_store_written_before_these_checks(env, tmp_path, tiny_tokenizer):
+    """An older store (no .fv-remote/ backup, no recorded identity, empty chunks not stored) still verifies, reads
+    and resumes; its identity is taken from its tasks, so another model is still refused."""
+    from conftest import make_tiny_model
+
+    store = fresh(env, tmp_path)
+    shutil.rmtree(store / ".fv-remote")
+    root = zarr.open_group(str(store), mode="r+")
+    del root.attrs["store_identity"]
+    group = zarr.open_group(str(store), mode="r+", path="toy")
+    del group.attrs["store_format"]
+    check = invoke("store", "verify", store)
+    assert check.code == 0 and "no metadata backup" in check.stdout, check.describe()
+    s = ActivationStore(str(store))
+    with pytest.raises(UserError, match="holds activations with model="):
+        extract(make_tiny_model("gpt2", tiny_tokenizer), RelationTask("b", PAIRS), s, n_prompts=2, n_shots=2)
+    assert cli_extract(env, store, 48).code == 0
+    assert_identical(snapshot(store), snapshot(env["ref48"]))
+    assert (store / ".fv-remote" / "manifest.json").is_file() and s.store_identity()["model"] == env["folder"]
+
+
 # --- faults at every write ---------------------------------------------------------------------------------------
 
 

@@ -45,7 +45,8 @@ test-ndif: model ndif-env
 	@FV_REMOTE_NDIF_VENV=$(abspath $(NDIF_VENV)) $(PY) -m pytest -q -s -m ndif tests/real_ndif -p no:cacheprovider
 
 # llama.cpp itself (not in `make test`): llama-cpp-python from PyPI built once into .venv-llamacpp (one compile job,
-# ~20-40 min on 2 cores), then the exported present-past FV as a control vector in llama.cpp vs our --positions all.
+# ~50 min on a busy 2-core machine), then the exported present-past FV as a control vector in llama.cpp vs our
+# --positions all (benchmarks/llamacpp_check.py).
 LLAMACPP_VENV ?= .venv-llamacpp
 test-llamacpp: model
 	@bash benchmarks/llamacpp/setup_env.sh $(LLAMACPP_VENV) 2>&1 | grep -v -E "^WARNING: (Location|Ignoring)" || true

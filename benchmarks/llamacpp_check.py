@@ -117,6 +117,32 @@ def main() -> int:
         theirs_raw = json.loads((Path(tmp) / "out.json").read_text())
     theirs = {k: [r["top1"] for r in theirs_raw[k]] for k in ("without", "with")}
 
+    def logit_gap(logits, rows):
+        """Mean |our logit - llama.cpp's| over llama.cpp's top-5 tokens of every prompt."""
+        diffs = [abs(float(logits[i, tok]) - val) for i, r in enumerate(rows) for tok, val in r["top5"]]
+        return round(sum(diffs) / len(diffs), 4)
+
+    # Control for the layer mapping: the same direction written one block earlier / later (direction.L-1, L+1) must
+    # agree less with ours at layer L, if direction.L is really the place fv-remote's layer L steers.
+    from fv_remote import export as ex
+
+    shifted = {}
+    for delta in (-1, 1):
+        layer = fv.layer + delta
+        if not 1 <= layer < model.adapter.n_layers:
+            continue
+        path = out_dir / f"{fv.task}.layer{layer}.gguf"
+        ex.write_control_vector(path, ex.from_vector(fv, args.fv, layer=layer), model, scale, "control")
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / "in.json").write_text(json.dumps({"prompts": ids}))
+            subprocess.run([str(Path(args.venv) / "bin" / "python"), str(ROOT / "benchmarks/llamacpp/worker.py"),
+                            str(gguf_path), str(path), f"{scale!r}", str(Path(tmp) / "in.json"),
+                            str(Path(tmp) / "out.json")], check=True)
+            rows = json.loads((Path(tmp) / "out.json").read_text())["with"]
+        shifted[f"direction.{layer}"] = {
+            "top1_agreement": sum(int(a == r["top1"]) for a, r in zip(ours["with"], rows)) / len(rows),
+            "mean_abs_logit_diff_top5": logit_gap(steered, rows)}
+
     def acc(tops):
         return sum(int(a == b) for a, b in zip(tops, answers)) / len(answers)
 
@@ -125,11 +151,15 @@ def main() -> int:
 
     result = {
         "fv": args.fv, "task": fv.task, "layer": fv.layer, "llama_cpp_direction": f"direction.{fv.layer}",
-        "n_prompts": len(texts), "prompts_from_splits": split_counts, "scale": scale, "scale_sweep_valid": sweep, "control_vector": str(cvec),
+        "n_prompts": len(texts), "prompts_from_splits": split_counts, "scale": scale, "scale_sweep_valid": sweep,
+        "control_vector": str(cvec),
         "model_gguf": str(gguf_path), "llama_cpp_python": theirs_raw["llama_cpp_python"],
         "llama_cpp_cvec_layers": theirs_raw["cvec_layers"],
         "top1_agreement_with_vector": agree(ours["with"], theirs["with"]),
         "top1_agreement_without_vector": agree(ours["without"], theirs["without"]),
+        "mean_abs_logit_diff_top5": {"with_vector": logit_gap(steered, theirs_raw["with"]),
+                                     "without_vector": logit_gap(base, theirs_raw["without"])},
+        "control_llama_cpp_at_shifted_layer": shifted,
         "accuracy_with_vector": {"fv_remote_dequantised": acc(ours["with"]), "llama_cpp_q4_1": acc(theirs["with"])},
         "accuracy_without_vector": {"fv_remote_dequantised": acc(ours["without"]),
                                     "llama_cpp_q4_1": acc(theirs["without"])},

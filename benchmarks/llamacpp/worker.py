@@ -22,6 +22,7 @@ import sys
 
 import gguf
 import llama_cpp
+import llama_cpp.llama_cpp
 import numpy as np
 
 
@@ -63,9 +64,23 @@ def run(llm: llama_cpp.Llama, prompts: list[list[int]]) -> list[dict]:
     return rows
 
 
+def no_extra_buffer_types() -> None:
+    """llama-cli's --no-repack (`use_extra_bufts = false`): the CPU's AMX/repack buffer types stay off. The machine
+    this was built on advertises AMX, and llama.cpp's AMX path stopped there with an illegal instruction (a VM that
+    lists AMX without enabling it); the plain CPU kernels (Q4_1 x Q8_1 dot products) run instead."""
+    original = llama_cpp.llama_cpp.llama_model_default_params
+
+    def params():
+        p = original()
+        p.use_extra_bufts = False
+        return p
+    llama_cpp.llama_cpp.llama_model_default_params = params
+
+
 def main() -> None:
     model_path, cvec_path, strength, in_path, out_path = sys.argv[1:6]
     prompts = json.load(open(in_path))["prompts"]
+    no_extra_buffer_types()
     llm = llama_cpp.Llama(model_path=model_path, n_ctx=512, n_batch=512, n_threads=1, n_threads_batch=1,
                           logits_all=False, verbose=False)
     result = {"llama_cpp_python": llama_cpp.__version__, "n_layer": llama_cpp.llama_model_n_layer(llm.model),
@@ -76,7 +91,7 @@ def main() -> None:
     if err:
         raise SystemExit(f"llama_set_adapter_cvec failed ({err})")
     result["with"] = run(llm, prompts)
-    result["cvec_layers"] = sorted({i // n_embd + 1 for i in np.flatnonzero(data)})
+    result["cvec_layers"] = sorted({int(i) // n_embd + 1 for i in np.flatnonzero(data)})
     json.dump(result, open(out_path, "w"))
 
 

@@ -17,7 +17,7 @@ from fv_remote.models import LoadedModel
 from fv_remote.remote import JobSubmitted, remote_mode, stage_session
 from fv_remote.steering import Condition, Steer, score_conditions
 from fv_remote.tasks import PreparedTask
-from fv_remote.vectors import FunctionVector, assemble_function_vector, probe_ids, top_heads
+from fv_remote.vectors import FunctionVector, assemble_function_vector, probe_ids, projection_plan, top_heads
 
 Progress = Callable[[int, int], None]
 
@@ -286,16 +286,13 @@ def _fit_sweep_session(model: LoadedModel, prepared: PreparedTask, means: torch.
     layers, texts, ids = _sweep_prompts(model, prepared, "valid", None, n_prompts)
     chunks = [texts[i:i + batch_size] for i in range(0, len(texts), batch_size)]
     work = [(ad.layer(lm, layer), chunk) for layer in layers for chunk in chunks]
-    sites = [ad.head_site(lm, layer) for layer, _ in heads]
-    head_layers = [layer for layer, _ in heads]
-    index = [head for _, head in heads]
-    rows = torch.stack([means[layer, head].float() for layer, head in heads])
-    width, head_dim, is_tuple = ad.head_width, ad.head_dim, ad.layer_output_is_tuple
+    plan = projection_plan(model, means, heads)
+    is_tuple = ad.layer_output_is_tuple
     unembed, probe = ad.unembed(lm), probe_ids()
     tops: list[torch.Tensor] = []
     with stage_session(model, remote):
         with lm.trace(input_ids=probe):
-            vecs = project_heads(sites, head_layers, index, rows, width, head_dim)
+            vecs = project_heads(**plan)
         vector = vecs.sum(0)
         for layer_envoy, batch in work:
             with lm.trace(batch):

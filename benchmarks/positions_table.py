@@ -1,11 +1,15 @@
-"""What an exported vector will do: zero-shot accuracy with the FV at positions `last` vs `all` (a llama.cpp control
-vector's rule), each at its best scale on validation pairs, on Todd et al.'s six tasks (smollm2-135m).
+"""What an exported vector will do: zero-shot accuracy with the FV and the FFV at positions `last` vs `all` (a
+llama.cpp control vector's rule), each at its best scale on validation pairs, on Todd et al.'s six tasks
+(smollm2-135m).
 
-    python benchmarks/positions_table.py --fv-dir out/todd6 --data-dir ../shared/data/todd_fv/abstractive
+    python benchmarks/positions_table.py --fv-dir out/todd6 --ffv-dir out/todd6_ffv \
+        --data-dir ../shared/data/todd_fv/abstractive
 
-The FVs come from `fv-remote run TASKS --data-dir ... --out out/todd6` (run first for the tasks that have none).
+The FVs come from `fv-remote run TASKS --data-dir ... --out out/todd6` (run first for the tasks that have none), the
+FFVs from `fv-remote finetune --task T --fv out/todd6/T.fv.safetensors --out out/todd6_ffv/T.ffv.safetensors`
+(--ffv-dir is optional: without it only FV columns).
 Per task and positions: `evaluate.scale_sweep` on the validation split (at most 50 zero-shot prompts) over --scales,
-the best (ties: the smaller scale), then the zero-shot test columns of `evaluate_task` (the test split, at most 200,
+the best (ties: the smaller scale), then the zero-shot test columns of `evaluate_task` (the test split, at most 200 or --n-test,
 the same prompts as `fv-remote evaluate`) at that scale. Prints a markdown table and writes --json.
 """
 
@@ -25,9 +29,11 @@ TASKS = ["antonym", "capitalize", "country-capital", "english-french", "present-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--fv-dir", default="out/todd6")
+    ap.add_argument("--ffv-dir", default="", help="folder of TASK.ffv.safetensors (optional)")
     ap.add_argument("--data-dir", default="../shared/data/todd_fv/abstractive")
     ap.add_argument("--tasks", default=",".join(TASKS))
     ap.add_argument("--scales", default="0.25,0.5,1,2,4,8")
+    ap.add_argument("--n-test", type=int, default=None, help="test prompts per task (default: the split, at most 200)")
     ap.add_argument("--json", default="out/positions_table.json")
     args = ap.parse_args()
 
@@ -46,28 +52,38 @@ def main() -> int:
     rows = []
     for task in args.tasks.split(","):
         t0 = time.time()
-        fv = FunctionVector.load(Path(args.fv_dir) / f"{task}.fv.safetensors")
+        vectors = {"fv": FunctionVector.load(Path(args.fv_dir) / f"{task}.fv.safetensors")}
+        if args.ffv_dir:
+            vectors["ffv"] = FunctionVector.load(Path(args.ffv_dir) / f"{task}.ffv.safetensors")
         prepared = prepare_task(model.tokenizer, load_task(task, data_dir=args.data_dir), seed=0, min_pairs=12)
-        row = {"task": task, "layer": fv.layer}
-        for positions in ("last", "all"):
-            sweep = scale_sweep(model, prepared, fv, scales, positions=positions)
-            scale = best_scale(sweep)
-            n, _, conds = evaluation_conditions(model, prepared, fv, scale=scale, positions=positions)
-            zero, with_fv = score_conditions(model, [conds["zero_shot"], conds["zero_shot_fv"]])
-            row.update({"n_test": n, "zero_shot": zero, f"{positions}_scale": scale, f"{positions}_fv": with_fv,
-                        f"{positions}_valid": sweep[scale], f"{positions}_sweep": sweep})
+        row = {"task": task, "layer": vectors["fv"].layer}
+        n_test = min(args.n_test, len(prepared.splits.test)) if args.n_test else None  # never repeat queries
+        for kind, vec in vectors.items():
+            row[f"{kind}_layer"] = vec.layer
+            for positions in ("last", "all"):
+                sweep = scale_sweep(model, prepared, vec, scales, positions=positions)
+                scale = best_scale(sweep)
+                n, _, conds = evaluation_conditions(model, prepared, vec, n_test=n_test, scale=scale,
+                                                      positions=positions)
+                zero, with_vec = score_conditions(model, [conds["zero_shot"], conds["zero_shot_fv"]])
+                row.update({"n_test": n, "zero_shot": zero, f"{positions}_{kind}_scale": scale,
+                            f"{positions}_{kind}": with_vec, f"{positions}_{kind}_valid": sweep[scale],
+                            f"{positions}_{kind}_sweep": sweep})
         row["seconds"] = round(time.time() - t0, 1)
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if not k.endswith("_sweep")}), flush=True)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps({"scales": scales, "rows": rows}, indent=2) + "\n")
-    print("\n| task | n test | layer | zero-shot | +FV last (scale) | +FV all (scale) |")
-    print("|---|---|---|---|---|---|")
+    kinds = ["fv", "ffv"] if args.ffv_dir else ["fv"]
+    cols = [f"{pos}_{kind}" for kind in kinds for pos in ("last", "all")]
+    print("\n| task | n test | layer | zero-shot | " + " | ".join(f"+{c.split('_')[1].upper()} {c.split('_')[0]} (scale)"
+                                                         for c in cols) + " |")
+    print("|---|---|---|---|" + "---|" * len(cols))
     for r in rows:
-        print(f"| {r['task']} | {r['n_test']} | {r['layer']} | {r['zero_shot']:.2f} | {r['last_fv']:.2f} "
-              f"({r['last_scale']:g}) | {r['all_fv']:.2f} ({r['all_scale']:g}) |")
-    mean = {k: sum(r[k] for r in rows) / len(rows) for k in ("zero_shot", "last_fv", "all_fv")}
-    print(f"| mean | | | {mean['zero_shot']:.2f} | {mean['last_fv']:.2f} | {mean['all_fv']:.2f} |")
+        print(f"| {r['task']} | {r['n_test']} | {r['layer']} | {r['zero_shot']:.2f} | "
+              + " | ".join(f"{r[c]:.2f} ({r[c + '_scale']:g})" for c in cols) + " |")
+    mean = {k: sum(r[k] for r in rows) / len(rows) for k in ["zero_shot", *cols]}
+    print(f"| mean | | | {mean['zero_shot']:.3f} | " + " | ".join(f"{mean[c]:.3f}" for c in cols) + " |")
     return 0
 
 

@@ -173,6 +173,9 @@ def finetune(
                      "results": [row]}, json_path)
 
 
+SMALL_MOVE = 0.02  # smollm2-135m FFVs move 35-65% of the FV's norm, gemma3-270m's at --lr 10 22-38%
+
+
 def report_finetune(run, name: str, init: str, out_path: Path, plot: Path) -> None:
     """Save the FFV and its loss curve, print the layer search and a summary (the blocking `finetune`, and what
     `jobs fetch` does for a finetune job)."""
@@ -195,6 +198,11 @@ def report_finetune(run, name: str, init: str, out_path: Path, plot: Path) -> No
               + (f" (valid acc {res.best_valid_acc:.2f}, NLL {res.best_valid_loss:.3f})" if run.n_valid else "")
               + ("; stopped early" if res.stopped_early else "")
               + f"\nsaved {out_path} and {plot}")
+    moved, start, lr = ffv.meta.get("moved"), ffv.meta.get("init_norm") or 0.0, ffv.meta["settings"]["lr"]
+    if moved is not None and start > 0 and moved < SMALL_MOVE * start:
+        # Adam steps ~lr per coordinate, so lr is in the residual stream's units, which differ ~60x between models
+        out.print(f"[yellow]note:[/] the vector moved by {moved / start:.1%} of its initial norm ({start:,.0f}): "
+                  f"--lr {lr:g} may be small for this model's residual stream (gemma3-270m needs ~10)")
 
 
 # --- bank -------------------------------------------------------------------------------------------------------

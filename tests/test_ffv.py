@@ -156,3 +156,29 @@ def test_candidate_layers():
     assert candidate_layers(30, 17) == [4, 8, 12, 16, 17, 20]
     assert best_ffv_layer({3: {"valid_acc": 0.5, "valid_loss": 2.0}, 5: {"valid_acc": 0.5, "valid_loss": 1.0},
                            7: {"valid_acc": 0.4, "valid_loss": 0.1}}) == 5
+
+
+def test_cli_notes_a_learning_rate_too_small_for_the_stream(llama, tmp_path, monkeypatch):
+    """A vector that barely moved (lr far below the vector's scale: Gemma at smollm2's lr) is saved with a note."""
+    from typer.testing import CliRunner
+
+    from fv_remote.cli import relational_cmd
+    from fv_remote.cli.app import _register, app
+
+    _register()
+    monkeypatch.setattr(relational_cmd, "load_stage", lambda *args, **kwargs: llama)
+    d = llama.adapter.d_model
+    big = FunctionVector(vector=torch.randn(d, generator=torch.Generator().manual_seed(0)) * 500,
+                         model=llama.model_id, task="opposites", layer=1)
+    fv_path = big.save(tmp_path / "big.fv.safetensors")
+
+    def run(lr: str) -> str:
+        result = CliRunner().invoke(app, ["finetune", "--task", str(FIX / "opposites.json"), "--fv", str(fv_path),
+                                          "--lr", lr, "--steps", "3", "--n-train", "4", "--n-valid", "0",
+                                          "--no-evaluate", "--out", str(tmp_path / f"{lr}.ffv.safetensors")])
+        assert result.exit_code == 0, result.output
+        assert (tmp_path / f"{lr}.ffv.safetensors").exists()
+        return " ".join(result.output.split())
+
+    assert "may be small for this model's residual stream" in run("0.01")  # moves ~0.1% of ||v0|| = 4,000
+    assert "may be small" not in run("200")

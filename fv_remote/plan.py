@@ -92,8 +92,10 @@ class Dims:
 
     @property
     def params(self) -> int:
+        """Parameters: weights, embeddings and two norms per layer plus the final one (biases and extra norms of
+        some families left out)."""
         embed = self.vocab * self.d_model * (1 if self.tied else 2)
-        return self.n_layers * self.layer_params + embed
+        return self.n_layers * self.layer_params + embed + (2 * self.n_layers + 1) * self.d_model
 
     def linear_per_token(self, layer: int) -> int:
         """Multiply-add FLOPs of one token through layer `layer`'s weights (projections and MLP)."""

@@ -6,6 +6,7 @@ import typer
 
 from fv_remote.cli.app import app
 from fv_remote.cli.common import console, load_stage, out, progress_bar, require_remote_for_no_wait
+from fv_remote.cli.plan_cmd import PLAN_HELP, plan_instead
 from fv_remote.models import DEFAULT_MODEL
 
 
@@ -51,6 +52,7 @@ def extract(
     remote: bool = typer.Option(False, "--remote", help="run on NDIF (one request; --model is a Hub repo id)"),
     no_wait: bool = typer.Option(False, "--no-wait", help="with --remote: submit, print the job id and return; "
                                  "`fv-remote jobs fetch ID` stores the results later"),
+    plan: bool = typer.Option(False, "--plan", help=PLAN_HELP),
 ) -> None:
     """Trace every attention head's output on clean n-shot prompts into the store (resumable)."""
     from fv_remote import remote as R
@@ -63,6 +65,9 @@ def extract(
     require_positive("--batch-size", batch_size)
     require_remote_for_no_wait(no_wait, remote)
     pos = _positions(positions)
+    if plan:
+        return plan_instead("extract", model, n_prompts=n_prompts, n_shots=n_shots, batch_size=batch_size,
+                            positions=len(pos))
     relation = load_task(task, data_dir=data_dir)
     loaded = load_stage(model, remote)
     _note_counts(loaded, relation, n_prompts, n_shots, seed)

@@ -106,3 +106,14 @@ def plan(
     server = server_options(tflops, trace_overhead, request_overhead, bandwidth, limit, max_result_mb,
                             max_request_mb, memory_gb)
     show_plan(stage, model, config, options, server, as_json, strict)
+
+
+PLAN_HELP = ("print what this stage would cost on NDIF (FLOPs, memory, bytes, requests, time; `fv-remote plan`) "
+             "and exit: nothing is loaded or run")
+
+
+def plan_instead(stage: str, model: str, **options) -> None:
+    """The `--plan` of a stage command: its own options, the server's defaults, the model's cached config."""
+    from fv_remote.plan import Server, StageOptions
+
+    show_plan(stage, model, None, StageOptions(**options), Server())

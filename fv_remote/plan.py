@@ -698,7 +698,7 @@ def stage_plan(stage: str, dims: Dims, o: StageOptions) -> tuple[Plan, Any]:
         return plan_finetune(dims, o.n_train, o.n_valid, o.tokens(0), o.steps, o.batch_size or 32, o.eval_every,
                              o.layer, nbytes=nbytes), None
     if stage == "bank":
-        layer = dims.n_layers // 3 if o.layer is None else o.layer
+        layer = round(0.4 * dims.n_layers) if o.layer is None else o.layer  # `bank build`'s default
 
         def make(n: int) -> Plan:
             return plan_finetune(dims, o.n_train, o.n_valid, o.tokens(0), o.steps, o.batch_size or 32,

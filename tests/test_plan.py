@@ -198,3 +198,14 @@ def test_unsupported_config_is_a_user_error(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 8}))
     with pytest.raises(UserError, match="unsupported architecture"):
         P.dims_from_config(P.load_config("x", str(tmp_path)))
+
+
+def test_stage_plan_option_runs_nothing(tmp_path):
+    store = tmp_path / "s.zarr"
+    proc = run_cli("extract", "--task", "present-past", "--store", str(store), "--n-prompts", "40", "--plan")
+    assert proc.returncode == 0, proc.stderr
+    assert "extract on smollm2-135m" in proc.stdout and "n_prompts 40" in proc.stdout and "verdict:" in proc.stdout
+    assert not store.exists()
+    proc = run_cli("bank", "build", "--tasks", "present-past,antonym", "--layer", "9", "--plan")
+    assert proc.returncode == 0, proc.stderr
+    assert "relations 2" in proc.stdout and "layer 9" in proc.stdout

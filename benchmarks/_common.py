@@ -165,10 +165,11 @@ class Timer:
         self.seconds += time.perf_counter() - self._t
 
 
-def aie_for(model, relation, prepared, means, n_prompts: int = 25):
+def aie_for(model, relation, prepared, means, n_prompts: int | None = None):
     """Exact AIE [L, H] from the bench store (computed once with the fast exact CMA; never timed)."""
     from fv_remote.cma import load_aie, run_cma
 
+    n_prompts = n_prompts or int(os.environ.get("BENCH_PROMPTS", "25"))
     st = store()
     if st.n_complete(f"{relation.name}/cma") < n_prompts:
         log(f"exact CMA on {n_prompts} prompts for {relation.name} (cached in {st.url})")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from _common import Timer, emit, log, setup
+from _common import DTYPES, Timer, emit, log, options, setup
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
@@ -38,7 +38,7 @@ def tiny(n_heads: int, tokenizer):
                          num_hidden_layers=N_LAYERS, num_attention_heads=n_heads, num_key_value_heads=n_heads,
                          head_dim=D_MODEL // n_heads, bos_token_id=tokenizer.eos_token_id,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id)
-    hf = LlamaForCausalLM(config).eval()
+    hf = LlamaForCausalLM(config).eval().to(options().device, DTYPES[options().dtype])
     hf.requires_grad_(False)
     return wrap_model(hf, tokenizer, name=f"tiny-llama-{n_heads}h", source="random")
 
@@ -60,6 +60,7 @@ def main() -> None:
         model = tiny(n_heads, tokenizer)
         ad = model.adapter
         means = torch.randn(ad.n_layers, ad.n_heads, ad.head_dim, generator=torch.Generator().manual_seed(1))
+        means = means.to(model.hf.device, model.hf.dtype)
         fns["fast"](model, prompts[0], 5, means)  # warm-up
         for method in METHODS:
             with Timer() as t:
@@ -73,7 +74,7 @@ def main() -> None:
         "growth": {m: round(math.log(seconds[m][hi] / seconds[m][lo]) / math.log(hi / lo), 2) for m in METHODS},
         "vs_fast_at_max_heads": {m: round(seconds[m][hi] / seconds["fast"][hi], 2) for m in METHODS},
         "seconds_per_prompt": seconds,
-        "heads_per_layer": HEADS, "layers": N_LAYERS, "d_model": D_MODEL, "prompts": N_PROMPTS,
+        "model": "tiny-llama (random)", "heads_per_layer": HEADS, "layers": N_LAYERS, "d_model": D_MODEL, "prompts": N_PROMPTS,
         **env,
     })
 

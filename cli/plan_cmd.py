@@ -65,8 +65,8 @@ def plan(
                                              "32 finetune/bank, 48 analogy)"),
     positions: int = typer.Option(1, help="extract: positions read per prompt"),
     dtype: str = typer.Option("bfloat16", help="the hosted model's dtype (float32, bfloat16, float16)"),
-    reduce: str = typer.Option("none", help="extract: what a server-side reduction would bring back instead (none, "
-                               "mean, float16); a what-if, extract does not reduce yet"),
+    reduce: str = typer.Option("none", help="extract: none, float16 (`extract --remote --reduce float16`) or mean "
+                               "(a what-if: one mean instead of every prompt's heads; extract cannot do that yet)"),
     max_copies: int = typer.Option(1024, help="cma: last-token copies per forward (the remote session's)"),
     steps: int = typer.Option(40, help="finetune / bank: optimiser steps (an upper bound)"),
     n_train: int = typer.Option(100, help="finetune / bank: training prompts per relation"),

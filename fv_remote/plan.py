@@ -55,7 +55,8 @@ SAFETY = 0.8  # a proposed split fills at most this share of the execution limit
 TENSOR_OVERHEAD = 250  # per returned tensor (torch.save's pickle record and zip entry; data 64-byte aligned)
 RESULT_OVERHEAD = 1300  # per result (torch.save's zip container)
 PAYLOAD_TENSOR_OVERHEAD = 450  # per tensor in a request (nnsight pickles them with their metadata)
-SESSION_OVERHEAD = 48 * 1024  # per request: the body's source, the envoy references, the model key (25-55 KB)
+SESSION_OVERHEAD = 56 * 1024  # per request: the body's source, the envoy references, the model key (extract and
+#                                finetune on smollm2-135m: 58-59 KB beside their few KB of tensors)
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 STAGES = ("extract", "cma", "finetune", "bank", "analogy")
 
@@ -298,8 +299,8 @@ def plan_extract(dims: Dims, n_prompts: int, prompt_tokens: int | list[int], bat
     """`extract --remote`: one forward per batch (all positions through the unembedding); per batch the head outputs
     [B, P, L, H, Dh] in the model's dtype, P(answer) (float32) and the top-1 token (int64) come back.
 
-    `reduce` (not built yet; see README) shows what a server-side reduction would bring back instead: "mean" (one
-    [P, L, H, Dh] mean) or "float16" (the same values at 2 bytes)."""
+    `reduce`: what comes back instead with a server-side reduction: "float16" (`extract --remote --reduce
+    float16`: the same values at 2 bytes) or "mean" (one [P, L, H, Dh] float32 mean: a what-if, not built)."""
     lengths = _prompt_tokens(prompt_tokens, n_prompts)
     traces = [Trace(rows, t, t, t) for rows, t in _batches(lengths, batch_size)]
     per_prompt = n_positions * dims.n_layers * dims.n_heads * dims.head_dim
@@ -409,9 +410,10 @@ def plan_finetune(dims: Dims, n_train: int, n_valid: int, prompt_tokens: int, st
         traces += [Trace(rows, t, t, 1) for rows, t in data.get("base", [])]
         n_jobs += 1
     n_tokens = sum(rows * t for data in datasets for rows, t in data["train"] + data["valid"] + data.get("base", []))
-    n_chunks = sum(len(data["train"]) + len(data["valid"]) + len(data.get("base", [])) for data in datasets)
-    # per chunk: full ids/mask/positions, prefix and last views of them (ids, mask, positions each), the targets
-    sent = SESSION_OVERHEAD + 8 * 3 * 2 * n_tokens + n_chunks * 10 * PAYLOAD_TENSOR_OVERHEAD \
+    # per chunk: ids, mask and positions of the whole prompts, the targets, and (cached-prefix chunks: all but the
+    # baseline's) the prefix and last-token views of the three
+    n_tensors = sum(10 * (len(data["train"]) + len(data["valid"])) + 4 * len(data.get("base", [])) for data in datasets)
+    sent = SESSION_OVERHEAD + 8 * 3 * 2 * n_tokens + n_tensors * PAYLOAD_TENSOR_OVERHEAD \
         + n_jobs * (sent_bytes(dims.d_model, 4) + 16 * steps)
     returned = RESULT_OVERHEAD + n_jobs * (tensor_bytes(dims.d_model, 4) + 600 + 30 * (steps + steps // eval_every))
     cache = 2 * dims.n_layers * dims.n_kv_heads * dims.head_dim * nbytes * sum(

@@ -7,6 +7,7 @@ import io
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -209,3 +210,40 @@ def test_stage_plan_option_runs_nothing(tmp_path):
     proc = run_cli("bank", "build", "--tasks", "present-past,antonym", "--layer", "9", "--plan")
     assert proc.returncode == 0, proc.stderr
     assert "relations 2" in proc.stdout and "layer 9" in proc.stdout
+
+
+# -- extract --remote --reduce float16: through the loopback NDIF server ------------------------------------------
+
+from remote_fixtures import hosted_model_fixtures, point_client_at  # noqa: E402
+
+REDUCE_REPO = "test-org/tiny-llama-reduce"
+local, hub_cache, server, remote_model = hosted_model_fixtures(REDUCE_REPO)
+
+
+def test_extract_remote_float16_halves_the_heads_and_is_recorded(local, remote_model, server, hub_cache,
+                                                                  monkeypatch, tmp_path):
+    from fv_remote.data import RelationTask
+    from fv_remote.extract import extract
+    from fv_remote.store import ActivationStore
+
+    words = ["hot", "cold", "up", "down", "big", "small", "the", "quick", "brown", "fox", "lazy", "dog", "over"]
+    task = RelationTask("toy", [(a, b) for a in words for b in words if a != b][:60])
+    want = ActivationStore(str(tmp_path / "local.zarr"))
+    extract(local, task, want, n_prompts=6, n_shots=2, batch_size=3)
+    sizes = {}
+    for reduce in ("none", "float16"):
+        ndif = point_client_at(server, monkeypatch, hub_cache)
+        got = ActivationStore(str(tmp_path / f"{reduce}.zarr"))
+        extract(remote_model, task, got, n_prompts=6, n_shots=2, batch_size=3, remote=True, reduce=reduce)
+        assert ndif.n_requests == 1 and ndif.jobs[0].status == "COMPLETED"
+        sizes[reduce] = ndif.jobs[0].result_bytes
+    a = want.open("toy")["head_out"].values
+    b = ActivationStore(str(tmp_path / "float16.zarr")).open("toy")
+    assert np.array_equal(b["head_out"].values, a.astype(np.float16).astype(np.float32))  # rounded, nothing else
+    assert ActivationStore(str(tmp_path / "float16.zarr")).attrs("toy")["remote_reduce"] == "float16"
+    assert sizes["float16"] < sizes["none"]
+    with pytest.raises(UserError, match="with --remote"):
+        extract(local, task, want, n_prompts=6, n_shots=2, reduce="float16")
+    with pytest.raises(UserError, match="identity|settings|differ|incompatible|different"):
+        extract(remote_model, task, ActivationStore(str(tmp_path / "none.zarr")), n_prompts=9, n_shots=2,
+                batch_size=3, remote=True, reduce="float16")

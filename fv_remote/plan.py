@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -337,16 +338,16 @@ def plan_cma(dims: Dims, n_prompts: int, prompt_tokens: int | list[int], nbytes:
     lengths = _prompt_tokens(prompt_tokens, n_prompts)
     groups = cma_groups(dims, max_copies)
     traces, sent, returned = [], SESSION_OVERHEAD, RESULT_OVERHEAD
-    for t in lengths:
-        sent += sent_bytes(t, 8)
-        returned += tensor_bytes(1, 4)
+    for t, n in Counter(lengths).items():  # prompts of one length cost the same
+        sent += n * sent_bytes(t, 8)
+        returned += n * tensor_bytes(1, 4)
         for g in groups:
             r, first = len(g), min(layer for layer, _ in g)
             n_layers = len({layer for layer, _ in g})
-            traces += [Trace(1, t, t, 1), Trace(1, r, t + r, r, first=first)]
-            sent += (sent_bytes(r, 8, 2) + sent_bytes(r * (t + r), mask_bytes)
-                     + sent_bytes(2 * r, 8, 2 * n_layers) + sent_bytes(r * dims.head_dim, 4, n_layers))
-            returned += tensor_bytes(r, 4)
+            traces += [Trace(1, t, t, 1, count=n), Trace(1, r, t + r, r, first=first, count=n)]
+            sent += n * (sent_bytes(r, 8, 2) + sent_bytes(r * (t + r), mask_bytes)
+                         + sent_bytes(2 * r, 8, 2 * n_layers) + sent_bytes(r * dims.head_dim, 4, n_layers))
+            returned += n * tensor_bytes(r, 4)
     t_max, r_max = max(lengths), max(len(g) for g in groups)
     kv_prompt = 2 * dims.n_layers * dims.n_kv_heads * dims.head_dim * t_max * nbytes
     return Plan("cma", n_prompts, "prompts", _merge(traces), sent, returned,
@@ -364,11 +365,10 @@ def _ffv_job_traces(layer: int, steps: int, train: Chunks, valid: Chunks, eval_e
     """One fine-tuning job of `ffv_session.run_jobs` on the cached-prefix path: the last token of a training chunk
     per step (forward + backward from the vector's layer), every validation chunk at step 0, every `eval_every`
     steps and the last step."""
-    evals = len({0, steps} | set(range(eval_every, steps + 1, eval_every))) if valid else 0
-    out = []
-    for step in range(1, steps + 1):
-        rows, t = train[(step - 1) % len(train)]
-        out.append(Trace(rows, 1, t, 1, backward_from=layer))
+    evals = (steps // eval_every + 1 + (steps % eval_every != 0)) if valid else 0  # 0, every eval_every, the last
+    n = len(train)  # step s trains on chunk (s - 1) % n
+    out = [Trace(rows, 1, t, 1, backward_from=layer, count=steps // n + (i < steps % n))
+           for i, (rows, t) in enumerate(train) if steps // n + (i < steps % n)]
     out += [Trace(rows, 1, t, 1, count=evals) for rows, t in valid]
     return out
 
@@ -394,21 +394,23 @@ def plan_finetune(dims: Dims, n_train: int, n_valid: int, prompt_tokens: int, st
                "base": _chunks(n_valid, 64, prompt_tokens) if baseline else []}
         datasets = [one] * (1 if layer is None else relations)
     traces: list[Trace] = []
-    for data in datasets:  # each chunk's prefix once (train, valid; the baseline runs whole prompts)
-        traces += [Trace(rows, t - 1, t - 1, 1) for rows, t in data["train"] + data["valid"]]
     n_jobs = 0
-    for data in datasets:
+    same = Counter(id(data) for data in datasets)  # relations sharing one uniform dataset cost the same
+    for data in {id(d): d for d in datasets}.values():
+        k = same[id(data)]
+        one = [Trace(rows, t - 1, t - 1, 1) for rows, t in data["train"] + data["valid"]]  # each prefix once
         if layer is None:
             search = candidate_layers(dims.n_layers)
             for at in search:
-                traces += _ffv_job_traces(at, quick_steps, data["train"], data["valid"], quick_steps)
+                one += _ffv_job_traces(at, quick_steps, data["train"], data["valid"], quick_steps)
             at = search[len(search) // 2]  # the final run's layer is decided on the server; costs barely differ
-            n_jobs += len(search)
+            n_jobs += k * len(search)
         else:
             at = layer
-        traces += _ffv_job_traces(at, steps, data["train"], data["valid"], eval_every)
-        traces += [Trace(rows, t, t, 1) for rows, t in data.get("base", [])]
-        n_jobs += 1
+        one += _ffv_job_traces(at, steps, data["train"], data["valid"], eval_every)
+        one += [Trace(rows, t, t, 1) for rows, t in data.get("base", [])]
+        n_jobs += k
+        traces += [Trace(t.rows, t.tokens, t.keys, t.logits, t.first, t.backward_from, t.count * k) for t in one]
     n_tokens = sum(rows * t for data in datasets for rows, t in data["train"] + data["valid"] + data.get("base", []))
     # per chunk: ids, mask and positions of the whole prompts, the targets, and (cached-prefix chunks: all but the
     # baseline's) the prefix and last-token views of the three
@@ -435,22 +437,29 @@ def plan_analogy(dims: Dims, n_items: int, n_bank: int, prompt_tokens: int, n_ch
     bank vector) then, per method, every item's choices; batches of `batch_size` whole prompts, logits at the last
     token only. `passes` (per pass, each row's prompt length in tokens) replaces the uniform `prompt_tokens` where the
     prompts are known. Back per pass: a score sum, a count and a match per row, and the CFV weights [items, bank]."""
-    if passes is None:
-        passes = [[prompt_tokens] * (n_items * n_bank)] + [[prompt_tokens] * (n_items * n_choices)] * n_methods
     traces: list[Trace] = []
-    for lengths in passes:
-        traces += [Trace(r, t, t, 1) for r, t in _batches(lengths, batch_size)]
-    n_rows = sum(len(p) for p in passes)
-    n_batches = len(traces)
-    sent = SESSION_OVERHEAD + sum(sum(p) for p in passes) * 4 + n_rows * 8 * 5 \
-        + 5 * PAYLOAD_TENSOR_OVERHEAD * n_batches + sent_bytes(n_bank * dims.d_model, 4)
-    returned = RESULT_OVERHEAD + sum(tensor_bytes(len(p), 4) + tensor_bytes(len(p), 8) + tensor_bytes(len(p), 1)
-                                      for p in passes) + tensor_bytes(n_items * n_bank, 4)
+    if passes is None:  # every row prompt_tokens long: whole batches counted, not listed
+        rows = [n_items * n_bank] + [n_items * n_choices] * n_methods
+        for n in rows:
+            full, rest = divmod(n, batch_size)
+            traces += [Trace(batch_size, prompt_tokens, prompt_tokens, 1, count=full)] if full else []
+            traces += [Trace(rest, prompt_tokens, prompt_tokens, 1)] if rest else []
+        n_tokens = sum(rows) * prompt_tokens
+    else:
+        rows = [len(p) for p in passes]
+        for lengths in passes:
+            traces += [Trace(r, t, t, 1) for r, t in _batches(lengths, batch_size)]
+        n_tokens = sum(sum(p) for p in passes)
+    n_batches = sum(t.count for t in traces)
+    sent = SESSION_OVERHEAD + n_tokens * 4 + sum(rows) * 8 * 5 + 5 * PAYLOAD_TENSOR_OVERHEAD * n_batches \
+        + sent_bytes(n_bank * dims.d_model, 4)
+    returned = RESULT_OVERHEAD + sum(tensor_bytes(n, 4) + tensor_bytes(n, 8) + tensor_bytes(n, 1) for n in rows) \
+        + tensor_bytes(n_items * n_bank, 4)
     # rows of the profile (one bank vector each), the CFV and the best FFV (methods 1 and 3) mix the bank's vectors:
     # [rows, bank] @ [bank, d_model] per batch
-    mixed = len(passes[0]) + sum(len(p) for p in passes[1:4:2])
+    mixed = rows[0] + sum(rows[1:4:2])
     return Plan("analogy", n_items, "items", _merge(traces), sent, returned, extra_flops=2 * mixed * n_bank * dims.d_model,
-                settings={"items": n_items, "bank": n_bank, "choices": n_choices, "methods": len(passes) - 1,
+                settings={"items": n_items, "bank": n_bank, "choices": n_choices, "methods": len(rows) - 1,
                           "batch_size": batch_size})
 
 
@@ -663,7 +672,16 @@ class StageOptions:
         shots = self.n_shots if shots is None else shots
         return TOKENS_PER_SHOT * shots + QUERY_TOKENS
 
+    LIMITS = {"n_prompts": 100_000, "max_copies": 1_000_000, "steps": 100_000, "n_train": 100_000,
+              "eval_every": 100_000, "relations": 10_000, "items": 100_000, "bank_size": 1_000, "choices": 100,
+              "methods": 5, "positions": 10_000, "n_shots": 10_000, "n_valid": 100_000, "prompt_tokens": 10_000_000,
+              "batch_size": 100_000}
+
     def check(self) -> "StageOptions":
+        for name, most in self.LIMITS.items():
+            value = getattr(self, name)
+            if value is not None and int(value) > most:
+                raise UserError(f"--{name.replace('_', '-')} {value}: at most {most:,} (ask for fewer)")
         for name in ("n_prompts", "max_copies", "steps", "n_train", "eval_every", "relations", "items", "bank_size",
                      "choices", "methods", "positions"):
             if int(getattr(self, name)) < 1:

@@ -92,6 +92,17 @@ def stage_extract(s: Setup):
     return plan, lambda m, r: trace_heads_batches(m, batches, (-1,), remote=r), "8 prompts, 5-shot, 2 batches of 4"
 
 
+def stage_extract_half(s: Setup):
+    from fv_remote.extract import trace_heads_batches
+
+    prompts = s.prepared[0].prompts("train", 8, kind="clean", n_shots=5)
+    batches = [([p.text for p in prompts[i:i + 4]], [s.prepared[0].answer_token[p.answer] for p in prompts[i:i + 4]])
+               for i in range(0, 8, 4)]
+    half = P.plan_extract(s.dims, 8, [s.n_tokens(p.text) for p in prompts], 4, 1, nbytes=4, reduce="float16")
+    return half, lambda m, r: trace_heads_batches(m, batches, (-1,), remote=r, half=bool(r)), \
+        "as extract, --reduce float16"
+
+
 def stage_cma(s: Setup):
     from fv_remote.cma import cma_fast_session
 
@@ -184,7 +195,7 @@ def stage_analogy(s: Setup):
     return plan, run, "mc/first, 3 items, 5 methods, 3 relations"
 
 
-STAGES = {"extract": stage_extract, "cma": stage_cma, "finetune": stage_finetune, "bank build": stage_bank,
+STAGES = {"extract": stage_extract, "extract --reduce float16": stage_extract_half, "cma": stage_cma, "finetune": stage_finetune, "bank build": stage_bank,
           "analogy": stage_analogy}
 
 

@@ -12,6 +12,10 @@ Environment:
                   else the bundled relations)
   BENCH_OUT       where the cache store lives (default: out/bench); it only caches extraction (clean-prompt head
                   outputs for the means), never timed work.
+  BENCH_CLEAN     clean prompts behind the mean activations (default 100)
+  BENCH_DEVICE, BENCH_DTYPE, or the options --device (cpu, cuda, cuda:1, ...) and --dtype (float32, bfloat16,
+                  float16) of every bench_*.py: where and in what precision the model runs (default cpu, float32).
+                  benchmarks/gpu.sh runs the benchmarks this way on a GPU.
 """
 
 from __future__ import annotations
@@ -31,12 +35,40 @@ ROOT = Path(__file__).resolve().parents[1]
 TODD_DIR = Path("/work/shared/data/todd_fv/abstractive")
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def options():
+    """--device and --dtype from the command line (other arguments are left to the script), else the environment."""
+    import argparse
+
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--device", default=os.environ.get("BENCH_DEVICE", "cpu"))
+    parser.add_argument("--dtype", default=os.environ.get("BENCH_DTYPE", "float32"), choices=sorted(DTYPES))
+    args, _ = parser.parse_known_args()
+    return args
+
+
+def on_gpu() -> bool:
+    return options().device.startswith("cuda")
+
+
+def sync() -> None:
+    """Wait for queued GPU work, so a timer measures it (a no-op on the CPU)."""
+    if on_gpu():
+        torch.cuda.synchronize()
+
+
 def setup() -> dict:
     threads = os.environ.get("BENCH_THREADS")
     if threads:
         torch.set_num_threads(int(threads))
-    return {"threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
-            "load_avg_start": round(os.getloadavg()[0], 2)}
+    opts = options()
+    env = {"threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
+           "device": opts.device, "dtype": opts.dtype, "load_avg_start": round(os.getloadavg()[0], 2)}
+    if on_gpu():
+        env["gpu"] = torch.cuda.get_device_name(torch.device(opts.device))
+    return env
 
 
 def log(*args) -> None:
@@ -51,7 +83,8 @@ def emit(record: dict) -> None:
 def load():
     from fv_remote.models import load_model
 
-    return load_model(os.environ.get("BENCH_MODEL", "smollm2-135m"))
+    opts = options()
+    return load_model(os.environ.get("BENCH_MODEL", "smollm2-135m"), device=opts.device, dtype=DTYPES[opts.dtype])
 
 
 def data_dir() -> str | None:
@@ -76,18 +109,46 @@ def store():
 
     out = Path(os.environ.get("BENCH_OUT", ROOT / "out" / "bench"))
     out.mkdir(parents=True, exist_ok=True)
-    return ActivationStore(str(out / f"{os.environ.get('BENCH_MODEL', 'smollm2-135m')}.zarr"))
+    # one cache per model and dtype: bf16 head outputs are not fp32's
+    dtype = "" if options().dtype == "float32" else f"-{options().dtype}"
+    return ActivationStore(str(out / f"{os.environ.get('BENCH_MODEL', 'smollm2-135m')}{dtype}.zarr"))
 
 
-def means_for(model, relation, n_clean: int = 100, n_shots: int = 10):
+def means_for(model, relation, n_clean: int | None = None, n_shots: int = 10):
     """Mean clean head outputs [L, H, Dh] (extraction cached in the bench store; resumes, never timed)."""
     from fv_remote.extract import extract, mean_heads_tensor
 
+    n_clean = n_clean or int(os.environ.get("BENCH_CLEAN", "100"))
     st = store()
     if st.n_complete(relation.name) < n_clean:
         log(f"extracting {n_clean} clean prompts for {relation.name} (cached in {st.url})")
         extract(model, relation, st, n_prompts=n_clean, n_shots=n_shots)
-    return mean_heads_tensor(st, relation.name)
+    return mean_heads_tensor(st, relation.name).to(model.hf.device)
+
+
+def matmul_flops_per_s(n: int = 2048, reps: int = 5) -> float:
+    """This machine's matrix-multiply throughput: the best of `reps` [n, n] @ [n, n] products in the benchmark's
+    dtype and device (2 n^3 FLOPs each), measured now, under the same load as the benchmark."""
+    opts = options()
+    a = torch.randn(n, n, device=opts.device).to(DTYPES[opts.dtype])
+    b = torch.randn(n, n, device=opts.device).to(DTYPES[opts.dtype])
+    a @ b  # warm-up
+    best = float("inf")
+    for _ in range(reps):
+        with Timer() as t:
+            a @ b
+        best = min(best, t.seconds)
+    return 2 * n**3 / best
+
+
+def count_flops(fn) -> int:
+    """Matmul FLOPs of `fn()` by torch's own counter, with eager attention so that attention products count too
+    (SDPA computes the same products; its CPU kernel is not counted). Untimed."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())
 
 
 class Timer:
@@ -95,17 +156,20 @@ class Timer:
         self.seconds = 0.0
 
     def __enter__(self):
+        sync()
         self._t = time.perf_counter()
         return self
 
     def __exit__(self, *exc):
+        sync()
         self.seconds += time.perf_counter() - self._t
 
 
-def aie_for(model, relation, prepared, means, n_prompts: int = 25):
+def aie_for(model, relation, prepared, means, n_prompts: int | None = None):
     """Exact AIE [L, H] from the bench store (computed once with the fast exact CMA; never timed)."""
     from fv_remote.cma import load_aie, run_cma
 
+    n_prompts = n_prompts or int(os.environ.get("BENCH_PROMPTS", "25"))
     st = store()
     if st.n_complete(f"{relation.name}/cma") < n_prompts:
         log(f"exact CMA on {n_prompts} prompts for {relation.name} (cached in {st.url})")

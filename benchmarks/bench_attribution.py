@@ -25,7 +25,7 @@ from fv_remote.steering import Steer, top1_accuracy
 from fv_remote.vectors import build_function_vector, top_heads
 
 TASKS = os.environ.get("BENCH_TASKS", "present-past,singular-plural").split(",")
-N_PROMPTS = 25
+N_PROMPTS = int(os.environ.get("BENCH_PROMPTS", "25"))
 K = 10
 
 

@@ -33,9 +33,9 @@ def main() -> None:
     texts, answers = [p.text for p in prompts], prepared.ids(prompts)
     tok = model.tokenizer
     tok.padding_side = "left"
-    enc = tok(texts, return_tensors="pt", padding=True)
+    enc = tok(texts, return_tensors="pt", padding=True).to(model.hf.device)
     position_ids = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)
-    ids = torch.tensor(answers)
+    ids = torch.tensor(answers, device=model.hf.device)
     sites = [ad.head_site(model.hf, layer) for layer in range(ad.n_layers)]
 
     def plain(hooks: bool):

@@ -25,6 +25,7 @@ def _register() -> None:
     from fv_remote.cli import graft_cmd  # noqa: F401
     from fv_remote.cli import relational_cmd  # noqa: F401
     from fv_remote.cli import export_cmd  # noqa: F401
+    from fv_remote.cli import plan_cmd  # noqa: F401
 
 
 def _fail(message: str, code: int = 2) -> None:

@@ -6,6 +6,7 @@ import typer
 
 from fv_remote.cli.app import app
 from fv_remote.cli.common import console, load_stage, out, progress_bar, require_remote_for_no_wait
+from fv_remote.cli.plan_cmd import PLAN_HELP, plan_instead
 from fv_remote.models import DEFAULT_MODEL
 
 
@@ -51,6 +52,9 @@ def extract(
     remote: bool = typer.Option(False, "--remote", help="run on NDIF (one request; --model is a Hub repo id)"),
     no_wait: bool = typer.Option(False, "--no-wait", help="with --remote: submit, print the job id and return; "
                                  "`fv-remote jobs fetch ID` stores the results later"),
+    reduce: str = typer.Option("none", help="with --remote: none, or float16 (head outputs rounded on the server: "
+                               "half the bytes of float32 come back; recorded in the store)"),
+    plan: bool = typer.Option(False, "--plan", help=PLAN_HELP),
 ) -> None:
     """Trace every attention head's output on clean n-shot prompts into the store (resumable)."""
     from fv_remote import remote as R
@@ -63,6 +67,12 @@ def extract(
     require_positive("--batch-size", batch_size)
     require_remote_for_no_wait(no_wait, remote)
     pos = _positions(positions)
+    if plan:
+        return plan_instead("extract", model, n_prompts=n_prompts, n_shots=n_shots, batch_size=batch_size,
+                            positions=len(pos), reduce=reduce)
+    from fv_remote.extract import check_reduce
+
+    check_reduce(reduce, remote)
     relation = load_task(task, data_dir=data_dir)
     loaded = load_stage(model, remote)
     _note_counts(loaded, relation, n_prompts, n_shots, seed)
@@ -76,7 +86,7 @@ def extract(
         try:
             with R.no_wait():
                 result = run_extract(loaded, relation, act_store, n_prompts=n_prompts, n_shots=n_shots, seed=seed,
-                                     batch_size=batch_size, positions=pos, remote=True)
+                                     batch_size=batch_size, positions=pos, remote=True, reduce=reduce)
         except R.JobSubmitted as job:
             submitted(job, {"model": loaded.model_id, "revision": loaded.revision, "task": task,
                             "data_dir": data_dir})
@@ -86,7 +96,7 @@ def extract(
     with progress_bar(f"extract {relation.name}", n_prompts) as update:
         update(min(done, n_prompts), n_prompts)
         result = run_extract(loaded, relation, act_store, n_prompts=n_prompts, n_shots=n_shots, seed=seed,
-                             batch_size=batch_size, positions=pos, progress=update, remote=remote)
+                             batch_size=batch_size, positions=pos, progress=update, remote=remote, reduce=reduce)
     for pair, reason in result.skipped_pairs:
         console.print(f"[yellow]skipped pair {pair[0]!r} -> {pair[1]!r}: {reason}[/]")
     ad = loaded.adapter
@@ -94,4 +104,5 @@ def extract(
               f"{ad.n_layers} layers x {ad.n_heads} heads x {ad.head_dim}; "
               f"{n_shots}-shot accuracy {result.accuracy:.2f}"
               + (f"; {len(result.skipped_pairs)} pairs skipped (no usable first answer token)"
-                 if result.skipped_pairs else ""))
+                 if result.skipped_pairs else "")
+              + ("; head outputs rounded to float16 on the server" if reduce == "float16" else ""))

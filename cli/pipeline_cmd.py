@@ -12,6 +12,7 @@ from fv_remote.cli.app import app
 from fv_remote.checks import atomic_save, check_output_path, check_prompt_lengths, require_finite_option
 from fv_remote.checks import check_scale, require_finite_vector
 from fv_remote.cli.common import console, load_stage, out, progress_bar, require_remote_for_no_wait
+from fv_remote.cli.plan_cmd import PLAN_HELP, plan_instead
 from fv_remote.errors import UserError, require_positive
 from fv_remote.models import DEFAULT_MODEL
 
@@ -112,6 +113,7 @@ def cma(
     no_wait: bool = typer.Option(False, "--no-wait", help="with --remote: submit, print the job id and return; "
                                  "`fv-remote jobs fetch ID` stores the AIE, prints the top heads and writes the "
                                  "heatmap later"),
+    plan: bool = typer.Option(False, "--plan", help=PLAN_HELP),
 ) -> None:
     """Average indirect effect of every head (patched with its mean clean activation into shuffled prompts)."""
     from fv_remote.cma import run_cma
@@ -123,6 +125,8 @@ def cma(
 
     for name, value in (("--n-prompts", n_prompts), ("--n-shots", n_shots), ("--top", top)):
         require_positive(name, value)  # before the model loads: a typo should not cost a minute
+    if plan:
+        return plan_instead("cma", model, n_prompts=n_prompts, n_shots=n_shots)
     require_remote_for_no_wait(no_wait, remote)
     check_output_path(plot, "--plot")
     act_store = ActivationStore(store)

@@ -17,6 +17,7 @@ from fv_remote.checks import MAX_BOOT, MAX_STEPS, check_scale, load_vector, requ
 from fv_remote.checks import write_output
 from fv_remote.cli.app import app
 from fv_remote.cli.common import console, load_stage, out, progress_bar, require_remote_for_no_wait
+from fv_remote.cli.plan_cmd import PLAN_HELP, plan_instead
 from fv_remote.errors import UserError, require_positive
 from fv_remote.models import DEFAULT_MODEL
 
@@ -93,6 +94,7 @@ def finetune(
     no_wait: bool = typer.Option(False, "--no-wait", help="with --remote: submit the fine-tuning, print the job id "
                                  "and return; `fv-remote jobs fetch ID` saves the FFV and loss curve later and "
                                  "prints the `fv-remote evaluate` command that evaluates it (instead of evaluating)"),
+    plan: bool = typer.Option(False, "--plan", help=PLAN_HELP + " (the fine-tuning request)"),
 ) -> None:
     """Fine-tune a function vector (model frozen): FFV = argmin NLL of the answer on zero-shot prompts."""
     from fv_remote.data import load_task
@@ -115,6 +117,10 @@ def finetune(
     if init == "fv" and source is None:
         raise UserError("--init fv needs --fv FILE (make one with `fv-remote run` or `fv-remote fit`); "
                         "or use --init zero --layer N")
+    if plan:
+        at = source.layer if layer_opt is None and source is not None else layer_opt  # None / "auto": the search
+        return plan_instead("finetune", model, n_train=n_train, n_valid=n_valid, steps=steps, batch_size=batch_size,
+                            layer=None if at == "auto" else at)
     relation = load_task(task, data_dir=data_dir)
     loaded = load_stage(model, remote)
     if source is not None:
@@ -234,6 +240,7 @@ def bank_build(
                                "is back"),
     no_wait: bool = typer.Option(False, "--no-wait", help="with --remote: submit, print the job id and return; "
                                  "`fv-remote jobs fetch ID` writes the bank later"),
+    plan: bool = typer.Option(False, "--plan", help=PLAN_HELP),
 ) -> None:
     """Fine-tune an FFV for every relation and store them in one bank file (resumable)."""
     from fv_remote.bank import build_bank
@@ -248,6 +255,9 @@ def bank_build(
     relations = [load_task(n, data_dir=data_dir) for n in names] + [load_task(str(p)) for p in (data or [])]
     if not relations:
         raise UserError("no relations given: use --tasks, --data, or neither for every bundled relation")
+    if plan:
+        return plan_instead("bank", model, n_train=n_train, n_valid=n_valid, steps=steps, batch_size=batch_size,
+                            layer=layer, relations=len(relations))
     loaded = load_stage(model, remote)
     if layer is None and init != "fv":
         layer = round(0.4 * loaded.adapter.n_layers)
@@ -446,6 +456,7 @@ def analogy(
     json_path: Optional[Path] = typer.Option(None, "--json"),
     remote: bool = _remote_opt("relation profiles, CFV weights and every method's scores in one request (with "
                                "--combiner; --train-combiner runs locally only)"),
+    plan: bool = typer.Option(False, "--plan", help=PLAN_HELP),
 ) -> None:
     """Analogies (A is to B as C is to ?) with composite FVs, against no vector, the best single FFV and ICL."""
     import random
@@ -477,6 +488,9 @@ def analogy(
     if limit is not None:
         items = items[:require_positive("--limit", limit)]
     bank = RelationBank.load(bank_path)
+    if plan:
+        return plan_instead("analogy", model, items=max(len(items), 1), bank_size=max(len(bank), 1),
+                            choices=max([len(it.choices) for it in items] or [1]), batch_size=batch_size)
     loaded = load_stage(model, remote)
     bank.check_model(loaded)
     comb = None

@@ -62,10 +62,12 @@ def trace_heads(model: LoadedModel, texts: list[str], answer_ids: list[int],
 
 
 def trace_heads_batches(model: LoadedModel, batches: list[tuple[list[str], list[int]]],
-                        positions: tuple[int, ...] = (-1,), remote: Any = True) -> list[dict[str, torch.Tensor]]:
+                        positions: tuple[int, ...] = (-1,), remote: Any = True,
+                        half: bool = False) -> list[dict[str, torch.Tensor]]:
     """`trace_heads` for many (texts, answer_ids) batches in one session: a single NDIF request when remote.
 
     The session body is shipped as source: it reads only plain values, envoys and `fv_remote.traces` helpers.
+    `half`: the head outputs are rounded to float16 on the server (half the bytes of float32 to bring back).
     """
     ad, lm = model.adapter, model.lm
     sites = [ad.head_site(lm, layer) for layer in range(ad.n_layers)]
@@ -77,7 +79,8 @@ def trace_heads_batches(model: LoadedModel, batches: list[tuple[list[str], list[
     with stage_session(model, remote):
         for texts, ids in jobs:
             with lm.trace(texts):
-                heads = read_heads(sites, pos, n_heads, head_dim).save()
+                heads = read_heads(sites, pos, n_heads, head_dim)
+                heads = heads.to(torch.float16).save() if half else heads.save()
                 logits = unembed.output[:, -1]
                 prob, top1, _ = answer_stats(logits, ids.to(logits.device))
                 prob, top1 = prob.save(), top1.save()
@@ -146,8 +149,19 @@ class _Plan:
     starts: list[int]
 
 
+REDUCTIONS = ("none", "float16")
+
+
+def check_reduce(reduce: str, remote: Any) -> None:
+    if reduce not in REDUCTIONS:
+        raise UserError(f"unknown reduction {reduce!r}; use one of {', '.join(REDUCTIONS)}")
+    if reduce != "none" and not remote_mode(remote):
+        raise UserError("--reduce shrinks what a remote extraction brings back: use it with --remote")
+
+
 def _plan(model: LoadedModel, task: RelationTask, store: ActivationStore, n_prompts: int, n_shots: int, seed: int,
-          batch_size: int, positions: tuple[int, ...], template: PromptTemplate | None) -> _Plan:
+          batch_size: int, positions: tuple[int, ...], template: PromptTemplate | None,
+          reduce: str = "none") -> _Plan:
     """Prompts, store identity and the batches still missing (after checking and repairing the store)."""
     require_positive("n_prompts", n_prompts)
     require_positive("batch_size", batch_size)
@@ -166,7 +180,13 @@ def _plan(model: LoadedModel, task: RelationTask, store: ActivationStore, n_prom
         "seed": seed, "template": [template.query, template.answer, template.separator, template.prefix],
         "positions": list(positions), "kind": "clean",
     }
+    if reduce != "none":  # only then: stores written before reductions existed keep their identity
+        identity["remote_reduce"] = reduce
     store.check_compatible(task.name, identity)
+    stored_reduce = store.attrs(task.name).get("remote_reduce", "none") if store.has_task(task.name) else reduce
+    if stored_reduce != reduce:  # never half rounded: the values' precision is part of the task's identity
+        raise UserError(f"store {store.url} task {task.name!r} was written with --reduce {stored_reduce}, not "
+                        f"{reduce}; use another --store or the same settings")
     start = store.trim(task.name)
     return _Plan(prompts, prepared.answer_token, prepared.problems, identity,
                  list(range(start, n_prompts, batch_size)))
@@ -199,25 +219,28 @@ def _remote_batches(model: LoadedModel, plan: _Plan, batch_size: int) -> list[tu
 def extract(model: LoadedModel, task: RelationTask, store: ActivationStore, n_prompts: int = 100,
             n_shots: int = 10, seed: int = 0, batch_size: int = 16, positions: tuple[int, ...] = (-1,),
             template: PromptTemplate | None = None, progress: Progress | None = None,
-            remote: Any = False) -> ExtractionResult:
+            remote: Any = False, reduce: str = "none") -> ExtractionResult:
     """Trace `n_prompts` clean n-shot prompts built from the task's training split; resume where a run stopped.
 
     With `remote` all missing batches go in one NDIF request; they are stored once its results are back, so a
     failed request leaves the store as it was. Under `fv_remote.remote.no_wait()` the request is submitted and
     `JobSubmitted` raised, its `details` saying how `store_remote_extraction` stores the results later.
+    `reduce="float16"` (remote only) rounds the head outputs to float16 on the server before they travel; the store
+    records it (`remote_reduce` in the task's identity, so a store is never half rounded).
     """
+    check_reduce(reduce, remote)
     with store.writing():  # one writer per store for the whole run
-        plan = _plan(model, task, store, n_prompts, n_shots, seed, batch_size, positions, template)
+        plan = _plan(model, task, store, n_prompts, n_shots, seed, batch_size, positions, template, reduce)
         remote_outs = None
         if remote_mode(remote) and plan.starts:
             try:
                 remote_outs = trace_heads_batches(model, _remote_batches(model, plan, batch_size), positions,
-                                                  remote)
+                                                  remote, half=reduce == "float16")
             except JobSubmitted as job:
                 job.details.update(stage="extract", task=task.name, store=store.url, n_prompts=n_prompts,
                                    n_shots=n_shots, seed=seed, batch_size=batch_size, positions=list(positions),
                                    template=plan.identity["template"], identity=plan.identity,
-                                   starts=plan.starts, result_key="outs")
+                                   starts=plan.starts, result_key="outs", reduce=reduce)
                 raise
         return _store_batches(model, task, store, plan, n_prompts, batch_size, positions, remote_outs, progress)
 
@@ -245,7 +268,7 @@ def _store_remote_extraction(model: LoadedModel, task: RelationTask, store: Acti
         accuracy = float(ds["correct"].values[:n_prompts].mean())
         return ExtractionResult(task.name, store.n_complete(task.name), 0, accuracy, [])
     plan = _plan(model, task, store, n_prompts, int(details["n_shots"]), int(details["seed"]), batch_size,
-                 positions, template)
+                 positions, template, details.get("reduce", "none"))
     if plan.identity != details["identity"]:
         changed = sorted(k for k in plan.identity if plan.identity[k] != details["identity"].get(k))
         raise UserError(f"the job was submitted for other settings than these ({', '.join(changed)} differ); "

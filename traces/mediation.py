@@ -46,8 +46,9 @@ def copies_mask(n_cached: int, n_copies: int, dtype, hide=None):
 
 
 def answer_prob(logits, answer_id: int):
-    """P(answer) at the last token for every row."""
-    return torch.softmax(logits[:, -1].float(), dim=-1)[:, answer_id]
+    """P(answer) at the last token for every row ([B], its own storage: a view would carry the whole [B, vocab]
+    softmax with it when saved and sent back)."""
+    return torch.softmax(logits[:, -1].float(), dim=-1)[:, answer_id].clone()
 
 
 def answer_prob_positions(logits, answer_id: int):

@@ -1,0 +1,159 @@
+"""Issue 17: labelled banks from public sources, per-group analogy results, icl_qa+cfv, the bank map."""
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_tiny_model
+from fv_remote.analogy import AnalogySettings, bootstrap_ci, group_keys, run_analogies
+from fv_remote.bank import RelationBank
+from fv_remote.bank_sources import build_from_sources, report_path, select_sources
+from fv_remote.data import RelationTask, load_task, read_analogy_csv, read_mc_analogies
+from fv_remote.data.sources import Collection, bats_relations, preset_paths, semeval_relations, todd_relations
+from fv_remote.errors import UserError
+from fv_remote.ffv import FinetuneSettings
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+FIX = FIXTURES / "relational"
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_tokenizer):
+    return make_tiny_model("llama", tiny_tokenizer)
+
+
+def _labelled(name: str, source: str, cls: str) -> RelationTask:
+    task = load_task(FIX / f"{name}.json")
+    task.labels = {"source": source, "class": cls, "subcategory": name}
+    task.name = f"{source}:{name}"
+    return task
+
+
+@pytest.fixture(scope="module")
+def labelled_bank(llama, tmp_path_factory):
+    path = tmp_path_factory.mktemp("bank") / "public.safetensors"
+    few = RelationTask("tiny", [("hot", "cold"), ("up", "down"), ("big", "small")])
+    few.labels = {"source": "todd", "class": "x", "subcategory": "tiny"}
+    few.name = "todd:tiny"
+    coll = Collection([_labelled("opposites", "semeval2012", "CONTRAST"), few, _labelled("echo", "bats", "copy")])
+    bank, report = build_from_sources(llama, coll, path, layer=1, n_train=20, min_train=4, n_valid=4,
+                                      settings=FinetuneSettings(steps=2, lr=0.5))
+    return path, bank, report
+
+
+def test_public_readers_label_every_relation(tmp_path):
+    sem = semeval_relations(FIXTURES / "semeval_mini")
+    assert [t.name for t in sem.tasks] == ["semeval2012:1a", "semeval2012:2c"]
+    assert sem.tasks[0].labels["class"] == "CLASS-INCLUSION" and sem.tasks[0].labels["subcategory"] == "1a Taxonomic"
+    bats = bats_relations(FIXTURES / "bats_pairs.json")
+    by_name = {t.name: t.labels for t in bats.tasks}
+    assert by_name["bats:E01 [country - capital]"]["class"] == "encyclopedic semantics"
+    assert by_name["bats:I01 [noun - plural_reg]"]["source"] == "bats"
+    todd = tmp_path / "abstractive"
+    todd.mkdir()
+    (todd / "opp.json").write_text((FIXTURES / "todd_small.json").read_text())
+    (todd / "news.json").write_text(json.dumps([{"input": "a long headline about markets and rates today",
+                                                 "output": "business"}] * 3))
+    got = todd_relations(todd)
+    assert [t.name for t in got.tasks] == ["todd:opp"] and got.tasks[0].labels["class"] == "abstractive"
+    assert [u.name for u in got.unusable] == ["todd:news"] and "not a word relation" in got.unusable[0].reason
+    assert got.unusable[0].n_pairs == 3
+    with pytest.raises(UserError, match="missing"):
+        preset_paths("public", tmp_path)
+    with pytest.raises(UserError, match="unknown preset"):
+        preset_paths("all", tmp_path)
+
+
+def test_build_from_sources_records_labels_and_reports(llama, labelled_bank):
+    path, bank, report = labelled_bank
+    assert bank.names == ["semeval2012:opposites", "bats:echo"]
+    meta = bank.get("semeval2012:opposites").meta
+    assert meta["source"] == "semeval2012" and meta["class"] == "CONTRAST" and meta["subcategory"] == "opposites"
+    # 14 pairs -> 10 training pairs after the 70/15/15 split: min(--n-train 20, 10)
+    assert meta["n_train"] == 10
+    assert report["per_source"]["semeval2012"] == {"offered": 1, "built": 1, "unusable": 0,
+                                                   "train_s": report["per_source"]["semeval2012"]["train_s"]}
+    assert report["per_source"]["todd"]["unusable"] == 1 and report["per_source"]["todd"]["built"] == 0
+    (row,) = report["unusable"]
+    assert row["name"] == "todd:tiny" and row["n_pairs"] == 3 and "fewer than 4" in row["reason"]
+    assert set(report["train_s"]) == {"semeval2012:opposites", "bats:echo"}
+    assert json.loads(report_path(path).read_text())["bank"] == 2
+    # the labels survive the file; selecting a source keeps its entries only
+    back = RelationBank.load(path)
+    assert select_sources(back, ["bats"]).names == ["bats:echo"]
+    with pytest.raises(UserError, match="no entries from source"):
+        select_sources(back, ["msr"])
+
+
+def test_resumed_build_keeps_times(llama, labelled_bank):
+    path, _, first = labelled_bank
+    coll = Collection([_labelled("opposites", "semeval2012", "CONTRAST"), _labelled("echo", "bats", "copy")])
+    _, again = build_from_sources(llama, coll, path, layer=1, n_train=20, min_train=4, n_valid=4,
+                                  settings=FinetuneSettings(steps=2, lr=0.5))
+    assert again["train_s"] == first["train_s"] and len(again["wall_s_runs"]) == 2
+
+
+def test_csv_header_extra_columns_and_groups(tmp_path):
+    path = tmp_path / "a.csv"
+    path.write_text("distance,D_foil,A,B,C,D\nnear,up,hot,cold,up,down\nfar,fox,big,small,fox,dog\n")
+    items = read_analogy_csv(path)
+    assert [it.stem for it in items] == [("hot", "cold"), ("big", "small")]
+    assert items[1].choices == [("fox", "dog"), ("fox", "fox")] and items[1].groups == {"distance": "far"}
+    assert group_keys(items) == ["distance"]
+    path.write_text("A,B,C,D_foil\nhot,cold,up,down\n")
+    with pytest.raises(UserError, match="lacks column"):
+        read_analogy_csv(path)
+    # no header: 5 columns by position, as before
+    assert len(read_analogy_csv(FIXTURES / "analogies_noheader.csv")) >= 1
+
+
+def test_jsonl_groups_relation_and_family():
+    items = read_mc_analogies(FIX / "mc.jsonl")
+    assert items[0].groups["relation"] == "L10 [antonyms - binary]"
+    assert items[0].groups["family"] == "4_Lexicographic_semantics"
+    assert items[1].groups["family"] == "semantic" and "prefix" in items[0].groups
+
+
+def test_by_group_and_icl_qa_plus_cfv(llama, labelled_bank):
+    _, bank, _ = labelled_bank
+    items = read_mc_analogies(FIX / "mc.jsonl")
+    res = run_analogies(llama, bank, items, AnalogySettings(n_boot=200))
+    assert res.group_by == "relation"
+    groups = res.by_group("family")
+    assert sum(g["n"] for g in groups.values()) == res.n == 3
+    idx = [i for i, it in enumerate(res.items) if it.groups["family"] == "4_Lexicographic_semantics"]
+    lex = groups["4_Lexicographic_semantics"]
+    for m, v in res.correct.items():
+        assert lex["accuracy"][m] == pytest.approx(v[idx].mean())
+        assert lex["ci95"][m] == bootstrap_ci(v[idx], 200, 0)
+    assert "cfv_minus_no_vector" in lex["gain"] and "icl_qa+cfv_minus_icl_qa" in res.gains()
+    data = res.as_json()
+    assert data["by_group"].keys() == res.by_group("relation").keys()
+    json.dumps(data)
+    # the CFV on top of the one-shot prompt: nothing added at scale 0, so exactly the one-shot prompt's hits
+    zero = run_analogies(llama, bank, items, AnalogySettings(n_boot=10, scale=0.0),
+                         methods=["cfv", "icl_qa", "icl_qa+cfv"])
+    assert np.array_equal(zero.correct["icl_qa+cfv"], zero.correct["icl_qa"])
+    assert np.array_equal(zero.correct["cfv"], run_analogies(llama, bank, items, AnalogySettings(n_boot=10),
+                                                              methods=["cfv", "no_vector"]).correct["no_vector"])
+
+
+def test_icl_qa_plus_cfv_moves_the_scores(llama, labelled_bank):
+    from fv_remote.analogy import _choice_scores, _method_rows, check_items, cfv_weights, relation_profile
+
+    _, bank, _ = labelled_bank
+    s = AnalogySettings(scale=4.0)
+    kept, _ = check_items(llama.tokenizer, read_mc_analogies(FIX / "mc.jsonl"), s)
+    weights = cfv_weights(relation_profile(llama, bank, [it.stem for it in kept], s))
+    rows, prompts, ds, tmpl = _method_rows(kept, s, "icl_qa+cfv")
+    assert prompts == _method_rows(kept, s, "icl_qa")[1]
+    plain = _choice_scores(llama, bank, prompts, ds, tmpl, None, s, "mc")
+    steered = _choice_scores(llama, bank, prompts, ds, tmpl, weights[torch.tensor(rows)], s, "mc")
+    assert not torch.allclose(plain, steered)

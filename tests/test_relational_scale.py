@@ -157,3 +157,81 @@ def test_icl_qa_plus_cfv_moves_the_scores(llama, labelled_bank):
     plain = _choice_scores(llama, bank, prompts, ds, tmpl, None, s, "mc")
     steered = _choice_scores(llama, bank, prompts, ds, tmpl, weights[torch.tensor(rows)], s, "mc")
     assert not torch.allclose(plain, steered)
+
+
+# --- the bank map ------------------------------------------------------------------------------------------------
+
+
+def test_adjusted_rand_index_known_values():
+    from fv_remote.bank_map import adjusted_rand_index as ari
+
+    assert ari([0, 0, 1, 1], [1, 1, 0, 0]) == pytest.approx(1.0)  # same partition, other names
+    assert ari([0, 0, 1, 1], [0, 1, 0, 1]) == pytest.approx(-0.5)
+    # by hand: cells (2, 1, 1, 2) give 2 pairs, rows 3 + 3, columns 1 + 1 + 1, E = 6 * 3 / 15 = 1.2
+    assert ari([0, 0, 0, 1, 1, 1], ["a", "a", "b", "b", "c", "c"]) == pytest.approx((2 - 1.2) / (4.5 - 1.2))
+    assert ari([0, 0, 1, 1], [0, 0, 1, 2]) == pytest.approx(4 / 7)
+
+
+def _synthetic_bank(per_class: int = 6, noise: float = 0.3, seed: int = 0) -> RelationBank:
+    from fv_remote.bank import BankEntry
+
+    gen = torch.Generator().manual_seed(seed)
+    centres = torch.randn(3, 32, generator=gen) * 3
+    bank = RelationBank("m")
+    for c in range(3):
+        for j in range(per_class):
+            vec = centres[c] + noise * torch.randn(32, generator=gen)
+            bank.add(BankEntry(f"r{c}{j}", vec, 1, {"source": "semeval2012", "class": f"C{c}"}))
+    bank.add(BankEntry("other", torch.randn(32, generator=gen), 1, {"source": "todd", "class": "t"}))
+    return bank
+
+
+def test_bank_map_recovers_planted_classes(tmp_path):
+    from fv_remote.bank_map import bank_map, plot_map, plot_recovery
+
+    result = bank_map(_synthetic_bank(), n_perm=200)
+    sem = next(r for r in result.recoveries if r.source == "semeval2012")
+    assert sem.n == 18 and sem.n_classes == 3 and sem.ari == pytest.approx(1.0)
+    assert abs(sem.perm_mean) < 0.1 and sem.perm_q95 < 0.5 and sem.p_value == pytest.approx(1 / 201)
+    assert sorted(result.order) == list(range(19)) and np.allclose(np.diag(result.sim), 1.0)
+    # relations of one planted class sit next to each other in the order
+    pos = {result.names[i]: k for k, i in enumerate(result.order)}
+    assert max(pos[f"r0{j}"] for j in range(6)) - min(pos[f"r0{j}"] for j in range(6)) == 5
+    # classes unrelated to the geometry: no recovery beyond the shuffles
+    noisy = bank_map(_synthetic_bank(noise=50.0), n_perm=200)
+    assert next(r for r in noisy.recoveries if r.source == "semeval2012").ari < 0.5
+    assert plot_map(result, tmp_path / "m.png").stat().st_size > 1000
+    assert plot_recovery(result, tmp_path / "r.png").stat().st_size > 1000
+    json.dumps(result.as_json())
+
+
+def test_bank_map_cli(tmp_path):
+    from typer.testing import CliRunner
+
+    from fv_remote.cli.app import _register, app
+
+    _register()
+    _synthetic_bank().save(tmp_path / "b.safetensors")
+    res = CliRunner().invoke(app, ["bank", "map", str(tmp_path / "b.safetensors"), "--out", str(tmp_path / "m.png"),
+                                   "--n-perm", "50", "--json", str(tmp_path / "m.json")])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "m.png").is_file() and (tmp_path / "m_recovery.png").is_file()
+    data = json.loads((tmp_path / "m.json").read_text())
+    assert data["n"] == 19 and data["recovery"][0]["ari"] == pytest.approx(1.0)
+    res = CliRunner().invoke(app, ["bank", "map", str(tmp_path / "b.safetensors"), "--linkage", "median"])
+    assert isinstance(res.exception, UserError) and "unknown linkage" in str(res.exception)
+
+
+def test_analogy_cli_group_by_refusals(tmp_path):
+    from typer.testing import CliRunner
+
+    from fv_remote.cli.app import _register, app
+
+    _register()
+    _synthetic_bank().save(tmp_path / "b.safetensors")
+    res = CliRunner().invoke(app, ["analogy", "--mc", str(FIX / "mc.jsonl"), "--bank", str(tmp_path / "b.safetensors"),
+                                   "--group-by", "difficulty"])
+    assert isinstance(res.exception, UserError) and "family, prefix, relation" in str(res.exception)
+    res = CliRunner().invoke(app, ["analogy", "--mc", str(FIX / "mc.jsonl"), "--bank", str(tmp_path / "b.safetensors"),
+                                   "--methods", "cfv,guess"])
+    assert isinstance(res.exception, UserError) and "unknown guess" in str(res.exception)

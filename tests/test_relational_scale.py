@@ -235,3 +235,54 @@ def test_analogy_cli_group_by_refusals(tmp_path):
     res = CliRunner().invoke(app, ["analogy", "--mc", str(FIX / "mc.jsonl"), "--bank", str(tmp_path / "b.safetensors"),
                                    "--methods", "cfv,guess"])
     assert isinstance(res.exception, UserError) and "unknown guess" in str(res.exception)
+
+
+# --- the learned combiner, done properly ---------------------------------------------------------------------------
+
+
+def test_analogies_from_relations_use_other_classes():
+    from fv_remote.combiner_fit import analogies_from_relations
+
+    def rel(name, cls, pairs):
+        task = RelationTask(name, pairs)
+        task.labels = {"class": cls}
+        return task
+
+    tasks = [rel("a", "X", [("hot", "cold"), ("up", "down"), ("big", "small"), ("quick", "lazy")]),
+             rel("b", "X", [("cat", "cats"), ("dog", "dogs")]),
+             rel("c", "Y", [("fox", "fox"), ("the", "the")]), rel("d", "Z", [("one", "two"), ("two", "three")]),
+             rel("e", "W", [("x", "y")])]
+    items = analogies_from_relations(tasks, per_relation=2, n_choices=4, seed=1)
+    from_a = [it for it in items if it.relation == "a"]
+    assert len(from_a) == 2 and all(len(it.choices) == 4 for it in items)
+    a_pairs = set(tasks[0].pairs)
+    for it in from_a:
+        assert it.stem in a_pairs and it.correct in a_pairs and it.stem != it.correct
+        foils = [c for j, c in enumerate(it.choices) if j != it.answer]
+        assert not any(f in a_pairs or f in set(tasks[1].pairs) for f in foils)  # never the same class
+    assert analogies_from_relations(tasks, 2, 4, seed=1) == items  # seeded
+
+
+def test_fit_combiner_early_stops_and_keeps_best(llama, labelled_bank):
+    from fv_remote.analogy import check_items, relation_profile
+    from fv_remote.combiner_fit import choose_scale, choose_softmax, cfv_hits, fit_combiner
+
+    _, bank, _ = labelled_bank
+    s = AnalogySettings(n_boot=10)
+    kept, _ = check_items(llama.tokenizer, read_mc_analogies(FIX / "mc.jsonl"), s)
+    logp = relation_profile(llama, bank, [it.stem for it in kept], s)
+    sel = choose_softmax(llama, bank, kept, logp, s, temperatures=(0.5, 2.0), scales=(1.0, 3.0))
+    assert set(sel.grid) == {"T=0.5,scale=1", "T=0.5,scale=3", "T=2,scale=1", "T=2,scale=3"}
+    assert sel.grid[f"T={sel.temperature:g},scale={sel.scale:g}"] == max(sel.grid.values())
+    comb = fit_combiner(llama, bank, kept, logp, kept, logp, s, steps=12, lr=0.5, items_per_step=2, eval_every=2,
+                        patience=1)
+    hist = comb.meta["history"]
+    assert hist[0]["step"] == 0 and hist[-1]["step"] <= 12
+    best = comb.meta["best_step"]
+    assert comb.meta["held_acc"] == max(h["held_acc"] for h in hist)
+    if best == 0:  # nothing beat the identity start: the identity is what is kept
+        assert torch.equal(comb.weight, torch.eye(len(bank)))
+    # the kept checkpoint reproduces its recorded held-aside accuracy
+    w = torch.softmax(comb.logits(logp), -1)
+    assert cfv_hits(llama, bank, kept, w, s).mean() == pytest.approx(comb.meta["held_acc"])
+    assert choose_scale(llama, bank, kept, w, s, scales=(1.0, 2.0)).scale in (1.0, 2.0)

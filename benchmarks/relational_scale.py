@@ -36,6 +36,7 @@ def main() -> None:
     ap.add_argument("--n-google", type=int, default=150, help="seeded sample of Google test (0: all 500)")
     ap.add_argument("--semeval-per-relation", type=int, default=1)
     ap.add_argument("--held", type=float, default=0.3)
+    ap.add_argument("--limit-train", type=int, default=0, help="use only this many training analogies (smoke runs)")
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--seed", type=int, default=0)
@@ -90,6 +91,8 @@ def main() -> None:
             + analogies_from_relations(semeval, args.semeval_per_relation, 4, args.seed))
     pool, skipped = check_items(model.tokenizer, pool, base)
     random.Random(args.seed).shuffle(pool)
+    if args.limit_train:
+        pool = pool[:args.limit_train]
     n_held = round(args.held * len(pool))
     held, train = pool[:n_held], pool[n_held:]
     print(f"training analogies: {len(train)} train, {len(held)} held aside, {len(skipped)} skipped", flush=True)

@@ -286,3 +286,21 @@ def test_fit_combiner_early_stops_and_keeps_best(llama, labelled_bank):
     w = torch.softmax(comb.logits(logp), -1)
     assert cfv_hits(llama, bank, kept, w, s).mean() == pytest.approx(comb.meta["held_acc"])
     assert choose_scale(llama, bank, kept, w, s, scales=(1.0, 2.0)).scale in (1.0, 2.0)
+
+
+def test_bank_build_public_refusals(tmp_path):
+    from typer.testing import CliRunner
+
+    from fv_remote.cli.app import _register, app
+
+    _register()
+
+    def error(*args: str) -> str:
+        res = CliRunner().invoke(app, ["bank", "build", "--out", str(tmp_path / "b.safetensors"), *args])
+        assert isinstance(res.exception, UserError), res.output
+        return str(res.exception)
+
+    assert "needs --data-root" in error("--preset", "public")
+    assert "missing" in error("--preset", "public", "--data-root", str(tmp_path))
+    assert "without --tasks" in error("--semeval", str(tmp_path), "--tasks", "antonym")
+    assert "goes with --preset" in error("--data-root", str(tmp_path))

@@ -45,8 +45,8 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    from fv_remote.analogy import (AnalogyResult, AnalogySettings, _choice_scores, _hits, _method_rows, cfv_weights,
-                                   check_items, relation_profile)
+    from fv_remote.analogy import (AnalogyResult, AnalogySettings, _choice_scores, _hits, _method_rows, bootstrap_ci,
+                                   cfv_weights, check_items, relation_profile)
     from fv_remote.bank import RelationBank
     from fv_remote.bank_sources import select_sources
     from fv_remote.combiner_fit import analogies_from_relations, choose_scale, choose_softmax, fit_combiner
@@ -99,9 +99,8 @@ def main() -> None:
     logp_train, logp_held = profile("train", train), profile("held", held)
 
     sel_path = out / "selection.json"
-    if sel_path.is_file():
-        sel = json.loads(sel_path.read_text())
-    else:
+    sel = json.loads(sel_path.read_text()) if sel_path.is_file() else {}
+    if sel.get("bank") != bank.names:  # none yet, or made with another bank: choose and train again
         soft = choose_softmax(model, bank, held, logp_held, base)
         lap("choose T and scale (softmax)")
         s_fit = AnalogySettings(**{**base.as_dict(), "template": base.template, "temperature": soft.temperature,
@@ -116,7 +115,7 @@ def main() -> None:
                "learned": {"temperature": soft.temperature, "scale": lscale.scale, "grid": lscale.grid,
                            "best_step": comb.meta["best_step"], "held_acc": comb.meta["held_acc"],
                            "history": comb.meta["history"]},
-               "n_train": len(train), "n_held": len(held), "n_skipped": len(skipped)}
+               "n_train": len(train), "n_held": len(held), "n_skipped": len(skipped), "bank": bank.names}
         sel_path.write_text(json.dumps(sel, indent=1))
     from fv_remote.analogy import Combiner
 
@@ -130,7 +129,7 @@ def main() -> None:
     for name, file, n in (("bats_test", "bats_test.jsonl", args.n_bats), ("google_test", "google_test.jsonl",
                                                                            args.n_google)):
         res_path = out / f"{name}.json"
-        if res_path.is_file():
+        if res_path.is_file() and json.loads(res_path.read_text())["bank"] == bank.names:
             results[name] = json.loads(res_path.read_text())
             continue
         items = read_mc_analogies(root / "bats" / file)
@@ -159,6 +158,13 @@ def main() -> None:
         res = AnalogyResult(len(kept), len(skipped), float(sum(1 / len(it.choices) for it in kept) / len(kept)),
                             correct, w_soft, bank.names, kept, skipped, base, "learned", "family")
         data = res.as_json()
+        data["gain"] = {}  # every CFV variant against every vector-free baseline and the best single FFV, paired
+        for a in ("cfv", "cfv_learned", "icl_qa+cfv"):
+            for b in ("no_vector", "icl_qa", "best_ffv", "cfv"):
+                if a != b:
+                    diff = correct[a] - correct[b]
+                    data["gain"][f"{a}_minus_{b}"] = {"mean": float(diff.mean()),
+                                                      "ci95": bootstrap_ci(diff, base.n_boot, base.seed)}
         data.update(sample=f"seeded sample of {len(items)} of {total} (seed {args.seed})" if n else f"all {total}",
                     selection=sel, bank_sources=args.sources, bank_size=len(bank))
         res_path.write_text(json.dumps(data, indent=1))
@@ -173,6 +179,14 @@ def main() -> None:
             print(f"  {m:12s} {acc[m]:.3f}  [{ci[m][0]:.3f}, {ci[m][1]:.3f}]")
         for k, g in data["gain"].items():
             print(f"  {k:28s} {g['mean']:+.3f}  [{g['ci95'][0]:+.3f}, {g['ci95'][1]:+.3f}]")
+        methods = list(acc)
+        print(f"\n| family | n | {' | '.join(methods)} | cfv − no vector |")
+        print("|---|---|" + "---|" * (len(methods) + 1))
+        for fam, g in data["by_group"].items():
+            cells = [f"{g['accuracy'][m]:.3f} [{g['ci95'][m][0]:.2f}, {g['ci95'][m][1]:.2f}]" for m in methods]
+            gain = g["gain"]["cfv_minus_no_vector"]
+            print(f"| {fam} | {g['n']} | {' | '.join(cells)} | {gain['mean']:+.3f} [{gain['ci95'][0]:+.2f}, "
+                  f"{gain['ci95'][1]:+.2f}] |")
 
 
 if __name__ == "__main__":

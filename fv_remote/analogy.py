@@ -662,6 +662,28 @@ def analogy_session(model: LoadedModel, bank: RelationBank, kept: list[MCAnalogy
 # --- the learned combiner --------------------------------------------------------------------------------------
 
 
+def choice_loss(model: LoadedModel, bank: RelationBank, items: Sequence[MCAnalogy], weights: torch.Tensor,
+                s: AnalogySettings, batch_size: int | None = None) -> tuple[torch.Tensor, float]:
+    """Mean cross-entropy over each item's choice scores log P(D_j | "Q: C_j\\nA:", CFV) (CFV from the item's row
+    of `weights`; differentiable in it), and the accuracy."""
+    rows, prompts, targets = [], [], []
+    for r, item in enumerate(items):
+        for c, d in item.choices:
+            rows.append(r)
+            prompts.append(s.template.query_text(c))
+            targets.append(first_token(model.tokenizer, prompts[-1], s.template.answer_text(d)))
+    scores = first_token_logprobs(model, prompts, targets, weights[rows], bank, s.scale,
+                                  batch_size or s.batch_size)
+    loss, start, hits = 0.0, 0, 0
+    for item in items:
+        k = len(item.choices)
+        block = scores[start:start + k]
+        loss = loss + torch.nn.functional.cross_entropy(block.view(1, -1), torch.tensor([item.answer]))
+        hits += int(int(block.argmax()) == item.answer)
+        start += k
+    return loss / len(items), hits / len(items)
+
+
 def train_combiner(model: LoadedModel, bank: RelationBank, items: Sequence[MCAnalogy],
                    settings: AnalogySettings | None = None, steps: int = 40, lr: float = 0.05, l2: float = 1e-3,
                    items_per_step: int = 8, progress: Progress | None = None) -> Combiner:
@@ -685,21 +707,8 @@ def train_combiner(model: LoadedModel, bank: RelationBank, items: Sequence[MCAna
     for step in range(1, steps + 1):
         pick = torch.randperm(len(kept), generator=gen)[:items_per_step].tolist()
         z = (logp[pick] / s.temperature) @ weight.T + bias
-        w = torch.softmax(z, -1)
-        rows, prompts, targets = [], [], []
-        for r, i in enumerate(pick):
-            for c, d in kept[i].choices:
-                rows.append(r)
-                prompts.append(s.template.query_text(c))
-                targets.append(first_token(model.tokenizer, prompts[-1], s.template.answer_text(d)))
-        scores = first_token_logprobs(model, prompts, targets, w[rows], bank, s.scale, len(prompts))
-        loss, start = 0.0, 0
-        for i in pick:
-            k = len(kept[i].choices)
-            loss = loss + torch.nn.functional.cross_entropy(scores[start:start + k].view(1, -1),
-                                                            torch.tensor([kept[i].answer]))
-            start += k
-        loss = loss / len(pick) + l2 * ((weight - eye).pow(2).sum() + bias.pow(2).sum())
+        loss, _ = choice_loss(model, bank, [kept[i] for i in pick], torch.softmax(z, -1), s, batch_size=10 ** 6)
+        loss = loss + l2 * ((weight - eye).pow(2).sum() + bias.pow(2).sum())
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -22,8 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fv_remote.analogy import AnalogySettings, Combiner, _choice_scores, _hits, _method_rows, cfv_weights, first_token
-from fv_remote.analogy import first_token_logprobs
+from fv_remote.analogy import AnalogySettings, Combiner, _choice_scores, _hits, _method_rows, cfv_weights, choice_loss
 from fv_remote.bank import RelationBank
 from fv_remote.data import MCAnalogy, RelationTask
 from fv_remote.errors import UserError
@@ -61,26 +60,6 @@ def cfv_hits(model: LoadedModel, bank: RelationBank, items: Sequence[MCAnalogy],
     rows, prompts, ds, template = _method_rows(list(items), s, method)
     return _hits(list(items), _choice_scores(model, bank, prompts, ds, template, weights[torch.tensor(rows)], s,
                                              s.mode), s.mode)
-
-
-def _choice_loss(model: LoadedModel, bank: RelationBank, items: Sequence[MCAnalogy], weights: torch.Tensor,
-                 s: AnalogySettings) -> tuple[torch.Tensor, float]:
-    """Mean cross-entropy over each item's choice scores log P(D_j | C_j, CFV), and the accuracy."""
-    rows, prompts, targets = [], [], []
-    for r, item in enumerate(items):
-        for c, d in item.choices:
-            rows.append(r)
-            prompts.append(s.template.query_text(c))
-            targets.append(first_token(model.tokenizer, prompts[-1], s.template.answer_text(d)))
-    scores = first_token_logprobs(model, prompts, targets, weights[rows], bank, s.scale, s.batch_size)
-    loss, start, hits = 0.0, 0, 0
-    for item in items:
-        k = len(item.choices)
-        block = scores[start:start + k]
-        loss = loss + torch.nn.functional.cross_entropy(block.view(1, -1), torch.tensor([item.answer]))
-        hits += int(int(block.argmax()) == item.answer)
-        start += k
-    return loss / len(items), hits / len(items)
 
 
 @dataclass
@@ -130,7 +109,7 @@ def fit_combiner(model: LoadedModel, bank: RelationBank, train: Sequence[MCAnalo
     def check(step: int) -> tuple[float, float]:
         with torch.no_grad():
             w = torch.softmax((held_logp / s.temperature) @ weight.T + bias, -1)
-            loss, acc = _choice_loss(model, bank, held, w, s)
+            loss, acc = choice_loss(model, bank, held, w, s)
         history.append({"step": step, "held_acc": acc, "held_loss": float(loss)})
         return acc, float(loss)
 
@@ -140,7 +119,7 @@ def fit_combiner(model: LoadedModel, bank: RelationBank, train: Sequence[MCAnalo
     for step in range(1, steps + 1):
         pick = torch.randperm(len(train), generator=gen)[:items_per_step].tolist()
         w = torch.softmax((train_logp[pick] / s.temperature) @ weight.T + bias, -1)
-        loss, _ = _choice_loss(model, bank, [train[i] for i in pick], w, s)
+        loss, _ = choice_loss(model, bank, [train[i] for i in pick], w, s)
         loss = loss + l2 * ((weight - eye).pow(2).sum() + bias.pow(2).sum())
         opt.zero_grad()
         loss.backward()

@@ -220,11 +220,13 @@ def plot_recovery(result: BankMap, path: str | Path) -> Path:
         raise UserError("no class recovery to plot: no source's entries carry two or more classes")
     fig, axes = plt.subplots(1, len(recs), figsize=(3.6 * len(recs), 3), squeeze=False)
     for ax, r in zip(axes[0], recs):
-        ax.hist(r.perm, bins=30, color="0.7", label=f"shuffled {r.label}s ({r.n_perm})")
+        plural = r.label + ("es" if r.label.endswith("s") else "s")
+        ax.hist(r.perm, bins=30, color="0.7", label=f"shuffled {plural} ({r.n_perm})")
         ax.axvline(r.ari, color="C3", lw=2, label=f"observed ARI {r.ari:.3f}")
         ax.axvline(r.perm_q95, color="0.3", ls="--", lw=1, label=f"95% of shuffles {r.perm_q95:.3f}")
-        ax.set_title(f"{r.source or 'all sources'}: {r.n} relations, {r.n_classes} {r.label}es\np = {r.p_value:.3g}",
-                     fontsize=9)
+        floor = r.p_value <= 1 / (1 + r.n_perm) + 1e-12  # no shuffle reached the observed ARI
+        p_text = f"p ≤ 1/{r.n_perm + 1} (no shuffle reached it)" if floor else f"p = {r.p_value:.3g}"
+        ax.set_title(f"{r.source or 'all sources'}: {r.n} relations, {r.n_classes} {plural}\n{p_text}", fontsize=9)
         ax.set_xlabel("adjusted Rand index")
         ax.legend(fontsize=7)
     fig.tight_layout()

@@ -236,6 +236,15 @@ def bank_build(
     batch_size: int = typer.Option(32, help="prompts per step"),
     seed: int = typer.Option(0),
     fresh: bool = typer.Option(False, help="ignore an existing bank file instead of resuming it"),
+    preset: Optional[str] = typer.Option(None, help="'public': SemEval-2012 + Todd et al. + BATS from --data-root "
+                                                    "(folders laid out as ../shared/data; read in place)"),
+    data_root: Optional[Path] = typer.Option(None, help="folder with semeval2012_task2/, todd_fv/abstractive/, "
+                                                        "bats/ for --preset public"),
+    semeval: Optional[Path] = typer.Option(None, help="SemEval-2012 Task 2 folder: its 79 subcategories"),
+    todd: Optional[Path] = typer.Option(None, help="folder of Todd et al. task files (word-level ones are used)"),
+    bats: Optional[Path] = typer.Option(None, help="BATS pairs_by_relation.json: its 40 relations"),
+    min_train: int = typer.Option(10, help="with public sources: relations with fewer training pairs are reported "
+                                           "unusable (others train on min(--n-train, their training split))"),
     remote: bool = _remote_opt("every missing relation is fine-tuned in one request; the bank is written when it "
                                "is back"),
     no_wait: bool = typer.Option(False, "--no-wait", help="with --remote: submit, print the job id and return; "
@@ -251,6 +260,13 @@ def bank_build(
     require_remote_for_no_wait(no_wait, remote)
     check_output_path(out_path, "--out")
     settings = _settings(steps, lr, l2, patience, batch_size, seed)
+    if preset or data_root or semeval or todd or bats:
+        if remote or tasks or data or init != "zero":
+            raise UserError("public sources (--preset/--semeval/--todd/--bats) build locally with --init zero, "
+                            "without --tasks, --data or --remote")
+        _build_public(out_path, preset, data_root, semeval, todd, bats, model, layer, n_train, min_train, n_valid,
+                      settings, seed, fresh)
+        return
     names = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else ([] if data else list_tasks())
     relations = [load_task(n, data_dir=data_dir) for n in names] + [load_task(str(p)) for p in (data or [])]
     if not relations:
@@ -286,6 +302,46 @@ def bank_build(
               + f"\nsee `fv-remote bank info {out_path}`")
 
 
+def _build_public(out_path, preset, data_root, semeval, todd, bats, model, layer, n_train, min_train, n_valid,
+                  settings, seed, fresh) -> None:
+    from fv_remote.bank_sources import build_from_sources, report_path
+    from fv_remote.data.sources import preset_paths, public_collection
+
+    require_positive("--n-train", n_train)
+    require_positive("--min-train", min_train)
+    if preset:
+        if data_root is None:
+            raise UserError("--preset public needs --data-root DIR (the folder holding semeval2012_task2/, "
+                            "todd_fv/abstractive/ and bats/)")
+        paths = preset_paths(preset, data_root)
+        semeval, todd, bats = semeval or paths["semeval"], todd or paths["todd"], bats or paths["bats"]
+    elif data_root:
+        raise UserError("--data-root goes with --preset public")
+    collection = public_collection(semeval=semeval, todd=todd, bats=bats)
+    loaded = load_stage(model)
+    if layer is None:
+        layer = round(0.4 * loaded.adapter.n_layers)
+        console.print(f"common layer {layer} of {loaded.adapter.n_layers} (set it with --layer)")
+
+    def report(name: str, status: str) -> None:
+        if status.startswith("skipped"):
+            console.print(f"[yellow]{name}: {status}[/]")
+
+    with progress_bar("bank build", len(collection.tasks)) as update:
+        bank, rep = build_from_sources(loaded, collection, out_path, layer, n_train, min_train, n_valid, settings,
+                                       seed, resume=not fresh, on_task=report, progress=update)
+    table = Table(title=f"bank {out_path}: {len(bank)} relations for {bank.model}", title_justify="left")
+    for col in ("source", "offered", "built", "unusable", "train s"):
+        table.add_column(col, justify="left" if col == "source" else "right")
+    for src, row in rep["per_source"].items():
+        table.add_row(src, str(row["offered"]), str(row["built"]), str(row["unusable"]), f"{row['train_s']:.0f}")
+    out.print(table)
+    for u in rep["unusable"]:
+        console.print(f"[yellow]unusable {u['name']} ({u['n_pairs'] if u['n_pairs'] is not None else '?'} pairs): "
+                      f"{u['reason']}[/]")
+    out.print(f"build report {report_path(out_path)}; see `fv-remote bank info {out_path}`")
+
+
 @bank_app.command("info")
 def bank_info(
     path: Path = typer.Argument(Path(DEFAULT_BANK), help="bank file"),
@@ -308,6 +364,50 @@ def bank_info(
     out.print(table)
     if json_path:
         _write_json(summary, json_path)
+
+
+@bank_app.command("map")
+def bank_map_cmd(
+    path: Path = typer.Argument(Path(DEFAULT_BANK), help="bank file"),
+    out_png: Path = typer.Option(Path("out/bank_map.png"), "--out", "-o", help="dendrogram + heatmap PNG; the "
+                                 "class-recovery figure goes next to it (NAME_recovery.png)"),
+    label: str = typer.Option("class", help="entry label whose classes the clusters should recover"),
+    linkage: str = typer.Option("ward", help="ward (on the unit vectors; balanced clusters), average, complete or "
+                                         "single (average and single peel outliers off as clusters of their own)"),
+    center: bool = typer.Option(False, help="subtract the bank's mean vector before the cosines"),
+    n_perm: int = typer.Option(1000, help="label shufflings for the permutation baseline"),
+    seed: int = typer.Option(0),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="matrix, order, clusters and ARIs as JSON"),
+) -> None:
+    """Cosine-similarity matrix of the bank ordered by hierarchical clustering, and how well the clusters recover
+    the sources' own classes (adjusted Rand index with a permutation baseline)."""
+    from fv_remote.bank import RelationBank
+    from fv_remote.bank_map import bank_map, plot_map, plot_recovery
+
+    check_output_path(out_png, "--out")
+    check_output_path(json_path, "--json")
+    require_count("--n-perm", n_perm, MAX_BOOT, "label shufflings; 1000 give a stable p-value")
+    bank = RelationBank.load(path)
+    result = bank_map(bank, label=label, center=center, method=linkage, n_perm=n_perm, seed=seed)
+    plot_map(result, out_png)
+    table = Table(title=f"{path}: {len(bank)} relations, {linkage} linkage"
+                        + (", centred" if center else "") + "; class recovery", title_justify="left")
+    for col in ("relations", "classes", "n", "k", "ARI", "shuffled mean", "shuffled 95%", "p"):
+        table.add_column(col, justify="left" if col in ("relations", "classes") else "right")
+    for r in result.recoveries:
+        table.add_row(r.source or "all", r.label, str(r.n), str(r.n_classes), f"{r.ari:.3f}", f"{r.perm_mean:+.3f}",
+                      f"{r.perm_q95:.3f}", f"{r.p_value:.3g}")
+    out.print(table)
+    written = [str(out_png)]
+    if result.recoveries:
+        rec = out_png.with_name(out_png.stem + "_recovery.png")
+        plot_recovery(result, rec)
+        written.append(str(rec))
+    else:
+        console.print(f"[yellow]no class recovery: no source's entries carry two or more {label!r} values[/]")
+    out.print(f"wrote {' and '.join(written)}")
+    if json_path:
+        _write_json(result.as_json(), json_path)
 
 
 # --- decode -----------------------------------------------------------------------------------------------------
@@ -452,6 +552,15 @@ def analogy(
     batch_size: int = typer.Option(48),
     n_boot: int = typer.Option(2000),
     seed: int = typer.Option(0),
+    group_by: Optional[str] = typer.Option(None, help="report accuracy per value of this item field: relation "
+                                                      "(JSONL prefix; the default when items have one), family "
+                                                      "(BATS section / Google syntactic-semantic), any other JSONL "
+                                                      "field or extra CSV column"),
+    methods: Optional[str] = typer.Option(None, help="comma-separated methods to score (cfv always; default all: "
+                                                     "cfv,no_vector,best_ffv,icl,icl_qa,icl_qa+cfv)"),
+    bank_sources: Optional[str] = typer.Option(None, help="use only the bank entries from these sources (e.g. "
+                                                          "semeval2012,todd: leave out the relations of the set "
+                                                          "being tested)"),
     model: str = typer.Option(DEFAULT_MODEL, "--model", "-m"),
     json_path: Optional[Path] = typer.Option(None, "--json"),
     remote: bool = _remote_opt("relation profiles, CFV weights and every method's scores in one request (with "
@@ -461,8 +570,9 @@ def analogy(
     """Analogies (A is to B as C is to ?) with composite FVs, against no vector, the best single FFV and ICL."""
     import random
 
-    from fv_remote.analogy import AnalogySettings, Combiner, run_analogies
+    from fv_remote.analogy import METHODS, AnalogySettings, Combiner, group_keys, run_analogies
     from fv_remote.analogy import train_combiner as fit_combiner
+    from fv_remote.bank_sources import select_sources
     from fv_remote.bank import RelationBank
     from fv_remote.data import read_analogy_csv, read_mc_analogies
 
@@ -487,7 +597,21 @@ def analogy(
         random.Random(seed).shuffle(items)
     if limit is not None:
         items = items[:require_positive("--limit", limit)]
+    if group_by is not None and group_by not in group_keys(items):
+        keys = group_keys(items)
+        raise UserError(f"--group-by {group_by!r}: no item has that field; "
+                        + (f"these items can be grouped by {', '.join(keys)}" if keys else "these items have no "
+                           "groupings (JSONL prefix or extra CSV columns under a header)"))
+    chosen = list(METHODS)
+    if methods:
+        chosen = [m.strip() for m in methods.split(",") if m.strip()]
+        chosen = ["cfv", *[m for m in chosen if m != "cfv"]]
+        bad = [m for m in chosen if m not in METHODS]
+        if bad:
+            raise UserError(f"--methods: unknown {', '.join(bad)}; choose from {', '.join(METHODS)}")
     bank = RelationBank.load(bank_path)
+    if bank_sources:
+        bank = select_sources(bank, [x.strip() for x in bank_sources.split(",") if x.strip()], bank_path)
     if plan:
         return plan_instead("analogy", model, items=max(len(items), 1), bank_size=max(len(bank), 1),
                             choices=max([len(it.choices) for it in items] or [1]), batch_size=batch_size)
@@ -507,7 +631,9 @@ def analogy(
             console.print(f"saved combiner to {save_combiner}")
         comb.meta["path"] = str(save_combiner or "(trained, not saved)")
     with progress_bar(f"analogies ({mode})", 6) as update:
-        result = run_analogies(loaded, bank, items, settings, comb, progress=update, remote=remote)
+        result = run_analogies(loaded, bank, items, settings, comb, methods=chosen, progress=update, remote=remote)
+    if group_by is not None:
+        result.group_by = group_by
     for item, reason in result.skipped[:10]:
         console.print(f"[yellow]skipped {item.stem[0]}:{item.stem[1]}: {reason}[/]")
     if result.n_skipped > 10:
@@ -520,9 +646,30 @@ def analogy(
     for m in acc:
         table.add_row(m, f"{acc[m]:.3f}", f"[{ci[m][0]:.3f}, {ci[m][1]:.3f}]")
     out.print(table)
-    gain = result.gains().get("cfv_minus_no_vector")
-    if gain:
-        out.print(f"CFV − no vector: {gain['mean']:+.3f} (paired 95% CI [{gain['ci95'][0]:+.3f}, "
-                  f"{gain['ci95'][1]:+.3f}])")
+    gains = result.gains()
+    for key, label in (("cfv_minus_no_vector", "CFV − no vector"), ("cfv_minus_icl_qa", "CFV − one-shot Q/A"),
+                       ("icl_qa+cfv_minus_icl_qa", "one-shot Q/A + CFV − one-shot Q/A")):
+        if key in gains:
+            g = gains[key]
+            out.print(f"{label}: {g['mean']:+.3f} (paired 95% CI [{g['ci95'][0]:+.3f}, {g['ci95'][1]:+.3f}])")
+    if result.group_by:
+        _group_table(result)
     if json_path:
         _write_json(result.as_json(), json_path)
+
+
+def _group_table(result) -> None:
+    groups = result.by_group(result.group_by)
+    methods = list(result.correct)
+    table = Table(title=f"accuracy by {result.group_by} (95% bootstrap CI)", title_justify="left")
+    table.add_column(result.group_by)
+    table.add_column("n", justify="right")
+    for m in methods:
+        table.add_column(m, justify="right")
+    table.add_column("cfv − no vector", justify="right")
+    for name, g in groups.items():
+        gain = g["gain"].get("cfv_minus_no_vector")
+        table.add_row(Text(name), str(g["n"]),
+                      *[f"{g['accuracy'][m]:.3f} [{g['ci95'][m][0]:.2f}, {g['ci95'][m][1]:.2f}]" for m in methods],
+                      f"{gain['mean']:+.3f} [{gain['ci95'][0]:+.2f}, {gain['ci95'][1]:+.2f}]" if gain else "—")
+    out.print(table)

@@ -17,7 +17,9 @@ Modes:
 
 Baselines in the same run: no vector; the single bank FFV with the highest weight ("best_ffv"); an ICL prompt in
 the issue's form `A:B::C:` ("icl"), and a one-shot Q/A demonstration "Q: A\\nA: B\\n\\nQ: C\\nA:" ("icl_qa").
-Confidence intervals: percentile bootstrap over items; the CFV's gain over no-vector with a paired bootstrap.
+"icl_qa+cfv" is the one-shot prompt with the CFV added at its last token (the two may add up).
+Confidence intervals: percentile bootstrap over items; the CFV's gain over no-vector with a paired bootstrap;
+per group (`by_group`: an item field such as BATS's relation family) the same, within the group.
 """
 
 from __future__ import annotations
@@ -43,7 +45,8 @@ from fv_remote.remote import check_shippable, remote_mode, stage_session
 from fv_remote.traces.mixing import bank_additions, combine_weights, mix_rows, row_scores
 from fv_remote.traces.patching import add_at_positions, layer_hidden, read_positions
 
-METHODS = ("cfv", "no_vector", "best_ffv", "icl", "icl_qa")
+METHODS = ("cfv", "no_vector", "best_ffv", "icl", "icl_qa", "icl_qa+cfv")
+CFV_METHODS = ("cfv", "icl_qa+cfv")  # methods that add the CFV at the prompt's last token
 MODES = ("mc", "generative")
 SCORES = ("first", "mean")
 Progress = Callable[[int, int], None]
@@ -362,6 +365,7 @@ class AnalogyResult:
     skipped: list[tuple[MCAnalogy, str]]
     settings: AnalogySettings
     combiner: str | None = None
+    group_by: str | None = None  # the item field `as_json` reports `by_group` for
 
     def accuracy(self) -> dict[str, float]:
         return {m: float(v.mean()) if len(v) else float("nan") for m, v in self.correct.items()}
@@ -370,14 +374,22 @@ class AnalogyResult:
         return {m: bootstrap_ci(v, self.settings.n_boot, self.settings.seed) for m, v in self.correct.items()}
 
     def gains(self) -> dict[str, dict[str, Any]]:
-        """Paired bootstrap of the CFV's accuracy minus each baseline's."""
+        """Paired bootstrap of the CFV's accuracy minus each baseline's (and of icl_qa+cfv's minus icl_qa's and
+        no_vector's)."""
+        return _paired_gains(self.correct, self.settings)
+
+    def by_group(self, key: str = "relation") -> dict[str, dict[str, Any]]:
+        """Per value of the items' field `key`: n, accuracy and bootstrap 95% CI per method, and the paired gains
+        (as `gains`) within the group. Items without the field fall in "(none)"."""
+        groups: dict[str, list[int]] = {}
+        for i, item in enumerate(self.items):
+            groups.setdefault(_group_of(item, key) or "(none)", []).append(i)
         out = {}
-        for m, v in self.correct.items():
-            if m == "cfv":
-                continue
-            diff = self.correct["cfv"] - v
-            out[f"cfv_minus_{m}"] = {"mean": float(diff.mean()) if len(diff) else float("nan"),
-                                     "ci95": bootstrap_ci(diff, self.settings.n_boot, self.settings.seed)}
+        for name, idx in sorted(groups.items()):
+            sub = {m: v[idx] for m, v in self.correct.items()}
+            out[name] = {"n": len(idx), "accuracy": {m: float(v.mean()) for m, v in sub.items()},
+                         "ci95": {m: bootstrap_ci(v, self.settings.n_boot, self.settings.seed) for m, v in sub.items()},
+                         "gain": _paired_gains(sub, self.settings)}
         return out
 
     def by_relation(self) -> dict[str, dict[str, float]]:
@@ -399,8 +411,32 @@ class AnalogyResult:
         return {"n": self.n, "n_skipped": self.n_skipped, "chance": self.chance, "accuracy": self.accuracy(),
                 "ci95": self.ci95(), "gain": self.gains(), "mode": self.settings.mode,
                 "settings": self.settings.as_dict(), "combiner": self.combiner, "bank": self.bank_names,
-                "by_relation": self.by_relation(),
+                "by_relation": self.by_relation(), "group_by": self.group_by,
+                "by_group": self.by_group(self.group_by) if self.group_by else None,
                 "skipped": [{"stem": list(it.stem), "reason": why} for it, why in self.skipped]}
+
+
+def _paired_gains(correct: dict[str, np.ndarray], s: AnalogySettings) -> dict[str, dict[str, Any]]:
+    pairs = [("cfv", m) for m in correct if m != "cfv"]
+    pairs += [("icl_qa+cfv", m) for m in ("icl_qa", "no_vector") if "icl_qa+cfv" in correct and m in correct]
+    out = {}
+    for a, b in pairs:
+        diff = correct[a] - correct[b]
+        out[f"{a}_minus_{b}"] = {"mean": float(diff.mean()) if len(diff) else float("nan"),
+                                 "ci95": bootstrap_ci(diff, s.n_boot, s.seed)}
+    return out
+
+
+def _group_of(item: MCAnalogy, key: str) -> str:
+    if key in item.groups:
+        return item.groups[key]
+    lower = {k.lower(): v for k, v in item.groups.items()}
+    return lower.get(key.lower(), item.relation if key == "relation" else "")
+
+
+def group_keys(items: Sequence[MCAnalogy]) -> list[str]:
+    """The fields any item can be grouped by."""
+    return sorted({k for it in items for k in it.groups} | ({"relation"} if any(it.relation for it in items) else set()))
 
 
 def bootstrap_ci(values: np.ndarray, n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> list[float]:
@@ -463,7 +499,8 @@ def run_analogies(model: LoadedModel, bank: RelationBank, items: Sequence[MCAnal
         progress(steps, steps)
     correct = {m: _hits(kept, scores[m], s.mode) for m in methods}
     return AnalogyResult(len(kept), len(skipped), chance, correct, weights, bank.names, kept, skipped, s,
-                         combiner.meta.get("path") if combiner else None)
+                         combiner.meta.get("path") if combiner else None,
+                         "relation" if any(it.relation for it in kept) else None)
 
 
 def _method_rows(kept: Sequence[MCAnalogy], s: AnalogySettings,
@@ -481,7 +518,7 @@ def _method_rows(kept: Sequence[MCAnalogy], s: AnalogySettings,
     if method == "icl":
         return row_item, [s.icl_prompt(kept[i].stem[0], kept[i].stem[1], c) for i, c in zip(row_item, cs)], ds, \
             s.icl_template()
-    if method == "icl_qa":
+    if method in ("icl_qa", "icl_qa+cfv"):
         return row_item, [q.render([kept[i].stem], c) for i, c in zip(row_item, cs)], ds, q
     return row_item, [q.query_text(c) for c in cs], ds, q
 
@@ -512,7 +549,7 @@ def _local_scores(model: LoadedModel, bank: RelationBank, kept: list[MCAnalogy],
         row_item, prompts, ds, template = _method_rows(kept, s, method)
         idx = torch.tensor(row_item, dtype=torch.long)
         mix = None
-        if method == "cfv":
+        if method in CFV_METHODS:
             mix = weights[idx]
         elif method == "best_ffv":
             mix = torch.nn.functional.one_hot(weights.argmax(-1), len(bank)).float()[idx]
@@ -576,7 +613,7 @@ def analogy_session(model: LoadedModel, bank: RelationBank, kept: list[MCAnalogy
     method_first = s.mode == "mc" and s.score == "first"
     for method in methods:
         row_item, prompts, ds, template = _method_rows(kept, s, method)
-        mix = {"cfv": "weights", "best_ffv": "onehot"}.get(method, "none")
+        mix = "weights" if method in CFV_METHODS else {"best_ffv": "onehot"}.get(method, "none")
         passes.append({"mix": mix, "batches": _score_batches(
             model, prompts, [template.answer_text(d) for d in ds], row_item, s.batch_size, method_first)})
     combine = None
@@ -625,6 +662,28 @@ def analogy_session(model: LoadedModel, bank: RelationBank, kept: list[MCAnalogy
 # --- the learned combiner --------------------------------------------------------------------------------------
 
 
+def choice_loss(model: LoadedModel, bank: RelationBank, items: Sequence[MCAnalogy], weights: torch.Tensor,
+                s: AnalogySettings, batch_size: int | None = None) -> tuple[torch.Tensor, float]:
+    """Mean cross-entropy over each item's choice scores log P(D_j | "Q: C_j\\nA:", CFV) (CFV from the item's row
+    of `weights`; differentiable in it), and the accuracy."""
+    rows, prompts, targets = [], [], []
+    for r, item in enumerate(items):
+        for c, d in item.choices:
+            rows.append(r)
+            prompts.append(s.template.query_text(c))
+            targets.append(first_token(model.tokenizer, prompts[-1], s.template.answer_text(d)))
+    scores = first_token_logprobs(model, prompts, targets, weights[rows], bank, s.scale,
+                                  batch_size or s.batch_size)
+    loss, start, hits = 0.0, 0, 0
+    for item in items:
+        k = len(item.choices)
+        block = scores[start:start + k]
+        loss = loss + torch.nn.functional.cross_entropy(block.view(1, -1), torch.tensor([item.answer]))
+        hits += int(int(block.argmax()) == item.answer)
+        start += k
+    return loss / len(items), hits / len(items)
+
+
 def train_combiner(model: LoadedModel, bank: RelationBank, items: Sequence[MCAnalogy],
                    settings: AnalogySettings | None = None, steps: int = 40, lr: float = 0.05, l2: float = 1e-3,
                    items_per_step: int = 8, progress: Progress | None = None) -> Combiner:
@@ -648,21 +707,8 @@ def train_combiner(model: LoadedModel, bank: RelationBank, items: Sequence[MCAna
     for step in range(1, steps + 1):
         pick = torch.randperm(len(kept), generator=gen)[:items_per_step].tolist()
         z = (logp[pick] / s.temperature) @ weight.T + bias
-        w = torch.softmax(z, -1)
-        rows, prompts, targets = [], [], []
-        for r, i in enumerate(pick):
-            for c, d in kept[i].choices:
-                rows.append(r)
-                prompts.append(s.template.query_text(c))
-                targets.append(first_token(model.tokenizer, prompts[-1], s.template.answer_text(d)))
-        scores = first_token_logprobs(model, prompts, targets, w[rows], bank, s.scale, len(prompts))
-        loss, start = 0.0, 0
-        for i in pick:
-            k = len(kept[i].choices)
-            loss = loss + torch.nn.functional.cross_entropy(scores[start:start + k].view(1, -1),
-                                                            torch.tensor([kept[i].answer]))
-            start += k
-        loss = loss / len(pick) + l2 * ((weight - eye).pow(2).sum() + bias.pow(2).sum())
+        loss, _ = choice_loss(model, bank, [kept[i] for i in pick], torch.softmax(z, -1), s, batch_size=10 ** 6)
+        loss = loss + l2 * ((weight - eye).pow(2).sum() + bias.pow(2).sum())
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -254,7 +254,7 @@ def store_remote_bank(saved: dict, details: dict, on_task: Callable[[str, str], 
 
 def _task_info(task: RelationTask) -> dict[str, Any]:
     return {"name": task.name, "category": task.category, "relation_words": list(task.relation_words),
-            "source": task.source}
+            "source": task.source, "labels": dict(task.labels)}
 
 
 def _prepare_relation(model: LoadedModel, task: RelationTask, init: str, fv_dir: str | Path | None, n_train: int,
@@ -282,7 +282,8 @@ def _add(bank: RelationBank, path: Path, task: dict[str, Any], ffv: FunctionVect
          total: int) -> None:
     """Add one trained relation (`task`: `_task_info`) and write the bank."""
     extra: dict[str, Any] = {"task": task["name"], "category": task["category"],
-                             "relation_words": list(task["relation_words"]), "source": task["source"]}
+                             "relation_words": list(task["relation_words"]), "source": task["source"],
+                             **task.get("labels", {})}  # a labelled task's source/class/subcategory
     if baseline is not None:
         extra["zero_shot_valid_acc"] = baseline
     if not torch.isfinite(ffv.vector).all():  # training diverged: a NaN entry would poison every CFV using it

@@ -9,7 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from fv_remote.errors import UserError
@@ -38,6 +38,7 @@ class RelationTask:
     description: str = ""
     relation_words: tuple[str, ...] = ()
     source: str = ""
+    labels: dict[str, str] = field(default_factory=dict)  # e.g. source, class, subcategory (fv_remote.data.sources)
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -51,6 +52,7 @@ class MCAnalogy:
     choices: list[tuple[str, str]]
     answer: int
     relation: str = ""
+    groups: dict[str, str] = field(default_factory=dict)  # what `analogy --group-by` can split results by
 
     @property
     def correct(self) -> tuple[str, str]:
@@ -350,7 +352,8 @@ def read_mc_analogies(path: str | Path) -> list[MCAnalogy]:
         answer = item["answer"]
         if isinstance(answer, bool) or not isinstance(answer, int) or not 0 <= answer < len(choices):
             raise _fail(path, n, f'"answer" must be an index in 0..{len(choices) - 1}, got {answer!r}')
-        items.append(MCAnalogy(stem, choices, answer, _relation_name(item.get("prefix", ""))))
+        relation = _relation_name(item.get("prefix", ""))
+        items.append(MCAnalogy(stem, choices, answer, relation, _item_groups(item, relation)))
     if not items:
         raise _fail(path, None, "no analogies in file")
     return items
@@ -362,14 +365,35 @@ def _line_pair(value, path: Path, line: int, what: str) -> tuple[str, str]:
     return _word(value[0], path, line, f"{what}[0]"), _word(value[1], path, line, f"{what}[1]")
 
 
+def _item_groups(item: dict, relation: str) -> dict[str, str]:
+    """An item's groupings: `relation` (from the prefix), `family` (a BATS prefix's section folder, e.g.
+    "3_Encyclopedic_semantics"; Google's gram* relations are "syntactic", the others "semantic"), and every other
+    scalar field as it is."""
+    groups = {k: str(v) for k, v in item.items()
+              if k not in ("stem", "choice", "answer") and isinstance(v, (str, int, float)) and not isinstance(v, bool)}
+    if relation:
+        groups["relation"] = relation
+        parts = str(item.get("prefix", "")).split("/")
+        groups["family"] = parts[-2] if len(parts) >= 2 else ("syntactic" if relation.startswith("gram") else
+                                                              "semantic")
+    return groups
+
+
 def _relation_name(prefix) -> str:
     # BATS prefixes are paths like "./cache/BATS_3.0/.../E05 [name - occupation].txt"; Google's are bare names.
     prefix = str(prefix or "").rsplit("/", 1)[-1]
     return prefix[:-4] if prefix.endswith(".txt") else prefix
 
 
+_CSV_COLUMNS = ("a", "b", "c", "d", "d_foil")
+
+
 def read_analogy_csv(path: str | Path) -> list[MCAnalogy]:
-    """CSV rows A,B,C,D,D_foil -> 2-choice problems A:B :: C:? with choices [D, D_foil], answer 0."""
+    """CSV rows A,B,C,D,D_foil -> 2-choice problems A:B :: C:? with choices [D, D_foil], answer 0.
+
+    Without a header: exactly those 5 columns. With one (the first row names a column D_foil or foil), columns
+    are read by name (case-insensitive; order free) and any other column becomes a grouping (`--group-by NAME`).
+    """
     path, text = _read_text(path)
     problems = []
     reader = csv.reader(text.splitlines())
@@ -377,18 +401,39 @@ def read_analogy_csv(path: str | Path) -> list[MCAnalogy]:
         rows = [(reader.line_num, row) for row in reader]
     except csv.Error as exc:
         raise _fail(path, reader.line_num, f"not valid CSV ({exc})") from None
+    rows = [(n, row) for n, row in rows if any(cell.strip() for cell in row)]
+    header = None
+    if rows and any(cell.strip().lower() in ("d_foil", "foil") for cell in rows[0][1]):
+        header = _csv_header(path, rows[0][0], rows[0][1])
+        rows = rows[1:]
     for n, row in rows:
-        if not any(cell.strip() for cell in row):
-            continue
-        if len(row) != 5:
-            raise _fail(path, n, f"expected 5 columns A,B,C,D,D_foil, got {len(row)}: {row!r}")
+        width = len(header) if header else 5
+        if len(row) != width:
+            expected = ",".join(header) if header else "A,B,C,D,D_foil"
+            raise _fail(path, n, f"expected {width} columns {expected}, got {len(row)}: {row!r}")
         cells = [cell.strip() for cell in row]
-        if n == 1 and "foil" in cells[4].lower():
-            continue  # optional header, e.g. A,B,C,D,D_foil
-        if not all(cells):
+        named = dict(zip(header, cells)) if header else dict(zip(_CSV_COLUMNS, cells))
+        if not all(named[k] for k in _CSV_COLUMNS):
             raise _fail(path, n, f"empty cell in {row!r}")
-        a, b, c, d, foil = cells
-        problems.append(MCAnalogy((a, b), [(c, d), (c, foil)], 0))
+        a, b, c, d, foil = (named[k] for k in _CSV_COLUMNS)
+        groups = {k: v for k, v in named.items() if k not in _CSV_COLUMNS}
+        problems.append(MCAnalogy((a, b), [(c, d), (c, foil)], 0, groups=groups))
     if not problems:
         raise _fail(path, None, "no analogies in file")
     return problems
+
+
+def _csv_header(path: Path, line: int, row: list[str]) -> list[str]:
+    """Column names: A..D_foil in lower case (foil = d_foil), other columns as written."""
+    names = [cell.strip() for cell in row]
+    names = [n.lower() if n.lower() in _CSV_COLUMNS else "d_foil" if n.lower() == "foil" else n for n in names]
+    missing = [c.upper() if c != "d_foil" else "D_foil" for c in _CSV_COLUMNS if c not in names]
+    if missing:
+        raise _fail(path, line, f"header lacks column(s) {', '.join(missing)} (needs A,B,C,D,D_foil; others are "
+                                f"groupings)")
+    dup = sorted({name for name in names if names.count(name) > 1})
+    if dup:
+        raise _fail(path, line, f"header repeats column name(s) {', '.join(dup)}")
+    if not all(names):
+        raise _fail(path, line, "header has an empty column name")
+    return names

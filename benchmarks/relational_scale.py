@@ -1,0 +1,193 @@
+"""Issue 17's measurements: CFVs from a public-source bank on BATS and Google test, softmax vs learned combiner.
+
+Protocol (nothing is chosen on a test set):
+  training analogies = BATS valid + Google valid + analogies made from SemEval-2012's subcategories (stem and
+  answer from one subcategory, foils from other classes); a seeded 30% of them is held aside.
+  The softmax combiner's temperature and the CFV scale are chosen on the held-aside part; the learned (affine)
+  combiner is trained on the rest at that temperature, early-stopped on the held-aside part, its scale chosen
+  there too. Then on a seeded sample of BATS test and of Google test: no vector, one-shot Q/A, best single FFV,
+  CFV (softmax), CFV (learned), one-shot Q/A + CFV; accuracies with bootstrap CIs, paired CIs of differences,
+  and per-family accuracy. Relation profiles are computed once per item set and cached under --out (resumable).
+
+  PYTHONPATH=. OMP_NUM_THREADS=1 .venv/bin/python benchmarks/relational_scale.py \\
+      --bank out/bank_public.safetensors --data-root ../shared/data --out out/relational_scale
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--bank", required=True)
+    ap.add_argument("--data-root", required=True, help="folder laid out as ../shared/data")
+    ap.add_argument("--out", default="out/relational_scale")
+    ap.add_argument("--sources", default="semeval2012,todd", help="bank sources used (leave out BATS: its "
+                                                                  "relations are the test set's)")
+    ap.add_argument("--n-bats", type=int, default=250, help="seeded sample of BATS test (0: all 1,799)")
+    ap.add_argument("--n-google", type=int, default=150, help="seeded sample of Google test (0: all 500)")
+    ap.add_argument("--semeval-per-relation", type=int, default=1)
+    ap.add_argument("--held", type=float, default=0.3)
+    ap.add_argument("--limit-train", type=int, default=0, help="use only this many training analogies (smoke runs)")
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    from fv_remote.analogy import (AnalogyResult, AnalogySettings, _choice_scores, _hits, _method_rows, bootstrap_ci,
+                                   cfv_weights, check_items, relation_profile)
+    from fv_remote.bank import RelationBank
+    from fv_remote.bank_sources import select_sources
+    from fv_remote.combiner_fit import analogies_from_relations, choose_scale, choose_softmax, fit_combiner
+    from fv_remote.data import read_mc_analogies
+    from fv_remote.data.sources import semeval_relations
+    from fv_remote.models import load_model
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    root = Path(args.data_root)
+    timing: dict[str, float] = {}
+    clock = time.monotonic()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        now = time.monotonic()
+        timing[name] = round(now - clock, 1)
+        clock = now
+        print(f"[{time.strftime('%H:%M:%S')}] {name}: {timing[name]} s", flush=True)
+
+    model = load_model(args.model)
+    bank = select_sources(RelationBank.load(args.bank), args.sources.split(","), args.bank)
+    base = AnalogySettings(n_boot=2000, seed=args.seed)
+    print(f"bank: {len(bank)} relations from {args.sources}", flush=True)
+
+    def profile(name: str, items) -> torch.Tensor:
+        path = out / f"profile_{name}.pt"
+        stems = [list(it.stem) for it in items]
+        if path.is_file():
+            saved = torch.load(path)
+            if saved["stems"] == stems and saved["bank"] == bank.names:
+                return saved["logp"]
+        logp = relation_profile(model, bank, [it.stem for it in items], base)
+        torch.save({"stems": stems, "bank": bank.names, "logp": logp}, path)
+        lap(f"profile {name} ({len(items)} items x {len(bank)})")
+        return logp
+
+    # --- training analogies, split into train / held-aside -------------------------------------------------
+    semeval = semeval_relations(root / "semeval2012_task2").tasks
+    pool = (read_mc_analogies(root / "bats" / "bats_valid.jsonl") + read_mc_analogies(root / "bats" /
+                                                                                       "google_valid.jsonl")
+            + analogies_from_relations(semeval, args.semeval_per_relation, 4, args.seed))
+    pool, skipped = check_items(model.tokenizer, pool, base)
+    random.Random(args.seed).shuffle(pool)
+    if args.limit_train:
+        pool = pool[:args.limit_train]
+    n_held = round(args.held * len(pool))
+    held, train = pool[:n_held], pool[n_held:]
+    print(f"training analogies: {len(train)} train, {len(held)} held aside, {len(skipped)} skipped", flush=True)
+    logp_train, logp_held = profile("train", train), profile("held", held)
+
+    sel_path = out / "selection.json"
+    sel = json.loads(sel_path.read_text()) if sel_path.is_file() else {}
+    if sel.get("bank") != bank.names:  # none yet, or made with another bank: choose and train again
+        soft = choose_softmax(model, bank, held, logp_held, base)
+        lap("choose T and scale (softmax)")
+        s_fit = AnalogySettings(**{**base.as_dict(), "template": base.template, "temperature": soft.temperature,
+                                   "scale": soft.scale})
+        comb = fit_combiner(model, bank, train, logp_train, held, logp_held, s_fit, steps=args.steps)
+        lap("train combiner")
+        comb.save(out / "combiner.safetensors")
+        learned_w = torch.softmax(comb.logits(logp_held), -1)
+        lscale = choose_scale(model, bank, held, learned_w, s_fit)
+        lap("choose scale (learned)")
+        sel = {"softmax": {"temperature": soft.temperature, "scale": soft.scale, "grid": soft.grid},
+               "learned": {"temperature": soft.temperature, "scale": lscale.scale, "grid": lscale.grid,
+                           "best_step": comb.meta["best_step"], "held_acc": comb.meta["held_acc"],
+                           "history": comb.meta["history"]},
+               "n_train": len(train), "n_held": len(held), "n_skipped": len(skipped), "bank": bank.names}
+        sel_path.write_text(json.dumps(sel, indent=1))
+    from fv_remote.analogy import Combiner
+
+    comb = Combiner.load(out / "combiner.safetensors")
+    t_soft, sc_soft, sc_learned = sel["softmax"]["temperature"], sel["softmax"]["scale"], sel["learned"]["scale"]
+    print(f"chosen: softmax T={t_soft} scale={sc_soft}; learned scale={sc_learned} "
+          f"(best step {sel['learned']['best_step']})", flush=True)
+
+    # --- test sets ------------------------------------------------------------------------------------------
+    results = {}
+    for name, file, n in (("bats_test", "bats_test.jsonl", args.n_bats), ("google_test", "google_test.jsonl",
+                                                                           args.n_google)):
+        res_path = out / f"{name}.json"
+        if res_path.is_file() and json.loads(res_path.read_text())["bank"] == bank.names:
+            results[name] = json.loads(res_path.read_text())
+            continue
+        items = read_mc_analogies(root / "bats" / file)
+        total = len(items)
+        random.Random(args.seed).shuffle(items)
+        if n:
+            items = items[:n]
+        kept, skipped = check_items(model.tokenizer, items, base)
+        logp = profile(name, kept)
+        w_soft = cfv_weights(logp, t_soft)
+        w_learned = torch.softmax(comb.logits(logp), -1)
+        onehot = torch.nn.functional.one_hot(w_soft.argmax(-1), len(bank)).float()
+        s_soft = AnalogySettings(**{**base.as_dict(), "template": base.template, "scale": sc_soft})
+        s_learned = AnalogySettings(**{**base.as_dict(), "template": base.template, "scale": sc_learned})
+        correct = {}
+        for method, rows_of, weights, s in (("no_vector", "no_vector", None, base),
+                                            ("icl_qa", "icl_qa", None, base),
+                                            ("best_ffv", "best_ffv", onehot, s_soft),
+                                            ("cfv", "cfv", w_soft, s_soft),
+                                            ("cfv_learned", "cfv", w_learned, s_learned),
+                                            ("icl_qa+cfv", "icl_qa+cfv", w_soft, s_soft)):
+            rows, prompts, ds, template = _method_rows(kept, s, rows_of)
+            mix = None if weights is None else weights[torch.tensor(rows)]
+            correct[method] = _hits(kept, _choice_scores(model, bank, prompts, ds, template, mix, s, "mc"), "mc")
+            lap(f"{name} {method}")
+        res = AnalogyResult(len(kept), len(skipped), float(sum(1 / len(it.choices) for it in kept) / len(kept)),
+                            correct, w_soft, bank.names, kept, skipped, base, "learned", "family")
+        data = res.as_json()
+        data["gain"] = {}  # every CFV variant against every vector-free baseline and the best single FFV, paired
+        for a in ("cfv", "cfv_learned", "icl_qa+cfv"):
+            for b in ("no_vector", "icl_qa", "best_ffv", "cfv"):
+                if a != b:
+                    diff = correct[a] - correct[b]
+                    data["gain"][f"{a}_minus_{b}"] = {"mean": float(diff.mean()),
+                                                      "ci95": bootstrap_ci(diff, base.n_boot, base.seed)}
+        data.update(sample=f"seeded sample of {len(items)} of {total} (seed {args.seed})" if n else f"all {total}",
+                    selection=sel, bank_sources=args.sources, bank_size=len(bank))
+        res_path.write_text(json.dumps(data, indent=1))
+        results[name] = data
+    timing_path = out / "timing.json"
+    old = json.loads(timing_path.read_text()) if timing_path.is_file() else {}
+    timing_path.write_text(json.dumps({**old, **timing}, indent=1))
+    for name, data in results.items():
+        acc, ci = data["accuracy"], data["ci95"]
+        print(f"\n{name}: n={data['n']} ({data['sample']}), skipped {data['n_skipped']}, chance {data['chance']:.3f}")
+        for m in acc:
+            print(f"  {m:12s} {acc[m]:.3f}  [{ci[m][0]:.3f}, {ci[m][1]:.3f}]")
+        for k, g in data["gain"].items():
+            print(f"  {k:28s} {g['mean']:+.3f}  [{g['ci95'][0]:+.3f}, {g['ci95'][1]:+.3f}]")
+        methods = list(acc)
+        print(f"\n| family | n | {' | '.join(methods)} | cfv − no vector |")
+        print("|---|---|" + "---|" * (len(methods) + 1))
+        for fam, g in data["by_group"].items():
+            cells = [f"{g['accuracy'][m]:.3f} [{g['ci95'][m][0]:.2f}, {g['ci95'][m][1]:.2f}]" for m in methods]
+            gain = g["gain"]["cfv_minus_no_vector"]
+            print(f"| {fam} | {g['n']} | {' | '.join(cells)} | {gain['mean']:+.3f} [{gain['ci95'][0]:+.2f}, "
+                  f"{gain['ci95'][1]:+.2f}] |")
+
+
+if __name__ == "__main__":
+    main()

@@ -20,7 +20,8 @@ $(STAMP): pyproject.toml
 	@echo "installing into $(VENV) (once)"
 	@$(PY) -m pip install -q torch==2.13.0 2>&1 | grep -v -i warning || true
 	@$(PY) -m pip install -q -e '.[test]' 2>&1 | grep -v -i warning || true
-	@$(PY) -c "import fv_remote.cli.app, fv_remote.traces, torch, nnsight" && touch $(STAMP)
+	@$(PY) -m pip install -q --no-deps 'lxt==2.1' 2>&1 | grep -v -i warning || true
+	@$(PY) -c "import fv_remote.cli.app, fv_remote.traces, torch, nnsight, lxt" && touch $(STAMP)
 
 model: setup
 	@$(FV) models pull $(MODEL)

@@ -77,10 +77,13 @@ def scores_table(rows: list[dict], title: str = "") -> Table:
     return table
 
 
-def _top_heads_table(aie, k: int) -> Table:
+def _top_heads_table(aie, k: int, method: str = "fast") -> Table:
     from fv_remote.vectors import top_heads
 
-    table = Table("rank", "layer", "head", "AIE", title="top heads by average indirect effect")
+    score = "relevance" if method.startswith("lrp") else "AIE"
+    title = ("top heads by mean AttnLRP relevance" if method.startswith("lrp") else
+             "top heads by average indirect effect")
+    table = Table("rank", "layer", "head", score, title=title)
     for i, (layer, head, value) in enumerate(top_heads(aie, k=k), 1):
         table.add_row(str(i), str(layer), str(head), f"{value:+.4f}")
     return table
@@ -104,7 +107,10 @@ def cma(
     n_shots: int = typer.Option(10),
     seed: int = typer.Option(0),
     method: str = typer.Option("fast", help="fast (exact) | cached_batch | invoke_per_head | naive (exact references) "
-                               "| attribution (gradient estimate, stored in <task>/attribution)"),
+                               "| attribution (gradient estimate, stored in <task>/attribution) | lrp (AttnLRP "
+                               "relevance of each head's output, via lxt; clean prompts; local) | lrp_attention (the "
+                               "Fast & Faithful FV paper's attention x gradient towards the demonstrations; local); "
+                               "`fit --scores METHOD` ranks by a stored one"),
     plot: Path = typer.Option(None, help="heatmap PNG (default: out/<task>_aie.png)"),
     top: int = typer.Option(10, help="heads to list"),
     data_dir: str = DATA_DIR_OPT,
@@ -128,6 +134,10 @@ def cma(
     if plan:
         return plan_instead("cma", model, n_prompts=n_prompts, n_shots=n_shots)
     require_remote_for_no_wait(no_wait, remote)
+    if remote and method in ("lrp", "lrp_attention"):
+        from fv_remote.lrp import REMOTE_REFUSAL
+
+        raise UserError(REMOTE_REFUSAL.format(method=method))
     check_output_path(plot, "--plot")
     act_store = ActivationStore(store)
     loaded = load_stage(model, remote)
@@ -135,7 +145,7 @@ def cma(
     _note(prepared.count_note("--n-prompts", n_prompts))
     means = mean_heads_tensor(act_store, prepared.name)  # says which command to run first if missing
     act_store.check_compatible(prepared.name, {"model": loaded.model_id})
-    report = {"model": loaded.model_id, "task": prepared.name, "store": store, "top": top,
+    report = {"model": loaded.model_id, "task": prepared.name, "store": store, "top": top, "method": method,
               "plot": str(plot or Path("out") / f"{prepared.name}_aie.png")}
     try:
         with submit_only() if no_wait else nullcontext(), \
@@ -156,9 +166,10 @@ def report_cma(report: dict, result) -> None:
     """The top-heads table, heatmap and summary of `cma` (also what `jobs fetch` does for a cma job)."""
     from fv_remote.plots import aie_heatmap
 
-    out.print(_top_heads_table(result.aie, min(int(report["top"]), result.aie.size)))
+    out.print(_top_heads_table(result.aie, min(int(report["top"]), result.aie.size), report.get("method", "fast")))
     path = aie_heatmap(result.aie, Path(report["plot"]), title=f"{result.task}: AIE per head ({report['model']})")
-    out.print(f"{result.n_prompts} corrupted prompts ({result.n_new} new) in {report['store']}; heatmap: {path}")
+    kind = "clean" if str(report.get("method", "")).startswith("lrp") else "corrupted"
+    out.print(f"{result.n_prompts} {kind} prompts ({result.n_new} new) in {report['store']}; heatmap: {path}")
 
 
 @app.command()
@@ -168,6 +179,9 @@ def fit(
     model: str = MODEL_OPT,
     k: int = typer.Option(10, help="number of top heads"),
     share: float = typer.Option(None, help="instead of k: fewest heads carrying this share of positive AIE"),
+    scores: str = typer.Option("auto", "--scores", help="head ranking to use: cma (exact) | attribution | lrp | "
+                               "lrp_attention (each stored by `cma --method ...`) | auto (cma where stored, else "
+                               "attribution)"),
     layer: int = typer.Option(None, help="layer to add the FV at (default: best on a validation sweep)"),
     sweep: bool = typer.Option(True, help="run the validation layer sweep to choose the layer"),
     seed: int = typer.Option(0),
@@ -190,14 +204,15 @@ def fit(
     loaded = load_stage(model, remote)
     prepared = _prepare(loaded, task, data_dir, seed)
     act_store.check_compatible(prepared.name, {"model": loaded.model_id})
-    aie = load_aie(act_store, prepared.name)
+    aie = load_aie(act_store, prepared.name, source=scores)
     means = mean_heads_tensor(act_store, prepared.name)
     if layer is not None:
         loaded.adapter.check_layer(layer)
     swept = layer is None and sweep
     with (progress_bar(f"layer sweep {prepared.name}", loaded.adapter.n_layers) if swept else nullcontext()) as update:
         fv, scores = fit_function_vector(loaded, prepared, means, aie, k=None if share else k, share=share,
-                                         layer=layer, sweep=sweep, meta={"store": store}, progress=update,
+                                         layer=layer, sweep=sweep, meta={"store": store, "scores": scores},
+                                         progress=update,
                                          remote=remote)
     if scores is not None:
         png = layer_sweep_plot({prepared.name: scores}, plot or Path("out") / f"{prepared.name}_sweep.png")

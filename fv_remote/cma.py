@@ -10,7 +10,8 @@ mean clean activation) - P(answer | corrupted). Four implementations, all exact 
 - `invoke_per_head`: the whole prompt once per head, batched as rows of one forward (the classic batching).
 - `naive`: one separate forward per head (the reference).
 
-`run_cma(..., method="attribution")` stores the first-order gradient estimate instead (fv_remote.attribution).
+`run_cma(..., method="attribution")` stores the first-order gradient estimate instead (fv_remote.attribution), and
+`method="lrp"` / `"lrp_attention"` AttnLRP relevances on clean prompts (fv_remote.lrp).
 """
 
 from __future__ import annotations
@@ -387,11 +388,11 @@ CMA_FUNCTIONS: dict[str, Callable] = {
 }
 
 
-SOURCES = ("cma", "attribution")
+SOURCES = ("cma", "attribution", "lrp", "lrp_attention")
 
 
 def cma_group(task: str, source: str = "cma") -> str:
-    """Store group of a task's per-prompt head scores: `<task>/cma` (exact) or `<task>/attribution`."""
+    """Store group of a task's per-prompt head scores: `<task>/cma` (exact), `<task>/attribution`, `<task>/lrp`..."""
     if source not in SOURCES:
         raise UserError(f"unknown head-score source {source!r}; use one of {', '.join(SOURCES)}")
     return f"{task}/{source}"
@@ -418,8 +419,12 @@ def run_cma(model: LoadedModel, prepared: PreparedTask, store: ActivationStore, 
     method "fast" only) and stores them once the results are back. Under `fv_remote.remote.no_wait()` the request
     is submitted and `JobSubmitted` raised, its `details` saying how `store_remote_cma` stores the results later.
     """
+    from fv_remote import lrp
+
     batch = None
     if remote_mode(remote):
+        if method in lrp.METHODS:
+            raise UserError(lrp.REMOTE_REFUSAL.format(method=method))
         if method != "fast":
             raise UserError(f"remote CMA runs the fast method only, not {method!r}")
 
@@ -435,8 +440,12 @@ def run_cma(model: LoadedModel, prepared: PreparedTask, store: ActivationStore, 
 
         return run_head_scores(model, prepared, store, means, attribution_prompt, "attribution", method,
                                n_prompts, n_shots, progress)
+    if method in lrp.METHODS:
+        return run_head_scores(model, prepared, store, means, lrp.prompt_scorer(model, prepared, method), method,
+                               method, n_prompts, n_shots, progress, kind="clean")
     if method not in CMA_FUNCTIONS:
-        raise UserError(f"unknown CMA method {method!r}; use one of {', '.join([*CMA_FUNCTIONS, 'attribution'])}")
+        raise UserError(f"unknown CMA method {method!r}; use one of "
+                        f"{', '.join([*CMA_FUNCTIONS, 'attribution', *lrp.METHODS])}")
     return run_head_scores(model, prepared, store, means, CMA_FUNCTIONS[method], "cma", method, n_prompts, n_shots,
                            progress, batch=batch)
 
@@ -445,18 +454,18 @@ def run_head_scores(model: LoadedModel, prepared: PreparedTask, store: Activatio
                     fn: PromptScorer, source: str, method: str, n_prompts: int = 25, n_shots: int = 10,
                     progress: Callable[[int, int], None] | None = None,
                     batch: Callable[[list[tuple[str, int]]], list[tuple[float, torch.Tensor]]] | None = None,
-                    ) -> CMAResult:
-    """Score every head on each shuffled-label prompt with `fn`; append per prompt to `<task>/<source>`.
-
-    With `batch`, all missing prompts are scored by one call (one remote request) before anything is stored.
+                    kind: str = "shuffled") -> CMAResult:
+    """Score every head on each shuffled-label prompt (or `kind` prompt) with `fn`; append per prompt to
+    `<task>/<source>`. With `batch`, all missing prompts are scored by one call (one remote request) before anything
+    is stored. For "clean" prompts the stored `p_corrupted` is what `fn` returns first (LRP: the answer logit).
     """
     require_positive("n_prompts", n_prompts)
     ad = model.adapter
     group = cma_group(prepared.name, source)
     # Corrupted queries come from the training split, like the clean prompts that gave the means.
-    prompts = prepared.prompts("train", n_prompts, kind="shuffled", n_shots=n_shots, seed_offset=1)
+    prompts = prepared.prompts("train", n_prompts, kind=kind, n_shots=n_shots, seed_offset=1)
     identity = {"model": model.model_id, "task": prepared.name, "n_layers": ad.n_layers, "n_heads": ad.n_heads,
-                "head_dim": ad.head_dim, "n_shots": n_shots, "seed": prepared.seed, "kind": "shuffled",
+                "head_dim": ad.head_dim, "n_shots": n_shots, "seed": prepared.seed, "kind": kind,
                 "template": [prepared.template.query, prepared.template.answer, prepared.template.separator,
                              prepared.template.prefix]}
     from fv_remote.checks import check_prompt_lengths
@@ -543,13 +552,14 @@ def _store_remote_cma(store, saved, details, progress, task, source, method, n_p
 def load_aie(store: ActivationStore, task: str, n_prompts: int | None = None, source: str = "auto") -> xr.DataArray:
     """AIE per (layer, head): the mean indirect effect over the stored corrupted prompts.
 
-    `source`: "cma" (exact), "attribution" (gradient estimate) or "auto" (exact where stored, else attribution).
+    `source`: "cma" (exact), "attribution" (gradient estimate), "lrp" / "lrp_attention" (AttnLRP relevance, not
+    an effect on P(answer): only its ranking compares) or "auto" (exact where stored, else attribution).
     """
     if source == "auto":
         source = "attribution" if (not store.has_task(cma_group(task))
                                    and store.has_task(cma_group(task, "attribution"))) else "cma"
     ds = store.open(cma_group(task, source), hint=f"fv-remote cma --task {task} --store {store.url}"
-                    + (" --method attribution" if source == "attribution" else ""))
+                    + (f" --method {source}" if source != "cma" else ""))
     if n_prompts is not None:
         ds = ds.isel({PROMPT_DIM: slice(0, n_prompts)})
     effects = store.require(ds, cma_group(task, source), "indirect_effect")["indirect_effect"]

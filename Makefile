@@ -11,7 +11,7 @@ DEMO_TASKS ?= present-past singular-plural capitalize country-capital
 export HF_HUB_OFFLINE ?= 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup model demo test test-fast test-ndif ndif-env test-llamacpp bench clean
+.PHONY: setup model demo test lint test-fast test-ndif ndif-env test-llamacpp bench clean
 
 setup: $(STAMP)
 
@@ -29,8 +29,12 @@ model: setup
 demo: model
 	@$(FV) run $(DEMO_TASKS) --model $(MODEL) --out $(DEMO_OUT)
 
-test: model
+test: model lint
 	@$(PY) -m pytest -q -m "not ndif"
+
+lint: setup
+	@$(PY) -m ruff check fv_remote cli traces examples
+	@$(PY) -m mypy
 
 test-fast: setup
 	@$(PY) -m pytest -q -m "not integration and not ndif"

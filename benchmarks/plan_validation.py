@@ -8,7 +8,7 @@ For each stage (extract, cma, finetune, bank build, analogy), small settings on 
 - time: the same body again, SDPA attention, single-threaded, timed; the planner's time with two constants of THIS
   machine measured first in the same run: matmul throughput (a plain forward of 4 ten-shot prompts, FLOPs / s) and
   the per-forward overhead (a 2-token nnsight trace, its FLOP time subtracted).
-- bytes: the same stage through the loopback NDIF server (tests/loopback_ndif.py) hosting the model: the request's
+- bytes: the same stage through the loopback NDIF server (tests/support/loopback_ndif.py) hosting the model: the request's
   payload and the result, both uncompressed (what the planner estimates) and as sent (zstd).
 
     HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 .venv/bin/python benchmarks/plan_validation.py [--model smollm2-135m]
@@ -227,7 +227,7 @@ def remote_sizes(s: Setup, stages):
     import zstandard
 
     from fv_remote import remote as R
-    from remote_fixtures import serve_copy, write_hub_cache
+    from support.remote_fixtures import serve_copy, write_hub_cache
 
     repo = s.model.model_id if "/" in s.model.model_id else "test-org/" + s.name
     out = {}

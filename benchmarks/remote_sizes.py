@@ -6,7 +6,7 @@ model (3 layers x 4 heads, d_model 64, a 306-token vocabulary); prints a Markdow
 Payload: the request blob the client posts (zstd-compressed pickle of the session's source and the variables it
 reads). Result: the blob the server sends back (zstd-compressed `torch.save` of the returned values). `--values` adds
 a row per returned value with its own (uncompressed) size. The stages and their settings are
-`tests/remote_catalog.STAGES`; a few dozen bytes of payload vary from run to run (job and file identifiers).
+`tests/support/remote_catalog.STAGES`; a few dozen bytes of payload vary from run to run (job and file identifiers).
 Not a `bench_*.py`: `make bench` does not run it, and it takes a few seconds on one core.
 """
 
@@ -22,7 +22,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from remote_catalog import STAGES, harness, measure  # noqa: E402
+from support.remote_catalog import STAGES, harness, measure  # noqa: E402
 
 
 def main() -> None:

@@ -48,7 +48,7 @@ def main() -> None:
     except UserError as exc:
         _fail(str(exc))
     except OSError as exc:
-        from fv_remote.store import os_error_message
+        from fv_remote.errors import os_error_message
 
         target = exc.filename or "a file"
         message = os_error_message(exc, str(target), "write" if exc.filename else "access")

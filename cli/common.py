@@ -6,8 +6,14 @@ import os
 import sys
 import time
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 from rich.console import Console
+
+if TYPE_CHECKING:
+    from fv_remote.execution import Executor
+    from fv_remote.models import LoadedModel
+
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 # Piped output (CI logs, files) gets a wide fixed width so result tables are not truncated.
@@ -25,20 +31,22 @@ def offline_if_local(model: str) -> None:
     hf_logging.disable_progress_bar()  # our own progress bars are enough on the terminal
 
 
-def load_stage(model: str, remote: bool = False):
-    """The model a command runs on: local (offline when it can be) or, with --remote, NDIF's weightless copy."""
-    from fv_remote.remote import load_stage_model
+def executor(remote: bool, no_wait: bool = False) -> Executor:
+    """The executor a command's `--remote` / `--no-wait` flags name: the one place the CLI interprets them."""
+    from fv_remote.execution import NDIF, Local
 
-    if not remote:
-        offline_if_local(model)
-    return load_stage_model(model, remote)
-
-
-def require_remote_for_no_wait(no_wait: bool, remote: bool) -> None:
     if no_wait and not remote:
         from fv_remote.errors import UserError
 
         raise UserError("--no-wait needs --remote (only NDIF jobs can be fetched later)")
+    return NDIF(wait=not no_wait) if remote else Local()
+
+
+def load_stage(model: str, ex: Executor) -> LoadedModel:
+    """The model a command runs on: local (offline when it can be) or, with --remote, NDIF's weightless copy."""
+    if not ex.ndif:
+        offline_if_local(model)
+    return ex.load_model(model)
 
 
 @contextmanager

@@ -8,7 +8,7 @@ import typer
 
 from fv_remote.checks import check_output_path, require_finite_option
 from fv_remote.cli.app import app
-from fv_remote.cli.common import console, load_stage, out
+from fv_remote.cli.common import console, executor, load_stage, out
 from fv_remote.errors import UserError
 from fv_remote.models import DEFAULT_MODEL
 
@@ -70,7 +70,7 @@ def export(
     check_output_path(output, "--out")
     check_output_path(ex.sidecar_path(output), "--out (its sidecar note)")
 
-    loaded = load_stage(model, remote)
+    loaded = load_stage(model, executor(remote))
     if fv_path is not None:
         from fv_remote.cli.pipeline_cmd import _load_vector
 
@@ -139,7 +139,7 @@ def import_(
     from fv_remote.checks import atomic_save
 
     check_output_path(output, "--out")
-    loaded = load_stage(model, remote)
+    loaded = load_stage(model, executor(remote))
     vec = ex.import_control_vector(path, loaded, task)
     saved = atomic_save(vec.save, output, "vector")
     layers = sorted(ex.directions(vec))

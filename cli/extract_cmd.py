@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from fv_remote.cli.app import app
-from fv_remote.cli.common import console, load_stage, out, progress_bar, require_remote_for_no_wait
+from fv_remote.cli.common import console, executor, load_stage, out, progress_bar
 from fv_remote.cli.plan_cmd import PLAN_HELP, plan_instead
 from fv_remote.models import DEFAULT_MODEL
 
@@ -57,15 +57,15 @@ def extract(
     plan: bool = typer.Option(False, "--plan", help=PLAN_HELP),
 ) -> None:
     """Trace every attention head's output on clean n-shot prompts into the store (resumable)."""
-    from fv_remote import remote as R
     from fv_remote.data import load_task
     from fv_remote.errors import require_positive
+    from fv_remote.execution import JobSubmitted
     from fv_remote.extract import extract as run_extract
     from fv_remote.store import ActivationStore
 
     require_positive("--n-prompts", n_prompts)
     require_positive("--batch-size", batch_size)
-    require_remote_for_no_wait(no_wait, remote)
+    ex = executor(remote, no_wait)
     pos = _positions(positions)
     if plan:
         return plan_instead("extract", model, n_prompts=n_prompts, n_shots=n_shots, batch_size=batch_size,
@@ -74,7 +74,7 @@ def extract(
 
     check_reduce(reduce, remote)
     relation = load_task(task, data_dir=data_dir)
-    loaded = load_stage(model, remote)
+    loaded = load_stage(model, ex)
     _note_counts(loaded, relation, n_prompts, n_shots, seed)
     act_store = ActivationStore(store)
     done = act_store.n_complete(relation.name)
@@ -84,10 +84,9 @@ def extract(
         from fv_remote.cli.jobs_cmd import submitted
 
         try:
-            with R.no_wait():
-                result = run_extract(loaded, relation, act_store, n_prompts=n_prompts, n_shots=n_shots, seed=seed,
-                                     batch_size=batch_size, positions=pos, remote=True, reduce=reduce)
-        except R.JobSubmitted as job:
+            result = run_extract(loaded, relation, act_store, n_prompts=n_prompts, n_shots=n_shots, seed=seed,
+                                 batch_size=batch_size, positions=pos, remote=ex, reduce=reduce)
+        except JobSubmitted as job:
             submitted(job, {"model": loaded.model_id, "revision": loaded.revision, "task": task,
                             "data_dir": data_dir})
             return
@@ -96,7 +95,7 @@ def extract(
     with progress_bar(f"extract {relation.name}", n_prompts) as update:
         update(min(done, n_prompts), n_prompts)
         result = run_extract(loaded, relation, act_store, n_prompts=n_prompts, n_shots=n_shots, seed=seed,
-                             batch_size=batch_size, positions=pos, progress=update, remote=remote, reduce=reduce)
+                             batch_size=batch_size, positions=pos, progress=update, remote=ex, reduce=reduce)
     for pair, reason in result.skipped_pairs:
         console.print(f"[yellow]skipped pair {pair[0]!r} -> {pair[1]!r}: {reason}[/]")
     ad = loaded.adapter

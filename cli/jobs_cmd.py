@@ -24,55 +24,18 @@ def submitted(job, settings: dict) -> None:
     out.print(f"check: fv-remote jobs status {job_id}; get the results: fv-remote jobs fetch {job_id}")
 
 
-def _finish_evaluate(job: dict, saved: dict, progress=None) -> str:
-    """An `evaluate --no-wait` job: the same table, sweep plot and JSON as the blocking command."""
-    from fv_remote.cli.pipeline_cmd import report_evaluation
-    from fv_remote.evaluate import scores_from_job
+def _register_reporters() -> None:
+    """`jobs fetch` prints what the blocking command prints; storing the results is the library's (`COMMITS`)."""
+    from fv_remote.cli.pipeline_cmd import show_cma, show_evaluation
+    from fv_remote.cli.relational_cmd import show_finetune
+    from fv_remote.jobs import register_reporter
 
-    scores, curve = scores_from_job(saved, job["details"])
-    report_evaluation(job["settings"], scores, curve)
-    return (f"{scores.task}: zero-shot {scores.zero_shot:.2f} -> {scores.zero_shot_fv:.2f} with the "
-            f"{job['settings']['kind'].upper()} at layer {scores.layer} ({scores.n_test} test pairs)")
-
-
-def _finish_cma(job: dict, saved: dict, progress=None) -> str:
-    """A `cma --no-wait` job: the AIE into the store's TASK/cma group, the top-heads table and the heatmap."""
-    from fv_remote.cli.pipeline_cmd import report_cma
-    from fv_remote.cma import store_remote_cma
-    from fv_remote.store import ActivationStore
-
-    details = job["details"]
-    result = store_remote_cma(ActivationStore(details["store"]), saved, details, progress)
-    report_cma(job["settings"], result)
-    return f"{result.task}: {result.n_prompts} corrupted prompts ({result.n_new} new) in {details['store']}"
+    register_reporter("cma", lambda job, result: show_cma(job["settings"], result))
+    register_reporter("evaluate", lambda job, result: show_evaluation(job["settings"], result))
+    register_reporter("finetune", lambda job, result: show_finetune(job["settings"], result))
 
 
-def _finish_finetune(job: dict, saved: dict, progress=None) -> str:
-    """A `finetune --no-wait` job: the FFV file and loss curve as the blocking command; the evaluation it would
-    have run next is printed as a command instead."""
-    from pathlib import Path
-
-    from fv_remote.cli.relational_cmd import report_finetune
-    from fv_remote.ffv_session import ffv_run_from_job
-
-    settings = job["settings"]
-    run = ffv_run_from_job(saved, job["details"])
-    report_finetune(run, settings["task"], settings["init"], Path(settings["out"]), Path(settings["plot"]))
-    message = f"{settings['task']}: FFV at layer {run.result.ffv.layer} saved to {settings['out']}"
-    if settings.get("evaluate"):
-        message += f"\nevaluate it: {settings['evaluate']}"
-    return message
-
-
-def _register_finishers() -> None:
-    from fv_remote.jobs import FINISHERS
-
-    FINISHERS.setdefault("evaluate", _finish_evaluate)
-    FINISHERS.setdefault("cma", _finish_cma)
-    FINISHERS.setdefault("finetune", _finish_finetune)
-
-
-_register_finishers()
+_register_reporters()
 
 
 def _check_job_files(job_id: str | None = None) -> None:
@@ -131,7 +94,8 @@ def fetch(job_id: str = typer.Argument(..., help="the id `--no-wait` printed"),
 @jobs_app.command("list")
 def list_jobs() -> None:
     """Jobs submitted from this machine (job files in FV_REMOTE_JOBS or the fv-remote cache)."""
-    from fv_remote.jobs import jobs_dir, list_jobs as all_jobs
+    from fv_remote.jobs import jobs_dir
+    from fv_remote.jobs import list_jobs as all_jobs
 
     _check_job_files()
     jobs = all_jobs()

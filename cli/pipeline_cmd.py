@@ -8,10 +8,10 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
+from fv_remote.checks import (atomic_save, check_output_path, check_prompt_lengths, check_scale, require_finite_option,
+                              require_finite_vector)
 from fv_remote.cli.app import app
-from fv_remote.checks import atomic_save, check_output_path, check_prompt_lengths, require_finite_option
-from fv_remote.checks import check_scale, require_finite_vector
-from fv_remote.cli.common import console, load_stage, out, progress_bar, require_remote_for_no_wait
+from fv_remote.cli.common import console, executor, load_stage, out, progress_bar
 from fv_remote.cli.plan_cmd import PLAN_HELP, plan_instead
 from fv_remote.errors import UserError, require_positive
 from fv_remote.models import DEFAULT_MODEL
@@ -123,24 +123,23 @@ def cma(
 ) -> None:
     """Average indirect effect of every head (patched with its mean clean activation into shuffled prompts)."""
     from fv_remote.cma import run_cma
-    from fv_remote.extract import mean_heads_tensor
     from fv_remote.errors import require_positive
-    from fv_remote.remote import JobSubmitted
-    from fv_remote.remote import no_wait as submit_only
+    from fv_remote.execution import JobSubmitted
+    from fv_remote.extract import mean_heads_tensor
     from fv_remote.store import ActivationStore
 
     for name, value in (("--n-prompts", n_prompts), ("--n-shots", n_shots), ("--top", top)):
         require_positive(name, value)  # before the model loads: a typo should not cost a minute
     if plan:
         return plan_instead("cma", model, n_prompts=n_prompts, n_shots=n_shots)
-    require_remote_for_no_wait(no_wait, remote)
+    ex = executor(remote, no_wait)
     if remote and method in ("lrp", "lrp_attention"):
         from fv_remote.lrp import REMOTE_REFUSAL
 
         raise UserError(REMOTE_REFUSAL.format(method=method))
     check_output_path(plot, "--plot")
     act_store = ActivationStore(store)
-    loaded = load_stage(model, remote)
+    loaded = load_stage(model, ex)
     prepared = _prepare(loaded, task, data_dir, seed, n_shots)
     _note(prepared.count_note("--n-prompts", n_prompts))
     means = mean_heads_tensor(act_store, prepared.name)  # says which command to run first if missing
@@ -148,10 +147,9 @@ def cma(
     report = {"model": loaded.model_id, "task": prepared.name, "store": store, "top": top, "method": method,
               "plot": str(plot or Path("out") / f"{prepared.name}_aie.png")}
     try:
-        with submit_only() if no_wait else nullcontext(), \
-                progress_bar(f"mediation {prepared.name}", n_prompts) as update:
+        with progress_bar(f"mediation {prepared.name}", n_prompts) as update:
             result = run_cma(loaded, prepared, act_store, means, n_prompts=n_prompts, n_shots=n_shots,
-                             method=method, progress=update, remote=remote)
+                             method=method, progress=update, remote=ex)
     except JobSubmitted as job:
         from fv_remote.cli.jobs_cmd import submitted
 
@@ -163,13 +161,18 @@ def cma(
 
 
 def report_cma(report: dict, result) -> None:
-    """The top-heads table, heatmap and summary of `cma` (also what `jobs fetch` does for a cma job)."""
-    from fv_remote.plots import aie_heatmap
+    """The top-heads table, heatmap and summary of `cma`."""
+    from fv_remote.plots import cma_heatmap
 
-    out.print(_top_heads_table(result.aie, min(int(report["top"]), result.aie.size), report.get("method", "fast")))
-    path = aie_heatmap(result.aie, Path(report["plot"]), title=f"{result.task}: AIE per head ({report['model']})")
+    show_cma(report, result)
+    path = cma_heatmap(result, report["plot"], report["model"])
     kind = "clean" if str(report.get("method", "")).startswith("lrp") else "corrupted"
     out.print(f"{result.n_prompts} {kind} prompts ({result.n_new} new) in {report['store']}; heatmap: {path}")
+
+
+def show_cma(report: dict, result) -> None:
+    """The top-heads table of a CMA result (also `jobs fetch`'s reporter for a cma job)."""
+    out.print(_top_heads_table(result.aie, min(int(report["top"]), result.aie.size), report.get("method", "fast")))
 
 
 @app.command()
@@ -201,7 +204,8 @@ def fit(
     check_output_path(plot, "--plot")
     require_finite_option("--share", share)
     act_store = ActivationStore(store)
-    loaded = load_stage(model, remote)
+    ex = executor(remote)
+    loaded = load_stage(model, ex)
     prepared = _prepare(loaded, task, data_dir, seed)
     act_store.check_compatible(prepared.name, {"model": loaded.model_id})
     aie = load_aie(act_store, prepared.name, source=scores)
@@ -212,8 +216,7 @@ def fit(
     with (progress_bar(f"layer sweep {prepared.name}", loaded.adapter.n_layers) if swept else nullcontext()) as update:
         fv, scores = fit_function_vector(loaded, prepared, means, aie, k=None if share else k, share=share,
                                          layer=layer, sweep=sweep, meta={"store": store, "scores": scores},
-                                         progress=update,
-                                         remote=remote)
+                                         progress=update, remote=ex)
     if scores is not None:
         png = layer_sweep_plot({prepared.name: scores}, plot or Path("out") / f"{prepared.name}_sweep.png")
         out.print(f"validation sweep: best layer {fv.layer} (accuracy {scores[fv.layer]:.2f}); plot: {png}")
@@ -259,7 +262,8 @@ def steer(
     if prompt is not None and not prompt.strip():
         raise UserError("--prompt is empty; give the text whose next token to score, e.g. 'Q: hot\\nA:'")
     require_positive("--top", top)
-    loaded = load_stage(model, remote)
+    ex = executor(remote)
+    loaded = load_stage(model, ex)
     vec = _load_vector(fv_path, loaded)
     if prompt is not None:
         check_prompt_lengths(loaded, [prompt], "--prompt")
@@ -310,7 +314,8 @@ def generate(
         raise UserError("--prompt is empty; give the text to continue, e.g. 'Q: hot\\nA:'")
     require_positive("--max-new-tokens", max_new_tokens)
     check_scale(scale)
-    loaded = load_stage(model, remote)
+    ex = executor(remote)
+    loaded = load_stage(model, ex)
     vec = _load_vector(fv_path, loaded)
     check_prompt_lengths(loaded, [text], "--prompt", reserve=max_new_tokens)
     st = Steer(vec, layer=layer, scale=scale, distributed=distributed, positions=_positions(positions, vec))
@@ -345,13 +350,12 @@ def evaluate(
 ) -> None:
     """Zero-shot and shuffled n-shot accuracy with and without the vector, plus n-shot ICL, on test pairs."""
     from fv_remote.evaluate import best_scale, evaluate_and_sweep, evaluate_task, layer_sweep, scale_sweep
-    from fv_remote.remote import JobSubmitted
-    from fv_remote.remote import no_wait as submit_only
+    from fv_remote.execution import JobSubmitted
     from fv_remote.steering import check_positions
 
     if n_test is not None and n_test <= 0:
         raise UserError(f"--n-test must be a positive integer, got {n_test}")
-    require_remote_for_no_wait(no_wait, remote)
+    ex = executor(remote, no_wait)
     check_output_path(json_path, "--json")
     check_output_path(plot, "--plot")
     check_scale(scale)
@@ -362,7 +366,7 @@ def evaluate(
         raise UserError("--sweep-scale cannot be combined with --no-wait: the test columns need the scale the "
                         "validation sweep chooses; run the sweep first (it is one request), then --no-wait with "
                         "--scale")
-    loaded = load_stage(model, remote)
+    loaded = load_stage(model, ex)
     vec = _load_vector(fv_path, loaded)
     positions = _positions(positions, vec)
     extra = {"ffv": _load_vector(ffv_path, loaded)} if ffv_path else None
@@ -376,7 +380,7 @@ def evaluate(
     if scales:
         with progress_bar(f"scale sweep ({positions})", len(scales)) as update:
             scale_scores = scale_sweep(loaded, prepared, vec, scales, layer=layer, positions=positions,
-                                       distributed=distributed, progress=update, remote=remote)
+                                       distributed=distributed, progress=update, remote=ex)
         scale = best_scale(scale_scores)
         console.print("validation accuracy by scale (positions " + positions + "): " +
                       ", ".join(f"{s:g}: {a:.2f}" for s, a in scale_scores.items()) + f"; using {scale:g}")
@@ -389,15 +393,14 @@ def evaluate(
               "json": str(json_path) if json_path else None}
     curve = None
     try:
-        with submit_only() if no_wait else nullcontext():
-            if sweep and remote:  # the evaluation and the sweep in one request
-                scores, curve = evaluate_and_sweep(loaded, prepared, vec, layer=layer, n_test=n_test,
-                                                   n_shots=n_shots, scale=scale, distributed=distributed,
-                                                   extra_vectors=extra, remote=remote, positions=positions)
-            else:
-                scores = evaluate_task(loaded, prepared, vec, layer=layer, n_test=n_test, n_shots=n_shots,
-                                       scale=scale, distributed=distributed, extra_vectors=extra, remote=remote,
-                                       positions=positions)
+        if sweep and ex.session:  # the evaluation and the sweep in one request
+            scores, curve = evaluate_and_sweep(loaded, prepared, vec, layer=layer, n_test=n_test,
+                                               n_shots=n_shots, scale=scale, distributed=distributed,
+                                               extra_vectors=extra, remote=ex, positions=positions)
+        else:
+            scores = evaluate_task(loaded, prepared, vec, layer=layer, n_test=n_test, n_shots=n_shots,
+                                   scale=scale, distributed=distributed, extra_vectors=extra, remote=ex,
+                                   positions=positions)
     except JobSubmitted as job:
         from fv_remote.cli.jobs_cmd import submitted
 
@@ -410,24 +413,22 @@ def evaluate(
 
 
 def report_evaluation(report: dict, scores, curve: dict | None) -> None:
-    """The table, sweep plot and JSON of `evaluate` (also what `jobs fetch` does for an evaluate job)."""
-    from fv_remote.pipeline import write_json
-    from fv_remote.plots import layer_sweep_plot
+    """The table, sweep plot and JSON of `evaluate`."""
+    from fv_remote.evaluate import save_evaluation
 
-    row = scores.as_json()
+    show_evaluation(report, (scores, curve))
+    for line in save_evaluation(report, scores, curve):
+        out.print(line)
+
+
+def show_evaluation(report: dict, result: tuple) -> None:
+    """The accuracy table of an evaluation (also `jobs fetch`'s reporter for an evaluate job)."""
+    scores = result[0]
     how = report["settings"]
     chosen = " (best on validation)" if how.get("scale_sweep") else ""
-    out.print(scores_table([row], title=f"{report['model']}: {report['kind'].upper()} at layer {scores.layer}, "
-                                        f"positions {how.get('positions', 'last')}, scale {how.get('scale', 1.0):g}"
-                                        f"{chosen}"))
-    data = {"model": report["model"], "layer": scores.layer,
-            "settings": {**report["settings"], "n_test": scores.n_test}, "results": [row]}
-    if curve is not None:
-        data["sweep"] = {str(x): v for x, v in curve.items()}
-        png = layer_sweep_plot({report["task"]: curve}, Path(report["plot"]))
-        out.print(f"sweep plot: {png}")
-    if report.get("json"):
-        out.print(f"results: {write_json(data, report['json'])}")
+    out.print(scores_table([scores.as_json()], title=f"{report['model']}: {report['kind'].upper()} at layer "
+                                                     f"{scores.layer}, positions {how.get('positions', 'last')}, "
+                                                     f"scale {how.get('scale', 1.0):g}{chosen}"))
 
 
 @app.command()
@@ -468,7 +469,8 @@ def run(
     relations = [load_task(name, data_dir=data_dir) for name in names]  # fail fast on a bad name
     if n_test is not None:
         require_positive("--n-test", n_test)
-    loaded = load_stage(model, remote)
+    ex = executor(remote)
+    loaded = load_stage(model, ex)
     from fv_remote.tasks import prepare_task
 
     for relation in relations:  # before any work: counts the data cannot supply (prompts would repeat)
@@ -483,7 +485,7 @@ def run(
     act_store = ActivationStore(store or str(out_dir / "store.zarr"))
     runs = []
     for relation in relations:
-        result = run_task(loaded, relation, act_store, out_dir, settings, progress=progress_bar, remote=remote)
+        result = run_task(loaded, relation, act_store, out_dir, settings, progress=progress_bar, remote=ex)
         runs.append(result)
         r = result.scores
         console.print(f"[green]{r.task}[/]: zero-shot {r.zero_shot:.2f} -> {r.zero_shot_fv:.2f} with FV at layer "

@@ -67,7 +67,7 @@ def plan(
     dtype: str = typer.Option("bfloat16", help="the hosted model's dtype (float32, bfloat16, float16)"),
     reduce: str = typer.Option("none", help="extract: none, float16 (`extract --remote --reduce float16`) or mean "
                                "(a what-if: one mean instead of every prompt's heads; extract cannot do that yet)"),
-    max_copies: int = typer.Option(1024, help="cma: last-token copies per forward (the remote session's)"),
+    max_copies: int = typer.Option(256, help="cma: last-token copies per forward at most (the CMA body's)"),
     steps: int = typer.Option(40, help="finetune / bank: optimiser steps (an upper bound)"),
     n_train: int = typer.Option(100, help="finetune / bank: training prompts per relation"),
     n_valid: int = typer.Option(50, help="finetune / bank: validation prompts per relation"),
@@ -98,7 +98,8 @@ def plan(
     stage = {"bank-build": "bank", "bank build": "bank"}.get(stage, stage)
     if stage not in STAGES:
         raise UserError(f"unknown --stage {stage!r}; use one of {', '.join(STAGES)}")
-    options = StageOptions(n_prompts=_DEFAULT_PROMPTS.get(stage, 25) if n_prompts is None else n_prompts, n_shots=n_shots,
+    options = StageOptions(n_prompts=_DEFAULT_PROMPTS.get(stage, 25) if n_prompts is None else n_prompts,
+                           n_shots=n_shots,
                            prompt_tokens=prompt_tokens, batch_size=batch_size, positions=positions, dtype=dtype,
                            reduce=reduce, max_copies=max_copies, steps=steps, n_train=n_train, n_valid=n_valid,
                            eval_every=eval_every, layer=layer, relations=relations, items=items, bank_size=bank_size,

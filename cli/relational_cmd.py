@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shlex
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Optional
 
@@ -12,11 +11,10 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from fv_remote.checks import atomic_save, check_output_path, json_text, require_finite, require_finite_vector
-from fv_remote.checks import MAX_BOOT, MAX_STEPS, check_scale, load_vector, require_count, require_finite_option
-from fv_remote.checks import write_output
+from fv_remote.checks import (MAX_BOOT, MAX_STEPS, atomic_save, check_output_path, check_scale, json_text, load_vector,
+                              require_count, require_finite, require_finite_option, require_finite_vector, write_output)
 from fv_remote.cli.app import app
-from fv_remote.cli.common import console, load_stage, out, progress_bar, require_remote_for_no_wait
+from fv_remote.cli.common import console, executor, load_stage, out, progress_bar
 from fv_remote.cli.plan_cmd import PLAN_HELP, plan_instead
 from fv_remote.errors import UserError, require_positive
 from fv_remote.models import DEFAULT_MODEL
@@ -99,14 +97,12 @@ def finetune(
     """Fine-tune a function vector (model frozen): FFV = argmin NLL of the answer on zero-shot prompts."""
     from fv_remote.data import load_task
     from fv_remote.evaluate import evaluate_task
+    from fv_remote.execution import JobSubmitted
     from fv_remote.ffv import train_ffv
     from fv_remote.tasks import prepare_task
 
-    from fv_remote.remote import JobSubmitted
-    from fv_remote.remote import no_wait as submit_only
-
     require_positive("--n-train", n_train)
-    require_remote_for_no_wait(no_wait, remote)
+    ex = executor(remote, no_wait)
     for flag, path in (("--out", out_path), ("--plot", plot), ("--json", json_path)):
         check_output_path(path, flag)
     settings = _settings(steps, lr, l2, patience, batch_size, seed)
@@ -122,7 +118,7 @@ def finetune(
         return plan_instead("finetune", model, n_train=n_train, n_valid=n_valid, steps=steps, batch_size=batch_size,
                             layer=None if at == "auto" else at)
     relation = load_task(task, data_dir=data_dir)
-    loaded = load_stage(model, remote)
+    loaded = load_stage(model, ex)
     if source is not None:
         source.check_model(loaded)
     prepared = prepare_task(loaded.tokenizer, relation, seed=seed, min_pairs=n_train + 2)
@@ -134,10 +130,9 @@ def finetune(
     out_path = out_path or Path("out/ffv") / f"{relation.name}.ffv.safetensors"
     plot = plot or out_path.with_name(out_path.name.replace(".safetensors", "") + "_loss.png")
     try:
-        with submit_only() if no_wait else nullcontext(), \
-                progress_bar(f"finetune {relation.name}", steps) as update:
+        with progress_bar(f"finetune {relation.name}", steps) as update:
             run = train_ffv(loaded, prepared, source, init=init, layer=layer_opt, n_train=n_train,
-                            n_valid=n_valid, settings=settings, progress=update, remote=remote)
+                            n_valid=n_valid, settings=settings, progress=update, remote=ex)
     except JobSubmitted as job:
         from fv_remote.cli.jobs_cmd import submitted
 
@@ -160,7 +155,7 @@ def finetune(
         raise UserError(f"task {relation.name!r} has no test pairs to evaluate on (use --no-evaluate)")
     base = source if source is not None else ffv
     scores = evaluate_task(loaded, prepared, base, n_test=n_test, n_shots=n_shots,
-                           extra_vectors={"ffv": ffv} if source is not None else None, remote=remote)
+                           extra_vectors={"ffv": ffv} if source is not None else None, remote=ex)
     row = scores.as_json()
     if source is None:  # no FV: the FFV sat in the FV's place
         row["zero_shot_ffv"], row["shuffled_ffv"] = row["zero_shot_fv"], row["shuffled_fv"]
@@ -183,15 +178,18 @@ SMALL_MOVE = 0.02  # smollm2-135m FFVs move 35-65% of the FV's norm, gemma3-270m
 
 
 def report_finetune(run, name: str, init: str, out_path: Path, plot: Path) -> None:
-    """Save the FFV and its loss curve, print the layer search and a summary (the blocking `finetune`, and what
-    `jobs fetch` does for a finetune job)."""
-    from fv_remote.ffv import loss_curve
+    """Save the FFV and its loss curve, print the layer search and a summary (the blocking `finetune`)."""
+    from fv_remote.ffv import save_run
 
+    save_run(run, out_path, plot, init)
+    show_finetune({"task": name, "init": init}, run)
+    out.print(f"saved {out_path} and {plot}")
+
+
+def show_finetune(settings: dict, run) -> None:
+    """The layer search and summary of a fine-tuning run (also `jobs fetch`'s reporter for a finetune job)."""
     res = run.result
     ffv = res.ffv
-    require_finite_vector(ffv, "the fine-tuned FFV")  # training diverged: say so rather than save it
-    atomic_save(ffv.save, out_path, "FFV")
-    loss_curve(res.history, plot, title=f"{name}: FFV at layer {ffv.layer} (init {init})")
     if run.layer_search:
         table = Table(title="layer search (short runs)", title_justify="left")
         for col in ("layer", "valid acc", "valid NLL"):
@@ -199,11 +197,10 @@ def report_finetune(run, name: str, init: str, out_path: Path, plot: Path) -> No
         for lay, r in sorted(run.layer_search.items()):
             table.add_row(str(lay), _pct(r["valid_acc"]), f"{r['valid_loss']:.3f}")
         out.print(table)
-    out.print(f"{name}: FFV at layer {ffv.layer}, init {init}, {run.n_train} training / {run.n_valid} "
-              f"validation pairs; kept step {res.best_step}"
+    out.print(f"{settings['task']}: FFV at layer {ffv.layer}, init {settings['init']}, {run.n_train} training / "
+              f"{run.n_valid} validation pairs; kept step {res.best_step}"
               + (f" (valid acc {res.best_valid_acc:.2f}, NLL {res.best_valid_loss:.3f})" if run.n_valid else "")
-              + ("; stopped early" if res.stopped_early else "")
-              + f"\nsaved {out_path} and {plot}")
+              + ("; stopped early" if res.stopped_early else ""))
     moved, start, lr = ffv.meta.get("moved"), ffv.meta.get("init_norm") or 0.0, ffv.meta["settings"]["lr"]
     if moved is not None and start > 0 and moved < SMALL_MOVE * start:
         # Adam steps ~lr per coordinate, so lr is in the residual stream's units, which differ ~60x between models
@@ -254,10 +251,9 @@ def bank_build(
     """Fine-tune an FFV for every relation and store them in one bank file (resumable)."""
     from fv_remote.bank import build_bank
     from fv_remote.data import list_tasks, load_task
-    from fv_remote.remote import JobSubmitted
-    from fv_remote.remote import no_wait as submit_only
+    from fv_remote.execution import JobSubmitted
 
-    require_remote_for_no_wait(no_wait, remote)
+    ex = executor(remote, no_wait)
     check_output_path(out_path, "--out")
     settings = _settings(steps, lr, l2, patience, batch_size, seed)
     if preset or data_root or semeval or todd or bats:
@@ -274,7 +270,7 @@ def bank_build(
     if plan:
         return plan_instead("bank", model, n_train=n_train, n_valid=n_valid, steps=steps, batch_size=batch_size,
                             layer=layer, relations=len(relations))
-    loaded = load_stage(model, remote)
+    loaded = load_stage(model, ex)
     if layer is None and init != "fv":
         layer = round(0.4 * loaded.adapter.n_layers)
         console.print(f"common layer {layer} of {loaded.adapter.n_layers} (set it with --layer)")
@@ -286,10 +282,10 @@ def bank_build(
             console.print(f"[yellow]{name}: {status}[/]")
 
     try:
-        with submit_only() if no_wait else nullcontext(), progress_bar("bank build", len(relations)) as update:
+        with progress_bar("bank build", len(relations)) as update:
             bank = build_bank(loaded, relations, out_path, layer=layer, init=init, fv_dir=fv_dir, n_train=n_train,
                               n_valid=n_valid, settings=settings, seed=seed, resume=not fresh, on_task=report,
-                              progress=update, remote=remote)
+                              progress=update, remote=ex)
     except JobSubmitted as job:
         from fv_remote.cli.jobs_cmd import submitted
 
@@ -318,7 +314,7 @@ def _build_public(out_path, preset, data_root, semeval, todd, bats, model, layer
     elif data_root:
         raise UserError("--data-root goes with --preset public")
     collection = public_collection(semeval=semeval, todd=todd, bats=bats)
-    loaded = load_stage(model)
+    loaded = load_stage(model, executor(False))
     if layer is None:
         layer = round(0.4 * loaded.adapter.n_layers)
         console.print(f"common layer {layer} of {loaded.adapter.n_layers} (set it with --layer)")
@@ -430,7 +426,8 @@ def decode(
 
     require_positive("--top-k", top_k)
     check_output_path(json_path, "--json")
-    loaded = load_stage(model, remote)
+    ex = executor(remote)
+    loaded = load_stage(model, ex)
     top_k = min(top_k, loaded.adapter.vocab_size)
     named = []
     for spec in vectors:
@@ -504,7 +501,7 @@ def align(
     check_output_path(plot, "--plot")
     rows = read_ratings(ratings, parse_columns(columns))
     bank = RelationBank.load(bank_path)
-    loaded = load_stage(model)
+    loaded = load_stage(model, executor(False))
     pairs = len({p for r in rows for p in (r.pair1, r.pair2)})
     with progress_bar("relation profiles", pairs * len(bank)) as update:
         result = run_align(loaded, bank, rows, method, temperature, n_boot, seed,
@@ -615,7 +612,8 @@ def analogy(
     if plan:
         return plan_instead("analogy", model, items=max(len(items), 1), bank_size=max(len(bank), 1),
                             choices=max([len(it.choices) for it in items] or [1]), batch_size=batch_size)
-    loaded = load_stage(model, remote)
+    ex = executor(remote)
+    loaded = load_stage(model, ex)
     bank.check_model(loaded)
     comb = None
     if combiner:
@@ -631,7 +629,7 @@ def analogy(
             console.print(f"saved combiner to {save_combiner}")
         comb.meta["path"] = str(save_combiner or "(trained, not saved)")
     with progress_bar(f"analogies ({mode})", 6) as update:
-        result = run_analogies(loaded, bank, items, settings, comb, methods=chosen, progress=update, remote=remote)
+        result = run_analogies(loaded, bank, items, settings, comb, methods=chosen, progress=update, remote=ex)
     if group_by is not None:
         result.group_by = group_by
     for item, reason in result.skipped[:10]:

@@ -16,7 +16,7 @@ app.add_typer(remote_app, name="remote")
 def status(model: str = typer.Option(None, "--model", "-m", help="repo id to check (e.g. meta-llama/Llama-3.1-70B)"),
            revision: str = typer.Option(None, help="revision of --model (default: any)")) -> None:
     """Models NDIF hosts right now, and whether --model is running."""
-    from fv_remote import remote
+    from fv_remote import execution as remote
 
     state = remote.status()
     table = Table("repo id", "revision", "task", "level", "state")
@@ -38,7 +38,7 @@ def status(model: str = typer.Option(None, "--model", "-m", help="repo id to che
 @remote_app.command("check")
 def check() -> None:
     """Compare this client's nnsight/torch/transformers versions with the NDIF server's."""
-    from fv_remote import remote
+    from fv_remote import execution as remote
     from fv_remote.errors import UserError
 
     result = remote.check()

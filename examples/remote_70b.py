@@ -36,22 +36,16 @@ def need(ok: bool, what: str) -> None:
 
 
 def report(stage: str) -> None:
-    from fv_remote.remote import last_job
+    from fv_remote.execution import last_job
 
     print(f"  {stage}: job {last_job.job_id}, {last_job.payload_bytes:,} B sent, {last_job.result_bytes:,} B back, "
           f"{last_job.seconds:.0f} s")
 
 
 def main() -> None:
-    from fv_remote import remote as R
-    from fv_remote.cma import run_cma
-    from fv_remote.data import load_task
-    from fv_remote.errors import UserError
-    from fv_remote.evaluate import evaluate_task, fit_function_vector
-    from fv_remote.extract import extract, mean_heads_tensor
-    from fv_remote.steering import Steer, generate_many
-    from fv_remote.store import ActivationStore
-    from fv_remote.tasks import prepare_task
+    from fv_remote import (ActivationStore, Steer, UserError, evaluate_task, extract, fit_function_vector,
+                           generate_many, load_task, mean_heads_tensor, prepare_task, run_cma)
+    from fv_remote import execution as R
 
     print(f"fv-remote on NDIF: {MODEL}")
     need(bool(R.api_key()), "no NDIF API key: set NDIF_API_KEY (get one at https://login.ndif.us) or run "

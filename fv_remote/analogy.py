@@ -24,33 +24,32 @@ per group (`by_group`: an item field such as BATS's relation family) the same, w
 
 from __future__ import annotations
 
-import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import nnsight
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
+from fv_remote.analogy_scoring import (_bank_tensors, _split_continuation, continuation_scores, first_token,
+                                       first_token_logprobs)
 from fv_remote.bank import RelationBank
+from fv_remote.combiner import Combiner
 from fv_remote.data import MCAnalogy, PromptTemplate
 from fv_remote.errors import UserError, require_positive
+from fv_remote.execution import Target, check_shippable, resolve, stage_session
 from fv_remote.ffv import trace_kwargs
 from fv_remote.models import LoadedModel
-from fv_remote.remote import check_shippable, remote_mode, stage_session
+from fv_remote.progress import Progress
 from fv_remote.traces.mixing import bank_additions, combine_weights, mix_rows, row_scores
-from fv_remote.traces.patching import add_at_positions, layer_hidden, read_positions
+from fv_remote.traces.patching import add_at_positions, read_positions
 
 METHODS = ("cfv", "no_vector", "best_ffv", "icl", "icl_qa", "icl_qa+cfv")
 CFV_METHODS = ("cfv", "icl_qa+cfv")  # methods that add the CFV at the prompt's last token
 MODES = ("mc", "generative")
 SCORES = ("first", "mean")
-Progress = Callable[[int, int], None]
-
 
 @dataclass
 class AnalogySettings:
@@ -91,152 +90,6 @@ class AnalogySettings:
         return d
 
 
-# --- scoring rows through the model -------------------------------------------------------------------------
-
-
-def _bank_tensors(bank: RelationBank) -> tuple[torch.Tensor, dict[int, list[int]]]:
-    by_layer: dict[int, list[int]] = {}
-    for i, layer in enumerate(bank.layers):
-        by_layer.setdefault(int(layer), []).append(i)
-    return bank.vectors, by_layer
-
-
-def _split_continuation(tokenizer, prompt: str, cont: str) -> list[int]:
-    """Tokens of `cont` as the model sees them after `prompt` (from the first token where the encodings differ)."""
-    full = tokenizer.encode(prompt + cont, add_special_tokens=False)
-    ctx = tokenizer.encode(prompt, add_special_tokens=False)
-    i = 0
-    while i < min(len(full), len(ctx)) and full[i] == ctx[i]:
-        i += 1
-    return full[i:]
-
-
-def first_token(tokenizer, prompt: str, cont: str) -> int | None:
-    """The first token of `cont` as the model sees it after `prompt`; None when it is whitespace or empty."""
-    ids = _split_continuation(tokenizer, prompt, cont)
-    if not ids or not tokenizer.decode(ids[:1]).strip():
-        return None
-    return ids[0]
-
-
-def _run_batch(model: LoadedModel, texts: list[str], additions: dict[int, torch.Tensor] | None,
-               positions: torch.Tensor | None, read: torch.Tensor | None):
-    """One trace. additions: layer -> [B, d] added at `positions` (negative, per row; None = last token).
-    read: [B, K] negative positions whose logits come back ([B, K, vocab]); None = last position only ([B, vocab])."""
-    ad, lm = model.adapter, model.lm
-    kwargs = trace_kwargs(model) if read is None else {}
-    rows = torch.arange(len(texts))
-    with lm.trace(texts, **kwargs):
-        for layer in sorted(additions or {}):
-            hidden = layer_hidden(ad.layer(lm, layer), ad.layer_output_is_tuple)
-            vec = additions[layer].to(hidden.dtype)
-            if positions is None:
-                hidden[:, -1] += vec
-            else:
-                hidden[rows, hidden.shape[1] + positions] += vec
-        logits = ad.unembed(lm).output
-        if read is None:
-            picked = logits[:, -1].float()
-        else:
-            picked = logits[rows.view(-1, 1), logits.shape[1] + read].float()
-        picked.save()
-    return picked
-
-
-def _additions(mix: torch.Tensor | None, vectors: torch.Tensor, by_layer: dict[int, list[int]],
-               scale: float) -> dict[int, torch.Tensor] | None:
-    """Per-layer [B, d] additions from row weights over the bank `mix` [B, N] (None: no vector)."""
-    if mix is None:
-        return None
-    return {layer: scale * (mix[:, idx] @ vectors[idx]) for layer, idx in by_layer.items()}
-
-
-def _run_fast(model: LoadedModel, prefix, additions: dict[int, torch.Tensor] | None) -> torch.Tensor:
-    """Last-token logits from a cached prefix: decoder layers below the first addition are skipped."""
-    ad, lm = model.adapter, model.lm
-    first = min(additions) if additions else ad.n_layers - 1
-    replacement = None
-    if first > 0:
-        h = prefix.hidden[first - 1]
-        replacement = (h, None) if ad.layer_output_is_tuple else h
-    with lm.trace(input_ids=prefix.last_ids, attention_mask=prefix.mask, position_ids=prefix.position,
-                  past_key_values=prefix.cache, use_cache=True, **trace_kwargs(model)):
-        for skipped in range(first):
-            ad.layer(lm, skipped).skip(replacement)
-        for layer in sorted(additions or {}):
-            hidden = layer_hidden(ad.layer(lm, layer), ad.layer_output_is_tuple)
-            hidden[:, -1] += additions[layer].to(hidden.dtype)
-        picked = ad.unembed(lm).output[:, -1].float()
-        picked.save()
-    return picked
-
-
-def first_token_logprobs(model: LoadedModel, prompts: Sequence[str], targets: Sequence[int],
-                         mix: torch.Tensor | None = None, bank: RelationBank | None = None, scale: float = 1.0,
-                         batch_size: int = 48, progress: Progress | None = None, fast: bool = True) -> torch.Tensor:
-    """log P(target | prompt) at the last position, with Σ_i mix[r, i]·bank_i added (differentiable in `mix`).
-
-    fast=True: each distinct prompt of a batch runs once (no gradients) and keeps its keys/values; every row then
-    feeds only the last token from the first vector layer up (exact: see `fv_remote.ffv.Prefix`). Rows that
-    share a prompt (one stem under every bank vector) share that work. Falls back to whole prompts on error.
-    """
-    from fv_remote.ffv import build_prefix
-
-    vectors, by_layer = _bank_tensors(bank) if bank is not None else (None, {})
-    out = []
-    n = len(prompts)
-    for start in range(0, n, batch_size):
-        stop = min(n, start + batch_size)
-        adds = _additions(None if mix is None else mix[start:stop], vectors, by_layer, scale)
-        chunk = list(prompts[start:stop])
-        logits = None
-        if fast:
-            try:
-                unique = list(dict.fromkeys(chunk))
-                where = {p: i for i, p in enumerate(unique)}
-                with torch.no_grad():
-                    prefix = build_prefix(model, unique, torch.zeros(len(unique), dtype=torch.long))
-                rows = torch.tensor([where[p] for p in chunk])
-                logits = _run_fast(model, prefix.select(rows), adds)
-            except Exception:  # noqa: BLE001 - an architecture without cache support: whole prompts instead
-                fast, logits = False, None
-        if logits is None:
-            logits = _run_batch(model, chunk, adds, None, None)
-        tgt = torch.as_tensor(list(targets[start:stop]), dtype=torch.long)
-        out.append(torch.log_softmax(logits, -1).gather(1, tgt.view(-1, 1)).squeeze(1))
-        if progress:
-            progress(stop, n)
-    return torch.cat(out) if out else torch.empty(0)
-
-
-def continuation_scores(model: LoadedModel, prompts: Sequence[str], conts: Sequence[str],
-                        mix: torch.Tensor | None = None, bank: RelationBank | None = None, scale: float = 1.0,
-                        batch_size: int = 48) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Teacher-forced (sum log-prob, number of tokens, greedy match) of each continuation after its prompt,
-    with the vector added at the prompt's last token."""
-    vectors, by_layer = _bank_tensors(bank) if bank is not None else (None, {})
-    tok = model.tokenizer
-    sums, counts, matches = [], [], []
-    for start in range(0, len(prompts), batch_size):
-        stop = min(len(prompts), start + batch_size)
-        cont_ids = [_split_continuation(tok, p, c) for p, c in zip(prompts[start:stop], conts[start:stop])]
-        k = max(len(c) for c in cont_ids)
-        # Logits at -(n+1)..-2 predict the n continuation tokens; pad reads repeat the last real one.
-        read = torch.tensor([[-(len(c) + 1) + min(j, len(c) - 1) for j in range(k)] for c in cont_ids])
-        positions = torch.tensor([-(len(c) + 1) for c in cont_ids])
-        adds = _additions(None if mix is None else mix[start:stop], vectors, by_layer, scale)
-        texts = [p + c for p, c in zip(prompts[start:stop], conts[start:stop])]
-        logits = _run_batch(model, texts, adds, positions, read)
-        logp = torch.log_softmax(logits, -1)
-        for r, ids in enumerate(cont_ids):
-            target = torch.tensor(ids)
-            lp = logp[r, :len(ids)].gather(1, target.view(-1, 1)).squeeze(1)
-            sums.append(lp.sum())
-            counts.append(len(ids))
-            matches.append(bool((logits[r, :len(ids)].argmax(-1) == target).all()))
-    return torch.stack(sums), torch.tensor(counts), torch.tensor(matches)
-
-
 # --- relation profiles and weights ----------------------------------------------------------------------------
 
 
@@ -263,56 +116,6 @@ def relation_profile(model: LoadedModel, bank: RelationBank, pairs: Sequence[tup
             total, count, _ = continuation_scores(model, prompts, conts, mix, bank, s.scale, s.batch_size)
         logp = total / count
     return logp.view(len(pairs), n_bank)
-
-
-@dataclass
-class Combiner:
-    """Learned affine map on the temperature-scaled log-prob profile before the softmax: softmax(W·s + b)."""
-
-    weight: torch.Tensor  # [N, N]
-    bias: torch.Tensor  # [N]
-    names: list[str]
-    temperature: float = 1.0
-    meta: dict = field(default_factory=dict)
-
-    @classmethod
-    def identity(cls, names: list[str], temperature: float = 1.0) -> "Combiner":
-        n = len(names)
-        return cls(torch.eye(n), torch.zeros(n), list(names), temperature)
-
-    def logits(self, logp: torch.Tensor) -> torch.Tensor:
-        return (logp / self.temperature) @ self.weight.T + self.bias
-
-    def check_bank(self, bank: RelationBank) -> None:
-        if self.names != bank.names:
-            raise UserError(f"this combiner was trained on a bank with {len(self.names)} relations "
-                            f"({', '.join(self.names[:4])}, ...), not this bank ({len(bank)}): retrain it")
-
-    def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({"weight": self.weight.detach().float().contiguous(), "bias": self.bias.detach().float().contiguous()},
-                  str(path), metadata={"format": "fv-remote-combiner", "names": json.dumps(self.names),
-                                       "temperature": str(self.temperature), "meta": json.dumps(self.meta)})
-        return path
-
-    @classmethod
-    def load(cls, path: str | Path) -> "Combiner":
-        from safetensors import safe_open
-
-        path = Path(path)
-        if not path.is_file():
-            raise UserError(f"combiner file not found: {path}")
-        try:
-            with safe_open(str(path), framework="pt") as fh:
-                md = fh.metadata() or {}
-            t = load_file(str(path))
-        except Exception as exc:  # noqa: BLE001
-            raise UserError(f"{path} is not a combiner file ({type(exc).__name__}: {exc})") from None
-        if md.get("format") != "fv-remote-combiner":
-            raise UserError(f"{path} is not a combiner file (save one with `fv-remote analogy --train-combiner`)")
-        return cls(t["weight"], t["bias"], json.loads(md["names"]), float(md["temperature"]),
-                   json.loads(md.get("meta", "{}")))
 
 
 def cfv_weights(logp: torch.Tensor, temperature: float = 1.0, combiner: Combiner | None = None) -> torch.Tensor:
@@ -436,7 +239,8 @@ def _group_of(item: MCAnalogy, key: str) -> str:
 
 def group_keys(items: Sequence[MCAnalogy]) -> list[str]:
     """The fields any item can be grouped by."""
-    return sorted({k for it in items for k in it.groups} | ({"relation"} if any(it.relation for it in items) else set()))
+    relation = {"relation"} if any(it.relation for it in items) else set()
+    return sorted({k for it in items for k in it.groups} | relation)
 
 
 def bootstrap_ci(values: np.ndarray, n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> list[float]:
@@ -468,11 +272,12 @@ def _choice_scores(model: LoadedModel, bank: RelationBank, prompts: list[str], c
 def run_analogies(model: LoadedModel, bank: RelationBank, items: Sequence[MCAnalogy],
                   settings: AnalogySettings | None = None, combiner: Combiner | None = None,
                   methods: Sequence[str] = METHODS, progress: Progress | None = None,
-                  remote: Any = False) -> AnalogyResult:
+                  remote: Target = False) -> AnalogyResult:
     """Score every method on the items (bad items are skipped and counted, never silently dropped).
 
-    `remote=True`: the relation profiles, the CFV weights and every method's scores are ONE NDIF request
-    (`analogy_session`); `progress` is then called once, at the end.
+    The stage body is `analogy_session` (relation profiles, CFV weights and every method's scores in one session:
+    ONE NDIF request with `remote=True`; `progress` is then called once, at the end). The local executor runs the
+    local fast path `_local_scores` instead (a declared capability, `Executor.local_fast_paths`).
     """
     s = (settings or AnalogySettings()).check()
     bank.require_entries()
@@ -489,13 +294,14 @@ def run_analogies(model: LoadedModel, bank: RelationBank, items: Sequence[MCAnal
         chance = float(np.mean([1 / len(it.choices) for it in kept])) if kept else float("nan")
     else:
         chance = 1.0 / model.adapter.vocab_size
+    ex = resolve(remote)
     if not kept:
         weights, scores = torch.empty(0, n_bank), {m: None for m in methods}
-    elif remote_mode(remote):
-        weights, scores = analogy_session(model, bank, kept, s, combiner, methods, remote)
-    else:
+    elif ex.local_fast_paths:  # cached prefixes shared by the bank's vectors: 1.2-1.3x (bench_analogy_body.py)
         weights, scores = _local_scores(model, bank, kept, s, combiner, methods, progress)
-    if progress and (remote_mode(remote) or not kept):
+    else:
+        weights, scores = analogy_session(model, bank, kept, s, combiner, methods, ex)
+    if progress and (not ex.local_fast_paths or not kept):
         progress(steps, steps)
     correct = {m: _hits(kept, scores[m], s.mode) for m in methods}
     return AnalogyResult(len(kept), len(skipped), chance, correct, weights, bank.names, kept, skipped, s,
@@ -593,7 +399,7 @@ def _score_batches(model: LoadedModel, prompts: Sequence[str], conts: Sequence[s
 
 def analogy_session(model: LoadedModel, bank: RelationBank, kept: list[MCAnalogy], s: AnalogySettings,
                     combiner: Combiner | None, methods: Sequence[str],
-                    remote: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                    remote: Target) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """`_local_scores` as one stage: relation profiles -> CFV weights (softmax, or the combiner's) -> each method's
     row scores, all in one session; only the weights and one score per row come back.
 
@@ -623,7 +429,7 @@ def analogy_session(model: LoadedModel, bank: RelationBank, kept: list[MCAnalogy
     layers = [ad.layer(lm, index) for index in range(ad.n_layers)]
     add_layers = sorted(by_layer)
     is_tuple, unembed, scale, temperature = ad.layer_output_is_tuple, ad.unembed(lm), s.scale, s.temperature
-    session = bool(remote_mode(remote))
+    session = resolve(remote).session
     if session:
         check_shippable(passes=passes, vectors=vectors, by_layer=by_layer, combine=combine)
     outs: list = []

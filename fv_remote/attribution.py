@@ -11,12 +11,9 @@ respect to the last token's head outputs only ever flows through the last positi
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import nnsight
 import torch
 
-from fv_remote.errors import UserError
 from fv_remote.models import LoadedModel
 from fv_remote.traces.attribution import head_attribution
 from fv_remote.traces.mediation import answer_prob

@@ -24,9 +24,10 @@ from fv_remote import __version__
 from fv_remote.checks import note_kept
 from fv_remote.data import RelationTask
 from fv_remote.errors import UserError, did_you_mean
-from fv_remote.ffv import FinetuneSettings, train_ffv
+from fv_remote.execution import Target, job_details, resolve
+from fv_remote.ffv import FinetuneSettings
 from fv_remote.models import LoadedModel
-from fv_remote.remote import JobSubmitted, remote_mode
+from fv_remote.progress import Progress
 from fv_remote.tasks import prepare_task
 from fv_remote.vectors import FunctionVector
 
@@ -164,7 +165,8 @@ def info(bank: RelationBank) -> dict[str, Any]:
     for e in bank.entries:
         rows.append({"name": e.name, "layer": e.layer, "norm": round(float(e.vector.norm()), 4),
                      "category": e.meta.get("category", ""), "n_train": e.meta.get("n_train"),
-                     "valid_acc": e.meta.get("best_valid_acc"), "zero_shot_valid_acc": e.meta.get("zero_shot_valid_acc"),
+                     "valid_acc": e.meta.get("best_valid_acc"),
+                     "zero_shot_valid_acc": e.meta.get("zero_shot_valid_acc"),
                      "init": e.meta.get("init"), "relation_words": e.meta.get("relation_words", [])})
     return {"model": bank.model, "n": len(bank), "d_model": int(bank.vectors.shape[-1]) if bank.entries else None,
             "layers": sorted(set(bank.layers)), "settings": bank.settings, "entries": rows}
@@ -174,13 +176,14 @@ def build_bank(model: LoadedModel, tasks: Iterable[RelationTask], path: str | Pa
                init: str = "zero", fv_dir: str | Path | None = None, n_train: int = 20, n_valid: int = 30,
                settings: FinetuneSettings | None = None, seed: int = 0, resume: bool = True,
                on_task: Callable[[str, str], None] | None = None,
-               progress: Callable[[int, int], None] | None = None, remote: Any = False) -> RelationBank:
+               progress: Progress | None = None, remote: Target = False) -> RelationBank:
     """Fine-tune one FFV per task and write the bank to `path` after each (an interrupted build resumes).
 
     `init="fv"` starts each relation from `fv_dir/<task>.fv.safetensors` (and its layer unless `layer` is given);
-    `on_task(name, status)` reports "done", "kept" (already in the bank) or "skipped: why". `remote=True` trains
-    every missing relation in ONE NDIF request (`fv_remote.ffv_session`) and writes the bank once it has come back.
-    Under `fv_remote.remote.no_wait()` that request is submitted and `JobSubmitted` raised (nothing written), its
+    `on_task(name, status)` reports "done", "kept" (already in the bank) or "skipped: why". The training is the
+    session body of `fv_remote.ffv_session`: locally one run per relation (written as each finishes); `remote=True`
+    trains every missing relation in ONE NDIF request and writes the bank once it has come back.
+    Under `fv_remote.execution.no_wait()` that request is submitted and `JobSubmitted` raised (nothing written), its
     `details` saying how `store_remote_bank` writes the bank later.
     """
     s = settings or FinetuneSettings()
@@ -204,36 +207,31 @@ def build_bank(model: LoadedModel, tasks: Iterable[RelationTask], path: str | Pa
             continue
         try:
             prepared, fv = _prepare_relation(model, task, init, fv_dir, n_train, seed)
-            if remote_mode(remote):
-                todo.append((i, task, prepared, fv))
-                continue
-            run = train_ffv(model, prepared, fv, init=init, layer=layer, n_train=n_train, n_valid=n_valid,
-                            settings=s)
         except UserError as exc:
             if on_task:
                 on_task(task.name, f"skipped: {exc}")
             continue
-        baseline = _zero_shot_valid_acc(model, prepared, run.result.ffv, n_valid)
-        _add(bank, path, _task_info(task), run.result.ffv, baseline, on_task, progress, i, len(tasks))
-    if todo:
-        try:
-            trained = _train_remote(model, todo, layer, init, n_train, n_valid, s, on_task, remote)
-        except JobSubmitted as job:
-            job.details.update(stage="bank", path=str(path), resume=resume, bank_settings=bank.settings,
-                               n_tasks=len(tasks))
-            raise
+        todo.append((i, task, prepared, fv))
+    # One session body trains the relations. A session executor (NDIF, dry run) runs every relation in one request;
+    # locally each relation is its own run, written to the bank as it finishes (an interrupted build resumes there).
+    parts = [todo] if resolve(remote).session else [[entry] for entry in todo]
+    for part in parts:
+        if not part:
+            continue
+        with job_details(stage="bank", path=str(path), resume=resume, bank_settings=bank.settings,
+                         n_tasks=len(tasks)):
+            trained = _train_relations(model, part, layer, init, n_train, n_valid, s, on_task, remote)
         for (i, task, _, _), ffv, baseline in trained:
             _add(bank, path, _task_info(task), ffv, baseline, on_task, progress, i, len(tasks))
     return bank.require_entries(path)
 
 
 def store_remote_bank(saved: dict, details: dict, on_task: Callable[[str, str], None] | None = None,
-                      progress: Callable[[int, int], None] | None = None) -> RelationBank:
+                      progress: Progress | None = None) -> RelationBank:
     """Write a no-wait `build_bank`'s results (the job's saved values) to its bank file, as the blocking build
     would have: onto the bank now in the file when resuming (entries of the same name are replaced, so writing
     twice is harmless), onto an empty one with resume=False."""
     from fv_remote.ffv_session import job_outputs, source_from_info, to_result
-    from types import SimpleNamespace
 
     outs = job_outputs(saved, details)
     path, model_id = Path(details["path"]), details["model"]
@@ -243,9 +241,8 @@ def store_remote_bank(saved: dict, details: dict, on_task: Callable[[str, str], 
                         f"{model_id!r}; nothing written")
     bank.settings = details["bank_settings"]
     s = FinetuneSettings(**details["settings"])
-    model = SimpleNamespace(model_id=model_id)  # `finetune_result` only reads the model's id
     for entry, out in zip(details["entries"], outs):
-        ffv = to_result(model, out, s, entry["name"], details["init"], source_from_info(entry["source_fv"]),
+        ffv = to_result(model_id, out, s, entry["name"], details["init"], source_from_info(entry["source_fv"]),
                         int(entry["n_train"]), int(entry["n_valid"]), int(entry["n_batches"])).ffv
         _add(bank, path, entry, ffv, out["baseline_acc"], on_task, progress, int(entry["index"]),
              int(details["n_tasks"]))
@@ -269,16 +266,8 @@ def _prepare_relation(model: LoadedModel, task: RelationTask, init: str, fv_dir:
     return prepared, fv
 
 
-def _zero_shot_valid_acc(model: LoadedModel, prepared: Any, ffv: FunctionVector, n_valid: int) -> float | None:
-    from fv_remote.ffv import examples, score
-
-    if not prepared.splits.valid:
-        return None
-    return score(model, examples(prepared, "valid", n_valid), torch.zeros_like(ffv.vector), ffv.layer)[1]
-
-
 def _add(bank: RelationBank, path: Path, task: dict[str, Any], ffv: FunctionVector, baseline: float | None,
-         on_task: Callable[[str, str], None] | None, progress: Callable[[int, int], None] | None, i: int,
+         on_task: Callable[[str, str], None] | None, progress: Progress | None, i: int,
          total: int) -> None:
     """Add one trained relation (`task`: `_task_info`) and write the bank."""
     extra: dict[str, Any] = {"task": task["name"], "category": task["category"],
@@ -301,10 +290,11 @@ def _add(bank: RelationBank, path: Path, task: dict[str, Any], ffv: FunctionVect
         progress(i + 1, total)
 
 
-def _train_remote(model: LoadedModel, todo: list, layer: int | None, init: str, n_train: int, n_valid: int,
+def _train_relations(model: LoadedModel, todo: list, layer: int | None, init: str, n_train: int, n_valid: int,
                   s: FinetuneSettings, on_task: Callable[[str, str], None] | None,
-                  remote: Any) -> list[tuple[tuple, FunctionVector, float | None]]:
-    """Every relation of `todo` as one job of one session; relations whose plan fails are skipped (reported)."""
+                  remote: Target) -> list[tuple[tuple, FunctionVector, float | None]]:
+    """Every relation of `todo` as one job of one stage body (one request on NDIF); relations whose plan or
+    result fails are skipped (reported)."""
     from fv_remote.ffv import examples, initial_plan
     from fv_remote.ffv_session import SCORE_BATCH, Plan, source_info, to_result
 
@@ -325,14 +315,20 @@ def _train_remote(model: LoadedModel, todo: list, layer: int | None, init: str, 
         valid_i = plan.data(valid, s.batch_size, s.seed, s.fast)
         base_i = plan.data(valid, SCORE_BATCH, fast=False, shuffle=False)  # `ffv.score`'s batches
         plan.job(s, train_i, valid_i, at, vector, scale_texts, baseline=base_i)
-        planned.append((entry, fv, len(train), len(valid) if valid is not None else 0, len(plan.datasets[train_i])))
-    try:
+        n_batches = len(plan.datasets[train_i]) if train_i is not None else 0
+        planned.append((entry, fv, len(train), len(valid) if valid is not None else 0, n_batches))
+    entries = [{**_task_info(entry[1]), "index": entry[0], "source_fv": source_info(fv), "n_train": n_tr,
+                "n_valid": n_va, "n_batches": n_b} for entry, fv, n_tr, n_va, n_b in planned]
+    with job_details(result_key="results", model=model.model_id, init=init, settings=s.as_dict(),
+                     n_jobs=len(plan.jobs), entries=entries):
         outs = plan.run(remote) if planned else []
-    except JobSubmitted as job:  # no-wait: what `store_remote_bank` needs per relation
-        job.details.update(
-            result_key="results", model=model.model_id, init=init, settings=s.as_dict(), n_jobs=len(plan.jobs),
-            entries=[{**_task_info(entry[1]), "index": entry[0], "source_fv": source_info(fv), "n_train": n_tr,
-                      "n_valid": n_va, "n_batches": n_b} for entry, fv, n_tr, n_va, n_b in planned])
-        raise
-    return [(entry, to_result(model, out, s, entry[2].name, init, fv, n_tr, n_va, n_b).ffv, out["baseline_acc"])
-            for (entry, fv, n_tr, n_va, n_b), out in zip(planned, outs)]
+    trained = []
+    for (entry, fv, n_tr, n_va, n_b), out in zip(planned, outs):
+        try:
+            ffv = to_result(model.model_id, out, s, entry[2].name, init, fv, n_tr, n_va, n_b).ffv
+        except UserError as exc:  # diverged or never moved: skip the relation, keep the others
+            if on_task:
+                on_task(entry[1].name, f"skipped: {exc}")
+            continue
+        trained.append((entry, ffv, out["baseline_acc"]))
+    return trained

@@ -21,6 +21,7 @@ from fv_remote.bank import RelationBank, build_bank
 from fv_remote.checks import write_output
 from fv_remote.data.sources import Collection, Unusable
 from fv_remote.errors import UserError
+from fv_remote.progress import Progress
 from fv_remote.ffv import FinetuneSettings
 from fv_remote.models import LoadedModel
 from fv_remote.tasks import prepare_task
@@ -58,7 +59,7 @@ def plan_train_sizes(tokenizer, collection: Collection, n_train: int, min_train:
 def build_from_sources(model: LoadedModel, collection: Collection, path: str | Path, layer: int, n_train: int = 20,
                        min_train: int = 10, n_valid: int = 20, settings: FinetuneSettings | None = None,
                        seed: int = 0, resume: bool = True, on_task: Callable[[str, str], None] | None = None,
-                       progress: Callable[[int, int], None] | None = None) -> tuple[RelationBank, dict[str, Any]]:
+                       progress: Progress | None = None) -> tuple[RelationBank, dict[str, Any]]:
     """Train every usable relation of `collection` into the bank at `path`; returns the bank and the report."""
     path = Path(path)
     sizes = plan_train_sizes(model.tokenizer, collection, n_train, min_train, seed)

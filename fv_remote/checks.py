@@ -122,7 +122,7 @@ def _remove(path: Path) -> None:
 
 
 def _os_message(exc: OSError, path: Path, what: str) -> str:
-    from fv_remote.store import os_error_message
+    from fv_remote.errors import os_error_message
 
     return os_error_message(exc, f"{what} {path}", "write") or \
         f"cannot write {what} {path}: {exc.strerror or exc}"

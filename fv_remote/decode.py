@@ -11,14 +11,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from typing import Any
-
 import nnsight
 import torch
 
 from fv_remote.errors import UserError, require_positive
+from fv_remote.execution import Target, resolve, stage_session
 from fv_remote.models import LoadedModel
-from fv_remote.remote import remote_mode, stage_session
 from fv_remote.traces.projection import project_rows
 from fv_remote.vectors import probe_ids
 
@@ -81,26 +79,18 @@ def _best_forms(tokenizer, words: Sequence[str], position_of) -> tuple[dict[str,
 
 def decode(model: LoadedModel, vector: torch.Tensor, name: str = "vector", words: Sequence[str] = (),
            k: int = 20) -> Decoded:
-    require_positive("top-k", k)
-    logits = project(model, vector)
-    values, ids = torch.topk(logits, min(k, logits.numel()))
-    tok = model.tokenizer
-    top = [(tok.decode([int(i)]), float(v)) for v, i in zip(values, ids)]
-    ranks, forms = ranks_of(logits, tok, words)
-    return Decoded(name, top, ranks, forms)
+    """Top-k tokens of one vector read through the final norm and unembedding, and the ranks of `words`."""
+    return decode_many(model, [(name, vector)], words, k)[0]
 
 
 def decode_many(model: LoadedModel, named: Sequence[tuple[str, torch.Tensor]], words: Sequence[str] = (),
-                k: int = 20, remote: Any = False) -> list[Decoded]:
-    """`decode` for several (name, vector); `remote=True` projects them all in ONE NDIF request.
-
-    Remotely the server's final norm and unembedding are called on the vectors inside one tiny trace (no weight is
-    read: NDIF's sandbox holds none), and only the top-k (ids, logits) and the vocabulary positions of the relation
-    words' token forms come back.
+                k: int = 20, remote: Target = False) -> list[Decoded]:
+    """`decode` for several (name, vector), as one stage body: the final norm and unembedding are called on the
+    vectors inside one tiny trace (no weight is read: NDIF's sandbox holds none), locally or as ONE NDIF request
+    (`remote=True`), and only the top-k (ids, logits) and the vocabulary positions of the relation words' token
+    forms come back.
     """
     require_positive("top-k", k)
-    if not remote_mode(remote):
-        return [decode(model, vector, name, words, k) for name, vector in named]
     ad, lm, tok = model.adapter, model.lm, model.tokenizer
     for _, vector in named:
         if vector.shape[-1] != ad.d_model:
@@ -109,10 +99,11 @@ def decode_many(model: LoadedModel, named: Sequence[tuple[str, torch.Tensor]], w
     rows = torch.stack([v.detach().float().view(-1) for _, v in named]).unsqueeze(1)  # [n, 1, d_model]
     norm, unembed = ad.final_norm(lm), ad.unembed(lm)
     top_k, probe = min(k, ad.vocab_size), probe_ids()
-    session = bool(remote_mode(remote))
+    session = resolve(remote).session
     with stage_session(model, remote):
         with lm.trace(input_ids=probe):
             values, ids, where = project_rows(norm, unembed, rows, top_k, candidates)
+            values, ids, where = values.save(), ids.save(), where.save()
         values, ids, where = values.cpu(), ids.cpu(), where.cpu()
         if session:
             values, ids, where = nnsight.save(values), nnsight.save(ids), nnsight.save(where)
@@ -120,17 +111,6 @@ def decode_many(model: LoadedModel, named: Sequence[tuple[str, torch.Tensor]], w
     for i, (name, _) in enumerate(named):
         position = dict(zip(candidates.tolist(), where[i].tolist()))
         top = [(tok.decode([int(t)]), float(v)) for v, t in zip(values[i], ids[i])]
-        ranks, forms = _best_forms(tok, words, lambda t: position[t])
+        ranks, forms = _best_forms(tok, words, lambda t, position=position: position[t])
         out.append(Decoded(name, top, ranks, forms))
     return out
-
-
-def best_relation_words(model: LoadedModel, vectors: dict[str, torch.Tensor], candidates: Sequence[str],
-                        ) -> list[tuple[str, dict[str, int]]]:
-    """Candidate words sorted by their best rank under any of `vectors` -> [(word, {name: rank})]."""
-    per_vector = {name: ranks_of(project(model, v), model.tokenizer, candidates)[0] for name, v in vectors.items()}
-    rows = []
-    for word in candidates:
-        if all(word in r for r in per_vector.values()):
-            rows.append((word, {name: r[word] for name, r in per_vector.items()}))
-    return sorted(rows, key=lambda row: min(row[1].values()))

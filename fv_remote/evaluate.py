@@ -6,20 +6,19 @@ conditions are gathered first, then scored in one session); only top-1 token ids
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from fv_remote.errors import UserError
+from fv_remote.execution import Target, job_details, resolve, stage_session
 from fv_remote.models import LoadedModel
-from fv_remote.remote import JobSubmitted, remote_mode, stage_session
+from fv_remote.progress import Progress
 from fv_remote.steering import Condition, Steer, score_conditions
 from fv_remote.tasks import PreparedTask
 from fv_remote.vectors import FunctionVector, assemble_function_vector, probe_ids, projection_plan, top_heads
-
-Progress = Callable[[int, int], None]
 
 # Big tasks (antonym: 2398 pairs) would make a 30-layer sweep and a 5-condition test slow for little extra
 # precision; these caps keep the standard error near 0.03-0.07 and can be raised per call.
@@ -66,14 +65,14 @@ def sweep_conditions(model: LoadedModel, prepared: PreparedTask, fv: FunctionVec
 
 def layer_sweep(model: LoadedModel, prepared: PreparedTask, fv: FunctionVector, split: str = "valid",
                 layers: list[int] | None = None, n_prompts: int | None = None, scale: float = 1.0,
-                batch_size: int = 32, progress: Progress | None = None, remote: Any = False,
+                batch_size: int = 32, progress: Progress | None = None, remote: Target = False,
                 positions: str = "last") -> dict[int, float]:
     """Zero-shot accuracy with the FV added at each layer, on `split` pairs (validation; at most 50 by default).
 
     Remotely all layers are one request, so `progress` is called once, at the end.
     """
     conditions = sweep_conditions(model, prepared, fv, split, layers, n_prompts, scale, batch_size, positions)
-    if remote_mode(remote):
+    if resolve(remote).session:
         scores = dict(zip(conditions, score_conditions(model, list(conditions.values()), remote)))
         if progress:
             progress(len(scores), len(scores))
@@ -101,14 +100,14 @@ def scale_sweep_conditions(model: LoadedModel, prepared: PreparedTask, fv: Funct
 def scale_sweep(model: LoadedModel, prepared: PreparedTask, fv: FunctionVector, scales: list[float],
                 layer: int | None = None, positions: str = "last", distributed: bool = False, split: str = "valid",
                 n_prompts: int | None = None, batch_size: int = 32, progress: Progress | None = None,
-                remote: Any = False) -> dict[float, float]:
+                remote: Target = False) -> dict[float, float]:
     """Zero-shot accuracy on validation pairs (at most 50 by default) at each scale; one request when remote.
 
     An FV added at every position (`positions="all"`, what a llama.cpp control vector does) usually needs another
     scale than at the last token: this finds it without touching the test split."""
     conditions = scale_sweep_conditions(model, prepared, fv, scales, layer, positions, distributed, split,
                                         n_prompts, batch_size)
-    if remote_mode(remote):
+    if resolve(remote).session:
         scores = dict(zip(conditions, score_conditions(model, list(conditions.values()), remote)))
     else:
         scores = {}
@@ -185,7 +184,7 @@ def _scores_named(task: str, n: int, layer: int, acc: dict[str, float], position
 def evaluate_task(model: LoadedModel, prepared: PreparedTask, fv: FunctionVector, layer: int | None = None,
                   n_test: int | None = None, n_shots: int = 10, scale: float = 1.0, distributed: bool = False,
                   extra_vectors: dict[str, FunctionVector] | None = None, batch_size: int = 16,
-                  remote: Any = False, positions: str = "last") -> TaskScores:
+                  remote: Target = False, positions: str = "last") -> TaskScores:
     """Accuracy on test queries (the test split, at most 200 by default): zero-shot and shuffled n-shot, each
     with/without the FV, and clean n-shot ICL.
 
@@ -195,31 +194,25 @@ def evaluate_task(model: LoadedModel, prepared: PreparedTask, fv: FunctionVector
     """
     n, layer, conditions = evaluation_conditions(model, prepared, fv, layer, n_test, n_shots, scale, distributed,
                                                  extra_vectors, batch_size, positions)
-    try:
+    with job_details(stage="evaluate", task=prepared.name, n_test=n, layer=layer, names=list(conditions),
+                     sweep_layers=None, positions=positions, scale=scale):
         acc = dict(zip(conditions, score_conditions(model, list(conditions.values()), remote)))
-    except JobSubmitted as job:
-        job.details.update(stage="evaluate", task=prepared.name, n_test=n, layer=layer, names=list(conditions),
-                           sweep_layers=None, positions=positions, scale=scale)
-        raise
     return _scores(prepared, n, layer, acc, positions, scale)
 
 
 def evaluate_and_sweep(model: LoadedModel, prepared: PreparedTask, fv: FunctionVector, layer: int | None = None,
                        n_test: int | None = None, n_shots: int = 10, scale: float = 1.0, distributed: bool = False,
                        extra_vectors: dict[str, FunctionVector] | None = None, batch_size: int = 16,
-                       sweep_batch_size: int = 32, remote: Any = False,
+                       sweep_batch_size: int = 32, remote: Target = False,
                        positions: str = "last") -> tuple[TaskScores, dict[int, float]]:
     """`evaluate_task` plus the validation `layer_sweep` (same scale and positions), scored together: one request
     when remote."""
     n, layer, conditions = evaluation_conditions(model, prepared, fv, layer, n_test, n_shots, scale, distributed,
                                                  extra_vectors, batch_size, positions)
     sweep = sweep_conditions(model, prepared, fv, scale=scale, batch_size=sweep_batch_size, positions=positions)
-    try:
+    with job_details(stage="evaluate", task=prepared.name, n_test=n, layer=layer, names=list(conditions),
+                     sweep_layers=list(sweep), positions=positions, scale=scale):
         acc = score_conditions(model, [*conditions.values(), *sweep.values()], remote)
-    except JobSubmitted as job:
-        job.details.update(stage="evaluate", task=prepared.name, n_test=n, layer=layer, names=list(conditions),
-                           sweep_layers=list(sweep), positions=positions, scale=scale)
-        raise
     scores = _scores(prepared, n, layer, dict(zip(conditions, acc)), positions, scale)
     return scores, dict(zip(sweep, acc[len(conditions):]))
 
@@ -236,25 +229,40 @@ def scores_from_job(saved: dict, details: dict) -> tuple[TaskScores, dict[int, f
     return scores, (None if layers is None else {int(x): a for x, a in zip(layers, acc[len(names):])})
 
 
+def save_evaluation(report: dict, scores: TaskScores, curve: dict[int, float] | None) -> list[str]:
+    """The files of the `evaluate` stage (the blocking command and `jobs fetch` write the same ones): the sweep plot
+    (`report["plot"]`, when there is a sweep) and the JSON results (`report["json"]`). Returns a line per file."""
+    from fv_remote.checks import json_text, write_output
+    from fv_remote.plots import layer_sweep_plot
+
+    data = {"model": report["model"], "layer": scores.layer,
+            "settings": {**report["settings"], "n_test": scores.n_test}, "results": [scores.as_json()]}
+    lines = []
+    if curve is not None:
+        data["sweep"] = {str(x): v for x, v in curve.items()}
+        if report.get("plot"):
+            lines.append(f"sweep plot: {layer_sweep_plot({report['task']: curve}, Path(report['plot']))}")
+    if report.get("json"):
+        lines.append(f"results: {write_output(report['json'], json_text(data))}")
+    return lines
+
+
 def fit_function_vector(model: LoadedModel, prepared: PreparedTask, means: torch.Tensor, aie: Any,
                         k: int | None = 10, share: float | None = None, layer: int | None = None,
                         sweep: bool = True, meta: dict | None = None, n_prompts: int | None = None,
                         batch_size: int = 32, progress: Progress | None = None,
-                        remote: Any = False) -> tuple[FunctionVector, dict[int, float] | None]:
+                        remote: Target = False) -> tuple[FunctionVector, dict[int, float] | None]:
     """The `fit` stage: the FV of the top heads and, when `layer` is None and `sweep`, the validation layer sweep
     that places it (fv.layer = best layer, fv.meta["sweep"]). Returns (fv, sweep scores or None).
 
-    With `remote` it is one NDIF request: the heads' means are projected by the server's output projections and
-    the resulting vector steers the sweep there; only the k projected vectors and top-1 ids come back.
+    One stage body wherever it runs (one NDIF request with `remote`): the heads' means are projected by the model's
+    output projections and the resulting vector steers the sweep in the same session; only the k projected vectors
+    and top-1 ids come back. `progress` is called once, at the end.
     """
     from fv_remote.vectors import build_function_vector
 
     do_sweep = layer is None and sweep
-    if not remote_mode(remote):
-        fv = build_function_vector(model, prepared.name, means, aie, k=k, share=share, layer=layer, meta=meta)
-        scores = layer_sweep(model, prepared, fv, n_prompts=n_prompts, batch_size=batch_size,
-                             progress=progress) if do_sweep else None
-    elif not do_sweep:
+    if not do_sweep:
         fv = build_function_vector(model, prepared.name, means, aie, k=k, share=share, layer=layer, meta=meta,
                                    remote=remote)
         scores = None
@@ -273,7 +281,7 @@ def fit_function_vector(model: LoadedModel, prepared: PreparedTask, means: torch
 
 
 def _fit_sweep_session(model: LoadedModel, prepared: PreparedTask, means: torch.Tensor, heads: list[tuple[int, int]],
-                       n_prompts: int | None, batch_size: int, remote: Any) -> tuple[torch.Tensor, dict[int, float]]:
+                       n_prompts: int | None, batch_size: int, remote: Target) -> tuple[torch.Tensor, dict[int, float]]:
     """Project the heads and sweep all layers with their sum, in one session (the vector never leaves the server)."""
     import nnsight
 
@@ -290,18 +298,21 @@ def _fit_sweep_session(model: LoadedModel, prepared: PreparedTask, means: torch.
     is_tuple = ad.layer_output_is_tuple
     unembed, probe = ad.unembed(lm), probe_ids()
     tops: list[torch.Tensor] = []
+    session = resolve(remote).session
     with stage_session(model, remote):
         with lm.trace(input_ids=probe):
-            vecs = project_heads(**plan)
+            vecs = project_heads(**plan).save()
         vector = vecs.sum(0)
         for layer_envoy, batch in work:
             with lm.trace(batch):
                 add_to_residual(layer_envoy, is_tuple, vector)
                 top = unembed.output[:, -1].argmax(dim=-1).save()
             tops.append(top.cpu())
-        top = vector = layer_envoy = batch = None
+        # Nothing else may travel back: unbind the body's other values (typed as they were bound).
+        top = vector = layer_envoy = batch = None  # type: ignore[assignment]
         vecs = vecs.cpu()
-        vecs, tops = nnsight.save(vecs), nnsight.save(tops)
+        if session:
+            vecs, tops = nnsight.save(vecs), nnsight.save(tops)
     answer = torch.tensor(ids)
     n_chunks = len(chunks)
     scores = {layer: float((torch.cat(tops[i * n_chunks:(i + 1) * n_chunks]) == answer).float().mean())

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,13 +17,12 @@ import xarray as xr
 
 from fv_remote.data import PromptTemplate, RelationTask
 from fv_remote.errors import UserError, require_positive
+from fv_remote.execution import Target, job_details, resolve, stage_session
 from fv_remote.models import LoadedModel
-from fv_remote.remote import JobSubmitted, remote_mode, stage_session
+from fv_remote.progress import Progress
 from fv_remote.store import PROMPT_DIM, ActivationStore
 from fv_remote.tasks import prepare_task
 from fv_remote.traces.heads import answer_stats, read_heads
-
-Progress = Callable[[int, int], None]
 
 
 @dataclass
@@ -43,28 +40,19 @@ def pairs_digest(pairs) -> str:
 
 
 def trace_heads(model: LoadedModel, texts: list[str], answer_ids: list[int],
-                positions: tuple[int, ...] = (-1,), remote: Any = False) -> dict[str, torch.Tensor]:
+                positions: tuple[int, ...] = (-1,), remote: Target = False) -> dict[str, torch.Tensor]:
     """One forward over a batch: head outputs [B, P, L, H, Dh] and answer statistics at the last token.
 
-    `remote=True` runs it as one NDIF request, `remote="local"` as nnsight's in-process dry run of one.
+    The one-batch case of `trace_heads_batches` (locally; `remote=True`: one NDIF request; `"local"`: a dry run).
     """
-    if remote_mode(remote):
-        return trace_heads_batches(model, [(texts, answer_ids)], positions, remote)[0]
-    ad, lm = model.adapter, model.lm
-    sites = [ad.head_site(lm, layer) for layer in range(ad.n_layers)]
-    ids = torch.tensor(answer_ids, dtype=torch.long)
-    with lm.trace(texts):
-        heads = read_heads(sites, list(positions), ad.n_heads, ad.head_dim).save()
-        logits = ad.unembed(lm).output[:, -1]
-        prob, top1, _ = answer_stats(logits, ids.to(logits.device))
-        prob, top1 = prob.save(), top1.save()
-    return {"heads": heads.cpu(), "answer_prob": prob.cpu(), "top1": top1.cpu()}
+    return trace_heads_batches(model, [(texts, answer_ids)], positions, remote)[0]
 
 
 def trace_heads_batches(model: LoadedModel, batches: list[tuple[list[str], list[int]]],
-                        positions: tuple[int, ...] = (-1,), remote: Any = True,
+                        positions: tuple[int, ...] = (-1,), remote: Target = True,
                         half: bool = False) -> list[dict[str, torch.Tensor]]:
-    """`trace_heads` for many (texts, answer_ids) batches in one session: a single NDIF request when remote.
+    """The extract stage's body: head outputs and answer statistics for many (texts, answer_ids) batches, in one
+    session (a single NDIF request when remote; plain local traces with `remote=False`).
 
     The session body is shipped as source: it reads only plain values, envoys and `fv_remote.traces` helpers.
     `half`: the head outputs are rounded to float16 on the server (half the bytes of float32 to bring back).
@@ -75,7 +63,7 @@ def trace_heads_batches(model: LoadedModel, batches: list[tuple[list[str], list[
     n_heads, head_dim, pos = ad.n_heads, ad.head_dim, list(positions)
     jobs = [(list(texts), torch.tensor(ids, dtype=torch.long)) for texts, ids in batches]
     outs: list[dict[str, torch.Tensor]] = []
-    session = bool(remote_mode(remote))
+    session = resolve(remote).session
     with stage_session(model, remote):
         for texts, ids in jobs:
             with lm.trace(texts):
@@ -85,7 +73,8 @@ def trace_heads_batches(model: LoadedModel, batches: list[tuple[list[str], list[
                 prob, top1, _ = answer_stats(logits, ids.to(logits.device))
                 prob, top1 = prob.save(), top1.save()
             outs.append({"heads": heads.cpu(), "answer_prob": prob.cpu(), "top1": top1.cpu()})
-        heads = prob = top1 = logits = _ = texts = ids = None
+        # Nothing else may travel back: unbind the body's other values (typed as they were bound).
+        heads = prob = top1 = logits = _ = texts = ids = None  # type: ignore[assignment]
         if session:
             outs = nnsight.save(outs)
     return outs
@@ -94,6 +83,7 @@ def trace_heads_batches(model: LoadedModel, batches: list[tuple[list[str], list[
 def _batch_dataset(start: int, prompts, answer_ids, out, positions, ad) -> xr.Dataset:
     heads = out["heads"].float().numpy()
     n = heads.shape[0]
+    head_var: tuple[tuple[str, ...], Any]
     if tuple(positions) == (-1,):
         head_var = ((PROMPT_DIM, "layer", "head", "d_head"), heads[:, 0])
     else:
@@ -152,10 +142,10 @@ class _Plan:
 REDUCTIONS = ("none", "float16")
 
 
-def check_reduce(reduce: str, remote: Any) -> None:
+def check_reduce(reduce: str, remote: Target) -> None:
     if reduce not in REDUCTIONS:
         raise UserError(f"unknown reduction {reduce!r}; use one of {', '.join(REDUCTIONS)}")
-    if reduce != "none" and not remote_mode(remote):
+    if reduce != "none" and not resolve(remote).session:
         raise UserError("--reduce shrinks what a remote extraction brings back: use it with --remote")
 
 
@@ -219,11 +209,11 @@ def _remote_batches(model: LoadedModel, plan: _Plan, batch_size: int) -> list[tu
 def extract(model: LoadedModel, task: RelationTask, store: ActivationStore, n_prompts: int = 100,
             n_shots: int = 10, seed: int = 0, batch_size: int = 16, positions: tuple[int, ...] = (-1,),
             template: PromptTemplate | None = None, progress: Progress | None = None,
-            remote: Any = False, reduce: str = "none") -> ExtractionResult:
+            remote: Target = False, reduce: str = "none") -> ExtractionResult:
     """Trace `n_prompts` clean n-shot prompts built from the task's training split; resume where a run stopped.
 
     With `remote` all missing batches go in one NDIF request; they are stored once its results are back, so a
-    failed request leaves the store as it was. Under `fv_remote.remote.no_wait()` the request is submitted and
+    failed request leaves the store as it was. Under `fv_remote.execution.no_wait()` the request is submitted and
     `JobSubmitted` raised, its `details` saying how `store_remote_extraction` stores the results later.
     `reduce="float16"` (remote only) rounds the head outputs to float16 on the server before they travel; the store
     records it (`remote_reduce` in the task's identity, so a store is never half rounded).
@@ -232,16 +222,13 @@ def extract(model: LoadedModel, task: RelationTask, store: ActivationStore, n_pr
     with store.writing():  # one writer per store for the whole run
         plan = _plan(model, task, store, n_prompts, n_shots, seed, batch_size, positions, template, reduce)
         remote_outs = None
-        if remote_mode(remote) and plan.starts:
-            try:
+        if resolve(remote).session and plan.starts:
+            with job_details(stage="extract", task=task.name, store=store.url, n_prompts=n_prompts,
+                             n_shots=n_shots, seed=seed, batch_size=batch_size, positions=list(positions),
+                             template=plan.identity["template"], identity=plan.identity,
+                             starts=plan.starts, result_key="outs", reduce=reduce):
                 remote_outs = trace_heads_batches(model, _remote_batches(model, plan, batch_size), positions,
                                                   remote, half=reduce == "float16")
-            except JobSubmitted as job:
-                job.details.update(stage="extract", task=task.name, store=store.url, n_prompts=n_prompts,
-                                   n_shots=n_shots, seed=seed, batch_size=batch_size, positions=list(positions),
-                                   template=plan.identity["template"], identity=plan.identity,
-                                   starts=plan.starts, result_key="outs", reduce=reduce)
-                raise
         return _store_batches(model, task, store, plan, n_prompts, batch_size, positions, remote_outs, progress)
 
 

@@ -1,16 +1,15 @@
-"""FFV fine-tuning as ONE remote request: every optimisation a stage needs (one relation, a layer search and its
-final run, a whole bank) runs inside one `model.session`.
+"""The FFV stage body: every optimisation a stage needs (one relation, a layer search and its final run, a whole
+bank) planned as plain values (`Plan`) and run inside one session — plain local traces with the local executor,
+ONE request on NDIF. `ffv.finetune`, `ffv.select_layer`, `ffv.train_ffv` and `bank.build_bank` all run it.
 
-On the server, per job: the initial vector (scaled there for a random init without an FV), Adam with the cosine
+Per job, where the model is: the initial vector (scaled there for a random init without an FV), Adam with the cosine
 schedule, one trace per step (the loss, saved), backward and step, the validation checks, keeping the best vector
-and early stopping — the loop of `ffv.finetune`, decided where the model is. Only each job's best vector, its training
-record and a few floats come back.
+and early stopping. Only each job's best vector, its training record and a few floats come back.
 
-Differences from the local loop, none of which changes the result beyond float rounding:
 - the cached-prefix fast path is the plain KV-cache continuation that generation uses: each chunk's prompts minus
   their last token run once; a step feeds the last tokens through every layer against that cache and crops the
-  appended position off again (locally the cache is deep-copied per step and the layers below the vector skipped:
-  the sandbox has no `copy`, and a plain continuation needs no check against the full forward);
+  appended position off again (no `copy`, which the sandbox refuses; a former local loop that deep-copied the cache
+  and skipped the layers below the vector was 1.03x faster and was dropped, RESULTS.md issue 12);
 - prompts are tokenised on the client (the padding and position ids nnsight would use);
 - every step's learning rate is computed on the client and set on the optimiser (LambdaLR's exact values).
 """
@@ -18,17 +17,16 @@ Differences from the local loop, none of which changes the result beyond float r
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
-from typing import Any
 
 import nnsight
 import torch
 
 from fv_remote.errors import UserError
-from fv_remote.ffv import (Examples, FFVRun, FinetuneResult, FinetuneSettings, candidate_layers, chunk_examples,
-                           cosine_factor, finetune_result, initial_plan, quick_settings, trace_kwargs)
+from fv_remote.execution import Target, check_shippable, job_details, resolve, saved_result, stage_session
+from fv_remote.ffv_plan import (Examples, FFVRun, FinetuneResult, FinetuneSettings, SourceInfo, candidate_layers,
+                                chunk_examples, cosine_factor, finetune_result, initial_plan, quick_settings,
+                                trace_kwargs)
 from fv_remote.models import LoadedModel
-from fv_remote.remote import JobSubmitted, check_shippable, remote_mode, saved_result, stage_session
 from fv_remote.traces.patching import add_to_residual, layer_hidden
 from fv_remote.vectors import FunctionVector
 
@@ -71,9 +69,11 @@ class Plan:
                               for texts, targets in chunk_examples(data, batch_size, seed, shuffle)])
         return len(self.datasets) - 1
 
-    def job(self, s: FinetuneSettings, train: int, valid: int | None, layer: int, init: torch.Tensor,
+    def job(self, s: FinetuneSettings, train: int | None, valid: int | None, layer: int, init: torch.Tensor,
             scale_texts: list[str] | None = None, baseline: int | None = None, search: list[int] = ()) -> int:
         """Add a fine-tuning job; layer -1 means "the best layer of the `search` jobs" (decided on the server)."""
+        if train is None:
+            raise UserError("no training prompts")
         d = self.model.adapter.d_model
         if init.shape != (d,):
             raise UserError(f"initial vector has shape {tuple(init.shape)}, the model needs ({d},)")
@@ -85,11 +85,11 @@ class Plan:
                           "l2": s.l2, "eval_every": s.eval_every, "patience": s.patience})
         return len(self.jobs) - 1
 
-    def run(self, remote: Any) -> list[dict]:
+    def run(self, remote: Target) -> list[dict]:
         return run_jobs(self.model, self.datasets, self.jobs, remote)
 
 
-def run_jobs(model: LoadedModel, datasets: list[list[dict]], jobs: list[dict], remote: Any = False) -> list[dict]:
+def run_jobs(model: LoadedModel, datasets: list[list[dict]], jobs: list[dict], remote: Target = False) -> list[dict]:
     """Every job of `Plan` in one stage session (one NDIF request with `remote=True`; plain local traces with False).
 
     Returns per job: layer, vector (the best, CPU), history, best_step, best_loss, best_acc, stopped, init_norm,
@@ -104,7 +104,7 @@ def run_jobs(model: LoadedModel, datasets: list[list[dict]], jobs: list[dict], r
     ad, lm = model.adapter, model.lm
     layers = [ad.layer(lm, index) for index in range(ad.n_layers)]
     is_tuple, unembed, keep = ad.layer_output_is_tuple, ad.unembed(lm), trace_kwargs(model)
-    session = bool(remote_mode(remote))
+    session = resolve(remote).session
     if session:
         check_shippable(datasets=datasets, jobs=jobs)
     results: list[dict] = []
@@ -197,9 +197,10 @@ def run_jobs(model: LoadedModel, datasets: list[list[dict]], jobs: list[dict], r
     return results
 
 
-def to_result(model: LoadedModel, out: dict, s: FinetuneSettings, task: str, init: str,
-              source: FunctionVector | None, n_train: int, n_valid: int, n_batches: int) -> FinetuneResult:
-    return finetune_result(model, out["vector"].float(), int(out["layer"]), out["history"], out["best_step"],
+def to_result(model_id: str, out: dict, s: FinetuneSettings, task: str, init: str,
+              source: FunctionVector | SourceInfo | None, n_train: int, n_valid: int, n_batches: int
+              ) -> FinetuneResult:
+    return finetune_result(model_id, out["vector"].float(), int(out["layer"]), out["history"], out["best_step"],
                            out["best_loss"], out["best_acc"], out["stopped"], out["init_norm"], s, task, init, source,
                            {"n_train": n_train, "n_valid": n_valid, "n_train_batches": n_batches,
                             "moved": out.get("moved")})
@@ -207,20 +208,20 @@ def to_result(model: LoadedModel, out: dict, s: FinetuneSettings, task: str, ini
 
 def finetune_remote(model: LoadedModel, train: Examples, valid: Examples | None, init_vector: torch.Tensor,
                     layer: int, s: FinetuneSettings, task: str = "", init: str = "custom",
-                    source: FunctionVector | None = None, remote: Any = True) -> FinetuneResult:
+                    source: FunctionVector | None = None, remote: Target = True) -> FinetuneResult:
     """`ffv.finetune` as one request."""
     plan = Plan(model)
     train_i = plan.data(train, s.batch_size, s.seed, s.fast)
     valid_i = plan.data(valid, s.batch_size, s.seed, s.fast)
     plan.job(s, train_i, valid_i, layer, init_vector)
     out = plan.run(remote)[0]
-    return to_result(model, out, s, task, init, source, len(train), len(valid) if valid is not None else 0,
+    return to_result(model.model_id, out, s, task, init, source, len(train), len(valid) if valid is not None else 0,
                      len(plan.datasets[train_i]))
 
 
 def train_ffv_remote(model: LoadedModel, name: str, train: Examples, valid: Examples | None,
                      fv: FunctionVector | None, init: str, layer: int | str, s: FinetuneSettings,
-                     quick_steps: int, remote: Any) -> FFVRun:
+                     quick_steps: int, remote: Target) -> FFVRun:
     """`ffv.train_ffv` as one request: with layer="auto" the short runs, the choice and the final run together."""
     vector, scale_texts = initial_plan(model, init, fv, train.texts, s.seed)
     plan = Plan(model)
@@ -235,23 +236,21 @@ def train_ffv_remote(model: LoadedModel, name: str, train: Examples, valid: Exam
         layer = -1
     plan.job(s, train_i, valid_i, int(layer), vector, scale_texts, search=search)
     n_valid = len(valid) if valid is not None else 0
-    try:
+    with job_details(stage="finetune", result_key="results", model=model.model_id, task=name, init=init,
+                     settings=s.as_dict(), source=source_info(fv), n_train=len(train), n_valid=n_valid,
+                     n_batches=len(plan.datasets[train_i]), layers=layers, search=search,
+                     n_jobs=len(plan.jobs)):
         outs = plan.run(remote)
-    except JobSubmitted as job:  # no-wait: everything `ffv_run_from_job` needs to rebuild the result later
-        job.details.update(stage="finetune", result_key="results", model=model.model_id, task=name, init=init,
-                           settings=s.as_dict(), source=source_info(fv), n_train=len(train), n_valid=n_valid,
-                           n_batches=len(plan.datasets[train_i]), layers=layers, search=search,
-                           n_jobs=len(plan.jobs))
-        raise
-    return _ffv_run(model, outs, s, name, init, fv, len(train), n_valid, len(plan.datasets[train_i]), layers,
+    return _ffv_run(model.model_id, outs, s, name, init, fv, len(train), n_valid, len(plan.datasets[train_i]), layers,
                     search)
 
 
-def _ffv_run(model: Any, outs: list[dict], s: FinetuneSettings, name: str, init: str, fv: Any, n_train: int,
-             n_valid: int, n_batches: int, layers: list[int], search: list[int]) -> FFVRun:
+def _ffv_run(model_id: str, outs: list[dict], s: FinetuneSettings, name: str, init: str,
+             fv: FunctionVector | SourceInfo | None, n_train: int, n_valid: int, n_batches: int, layers: list[int],
+             search: list[int]) -> FFVRun:
     found = {at: {"valid_loss": outs[i]["best_loss"], "valid_acc": outs[i]["best_acc"]}
              for at, i in zip(layers, search)}
-    result = to_result(model, outs[-1], s, name, init, fv, n_train, n_valid, n_batches)
+    result = to_result(model_id, outs[-1], s, name, init, fv, n_train, n_valid, n_batches)
     if found:
         result.ffv.meta["layer_search"] = {str(k): v for k, v in found.items()}
     return FFVRun(result, found, n_train, n_valid)
@@ -264,12 +263,12 @@ def source_info(fv: FunctionVector | None) -> dict | None:
     return {"task": fv.task, "layer": int(fv.layer), "kind": fv.kind, "heads": [list(h) for h in fv.heads]}
 
 
-def source_from_info(info: dict | None) -> Any:
+def source_from_info(info: dict | None) -> SourceInfo | None:
     """The starting FV's fields from `source_info`, as `ffv.finetune_result` reads them (task, layer, kind, heads)."""
     if info is None:
         return None
-    return SimpleNamespace(task=info["task"], layer=int(info["layer"]), kind=info["kind"],
-                           heads=[tuple(int(x) for x in h) for h in info["heads"]])
+    return SourceInfo(task=info["task"], layer=int(info["layer"]), kind=info["kind"],
+                      heads=[tuple(int(x) for x in h) for h in info["heads"]])
 
 
 def job_outputs(saved: dict, details: dict) -> list[dict]:
@@ -283,8 +282,7 @@ def job_outputs(saved: dict, details: dict) -> list[dict]:
 def ffv_run_from_job(saved: dict, details: dict) -> FFVRun:
     """What `ffv.train_ffv(..., remote=True)` returns, from a no-wait job's saved values and its details."""
     outs = job_outputs(saved, details)
-    model = SimpleNamespace(model_id=details["model"])  # `finetune_result` only reads the model's id
-    return _ffv_run(model, outs, FinetuneSettings(**details["settings"]), details["task"], details["init"],
+    return _ffv_run(details["model"], outs, FinetuneSettings(**details["settings"]), details["task"], details["init"],
                     source_from_info(details.get("source")), int(details["n_train"]), int(details["n_valid"]),
                     int(details["n_batches"]), [int(x) for x in details["layers"]],
                     [int(x) for x in details["search"]])

@@ -7,7 +7,7 @@ run would have (same code path: the store's commit points for extract and cma, p
 and --json file for evaluate; the FFV file and loss curve for finetune, which prints the evaluate command instead of
 evaluating; the bank file for bank build), then marks the job fetched. Fetching twice is harmless.
 
-From Python: run the stage under `fv_remote.remote.no_wait()`, catch `JobSubmitted`, `save_job(job, settings)`, and
+From Python: run the stage under `fv_remote.execution.no_wait()`, catch `JobSubmitted`, `save_job(job, settings)`, and
 later `fetch_job(id)`; or poll yourself and rebuild the result with `extract.store_remote_extraction`,
 `cma.store_remote_cma`, `ffv_session.ffv_run_from_job`, `bank.store_remote_bank` or `evaluate.scores_from_job`.
 
@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from fv_remote.errors import UserError
-from fv_remote.remote import JobSubmitted, PollResult, host, poll_job, saved_result
+from fv_remote.execution import JobSubmitted, PollResult, host, poll_job, saved_result
 
 _ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 
@@ -57,7 +57,7 @@ def save_job(job: JobSubmitted, settings: dict[str, Any]) -> Path:
         "submitted": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "state": "submitted", "stage": job.details["stage"], "settings": settings, "details": job.details,
     }
-    path = _path(record.job_id)
+    path = _path(record.job_id or "")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=2))
@@ -114,34 +114,91 @@ def job_status(job_id: str) -> tuple[dict[str, Any], str]:
     return job, _poll(job).status
 
 
-# -- finishing: one function per stage that can run without waiting ---------------------------------------------
+# -- committing: what each stage that can run without waiting stores, and who shows it -----------------------------
 
-def _finish_extract(job: dict[str, Any], saved: dict[str, Any], progress: Any = None) -> str:
+Commit = Callable[[dict[str, Any], dict[str, Any], Any], tuple[Any, str]]
+Reporter = Callable[[dict[str, Any], Any], None]
+
+
+def _commit_extract(job: dict[str, Any], saved: dict[str, Any], progress: Any = None) -> tuple[Any, str]:
     from fv_remote.data import load_task
+    from fv_remote.execution import hosted
     from fv_remote.extract import store_remote_extraction
-    from fv_remote.remote import load_remote_model
     from fv_remote.store import ActivationStore
 
     settings, details = job["settings"], job["details"]
     outs = saved_result(saved, details, "outs", f"job {job['job_id']}")
     task = load_task(settings["task"], data_dir=settings.get("data_dir"))
-    model = load_remote_model(settings["model"], revision=settings.get("revision") or None)
+    model = hosted.load_remote_model(settings["model"], revision=settings.get("revision") or None)
     store = ActivationStore(details["store"])
     result = store_remote_extraction(model, task, store, outs, details, progress)
-    return (f"{result.task}: {result.n_complete} prompts in {details['store']} ({result.n_new} new); "
-            f"{details['n_shots']}-shot accuracy {result.accuracy:.2f}")
+    return result, (f"{result.task}: {result.n_complete} prompts in {details['store']} ({result.n_new} new); "
+                    f"{details['n_shots']}-shot accuracy {result.accuracy:.2f}")
 
 
-def _finish_bank(job: dict[str, Any], saved: dict[str, Any], progress: Any = None) -> str:
+def _commit_cma(job: dict[str, Any], saved: dict[str, Any], progress: Any = None) -> tuple[Any, str]:
+    """The AIE into the store's TASK/cma group and, when the job names one, the heatmap."""
+    from fv_remote.cma import store_remote_cma
+    from fv_remote.plots import cma_heatmap
+    from fv_remote.store import ActivationStore
+
+    settings, details = job["settings"], job["details"]
+    result = store_remote_cma(ActivationStore(details["store"]), saved, details, progress)
+    message = f"{result.task}: {result.n_prompts} corrupted prompts ({result.n_new} new) in {details['store']}"
+    if settings.get("plot"):
+        message += f"; heatmap: {cma_heatmap(result, settings['plot'], settings.get('model', ''))}"
+    return result, message
+
+
+def _commit_finetune(job: dict[str, Any], saved: dict[str, Any], progress: Any = None) -> tuple[Any, str]:
+    """The FFV file and loss curve as the blocking `finetune`; the evaluation it would have run next is a command."""
+    from fv_remote.ffv import save_run
+    from fv_remote.ffv_session import ffv_run_from_job
+
+    settings = job["settings"]
+    run = ffv_run_from_job(saved, job["details"])
+    if settings.get("out"):
+        save_run(run, settings["out"], settings.get("plot"), settings.get("init", ""))
+    message = f"{settings.get('task', run.result.ffv.task)}: FFV at layer {run.result.ffv.layer}" + \
+        (f" saved to {settings['out']}" if settings.get("out") else "")
+    if settings.get("evaluate"):
+        message += f"\nevaluate it: {settings['evaluate']}"
+    return run, message
+
+
+def _commit_evaluate(job: dict[str, Any], saved: dict[str, Any], progress: Any = None) -> tuple[Any, str]:
+    """The accuracies (and sweep) as the blocking `evaluate`, with its sweep plot and --json file when named."""
+    from fv_remote.evaluate import save_evaluation, scores_from_job
+
+    settings = job["settings"]
+    scores, curve = scores_from_job(saved, job["details"])
+    written = save_evaluation(settings, scores, curve)
+    kind = str(settings.get("kind", "fv")).upper()
+    return (scores, curve), "\n".join(
+        [f"{scores.task}: zero-shot {scores.zero_shot:.2f} -> {scores.zero_shot_fv:.2f} with the {kind} at layer "
+         f"{scores.layer} ({scores.n_test} test pairs)", *written])
+
+
+def _commit_bank(job: dict[str, Any], saved: dict[str, Any], progress: Any = None) -> tuple[Any, str]:
     from fv_remote.bank import store_remote_bank
 
     details = job["details"]
     bank = store_remote_bank(saved, details, progress=progress)
-    return (f"bank {details['path']}: {len(bank)} relations for {bank.model}\n"
-            f"see `fv-remote bank info {details['path']}`")
+    return bank, (f"bank {details['path']}: {len(bank)} relations for {bank.model}\n"
+                  f"see `fv-remote bank info {details['path']}`")
 
 
-FINISHERS: dict[str, Callable[..., str]] = {"extract": _finish_extract, "bank": _finish_bank}
+# Stage name (the job file's "stage") -> how its results are stored. Library code only: the CLI adds reporters.
+COMMITS: dict[str, Commit] = {"extract": _commit_extract, "cma": _commit_cma, "finetune": _commit_finetune,
+                              "evaluate": _commit_evaluate, "bank": _commit_bank}
+REPORTERS: dict[str, Reporter] = {}
+
+
+def register_reporter(stage: str, reporter: Reporter) -> None:
+    """Show a fetched `stage` job's result (tables on a terminal) after it is stored; the CLI registers these."""
+    if stage not in COMMITS:
+        raise ValueError(f"no stage {stage!r} to report on (stages: {', '.join(COMMITS)})")
+    REPORTERS[stage] = reporter
 
 
 def fetch_job(job_id: str, progress: Any = None) -> tuple[str, str]:
@@ -149,15 +206,16 @@ def fetch_job(job_id: str, progress: Any = None) -> tuple[str, str]:
     job = load_job(job_id)
     if job.get("state") == "fetched":
         return "FETCHED", f"job {job_id} was already fetched ({job.get('message', '')})"
-    if job.get("stage") not in FINISHERS:
-        import fv_remote.cli.jobs_cmd  # noqa: F401 - registers the finishers of CLI-only results (evaluate)
-    finisher = FINISHERS.get(job.get("stage", ""))
-    if finisher is None:
+    commit = COMMITS.get(job.get("stage", ""))
+    if commit is None:
         raise UserError(f"job {job_id} is a {job.get('stage')!r} job, which this version cannot store")
     polled = _poll(job)
     if polled.status != "COMPLETED":
         return polled.status, f"job {job_id} ({job['stage']}) is {polled.status}; fetch it again later"
-    message = finisher(job, polled.result or {}, progress)
+    result, message = commit(job, polled.result or {}, progress)
+    reporter = REPORTERS.get(job["stage"])
+    if reporter is not None:
+        reporter(job, result)
     _update(job_id, state="fetched", result_bytes=polled.result_bytes, message=message,
             fetched=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
     return "COMPLETED", message

@@ -207,7 +207,6 @@ def load_model(name: str = DEFAULT_MODEL, device: str | None = None, dtype: Any 
                revision: str | None = None) -> LoadedModel:
     """Load a causal LM, wrap it in nnsight and validate its architecture adapter with one tiny trace."""
     import torch
-    from nnsight import TransformersModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source, info = _resolve_source(name)

@@ -12,6 +12,7 @@ from fv_remote.checks import atomic_save
 from fv_remote.cma import run_cma
 from fv_remote.data import RelationTask
 from fv_remote.evaluate import TaskScores, evaluate_task, fit_function_vector
+from fv_remote.execution import Target
 from fv_remote.extract import extract, mean_heads_tensor
 from fv_remote.models import LoadedModel
 from fv_remote.plots import aie_heatmap
@@ -52,7 +53,7 @@ def _no_progress(description: str, total: int):
 
 def run_task(model: LoadedModel, task: RelationTask, store: ActivationStore, out_dir: str | Path,
              settings: PipelineSettings | None = None, progress: ProgressFactory = _no_progress,
-             remote: Any = False) -> TaskRun:
+             remote: Target = False) -> TaskRun:
     """All stages for one task. `remote=True`: each stage is one NDIF request (extract, CMA, fit with its layer
     sweep, evaluate: four per task; a stage with nothing left to compute sends none)."""
     s = settings or PipelineSettings()
@@ -72,7 +73,7 @@ def run_task(model: LoadedModel, task: RelationTask, store: ActivationStore, out
                 top=fv.heads)
     fv_path = atomic_save(fv.save, out_dir / f"{task.name}.fv.safetensors", "FV")
     scores = evaluate_task(model, prepared, fv, n_shots=s.n_shots, n_test=s.n_test, remote=remote)
-    return TaskRun(scores, fv, fv_path, sweep, prepared.problems)
+    return TaskRun(scores, fv, fv_path, sweep or {}, prepared.problems)
 
 
 def results_json(model: LoadedModel, runs: list[TaskRun], settings: PipelineSettings) -> dict:

@@ -83,6 +83,7 @@ class Dims:
     moe: tuple[int, ...] = ()  # the MoE layers (the rest dense)
     tied: bool = False
     max_positions: int = 0
+    sliding: bool = False  # sliding-window layers: the fast CMA body recomputes the prompt per group of copies
 
     @property
     def layer_params(self) -> int:
@@ -148,8 +149,11 @@ def dims_from_config(config: Any) -> Dims:
             moe = tuple(range(layers))
     return Dims(family=spec.family, n_layers=layers, n_heads=heads, n_kv_heads=kv, head_dim=head_dim, d_model=d,
                 d_ff=d_ff if len(moe) < layers else 0, mlp_mats=3 if gated else 2, vocab=vocab,
-                n_experts=experts if moe else 0, top_k=top_k if moe else 0, d_expert=d_expert, moe=moe, tied=bool(_get(text, "tie_word_embeddings", default=False)),
-                max_positions=int(_get(text, "max_position_embeddings", "n_positions", default=0) or 0))
+                n_experts=experts if moe else 0, top_k=top_k if moe else 0, d_expert=d_expert, moe=moe,
+                tied=bool(_get(text, "tie_word_embeddings", default=False)),
+                max_positions=int(_get(text, "max_position_embeddings", "n_positions", default=0) or 0),
+                sliding=bool(_get(text, "sliding_window", "attention_chunk_size", default=None)
+                             or any("sliding" in str(k) for k in (_get(text, "layer_types", default=None) or ()))))
 
 
 def load_config(model: str, config: str | None = None) -> Any:
@@ -318,17 +322,19 @@ def plan_extract(dims: Dims, n_prompts: int, prompt_tokens: int | list[int], bat
                           "reduce": reduce})
 
 
-def cma_groups(dims: Dims, max_copies: int = 1024) -> list[list[tuple[int, int]]]:
-    """The copies forwards `cma.cma_fast_session` makes per prompt: its own grouping of all heads (`plan_groups`)."""
-    from fv_remote.cma import plan_groups
+def cma_groups(dims: Dims, max_copies: int = 256) -> list[list[tuple[int, int]]]:
+    """The copies forwards `cma_methods.cma_fast_session` makes per prompt: `fast_groups`' grouping of all heads
+    (by the cost model when one prompt forward serves every group; as few groups as possible with sliding windows)."""
+    from fv_remote.cma_methods import plan_groups
 
     heads = [(layer, head) for layer in range(dims.n_layers) for head in range(dims.n_heads)]
     head_cost = dims.vocab * dims.d_model / max(dims.layer_params, 1)
-    return [[heads[i] for i in g] for g in plan_groups(heads, dims.n_layers, head_cost, fixed=1e12, weights=0.0,
-                                                       max_copies=max_copies)]
+    costs = {"fixed": 1e12, "weights": 0.0} if dims.sliding else {}
+    return [[heads[i] for i in g] for g in plan_groups(heads, dims.n_layers, head_cost, max_copies=max_copies,
+                                                       **costs)]
 
 
-def plan_cma(dims: Dims, n_prompts: int, prompt_tokens: int | list[int], nbytes: int = 2, max_copies: int = 1024,
+def plan_cma(dims: Dims, n_prompts: int, prompt_tokens: int | list[int], nbytes: int = 2, max_copies: int = 256,
              mask_bytes: int = 1) -> Plan:
     """`cma --remote` (fast exact CMA, one session): per prompt and group of R patched heads, one forward of the
     prompt (logits at its last token only) and one of R last-token copies that attend to the prompt's cached keys
@@ -341,21 +347,23 @@ def plan_cma(dims: Dims, n_prompts: int, prompt_tokens: int | list[int], nbytes:
     for t, n in Counter(lengths).items():  # prompts of one length cost the same
         sent += n * sent_bytes(t, 8)
         returned += n * tensor_bytes(1, 4)
-        for g in groups:
+        for i, g in enumerate(groups):
             r, first = len(g), min(layer for layer, _ in g)
             n_layers = len({layer for layer, _ in g})
-            traces += [Trace(1, t, t, 1, count=n), Trace(1, r, t + r, r, first=first, count=n)]
+            if i == 0 or dims.sliding:  # the prompt forward: once per prompt, or per group with sliding windows
+                traces.append(Trace(1, t, t, 1, count=n))
+            traces.append(Trace(1, r, t + r, r, first=first, count=n))
             sent += n * (sent_bytes(r, 8, 2) + sent_bytes(r * (t + r), mask_bytes)
                          + sent_bytes(2 * r, 8, 2 * n_layers) + sent_bytes(r * dims.head_dim, 4, n_layers))
             returned += n * tensor_bytes(r, 4)
     t_max, r_max = max(lengths), max(len(g) for g in groups)
     kv_prompt = 2 * dims.n_layers * dims.n_kv_heads * dims.head_dim * t_max * nbytes
     return Plan("cma", n_prompts, "prompts", _merge(traces), sent, returned,
-                extra_memory={"kv_cache_copy": kv_prompt},
+                extra_memory={"kv_cache": kv_prompt},
                 settings={"n_prompts": n_prompts, "heads": dims.n_layers * dims.n_heads, "groups": len(groups),
                           "max_copies": max_copies, "largest_group": r_max},
-                note="the local fast path (cma without --remote) deep-copies the prompt's KV cache once per group "
-                     "(kv_cache_copy); the remote session recomputes the prompt per group instead")
+                note="one prompt forward per prompt; each group's copies are cropped off its KV cache again (with "
+                     "sliding-window layers the prompt is recomputed per group instead)")
 
 
 Chunks = list[tuple[int, int]]  # (rows, padded tokens) per chunk of a dataset, in order
@@ -390,7 +398,8 @@ def plan_finetune(dims: Dims, n_train: int, n_valid: int, prompt_tokens: int, st
     from fv_remote.ffv import candidate_layers
 
     if datasets is None:
-        one = {"train": _chunks(n_train, batch_size, prompt_tokens), "valid": _chunks(n_valid, batch_size, prompt_tokens),
+        one = {"train": _chunks(n_train, batch_size, prompt_tokens),
+               "valid": _chunks(n_valid, batch_size, prompt_tokens),
                "base": _chunks(n_valid, 64, prompt_tokens) if baseline else []}
         datasets = [one] * (1 if layer is None else relations)
     traces: list[Trace] = []
@@ -458,7 +467,8 @@ def plan_analogy(dims: Dims, n_items: int, n_bank: int, prompt_tokens: int, n_ch
     # rows of the profile (one bank vector each), the CFV and the best FFV (methods 1 and 3) mix the bank's vectors:
     # [rows, bank] @ [bank, d_model] per batch
     mixed = rows[0] + sum(rows[1:4:2])
-    return Plan("analogy", n_items, "items", _merge(traces), sent, returned, extra_flops=2 * mixed * n_bank * dims.d_model,
+    return Plan("analogy", n_items, "items", _merge(traces), sent, returned,
+                extra_flops=2 * mixed * n_bank * dims.d_model,
                 settings={"items": n_items, "bank": n_bank, "choices": n_choices, "methods": len(rows) - 1,
                           "batch_size": batch_size})
 
@@ -632,7 +642,8 @@ def verdict(est: Estimate, server: Server) -> str:
         text += (f". Split: {est.split[per]} {per.removesuffix('_per_request')} per request, "
                  f"{est.split['requests']} requests of about {_secs(est.split['execution_s'])} each")
     elif est.warnings:
-        text += (f". No split by {est.unit} fits" if est.splittable else ". This stage is one job that cannot be split by "
+        text += (f". No split by {est.unit} fits" if est.splittable
+                 else ". This stage is one job that cannot be split by "
                  f"{est.unit}") + ": lower the batch size, steps or prompt length, or raise the limits"
     return text
 
@@ -654,7 +665,7 @@ class StageOptions:
     positions: int = 1
     dtype: str = "bfloat16"
     reduce: str = "none"
-    max_copies: int = 1024
+    max_copies: int = 256
     steps: int = 40
     n_train: int = 100
     n_valid: int = 50

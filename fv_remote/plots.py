@@ -38,6 +38,11 @@ def aie_heatmap(aie, path: str | Path, title: str = "", top: list[tuple[int, int
     return _save(fig, path)
 
 
+def cma_heatmap(result, path: str | Path, model: str = "") -> Path:
+    """The `cma` stage's heatmap of a `CMAResult` (the blocking command and `jobs fetch` write the same file)."""
+    return aie_heatmap(result.aie, Path(path), title=f"{result.task}: AIE per head ({model})")
+
+
 def layer_sweep_plot(curves: dict[str, dict[int, float]], path: str | Path, baselines: dict[str, float] | None = None,
                      title: str = "zero-shot accuracy with the FV added at each layer") -> Path:
     """One line per task: accuracy vs layer; dashed line = the task's accuracy without a vector."""

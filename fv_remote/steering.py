@@ -20,11 +20,10 @@ import nnsight
 import torch
 
 from fv_remote.errors import UserError, require_positive
+from fv_remote.execution import Target, check_shippable, job_details, resolve, saved_result, stage_session
 from fv_remote.models import LoadedModel
-from fv_remote.remote import JobSubmitted, check_shippable, remote_mode, saved_result, stage_session
 from fv_remote.traces.patching import apply_edits, last_token_value, top_probs
 from fv_remote.vectors import FunctionVector
-
 
 POSITIONS = ("last", "all")
 
@@ -113,11 +112,6 @@ def steer_edits(model: LoadedModel, steer: Steer | None) -> list[tuple]:
     return [(kind, ad.layer(lm, layer), ad.layer_output_is_tuple, steer.fv.vector, steer.scale)]
 
 
-def _apply(model: LoadedModel, steer: Steer | None) -> None:
-    """Called inside a trace, before anything downstream of the edited modules is read."""
-    apply_edits(steer_edits(model, steer))
-
-
 @dataclass
 class Condition:
     """One scoring condition: prompts, an optional steer, answer ids (for accuracy) and the batch size."""
@@ -141,7 +135,7 @@ def _check_lengths(model: LoadedModel, conditions: list[Condition]) -> None:
 
 
 def _last_token_runs(model: LoadedModel, conditions: list[Condition], top1: bool,
-                     remote: Any = False, top_k: int = 0) -> list[Any]:
+                     remote: Target = False, top_k: int = 0) -> list[Any]:
     """Per condition: last-token float32 logits [N, vocab], top-1 ids [N], or with `top_k` the (probabilities
     [N, k], ids [N, k]) of the k most probable next tokens; all conditions in one session.
 
@@ -168,23 +162,21 @@ def _last_token_runs(model: LoadedModel, conditions: list[Condition], top1: bool
     lm = model.lm
     unembed = model.adapter.unembed(lm)
     outs: list[torch.Tensor] = []
-    session = bool(remote_mode(remote))
+    session = resolve(remote).session
     if session:
         check_shippable(work=work)
     if work:
-        try:
+        with job_details(result_key="outs", owners=owners, n_conditions=len(conditions), top1=top1):
             with stage_session(model, remote):
                 for texts, edits in work:
                     with lm.trace(texts):
                         apply_edits(edits)
                         value = last_token_value(unembed.output[:, -1], top1).save()
                     outs.append(top_probs(value, top_k) if top_k else value.detach().cpu())
-                value = texts = edits = None
+                # Nothing else may travel back: unbind the body's other values (typed as they were bound).
+                value = texts = edits = None  # type: ignore[assignment]
                 if session:
                     outs = nnsight.save(outs)
-        except JobSubmitted as job:  # no-wait: say how to regroup the batches later (`accuracies_from_job`)
-            job.details.update(result_key="outs", owners=owners, n_conditions=len(conditions), top1=top1)
-            raise
     if top_k:
         mine = [[o for o, i in zip(outs, owners) if i == index] for index in range(len(conditions))]
         return [(torch.cat([p for p, _ in m]), torch.cat([t for _, t in m])) if m else
@@ -194,13 +186,13 @@ def _last_token_runs(model: LoadedModel, conditions: list[Condition], top1: bool
             for index in range(len(conditions))]
 
 
-def logits_conditions(model: LoadedModel, conditions: list[Condition], remote: Any = False) -> list[torch.Tensor]:
+def logits_conditions(model: LoadedModel, conditions: list[Condition], remote: Target = False) -> list[torch.Tensor]:
     """Last-token logits [N, vocab] (float32, CPU) for each condition; one NDIF request for all when remote."""
     return _last_token_runs(model, conditions, top1=False, remote=remote)
 
 
 def top_tokens_conditions(model: LoadedModel, conditions: list[Condition], k: int = 5,
-                          remote: Any = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
+                          remote: Target = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The k most probable next tokens per condition: (probabilities [N, k] float32, token ids [N, k]), CPU.
 
     The softmax and top-k run where the model is: remotely only k probabilities and ids per prompt come back, not
@@ -210,18 +202,15 @@ def top_tokens_conditions(model: LoadedModel, conditions: list[Condition], k: in
     return _last_token_runs(model, conditions, top1=False, remote=remote, top_k=min(k, model.adapter.vocab_size))
 
 
-def score_conditions(model: LoadedModel, conditions: list[Condition], remote: Any = False) -> list[float]:
+def score_conditions(model: LoadedModel, conditions: list[Condition], remote: Target = False) -> list[float]:
     """Top-1 accuracy of each condition (needs `answer_ids`); only the top-1 ids travel back when remote."""
     for cond in conditions:
         if not cond.texts:
             raise UserError("no prompts to evaluate")
         if cond.answer_ids is None or len(cond.answer_ids) != len(cond.texts):
             raise UserError("each condition needs one answer id per prompt")
-    try:
+    with job_details(answer_ids=[list(map(int, cond.answer_ids or [])) for cond in conditions]):
         tops = _last_token_runs(model, conditions, top1=True, remote=remote)
-    except JobSubmitted as job:
-        job.details["answer_ids"] = [list(map(int, cond.answer_ids)) for cond in conditions]
-        raise
     return [float((top == torch.tensor(cond.answer_ids)).float().mean()) for top, cond in zip(tops, conditions)]
 
 
@@ -239,14 +228,14 @@ def accuracies_from_job(saved: dict, details: dict) -> list[float]:
 
 
 def last_logits(model: LoadedModel, texts: list[str], steer: Steer | None = None,
-                batch_size: int = 16, remote: Any = False) -> torch.Tensor:
+                batch_size: int = 16, remote: Target = False) -> torch.Tensor:
     """Last-token logits [N, vocab] (float32, CPU), batched with left padding."""
     require_positive("batch_size", batch_size)
     return logits_conditions(model, [Condition(list(texts), steer, batch_size=batch_size)], remote)[0]
 
 
 def top1_accuracy(model: LoadedModel, texts: list[str], answer_ids: list[int], steer: Steer | None = None,
-                  batch_size: int = 16, remote: Any = False) -> float:
+                  batch_size: int = 16, remote: Target = False) -> float:
     if not texts:
         raise UserError("no prompts to evaluate")
     require_positive("batch_size", batch_size)
@@ -254,7 +243,7 @@ def top1_accuracy(model: LoadedModel, texts: list[str], answer_ids: list[int], s
 
 
 def generate_many(model: LoadedModel, runs: list[tuple[str, Steer | None]], max_new_tokens: int = 12,
-                  remote: Any = False) -> list[str]:
+                  remote: Target = False) -> list[str]:
     """Greedy continuations (only the new text) of (prompt, steer) pairs; one NDIF request for all when remote."""
     require_positive("max_new_tokens", max_new_tokens)
     work = []
@@ -266,7 +255,7 @@ def generate_many(model: LoadedModel, runs: list[tuple[str, Steer | None]], max_
     lm = model.lm
     pad = model.tokenizer.pad_token_id
     outs: list[torch.Tensor] = []
-    session = bool(remote_mode(remote))
+    session = resolve(remote).session
     if session:
         check_shippable(work=work)
     with stage_session(model, remote):
@@ -279,7 +268,8 @@ def generate_many(model: LoadedModel, runs: list[tuple[str, Steer | None]], max_
                     apply_edits(edits)  # first step only: the prompt's last token
                 tokens = tracer.result.save()
             outs.append(tokens.detach().cpu())
-        tokens = tracer = prompt = edits = every_step = None
+        # Nothing else may travel back: unbind the body's other values (typed as they were bound).
+        tokens = tracer = prompt = edits = every_step = None  # type: ignore[assignment]
         if session:
             outs = nnsight.save(outs)
     texts = []
@@ -290,7 +280,7 @@ def generate_many(model: LoadedModel, runs: list[tuple[str, Steer | None]], max_
 
 
 def generate(model: LoadedModel, prompt: str, steer: Steer | None = None, max_new_tokens: int = 12,
-             remote: Any = False) -> str:
+             remote: Target = False) -> str:
     """Greedy continuation of `prompt` (only the new text), optionally steered (at the prompt's last token, or with
     positions "all" at every position of the prompt and of the generated tokens)."""
     return generate_many(model, [(prompt, steer)], max_new_tokens, remote)[0]

@@ -29,7 +29,7 @@ import zarr
 
 from fv_remote import __version__
 from fv_remote.checks import note_kept
-from fv_remote.errors import UserError
+from fv_remote.errors import UserError, os_error_message
 from fv_remote.integrity import BOOKKEEPING, STORE_IDENTITY_KEYS, describe_rows
 
 PROMPT_DIM = "prompt"
@@ -68,22 +68,6 @@ def local_path(url: str) -> Path | None:
 def _damaged(url: str, what: str, exc: BaseException) -> UserError:
     return UserError(f"store {url}: {what} is damaged ({type(exc).__name__}: {str(exc)[:160]}); "
                      f"`fv-remote store verify {url}` lists the damage, `fv-remote store repair {url}` mends it")
-
-
-def os_error_message(exc: OSError, target: str, doing: str) -> str | None:
-    """One line for an OSError a user can fix (permissions, read-only or full disk, file in the way), else None."""
-    code = getattr(exc, "errno", None)
-    if isinstance(exc, PermissionError) or code in (errno.EACCES, errno.EPERM):
-        return f"cannot {doing} {target}: permission denied; use a folder you can write to"
-    if code == errno.EROFS:
-        return f"cannot {doing} {target}: the file system is read-only; use a writable folder"
-    if code in (errno.ENOSPC, errno.EDQUOT):
-        return f"cannot {doing} {target}: no space left on the device; free some space and rerun"
-    if isinstance(exc, (NotADirectoryError, FileExistsError)) or code in (errno.ENOTDIR, errno.EEXIST):
-        return f"cannot {doing} {target}: a file is in the way ({exc.filename or target} is not a folder)"
-    if isinstance(exc, IsADirectoryError) or code == errno.EISDIR:
-        return f"cannot {doing} {target}: it is a folder, not a file"
-    return None
 
 
 @dataclass
@@ -144,7 +128,7 @@ class ActivationStore:
     def _group(self, task: str, hint: str | None = None) -> zarr.Group:
         group = self._open_group(task)
         if group is None:
-            root = self._root()
+            self._root()
             have = ", ".join(self.tasks()) or "none"
             name = task.split("/")[0]
             hint = hint or f"fv-remote extract --task {name} --store {self.url}"
@@ -434,7 +418,3 @@ class ActivationStore:
                     "attrs": {k: v for k, v in attrs.items() if k != "n_complete"},
                 }
         return out
-
-
-def summary_json(store: ActivationStore) -> str:
-    return json.dumps(store.summary(), indent=2, default=str)

@@ -21,8 +21,8 @@ from safetensors.torch import load_file, save_file
 
 from fv_remote import __version__
 from fv_remote.errors import UserError
+from fv_remote.execution import Target, resolve, stage_session
 from fv_remote.models import LoadedModel
-from fv_remote.remote import remote_mode, stage_session
 
 Heads = list[tuple[int, int]]
 
@@ -79,49 +79,32 @@ def projection_plan(model: LoadedModel, means: torch.Tensor, heads: Heads) -> di
     return plan
 
 
-def head_vectors(model: LoadedModel, means: torch.Tensor, heads: Heads, remote: Any = False) -> torch.Tensor:
+def head_vectors(model: LoadedModel, means: torch.Tensor, heads: Heads, remote: Target = False) -> torch.Tensor:
     """Each head's mean output in residual-stream units: [len(heads), d_model].
 
     W_O[:, slot] @ mean, the head's share of the attention output; in post-norm families (Gemma 2/3, OLMo 2/3) then
     through the post-attention norm, linearised at the layer's mean attention output (the attention output of all
     heads' means, `traces.projection.linearised_norm`; ARCHITECTURE.md, "FV units").
 
-    Locally this reads the projection weights (and calls the norm). With `remote` (the weights are on the server) it
-    is one request whose one tiny trace calls each head's output projection (and norm) on its mean
-    (`traces.projection.project_heads`, no weight read: NDIF's sandbox holds none); only the means travel.
+    One body wherever it runs (locally, or one NDIF request whose weights stay on the server): a tiny trace calls
+    each head's output projection (and norm) on its mean (`traces.projection.project_heads`, no weight read: NDIF's
+    sandbox holds none); only the means travel.
     """
-    ad = model.adapter
     if not heads:
         raise UserError("no heads to project")
-    if remote_mode(remote):
-        import nnsight
+    import nnsight
 
-        from fv_remote.traces.projection import project_heads
+    from fv_remote.traces.projection import project_heads
 
-        lm, plan, probe = model.lm, projection_plan(model, means, heads), probe_ids()
-        with stage_session(model, remote):
-            with lm.trace(input_ids=probe):
-                vecs = project_heads(**plan)
-            vecs = vecs.cpu()
+    lm, plan, probe = model.lm, projection_plan(model, means, heads), probe_ids()
+    session = resolve(remote).session
+    with stage_session(model, remote):
+        with lm.trace(input_ids=probe):
+            vecs = project_heads(**plan).save()
+        vecs = vecs.cpu()
+        if session:
             vecs = nnsight.save(vecs)
-        return vecs
-    from fv_remote.traces.projection import linearised_norm
-
-    rows = []
-    for layer, head in heads:
-        site = ad.head_site(model.hf, layer)
-        weight = output_weight(site).detach().float().cpu()
-        slot = slice(head * ad.head_dim, (head + 1) * ad.head_dim)
-        u = weight[:, slot] @ means[layer, head].float()
-        norm = ad.post_attn_norm(model.hf, layer)
-        if norm is not None:
-            param = next(site.parameters())
-            with torch.no_grad():
-                anchor = site(means[layer].reshape(1, -1).to(device=param.device, dtype=param.dtype))[0]
-                u = linearised_norm(norm, u.view(1, -1).to(param.device), anchor, param.dtype, ad.norm_eps)
-            u = u[0].cpu()
-        rows.append(u)
-    return torch.stack(rows)
+    return vecs
 
 
 @dataclass
@@ -168,7 +151,7 @@ class FunctionVector:
             raise UserError(f"{path} is not a function-vector file ({type(exc).__name__}: {exc})") from None
         if "vector" not in tensors or "model" not in metadata:
             raise UserError(f"{path} is not a function-vector file (no 'vector' tensor or model metadata)")
-        heads = [tuple(map(int, h)) for h in tensors["heads"].tolist()] if "heads" in tensors else []
+        heads = [(int(h[0]), int(h[1])) for h in tensors["heads"].tolist()] if "heads" in tensors else []
         return cls(vector=tensors["vector"], model=metadata["model"], task=metadata.get("task", ""),
                    layer=int(metadata.get("layer", 0)), heads=heads, head_means=tensors.get("head_means"),
                    head_vectors=tensors.get("head_vectors"), kind=metadata.get("kind", "fv"),
@@ -184,7 +167,7 @@ class FunctionVector:
 
 def build_function_vector(model: LoadedModel, task: str, means: torch.Tensor, aie: xr.DataArray,
                           k: int | None = 10, share: float | None = None, layer: int | None = None,
-                          meta: dict | None = None, remote: Any = False) -> FunctionVector:
+                          meta: dict | None = None, remote: Target = False) -> FunctionVector:
     """FV from the top heads. `layer` defaults to L/3, only a starting guess: run a sweep to pick the real one.
 
     With `remote` the projection is one NDIF request (see `head_vectors`).

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from cli_harness import invoke, one_error_line, save_tiny_model
+from support.cli_harness import invoke, one_error_line, save_tiny_model
 
 WORDS = ["hot", "cold", "up", "down", "big", "small", "the", "quick", "brown", "fox", "lazy", "dog", "over"]
 PAIRS = [(a, b) for a in WORDS for b in WORDS if a < b][:60]

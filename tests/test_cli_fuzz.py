@@ -26,7 +26,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cli_harness import Result, invoke, save_tiny_model
+from support.cli_harness import Result, invoke, save_tiny_model
 
 FUZZ = settings(max_examples=30, derandomize=True, database=None, deadline=None, print_blob=False,
                 suppress_health_check=list(HealthCheck))

@@ -214,7 +214,7 @@ def test_stage_plan_option_runs_nothing(tmp_path):
 
 # -- extract --remote --reduce float16: through the loopback NDIF server ------------------------------------------
 
-from remote_fixtures import hosted_model_fixtures, point_client_at  # noqa: E402
+from support.remote_fixtures import hosted_model_fixtures, point_client_at  # noqa: E402
 
 REDUCE_REPO = "test-org/tiny-llama-reduce"
 local, hub_cache, server, remote_model = hosted_model_fixtures(REDUCE_REPO)

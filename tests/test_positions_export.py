@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from cli_harness import invoke, one_error_line, save_tiny_model
+from support.cli_harness import invoke, one_error_line, save_tiny_model
 from conftest import make_tiny_model
-from remote_fixtures import hosted_model_fixtures, point_client_at, toy_vector_fixtures
+from support.remote_fixtures import hosted_model_fixtures, point_client_at, toy_vector_fixtures
 
 from fv_remote import export as ex
 from fv_remote.data import RelationTask

@@ -244,10 +244,10 @@ def test_fit_session_uses_the_same_vectors(tiny_tokenizer):
 def test_sandboxed_server_projects_through_the_norm(tiny_tokenizer, tmp_path, monkeypatch, dtype):
     """A loopback NDIF server in sandbox mode (no parameter can be read) hosting tiny Gemma 3 / OLMo 2: the remote
     head vectors equal the local ones (bf16: within bf16 rounding), in one request each."""
-    from loopback_ndif import LoopbackNDIF
-    from remote_fixtures import point_client_at, write_hub_cache
+    from support.loopback_ndif import LoopbackNDIF
+    from support.remote_fixtures import point_client_at, write_hub_cache
 
-    from fv_remote import remote as R
+    from fv_remote import execution as R
     from fv_remote.models import wrap_model
 
     for family in ("gemma3", "olmo2"):
@@ -277,7 +277,7 @@ def test_sandboxed_server_projects_through_the_norm(tiny_tokenizer, tmp_path, mo
 def test_weightless_build_from_config(tiny_tokenizer, family):
     """What a remote run does: the architecture from config + tokenizer on the meta device; the adapter it derives
     (sizes, head site, post-attention norm) equals the one from the real model, and no parameter holds data."""
-    from fv_remote import remote as R
+    from fv_remote import execution as R
     from fv_remote.vectors import projection_plan
 
     local = make_tiny_model(family, tiny_tokenizer)

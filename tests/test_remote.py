@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from conftest import make_tiny_model
-from remote_fixtures import serve_copy, write_hub_cache
+from support.remote_fixtures import serve_copy, write_hub_cache
 
-from fv_remote import remote as R
+from fv_remote import execution as R
 from fv_remote.errors import UserError
 from fv_remote.extract import trace_heads, trace_heads_batches
 
@@ -250,7 +250,7 @@ def test_unreachable_host_is_a_clear_error(remote_model, monkeypatch):
 
 def test_bad_remote_value():
     with pytest.raises(UserError, match="remote must be"):
-        R.remote_mode("yes")
+        R.resolve("yes")
 
 
 # -- status and version check ----------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """`--no-wait` for the long remote stages (cma, finetune, bank build) through the loopback NDIF server.
 
-Each stage is submitted under `fv_remote.remote.no_wait()` (nothing stored), fetched later with
+Each stage is submitted under `fv_remote.execution.no_wait()` (nothing stored), fetched later with
 `fv_remote.jobs.fetch_job`, and what the fetch stores is compared with the blocking remote run of the same stage:
 the store's TASK/cma group, the FFV (file and training record), the bank file. Fetching twice is harmless. Same
 set-up as test_remote_relational.py: a weightless client copy of a tiny model, the real weights on the server.
@@ -17,9 +17,9 @@ import torch
 import zarr
 from typer.testing import CliRunner
 
-from remote_fixtures import hosted_model_fixtures, point_client_at
+from support.remote_fixtures import hosted_model_fixtures, point_client_at
 
-from fv_remote import remote as R
+from fv_remote import execution as R
 from fv_remote.bank import RelationBank, build_bank
 from fv_remote.data import RelationTask
 from fv_remote.errors import UserError
@@ -135,7 +135,7 @@ def test_cma_no_wait_then_fetch_equals_blocking(local, remote_model, prepared, n
     assert np.abs(load_aie(later, "toy").values - want.aie.values).max() <= TOL
     assert ndif.n_requests == 2  # the blocking run and the submission; polls never submit
     # Storing the same results again through the library is a no-op.
-    from fv_remote.remote import poll_job
+    from fv_remote.execution import poll_job
 
     job = load_job(job_id)
     again = store_remote_cma(later, poll_job(job_id).result, job["details"])
@@ -168,7 +168,7 @@ def test_cma_fetch_refuses_a_store_that_moved_on(local, remote_model, prepared, 
 def test_finetune_no_wait_then_rebuild_equals_blocking(remote_model, prepared, ndif):
     """--layer auto with a random init: the layer search and the scaling on the server, rebuilt from the job."""
     from fv_remote.ffv_session import ffv_run_from_job
-    from fv_remote.remote import poll_job
+    from fv_remote.execution import poll_job
 
     kw = dict(init="random", layer="auto", n_train=8, n_valid=6, settings=SETTINGS, quick_steps=3)
     want = train_ffv(remote_model, prepared, None, remote=True, **kw)
@@ -256,7 +256,7 @@ def test_bank_no_wait_then_fetch_equals_blocking(remote_model, ndif, tmp_path):
     assert got.settings == json.loads(json.dumps(want.settings, default=str))
     # Writing the same results again through the library leaves the bank as it is.
     from fv_remote.bank import store_remote_bank
-    from fv_remote.remote import poll_job
+    from fv_remote.execution import poll_job
 
     again = store_remote_bank(poll_job(job_id).result, load_job(job_id)["details"])
     assert again.names == ["toy", "rev"]

@@ -15,7 +15,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from remote_fixtures import assert_same_decoding, hosted_model_fixtures, point_client_at
+from support.remote_fixtures import assert_same_decoding, hosted_model_fixtures, point_client_at
 
 from fv_remote.analogy import AnalogySettings, Combiner, run_analogies
 from fv_remote.bank import RelationBank, build_bank

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from remote_catalog import STAGES, Stage, expected_per_request, harness, measure, returned_values
+from support.remote_catalog import STAGES, Stage, expected_per_request, harness, measure, returned_values
 
 TOL = 1e-4
 
@@ -67,7 +67,7 @@ def test_a_leftover_saved_value_is_caught(h):
     the job reports them as left bound."""
     import nnsight
 
-    from fv_remote.remote import stage_session
+    from fv_remote.execution import stage_session
 
     h.server.reset()
     lm = h.remote.lm

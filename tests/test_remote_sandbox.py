@@ -1,4 +1,4 @@
-"""The stages under NDIF's process sandbox, through the loopback server's emulation of it (tests/loopback_ndif.py):
+"""The stages under NDIF's process sandbox, through the loopback server's emulation of it (tests/support/loopback_ndif.py):
 untrusted requests (`FV_REMOTE_SANDBOX=1` puts `"trusted": false` in the envelope, or a `sandbox=True` server) run
 with the runner's limits: no parameter can be read, every value crosses as a copy, no gradient crosses.
 
@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 import torch
 
-from loopback_ndif import LoopbackNDIF
-from remote_fixtures import assert_same_decoding, hosted_model_fixtures, point_client_at, toy_vector_fixtures
+from support.loopback_ndif import LoopbackNDIF
+from support.remote_fixtures import assert_same_decoding, hosted_model_fixtures, point_client_at, toy_vector_fixtures
 
-from fv_remote import remote as R
+from fv_remote import execution as R
 from fv_remote.data import RelationTask
 from fv_remote.decode import decode_many
 from fv_remote.errors import UserError

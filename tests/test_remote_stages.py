@@ -19,10 +19,10 @@ import torch
 import zarr
 from typer.testing import CliRunner
 
-from loopback_ndif import LoopbackNDIF
-from remote_fixtures import hosted_model_fixtures, point_client_at, toy_vector_fixtures
+from support.loopback_ndif import LoopbackNDIF
+from support.remote_fixtures import hosted_model_fixtures, point_client_at, toy_vector_fixtures
 
-from fv_remote import remote as R
+from fv_remote import execution as R
 from fv_remote.data import RelationTask
 from fv_remote.errors import UserError
 from fv_remote.evaluate import evaluate_and_sweep, evaluate_task, fit_function_vector, layer_sweep

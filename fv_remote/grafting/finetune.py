@@ -13,12 +13,13 @@ import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 
 from fv_remote.errors import UserError
 from fv_remote.grafting.synthetic import SyntheticDataset, TrainSentence
+from fv_remote.progress import Progress
 
 MANIFEST = "graft.json"
 FACTS = "facts.json"
@@ -74,7 +75,7 @@ def collate(tokenizer: Any, sentences: Sequence[TrainSentence], loss_on: str = "
 
 
 def finetune(hf: Any, tokenizer: Any, dataset: SyntheticDataset, settings: TrainSettings,
-             progress: Callable[[int, int], None] | None = None) -> TrainReport:
+             progress: Progress | None = None) -> TrainReport:
     """Fine-tune `hf` in place (all parameters, or all but the embeddings) on the dataset's training sentences."""
     if settings.epochs <= 0 or settings.batch_size <= 0 or not settings.lr > 0:
         raise UserError("epochs, batch size and learning rate must be positive")

@@ -30,6 +30,7 @@ import torch
 from fv_remote.adapters import Adapter, get_path
 from fv_remote.errors import UserError
 from fv_remote.grafting.synthetic import GraftPrompt
+from fv_remote.progress import Progress
 
 BLOCK_COMPONENTS = ("q", "k", "v", "o", "mlp", "norms")
 COMPONENT_ALIASES = {"attn": ("q", "k", "v", "o"), "block": BLOCK_COMPONENTS, "all": BLOCK_COMPONENTS,
@@ -421,7 +422,7 @@ class Grafter:
         return self.ft(**enc.model_inputs()).logits
 
     def evaluate(self, prompts: Sequence[GraftPrompt], config: GraftConfig | str, k: int = 5,
-                 batch_size: int = 32, progress: Callable[[int, int], None] | None = None) -> Metrics:
+                 batch_size: int = 32, progress: Progress | None = None) -> Metrics:
         """Top-k accuracy, rank and probability of each target's first token under `config`.
 
         `config` may also be the strings "pretrained" or "finetuned" (the plain models).

@@ -12,10 +12,11 @@ import csv
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 from fv_remote.grafting.graft import BLOCK_COMPONENTS, GraftConfig, Grafter, layer_groups
 from fv_remote.grafting.synthetic import GraftPrompt
+from fv_remote.progress import Progress
 
 
 @dataclass(frozen=True)
@@ -116,7 +117,7 @@ def _fmt(value: float, metric: str) -> str:
 
 def run_sweep(grafter: Grafter, prompts: Sequence[GraftPrompt], pathways: Sequence[Pathway] = STANDARD_PATHWAYS,
               groups: Sequence[str] = ("all", "q1", "q2", "q3", "q4"), k: int = 5, batch_size: int = 32,
-              progress: Callable[[int, int], None] | None = None) -> SweepResult:
+              progress: Progress | None = None) -> SweepResult:
     """Evaluate every pathway in every layer group (reference rows once, copied across the columns)."""
     named = layer_groups(grafter.adapter.n_layers)
     column_layers = {g: named[g] for g in groups}

@@ -58,7 +58,7 @@ def smol_snapshot(stack: Any) -> Path:
 
 def model_key(repo: str, hub: Path) -> str:
     """The key the client will send for `repo` (what NDIF's deployment must be registered under)."""
-    from fv_remote.remote import load_remote_model
+    from fv_remote.execution import load_remote_model
 
     return load_remote_model(repo, cache_dir=str(hub)).lm.to_model_key()
 

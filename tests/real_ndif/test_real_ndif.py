@@ -402,7 +402,7 @@ def test_server_error_names_the_job(stack, monkeypatch):
     """A request that raises on the server: one UserError line naming the job id the server ran."""
     import nnsight
 
-    from fv_remote import remote as R
+    from fv_remote import execution as R
     from fv_remote.errors import UserError
 
     monkeypatch.setenv("NDIF_HOST", stack.host)

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from conftest import make_tiny_model
-from loopback_ndif import LoopbackNDIF
+from .loopback_ndif import LoopbackNDIF
 
 
 def hosted_tiny_model(tokenizer: Any, repo: str) -> Any:
@@ -63,14 +63,15 @@ def point_client_at(server: LoopbackNDIF, monkeypatch: Any, hub_cache: str, jobs
                     ) -> LoopbackNDIF:
     """Per test: reset `server`, point the client at it (no API key), keep `--no-wait` job files in `jobs_dir` if
     given, and make the CLI load remote models from the fake Hub cache instead of the default one."""
-    from fv_remote import remote as R
+    from fv_remote.execution import hosted
 
     server.reset()
     monkeypatch.setenv("NDIF_HOST", server.host)
     monkeypatch.delenv("NDIF_API_KEY", raising=False)
     if jobs_dir is not None:
         monkeypatch.setenv("FV_REMOTE_JOBS", str(jobs_dir))
-    monkeypatch.setattr(R, "load_remote_model", functools.partial(R.load_remote_model, cache_dir=hub_cache))
+    monkeypatch.setattr(hosted, "load_remote_model", functools.partial(hosted.load_remote_model,
+                                                                       cache_dir=hub_cache))
     return server
 
 
@@ -78,7 +79,7 @@ def hosted_model_fixtures(repo: str, hang_s: float = 1.0, sizes: dict[str, tuple
                           ) -> tuple[Any, Any, Any, Any]:
     """Module-scoped fixtures `local` (hosted_tiny_model), `hub_cache`, `server` (serve_copy) and `remote_model` (the
     weightless client copy) for a test module hosting `repo`; bind them at module level under those names."""
-    from fv_remote import remote as R
+    from fv_remote import execution as R
 
     @pytest.fixture(scope="module")
     def local(tiny_tokenizer):

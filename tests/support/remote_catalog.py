@@ -27,8 +27,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from conftest import _tiny_tokenizer  # noqa: E402
-from loopback_ndif import LoopbackNDIF  # noqa: E402
-from remote_fixtures import hosted_tiny_model, serve_copy, write_hub_cache  # noqa: E402
+from .loopback_ndif import LoopbackNDIF  # noqa: E402
+from .remote_fixtures import hosted_tiny_model, serve_copy, write_hub_cache  # noqa: E402
 
 REPO = "test-org/tiny-llama-catalog"
 WORDS = ["hot", "cold", "up", "down", "big", "small", "the", "quick", "brown", "fox", "lazy", "dog", "over"]
@@ -75,7 +75,7 @@ class Harness:
     _env: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
 
     def __enter__(self) -> "Harness":
-        from fv_remote import remote as R
+        from fv_remote import execution as R
 
         tok = _tiny_tokenizer()
         self.tokenizer = tok

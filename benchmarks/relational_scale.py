@@ -38,6 +38,8 @@ def main() -> None:
     ap.add_argument("--held", type=float, default=0.3)
     ap.add_argument("--limit-train", type=int, default=0, help="use only this many training analogies (smoke runs)")
     ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--combiner-lr", type=float, default=0.05, help="Adam step of the affine combiner; its inputs "
+                    "are logp/T (tens of nats at T=0.25), so a step moves each logit by ~lr x sum|logp/T|")
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
@@ -100,12 +102,19 @@ def main() -> None:
 
     sel_path = out / "selection.json"
     sel = json.loads(sel_path.read_text()) if sel_path.is_file() else {}
-    if sel.get("bank") != bank.names:  # none yet, or made with another bank: choose and train again
-        soft = choose_softmax(model, bank, held, logp_held, base)
-        lap("choose T and scale (softmax)")
+    if sel.get("bank") != bank.names or sel.get("combiner_lr", 0.05) != args.combiner_lr or \
+            sel.get("steps", args.steps) != args.steps:  # none yet, or for another bank / combiner setting
+        from fv_remote.combiner_fit import Selection
+
+        if sel.get("bank") == bank.names and "softmax" in sel:  # the softmax choice does not depend on the combiner
+            soft = Selection(sel["softmax"]["temperature"], sel["softmax"]["scale"], sel["softmax"]["grid"])
+        else:
+            soft = choose_softmax(model, bank, held, logp_held, base)
+            lap("choose T and scale (softmax)")
         s_fit = AnalogySettings(**{**base.as_dict(), "template": base.template, "temperature": soft.temperature,
                                    "scale": soft.scale})
-        comb = fit_combiner(model, bank, train, logp_train, held, logp_held, s_fit, steps=args.steps)
+        comb = fit_combiner(model, bank, train, logp_train, held, logp_held, s_fit, steps=args.steps,
+                            lr=args.combiner_lr)
         lap("train combiner")
         comb.save(out / "combiner.safetensors")
         learned_w = torch.softmax(comb.logits(logp_held), -1)
@@ -115,7 +124,8 @@ def main() -> None:
                "learned": {"temperature": soft.temperature, "scale": lscale.scale, "grid": lscale.grid,
                            "best_step": comb.meta["best_step"], "held_acc": comb.meta["held_acc"],
                            "history": comb.meta["history"]},
-               "n_train": len(train), "n_held": len(held), "n_skipped": len(skipped), "bank": bank.names}
+               "n_train": len(train), "n_held": len(held), "n_skipped": len(skipped), "bank": bank.names,
+               "combiner_lr": args.combiner_lr, "steps": args.steps}
         sel_path.write_text(json.dumps(sel, indent=1))
     from fv_remote.analogy import Combiner
 
@@ -129,7 +139,8 @@ def main() -> None:
     for name, file, n in (("bats_test", "bats_test.jsonl", args.n_bats), ("google_test", "google_test.jsonl",
                                                                            args.n_google)):
         res_path = out / f"{name}.json"
-        if res_path.is_file() and json.loads(res_path.read_text())["bank"] == bank.names:
+        if res_path.is_file() and json.loads(res_path.read_text())["bank"] == bank.names and \
+                json.loads(res_path.read_text())["selection"].get("combiner_lr", 0.05) == args.combiner_lr:
             results[name] = json.loads(res_path.read_text())
             continue
         items = read_mc_analogies(root / "bats" / file)

@@ -417,7 +417,8 @@ def plan_finetune(dims: Dims, n_train: int, n_valid: int, prompt_tokens: int, st
     n_tensors = sum(10 * (len(data["train"]) + len(data["valid"])) + 4 * len(data.get("base", [])) for data in datasets)
     sent = SESSION_OVERHEAD + 8 * 3 * 2 * n_tokens + n_tensors * PAYLOAD_TENSOR_OVERHEAD \
         + n_jobs * (sent_bytes(dims.d_model, 4) + 16 * steps)
-    returned = RESULT_OVERHEAD + n_jobs * (tensor_bytes(dims.d_model, 4) + 600 + 30 * (steps + steps // eval_every))
+    # per job: the vector, a dict of a few floats and the history (about 30 bytes per step and per validation)
+    returned = RESULT_OVERHEAD + n_jobs * (tensor_bytes(dims.d_model, 4) + 200 + 30 * (steps + steps // eval_every))
     cache = 2 * dims.n_layers * dims.n_kv_heads * dims.head_dim * nbytes * sum(
         rows * (t - 1) for data in datasets for rows, t in data["train"] + data["valid"])
     units = len(datasets) if stage == "bank" else n_train

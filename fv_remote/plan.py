@@ -488,7 +488,7 @@ class Server:
     max_payload_bytes: int = MAX_PAYLOAD_BYTES
     memory_limit_bytes: int = MEMORY_LIMIT_BYTES
 
-    def check(self) -> "Server":
+    def check(self) -> Server:
         for name, value in asdict(self).items():
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0) and \
                     not (name.endswith("overhead_s") and value == 0):
@@ -644,6 +644,13 @@ TOKENS_PER_SHOT = 7  # "Q: word\nA: word\n\n" in a Llama-style tokenizer (smollm
 QUERY_TOKENS = 5  # a zero-shot query "Q: word\nA:" (FFV training prompts)
 
 
+# The most each option may ask for (the plan of a bigger job is only a bigger number; these keep it quick to make)
+OPTION_LIMITS = {"n_prompts": 100_000, "max_copies": 1_000_000, "steps": 100_000, "n_train": 100_000,
+                 "eval_every": 100_000, "relations": 10_000, "items": 100_000, "bank_size": 1_000, "choices": 100,
+                 "methods": 5, "positions": 10_000, "n_shots": 10_000, "n_valid": 100_000,
+                 "prompt_tokens": 10_000_000, "batch_size": 100_000}
+
+
 @dataclass
 class StageOptions:
     """A stage's options as `fv-remote plan` takes them (the stages' own defaults)."""
@@ -673,13 +680,8 @@ class StageOptions:
         shots = self.n_shots if shots is None else shots
         return TOKENS_PER_SHOT * shots + QUERY_TOKENS
 
-    LIMITS = {"n_prompts": 100_000, "max_copies": 1_000_000, "steps": 100_000, "n_train": 100_000,
-              "eval_every": 100_000, "relations": 10_000, "items": 100_000, "bank_size": 1_000, "choices": 100,
-              "methods": 5, "positions": 10_000, "n_shots": 10_000, "n_valid": 100_000, "prompt_tokens": 10_000_000,
-              "batch_size": 100_000}
-
-    def check(self) -> "StageOptions":
-        for name, most in self.LIMITS.items():
+    def check(self) -> StageOptions:
+        for name, most in OPTION_LIMITS.items():
             value = getattr(self, name)
             if value is not None and int(value) > most:
                 raise UserError(f"--{name.replace('_', '-')} {value}: at most {most:,} (ask for fewer)")

@@ -426,7 +426,8 @@ def plan_finetune(dims: Dims, n_train: int, n_valid: int, prompt_tokens: int, st
     n_tensors = sum(10 * (len(data["train"]) + len(data["valid"])) + 4 * len(data.get("base", [])) for data in datasets)
     sent = SESSION_OVERHEAD + 8 * 3 * 2 * n_tokens + n_tensors * PAYLOAD_TENSOR_OVERHEAD \
         + n_jobs * (sent_bytes(dims.d_model, 4) + 16 * steps)
-    returned = RESULT_OVERHEAD + n_jobs * (tensor_bytes(dims.d_model, 4) + 600 + 30 * (steps + steps // eval_every))
+    # per job: the vector, a dict of a few floats and the history (about 30 bytes per step and per validation)
+    returned = RESULT_OVERHEAD + n_jobs * (tensor_bytes(dims.d_model, 4) + 200 + 30 * (steps + steps // eval_every))
     cache = 2 * dims.n_layers * dims.n_kv_heads * dims.head_dim * nbytes * sum(
         rows * (t - 1) for data in datasets for rows, t in data["train"] + data["valid"])
     units = len(datasets) if stage == "bank" else n_train
@@ -497,7 +498,7 @@ class Server:
     max_payload_bytes: int = MAX_PAYLOAD_BYTES
     memory_limit_bytes: int = MEMORY_LIMIT_BYTES
 
-    def check(self) -> "Server":
+    def check(self) -> Server:
         for name, value in asdict(self).items():
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0) and \
                     not (name.endswith("overhead_s") and value == 0):
@@ -654,6 +655,13 @@ TOKENS_PER_SHOT = 7  # "Q: word\nA: word\n\n" in a Llama-style tokenizer (smollm
 QUERY_TOKENS = 5  # a zero-shot query "Q: word\nA:" (FFV training prompts)
 
 
+# The most each option may ask for (the plan of a bigger job is only a bigger number; these keep it quick to make)
+OPTION_LIMITS = {"n_prompts": 100_000, "max_copies": 1_000_000, "steps": 100_000, "n_train": 100_000,
+                 "eval_every": 100_000, "relations": 10_000, "items": 100_000, "bank_size": 1_000, "choices": 100,
+                 "methods": 5, "positions": 10_000, "n_shots": 10_000, "n_valid": 100_000,
+                 "prompt_tokens": 10_000_000, "batch_size": 100_000}
+
+
 @dataclass
 class StageOptions:
     """A stage's options as `fv-remote plan` takes them (the stages' own defaults)."""
@@ -683,13 +691,8 @@ class StageOptions:
         shots = self.n_shots if shots is None else shots
         return TOKENS_PER_SHOT * shots + QUERY_TOKENS
 
-    LIMITS = {"n_prompts": 100_000, "max_copies": 1_000_000, "steps": 100_000, "n_train": 100_000,
-              "eval_every": 100_000, "relations": 10_000, "items": 100_000, "bank_size": 1_000, "choices": 100,
-              "methods": 5, "positions": 10_000, "n_shots": 10_000, "n_valid": 100_000, "prompt_tokens": 10_000_000,
-              "batch_size": 100_000}
-
-    def check(self) -> "StageOptions":
-        for name, most in self.LIMITS.items():
+    def check(self) -> StageOptions:
+        for name, most in OPTION_LIMITS.items():
             value = getattr(self, name)
             if value is not None and int(value) > most:
                 raise UserError(f"--{name.replace('_', '-')} {value}: at most {most:,} (ask for fewer)")

@@ -142,7 +142,7 @@ def stage_finetune(s: Setup):
 
 
 def stage_bank(s: Setup):
-    from fv_remote.bank import _prepare_relation, _train_remote, build_bank
+    from fv_remote.bank import build_bank
     from fv_remote.ffv import FinetuneSettings, examples
 
     st = FinetuneSettings(**SETTINGS)
@@ -155,10 +155,7 @@ def stage_bank(s: Setup):
                            baseline=True, stage="bank", datasets=data)
     tmp = Path(tempfile.mkdtemp(prefix="fv-plan-bank-"))
 
-    def run(m, r):
-        if not r:  # the session body, run locally (build_bank without --remote trains relation by relation)
-            todo = [(i, t, *_prepare_relation(m, t, "zero", None, 8, 0)) for i, t in enumerate(s.tasks[:2])]
-            return _train_remote(m, todo, 9, "zero", 8, 4, st, None, False)
+    def run(m, r):  # local or remote: the same stage body (issue 12)
         return build_bank(m, s.tasks[:2], tmp / f"bank-{time.monotonic_ns()}.safetensors", layer=9, n_train=8,
                           n_valid=4, settings=st, resume=False, remote=r)
     return plan, run, "2 relations, layer 9, 6 steps x 4 prompts, baseline"

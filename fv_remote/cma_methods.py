@@ -205,6 +205,20 @@ def cma_fast_session(model: LoadedModel, jobs: list[tuple[str, int]], means: tor
     groups = fast_groups(model, heads, max_copies)
     reuse = _prefix_reusable(model)
     firsts = [min(heads[i][0] for i in group) for group in groups]
+    # What does not depend on the prompt is built once and shared: pickle writes an object once per payload, so a
+    # 70B job no longer carries every group's head means (and equal masks) again for every prompt.
+    group_patches = []
+    for group in groups:
+        by_layer: dict[int, list[tuple[int, int]]] = {}
+        for pos, i in enumerate(group):
+            by_layer.setdefault(heads[i][0], []).append((pos, heads[i][1]))
+        patches = []
+        for layer in sorted(by_layer):
+            places, hs = zip(*by_layer[layer])
+            heads_t = torch.tensor(hs)
+            patches.append((layer, torch.tensor(places), heads_t, means[layer, heads_t].clone()))
+        group_patches.append(patches)
+    shared: dict[tuple, torch.Tensor] = {}  # ("mask"|"pos", n_tokens, copies) and ("ids", last token, copies)
     plan: list[dict[str, Any]] = []
     for text, answer_id in jobs:
         ids = _encode(model, text)
@@ -216,23 +230,20 @@ def cma_fast_session(model: LoadedModel, jobs: list[tuple[str, int]], means: tor
                             "run the CMA locally (it falls back to the per-row cache there)")
         steps: list[dict[str, Any]] = []
         for g, group in enumerate(groups):
-            part = [heads[i] for i in group]
-            by_layer: dict[int, list[tuple[int, int]]] = {}
-            for pos, (layer, head) in enumerate(part):
-                by_layer.setdefault(layer, []).append((pos, head))
-            patches = []
-            for layer in sorted(by_layer):
-                places, hs = zip(*by_layer[layer])
-                heads_t = torch.tensor(hs)
-                patches.append((layer, torch.tensor(places), heads_t, means[layer, heads_t].clone()))
+            r = len(group)
             own = [firsts[g] - 1] if firsts[g] > 0 else []
             read = sorted({f - 1 for f in firsts if f > 0}) if reuse else own
-            steps.append({"first": firsts[g], "copies": len(part), "patches": patches,
+            last_id = int(ids[0, -1])
+            if ("mask", n_tokens, r) not in shared:
+                shared["mask", n_tokens, r] = copies_mask(n_tokens, r, mask_dtype, hide=n_tokens - 1)
+                shared["pos", n_tokens, r] = torch.full((1, r), n_tokens - 1, dtype=torch.long)
+            if ("ids", last_id, r) not in shared:
+                shared["ids", last_id, r] = torch.full((1, r), last_id, dtype=torch.long)
+            steps.append({"first": firsts[g], "copies": r, "patches": group_patches[g],
                           "prompt": g == 0 or not reuse, "read": read, "crop": reuse and g < len(groups) - 1,
                           "slot": read.index(firsts[g] - 1) if firsts[g] > 0 else -1,
-                          "input_ids": ids[:, -1:].expand(1, len(part)).contiguous(),
-                          "mask": copies_mask(n_tokens, len(part), mask_dtype, hide=n_tokens - 1),
-                          "position_ids": torch.full((1, len(part)), n_tokens - 1, dtype=torch.long)})
+                          "input_ids": shared["ids", last_id, r], "mask": shared["mask", n_tokens, r],
+                          "position_ids": shared["pos", n_tokens, r]})
         plan.append({"ids": ids, "answer": int(answer_id), "n_tokens": n_tokens, "steps": steps})
 
     results = []

@@ -340,21 +340,26 @@ def plan_cma(dims: Dims, n_prompts: int, prompt_tokens: int | list[int], nbytes:
     prompt (logits at its last token only) and one of R last-token copies that attend to the prompt's cached keys
     and values, from the group's lowest patched layer up (logits at every copy). Sent per group: the copies' ids,
     position ids, mask [R, T + R] (`mask_bytes`: 1 for SDPA's boolean mask, the dtype's size for eager) and each
-    patched head's float32 mean; back: P(answer) per copy and the unpatched P(answer) per prompt."""
+    patched head's float32 mean; back: P(answer) per copy and the unpatched P(answer) per prompt. The body shares
+    what does not depend on the prompt (a pickle writes an object once): the means once per group, a mask and
+    position ids once per (prompt length, R), the copies' ids once per prompt and R (counted as if no two prompts
+    ended on the same token)."""
     lengths = _prompt_tokens(prompt_tokens, n_prompts)
     groups = cma_groups(dims, max_copies)
+    sizes = sorted({len(g) for g in groups})
     traces, sent, returned = [], SESSION_OVERHEAD, RESULT_OVERHEAD
+    for g in groups:
+        n_layers = len({layer for layer, _ in g})
+        sent += sent_bytes(2 * len(g), 8, 2 * n_layers) + sent_bytes(len(g) * dims.head_dim, 4, n_layers)
     for t, n in Counter(lengths).items():  # prompts of one length cost the same
-        sent += n * sent_bytes(t, 8)
+        sent += n * (sent_bytes(t, 8) + sum(sent_bytes(r, 8) for r in sizes))
+        sent += sum(sent_bytes(r * (t + r), mask_bytes) + sent_bytes(r, 8) for r in sizes)
         returned += n * tensor_bytes(1, 4)
         for i, g in enumerate(groups):
             r, first = len(g), min(layer for layer, _ in g)
-            n_layers = len({layer for layer, _ in g})
             if i == 0 or dims.sliding:  # the prompt forward: once per prompt, or per group with sliding windows
                 traces.append(Trace(1, t, t, 1, count=n))
             traces.append(Trace(1, r, t + r, r, first=first, count=n))
-            sent += n * (sent_bytes(r, 8, 2) + sent_bytes(r * (t + r), mask_bytes)
-                         + sent_bytes(2 * r, 8, 2 * n_layers) + sent_bytes(r * dims.head_dim, 4, n_layers))
             returned += n * tensor_bytes(r, 4)
     t_max, r_max = max(lengths), max(len(g) for g in groups)
     kv_prompt = 2 * dims.n_layers * dims.n_kv_heads * dims.head_dim * t_max * nbytes

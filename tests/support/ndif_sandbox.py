@@ -37,29 +37,7 @@ import io
 import pickle
 import sys
 import threading
-from dataclasses import dataclass, field
 from typing import Any
-
-@dataclass
-class Job:
-    id: str
-    model_key: str
-    session_id: str
-    compress: bool
-    env: dict
-    payload_bytes: int
-    blob: bytes = field(repr=False, default=b"")
-    status: str = "RECEIVED"
-    error: str = ""
-    result_bytes: int = 0
-    result: bytes | None = field(repr=False, default=None)
-    # Variables the session body left bound to objects made while it ran (name -> type; None and plain scalars
-    # aside): the server returns those whose object id is in the saved set, and ids of freed saved objects get reused.
-    left_locals: dict = field(default_factory=dict)
-    seconds: float = 0.0
-    cancelled: bool = False
-    last: str | None = field(repr=False, default=None)  # latest status as JSON, for GET /response/{id}
-    sandboxed: bool = False  # ran in the emulated process sandbox ("trusted": false, or a sandbox=True server)
 
 # What request code may import (NDIF's sandbox list) and what may appear in a payload's pickle stream besides.
 SANDBOX_MODULES = ("torch", "numpy", "collections", "math", "einops", "typing", "enum", "operator", "pandas",

@@ -25,7 +25,7 @@ per group (`by_group`: an item field such as BATS's relation family) the same, w
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -490,12 +490,39 @@ def choice_loss(model: LoadedModel, bank: RelationBank, items: Sequence[MCAnalog
     return loss / len(items), hits / len(items)
 
 
+def combiner_steps(model: LoadedModel, bank: RelationBank, items: Sequence[MCAnalogy], logp: torch.Tensor,
+                   s: AnalogySettings, steps: int, lr: float, l2: float, items_per_step: int,
+                   batch_size: int | None = None) -> Iterator[tuple[int, float, torch.Tensor, torch.Tensor]]:
+    """Adam on the affine combiner W, b (init identity, 0; weights softmax(W·logp/T + b)), `items_per_step` random
+    items a step: their choice cross-entropy through the frozen model plus l2·‖(W, b) − (I, 0)‖². Yields (step, loss,
+    W, b) after each step (W, b are the live parameters: clone what you keep). The one training loop of
+    `train_combiner` and `combiner_fit.fit_combiner`."""
+    comb = Combiner.identity(bank.names, s.temperature)
+    weight = comb.weight.clone().requires_grad_(True)
+    bias = comb.bias.clone().requires_grad_(True)
+    opt = torch.optim.Adam([weight, bias], lr=lr)
+    gen = torch.Generator().manual_seed(s.seed)
+    eye = torch.eye(len(bank))
+    for step in range(1, steps + 1):
+        pick = torch.randperm(len(items), generator=gen)[:items_per_step].tolist()
+        weights = torch.softmax((logp[pick] / s.temperature) @ weight.T + bias, -1)
+        loss, _ = choice_loss(model, bank, [items[i] for i in pick], weights, s, batch_size=batch_size)
+        loss = loss + l2 * ((weight - eye).pow(2).sum() + bias.pow(2).sum())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise UserError("combiner training diverged (non-finite loss); lower the learning rate (--combiner-lr)")
+        yield step, value, weight, bias
+
+
 def train_combiner(model: LoadedModel, bank: RelationBank, items: Sequence[MCAnalogy],
                    settings: AnalogySettings | None = None, steps: int = 40, lr: float = 0.05, l2: float = 1e-3,
                    items_per_step: int = 8, progress: Progress | None = None) -> Combiner:
-    """Fit W, b (init identity, 0) so the CFV picks the right choice: cross-entropy over each item's choice
-    scores log P(D_j | C_j, CFV) through the frozen model, plus l2·‖(W, b) − (I, 0)‖². Multiple-choice items;
-    for 2-choice CSV problems the foil is the other choice."""
+    """Fit W, b (init identity, 0) so the CFV picks the right choice (`combiner_steps`) for `steps` steps on one
+    set, no held-aside check (`combiner_fit.fit_combiner` adds early stopping). Multiple-choice items; for 2-choice
+    CSV problems the foil is the other choice."""
     s = (settings or AnalogySettings()).check()
     require_positive("steps", steps)
     bank.require_entries()
@@ -504,26 +531,13 @@ def train_combiner(model: LoadedModel, bank: RelationBank, items: Sequence[MCAna
         raise UserError("no usable analogies to train the combiner on")
     logp = relation_profile(model, bank, [it.stem for it in kept], s)
     comb = Combiner.identity(bank.names, s.temperature)
-    weight = comb.weight.clone().requires_grad_(True)
-    bias = comb.bias.clone().requires_grad_(True)
-    opt = torch.optim.Adam([weight, bias], lr=lr)
-    gen = torch.Generator().manual_seed(s.seed)
-    eye = torch.eye(len(bank))
     history = []
-    for step in range(1, steps + 1):
-        pick = torch.randperm(len(kept), generator=gen)[:items_per_step].tolist()
-        z = (logp[pick] / s.temperature) @ weight.T + bias
-        loss, _ = choice_loss(model, bank, [kept[i] for i in pick], torch.softmax(z, -1), s, batch_size=10 ** 6)
-        loss = loss + l2 * ((weight - eye).pow(2).sum() + bias.pow(2).sum())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        history.append(float(loss.detach()))
+    for step, loss, weight, bias in combiner_steps(model, bank, kept, logp, s, steps, lr, l2, items_per_step,
+                                                   batch_size=10 ** 6):
+        history.append(loss)
+        comb.weight, comb.bias = weight.detach().clone(), bias.detach().clone()
         if progress:
             progress(step, steps)
-    comb.weight, comb.bias = weight.detach(), bias.detach()
     comb.meta = {"n_train": len(kept), "n_skipped": len(skipped), "steps": steps, "lr": lr, "l2": l2,
                  "items_per_step": items_per_step, "loss": history}
-    if not all(math.isfinite(x) for x in history):
-        raise UserError("combiner training diverged (non-finite loss); lower --combiner-lr")
     return comb

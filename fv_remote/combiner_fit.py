@@ -13,7 +13,6 @@ subcategories): stem and answer are two pairs of one relation, the foils pairs o
 
 from __future__ import annotations
 
-import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -22,7 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from fv_remote.analogy import AnalogySettings, Combiner, _choice_scores, _hits, _method_rows, cfv_weights, choice_loss
+from fv_remote.analogy import (AnalogySettings, Combiner, _choice_scores, _hits, _method_rows, cfv_weights,
+                               choice_loss, combiner_steps)
 from fv_remote.bank import RelationBank
 from fv_remote.data import MCAnalogy, RelationTask
 from fv_remote.errors import UserError
@@ -99,37 +99,23 @@ def fit_combiner(model: LoadedModel, bank: RelationBank, train: Sequence[MCAnalo
     if not train or not held:
         raise UserError("the combiner needs training and held-aside analogies")
     comb = Combiner.identity(bank.names, s.temperature)
-    weight = comb.weight.clone().requires_grad_(True)
-    bias = comb.bias.clone().requires_grad_(True)
-    opt = torch.optim.Adam([weight, bias], lr=lr)
-    gen = torch.Generator().manual_seed(s.seed)
-    eye = torch.eye(len(bank))
     history: list[dict[str, float]] = []
 
-    def check(step: int) -> tuple[float, float]:
+    def check(step: int, weight: torch.Tensor, bias: torch.Tensor) -> tuple[float, float]:
         with torch.no_grad():
             w = torch.softmax((held_logp / s.temperature) @ weight.T + bias, -1)
             loss, acc = choice_loss(model, bank, held, w, s)
         history.append({"step": step, "held_acc": acc, "held_loss": float(loss)})
         return acc, float(loss)
 
-    best_acc, best_loss = check(0)
-    best = (weight.detach().clone(), bias.detach().clone(), 0)
+    best_acc, best_loss = check(0, comb.weight, comb.bias)
+    best = (comb.weight.clone(), comb.bias.clone(), 0)
     since = 0
-    for step in range(1, steps + 1):
-        pick = torch.randperm(len(train), generator=gen)[:items_per_step].tolist()
-        w = torch.softmax((train_logp[pick] / s.temperature) @ weight.T + bias, -1)
-        loss, _ = choice_loss(model, bank, [train[i] for i in pick], w, s)
-        loss = loss + l2 * ((weight - eye).pow(2).sum() + bias.pow(2).sum())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if not math.isfinite(float(loss.detach())):
-            raise UserError("combiner training diverged (non-finite loss); lower the learning rate")
+    for step, _, weight, bias in combiner_steps(model, bank, train, train_logp, s, steps, lr, l2, items_per_step):
         if progress:
             progress(step, steps)
         if step % eval_every == 0:
-            acc, held_loss = check(step)
+            acc, held_loss = check(step, weight, bias)
             if acc > best_acc or (acc == best_acc and held_loss < best_loss):
                 best_acc, best_loss, best, since = acc, held_loss, (weight.detach().clone(),
                                                                    bias.detach().clone(), step), 0

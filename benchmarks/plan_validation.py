@@ -190,7 +190,7 @@ def stage_analogy(s: Setup):
 
             return run_analogies(m, bank, items, st, remote=r)
         return analogy_session(m, bank, kept, st, None, METHODS, remote=False)
-    return plan, run, "mc/first, 3 items, 5 methods, 3 relations"
+    return plan, run, "mc/first, 3 items, 6 methods, 3 relations"
 
 
 STAGES = {"extract": stage_extract, "extract --reduce float16": stage_extract_half, "cma": stage_cma, "finetune": stage_finetune, "bank build": stage_bank,

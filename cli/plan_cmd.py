@@ -78,7 +78,7 @@ def plan(
     items: int = typer.Option(100, help="analogy: items"),
     bank_size: int = typer.Option(10, help="analogy: relations in the bank"),
     choices: int = typer.Option(4, help="analogy: choices per item"),
-    methods: int = typer.Option(5, help="analogy: methods scored"),
+    methods: int = typer.Option(6, help="analogy: methods scored (all six of `analogy`)"),
     tflops: float = typer.Option(100.0, help="achieved TFLOP/s on the server"),
     trace_overhead: float = typer.Option(0.05, help="seconds per forward on top of its FLOPs"),
     request_overhead: float = typer.Option(10.0, help="seconds per request (queue, set-up)"),

@@ -446,7 +446,13 @@ def plan_finetune(dims: Dims, n_train: int, n_valid: int, prompt_tokens: int, st
                      "on the server for the whole request (prefix_caches)")
 
 
-def plan_analogy(dims: Dims, n_items: int, n_bank: int, prompt_tokens: int, n_choices: int = 4, n_methods: int = 5,
+# `analogy.METHODS` in its order (tests/test_plan.py keeps the two equal); these mix the bank's vectors per row
+ANALOGY_METHODS = ("cfv", "no_vector", "best_ffv", "icl", "icl_qa", "icl_qa+cfv")
+MIXING_METHODS = frozenset({"cfv", "best_ffv", "icl_qa+cfv"})
+
+
+def plan_analogy(dims: Dims, n_items: int, n_bank: int, prompt_tokens: int, n_choices: int = 4,
+                 n_methods: int = len(ANALOGY_METHODS),
                  batch_size: int = 48, nbytes: int = 2, passes: list[list[int]] | None = None) -> Plan:
     """`analogy --remote` (multiple choice, first-token scores): the relation profile (every item's A:B with every
     bank vector) then, per method, every item's choices; batches of `batch_size` whole prompts, logits at the last
@@ -470,9 +476,8 @@ def plan_analogy(dims: Dims, n_items: int, n_bank: int, prompt_tokens: int, n_ch
         + sent_bytes(n_bank * dims.d_model, 4)
     returned = RESULT_OVERHEAD + sum(tensor_bytes(n, 4) + tensor_bytes(n, 8) + tensor_bytes(n, 1) for n in rows) \
         + tensor_bytes(n_items * n_bank, 4)
-    # rows of the profile (one bank vector each), the CFV and the best FFV (methods 1 and 3) mix the bank's vectors:
-    # [rows, bank] @ [bank, d_model] per batch
-    mixed = rows[0] + sum(rows[1:4:2])
+    # rows of the profile (one bank vector each) and of the mixing methods: [rows, bank] @ [bank, d_model] per batch
+    mixed = rows[0] + sum(n for n, method in zip(rows[1:], ANALOGY_METHODS) if method in MIXING_METHODS)
     return Plan("analogy", n_items, "items", _merge(traces), sent, returned,
                 extra_flops=2 * mixed * n_bank * dims.d_model,
                 settings={"items": n_items, "bank": n_bank, "choices": n_choices, "methods": len(rows) - 1,
@@ -663,7 +668,7 @@ QUERY_TOKENS = 5  # a zero-shot query "Q: word\nA:" (FFV training prompts)
 # The most each option may ask for (the plan of a bigger job is only a bigger number; these keep it quick to make)
 OPTION_LIMITS = {"n_prompts": 100_000, "max_copies": 1_000_000, "steps": 100_000, "n_train": 100_000,
                  "eval_every": 100_000, "relations": 10_000, "items": 100_000, "bank_size": 1_000, "choices": 100,
-                 "methods": 5, "positions": 10_000, "n_shots": 10_000, "n_valid": 100_000,
+                 "methods": len(ANALOGY_METHODS), "positions": 10_000, "n_shots": 10_000, "n_valid": 100_000,
                  "prompt_tokens": 10_000_000, "batch_size": 100_000}
 
 
@@ -688,7 +693,7 @@ class StageOptions:
     items: int = 100
     bank_size: int = 10
     choices: int = 4
-    methods: int = 5
+    methods: int = len(ANALOGY_METHODS)
 
     def tokens(self, shots: int | None = None) -> int:
         if self.prompt_tokens is not None:

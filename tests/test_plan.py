@@ -247,3 +247,11 @@ def test_extract_remote_float16_halves_the_heads_and_is_recorded(local, remote_m
     with pytest.raises(UserError, match="identity|settings|differ|incompatible|different"):
         extract(remote_model, task, ActivationStore(str(tmp_path / "none.zarr")), n_prompts=9, n_shots=2,
                 batch_size=3, remote=True, reduce="float16")
+
+
+def test_analogy_plan_knows_the_stage_methods():
+    """The planner counts analogy's methods in their order (which ones mix the bank's vectors): a new method must be
+    added there too."""
+    from fv_remote.analogy import METHODS
+
+    assert P.ANALOGY_METHODS == METHODS and P.MIXING_METHODS <= set(METHODS)

@@ -45,18 +45,16 @@ def load_remote_model(repo_id: str, revision: str | None = None, cache_dir: str 
     where = f" (revision {revision})" if revision else ""
     hint = ("; it is read from the Hugging Face Hub or its cache (HF_HOME): check the name, log in for gated "
             "models (huggingface-cli login / HF_TOKEN), or run once online to cache it")
-    if config is None:
+
+    def from_hub(loader, what: str):
         try:
-            config = AutoConfig.from_pretrained(repo_id, **hub)
+            return loader.from_pretrained(repo_id, **hub)
         except (OSError, ValueError) as exc:
-            raise UserError(f"cannot get the config of {repo_id!r}{where}: {str(exc).splitlines()[0]}{hint}") \
+            raise UserError(f"cannot get the {what} of {repo_id!r}{where}: {str(exc).splitlines()[0]}{hint}") \
                 from None
-    if tokenizer is None:
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(repo_id, **hub)
-        except (OSError, ValueError) as exc:
-            raise UserError(f"cannot get the tokenizer of {repo_id!r}{where}: {str(exc).splitlines()[0]}{hint}") \
-                from None
+
+    config = config if config is not None else from_hub(AutoConfig, "config")
+    tokenizer = tokenizer if tokenizer is not None else from_hub(AutoTokenizer, "tokenizer")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     _canonical_repo_id(repo_id)

@@ -102,10 +102,10 @@ def _read_rating_rows(path: Path, reader: csv.DictReader, columns: Sequence[str]
 def spearman(x: Sequence[float], y: Sequence[float]) -> float:
     from scipy.stats import spearmanr
 
-    x, y = np.asarray(x, float), np.asarray(y, float)
-    if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
+    xa, ya = np.asarray(x, float), np.asarray(y, float)
+    if len(xa) < 3 or np.ptp(xa) == 0 or np.ptp(ya) == 0:
         return float("nan")
-    return float(spearmanr(x, y).statistic)
+    return float(spearmanr(xa, ya).statistic)
 
 
 def spearman_ci(x: Sequence[float], y: Sequence[float], n_boot: int = 1000, seed: int = 0,
@@ -113,13 +113,13 @@ def spearman_ci(x: Sequence[float], y: Sequence[float], n_boot: int = 1000, seed
     """ρ and its percentile bootstrap interval (rows resampled with replacement; degenerate resamples dropped)."""
     from scipy.stats import rankdata
 
-    x, y = np.asarray(x, float), np.asarray(y, float)
+    xa, ya = np.asarray(x, float), np.asarray(y, float)
     rho = spearman(x, y)
     if not np.isfinite(rho):
         return rho, [float("nan"), float("nan")]
     rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(x), size=(n_boot, len(x)))
-    rx, ry = np.apply_along_axis(rankdata, 1, x[idx]), np.apply_along_axis(rankdata, 1, y[idx])
+    idx = rng.integers(0, len(xa), size=(n_boot, len(xa)))
+    rx, ry = np.apply_along_axis(rankdata, 1, xa[idx]), np.apply_along_axis(rankdata, 1, ya[idx])
     rx -= rx.mean(1, keepdims=True)
     ry -= ry.mean(1, keepdims=True)
     denom = np.sqrt((rx ** 2).sum(1) * (ry ** 2).sum(1))

@@ -25,9 +25,9 @@ per group (`by_group`: an item field such as BATS's relation family) the same, w
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import nnsight
 import numpy as np
@@ -261,7 +261,7 @@ def _choice_scores(model: LoadedModel, bank: RelationBank, prompts: list[str], c
     with torch.no_grad():
         if mode == "mc" and s.score == "first":
             targets = [first_token(model.tokenizer, p, template.answer_text(c)) for p, c in zip(prompts, conts)]
-            return first_token_logprobs(model, prompts, targets, mix, bank, s.scale, s.batch_size)
+            return first_token_logprobs(model, prompts, cast(list[int], targets), mix, bank, s.scale, s.batch_size)
         total, count, match = continuation_scores(model, prompts, [template.answer_text(c) for c in conts], mix,
                                                   bank, s.scale, s.batch_size)
     if mode == "generative":
@@ -295,6 +295,7 @@ def run_analogies(model: LoadedModel, bank: RelationBank, items: Sequence[MCAnal
     else:
         chance = 1.0 / model.adapter.vocab_size
     ex = resolve(remote)
+    scores: Mapping[str, torch.Tensor | None]
     if not kept:
         weights, scores = torch.empty(0, n_bank), {m: None for m in methods}
     elif ex.local_fast_paths:  # cached prefixes shared by the bank's vectors: 1.2-1.3x (bench_analogy_body.py)
@@ -379,8 +380,8 @@ def _score_batches(model: LoadedModel, prompts: Sequence[str], conts: Sequence[s
     for start in range(0, len(prompts), batch_size):
         ps, cs = list(prompts[start:start + batch_size]), list(conts[start:start + batch_size])
         if first:
-            ids = [[first_token(tok, p, c)] for p, c in zip(ps, cs)]
-            if any(i[0] is None for i in ids):
+            ids = [[t] for p, c in zip(ps, cs) if (t := first_token(tok, p, c)) is not None]
+            if len(ids) != len(ps):
                 raise UserError("an answer has no usable first token after its query")
             texts = ps
         else:
@@ -412,7 +413,7 @@ def analogy_session(model: LoadedModel, bank: RelationBank, kept: list[MCAnalogy
     tmpl = s.template
     profile_first = s.score == "first"
     stems = [it.stem for it in kept]
-    passes = [{"mix": "eye", "batches": _score_batches(
+    passes: list[dict[str, Any]] = [{"mix": "eye", "batches": _score_batches(
         model, [tmpl.query_text(a) for a, _ in stems for _ in range(n_bank)],
         [tmpl.answer_text(b) for _, b in stems for _ in range(n_bank)], list(range(n_bank)) * n_items,
         s.batch_size, profile_first)}]
@@ -432,7 +433,10 @@ def analogy_session(model: LoadedModel, bank: RelationBank, kept: list[MCAnalogy
     session = resolve(remote).session
     if session:
         check_shippable(passes=passes, vectors=vectors, by_layer=by_layer, combine=combine)
-    outs: list = []
+    outs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    sums: list[torch.Tensor] | torch.Tensor
+    counts: list[torch.Tensor] | torch.Tensor
+    matches: list[torch.Tensor] | torch.Tensor
     with stage_session(model, remote):
         weights = torch.empty(0, n_bank)
         for p in passes:
@@ -453,7 +457,7 @@ def analogy_session(model: LoadedModel, bank: RelationBank, kept: list[MCAnalogy
                 weights = combine_weights((sums / counts).view(n_items, n_bank), temperature, combine)
             outs.append((sums.detach().cpu(), counts.cpu(), matches.cpu()))
         weights = weights.detach().cpu()
-        picked = mix = adds = envoy = vec = total = match = sums = counts = matches = b = p = None
+        picked = mix = adds = envoy = vec = total = match = sums = counts = matches = b = p = None  # type: ignore[assignment]  # session unbinds locals
         if session:
             outs, weights = nnsight.save(outs), nnsight.save(weights)
     scores = {}
@@ -478,16 +482,17 @@ def choice_loss(model: LoadedModel, bank: RelationBank, items: Sequence[MCAnalog
             rows.append(r)
             prompts.append(s.template.query_text(c))
             targets.append(first_token(model.tokenizer, prompts[-1], s.template.answer_text(d)))
-    scores = first_token_logprobs(model, prompts, targets, weights[rows], bank, s.scale,
+    scores = first_token_logprobs(model, prompts, cast(list[int], targets), weights[rows], bank, s.scale,
                                   batch_size or s.batch_size)
-    loss, start, hits = 0.0, 0, 0
+    loss: float | torch.Tensor = 0.0
+    start, hits = 0, 0
     for item in items:
         k = len(item.choices)
         block = scores[start:start + k]
         loss = loss + torch.nn.functional.cross_entropy(block.view(1, -1), torch.tensor([item.answer]))
         hits += int(int(block.argmax()) == item.answer)
         start += k
-    return loss / len(items), hits / len(items)
+    return torch.as_tensor(loss) / len(items), hits / len(items)
 
 
 def combiner_steps(model: LoadedModel, bank: RelationBank, items: Sequence[MCAnalogy], logp: torch.Tensor,

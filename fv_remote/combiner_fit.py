@@ -81,6 +81,7 @@ def choose_softmax(model: LoadedModel, bank: RelationBank, items: Sequence[MCAna
             grid[f"T={t:g},scale={sc:g}"] = acc
             if best is None or acc > best[0]:
                 best = (acc, t, sc)
+    assert best is not None, "empty temperature or scale grid"
     return Selection(best[1], best[2], grid)
 
 

@@ -62,7 +62,7 @@ def _trace_loss(model: LoadedModel, texts: list[str], targets: torch.Tensor, vec
         logits = ad.unembed(lm).output[:, -1].float()
         loss = torch.nn.functional.cross_entropy(logits, targets)
         hits = (logits.argmax(-1) == targets).sum()
-        loss.save()
+        loss.save()  # type: ignore[attr-defined]  # nnsight proxy .save()
         hits.save()
     return loss, hits
 
@@ -130,7 +130,7 @@ def _trace_loss_fast(model: LoadedModel, prefix: Prefix, vector: torch.Tensor, l
         logits = ad.unembed(lm).output[:, -1].float()
         loss = torch.nn.functional.cross_entropy(logits, targets)
         hits = (logits.argmax(-1) == targets).sum()
-        loss.save()
+        loss.save()  # type: ignore[attr-defined]  # nnsight proxy .save()
         hits.save()
     return loss, hits
 

@@ -17,6 +17,7 @@ and early stopping. Only each job's best vector, its training record and a few f
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import nnsight
 import torch
@@ -70,7 +71,7 @@ class Plan:
         return len(self.datasets) - 1
 
     def job(self, s: FinetuneSettings, train: int | None, valid: int | None, layer: int, init: torch.Tensor,
-            scale_texts: list[str] | None = None, baseline: int | None = None, search: list[int] = ()) -> int:
+            scale_texts: list[str] | None = None, baseline: int | None = None, search: Sequence[int] = ()) -> int:
         """Add a fine-tuning job; layer -1 means "the best layer of the `search` jobs" (decided on the server)."""
         if train is None:
             raise UserError("no training prompts")
@@ -131,7 +132,7 @@ def run_jobs(model: LoadedModel, datasets: list[list[dict]], jobs: list[dict], r
                 v0 = v0 / v0.norm() * (0.1 * float(norm))
             vector = v0.clone().requires_grad_(True)
             opt = torch.optim.Adam([vector], lr=job["lrs"][0])
-            hist = {"step": [], "train_loss": [], "lr": [], "eval_step": [], "valid_loss": [], "valid_acc": []}
+            hist = {"step": [], "train_loss": [], "lr": [], "eval_step": [], "valid_loss": [], "valid_acc": []}  # type: ignore[var-annotated]  # session body, unannotated
             best, best_step, best_loss, best_acc, base_acc, stopped = v0.clone(), 0, math.inf, math.nan, None, False
             for step in range(job["steps"] + 1):
                 items = [] if step == 0 else [("train", job["train"], (step - 1) % len(datasets[job["train"]]))]
@@ -147,7 +148,7 @@ def run_jobs(model: LoadedModel, datasets: list[list[dict]], jobs: list[dict], r
                     with lm.trace(**feed, **keep):
                         add_to_residual(layers[layer], is_tuple, vec)
                         logits = unembed.output[:, -1].float()
-                        loss = torch.nn.functional.cross_entropy(logits, chunk["targets"]).save()
+                        loss = torch.nn.functional.cross_entropy(logits, chunk["targets"]).save()  # type: ignore[attr-defined]  # nnsight proxy .save()
                         hits = (logits.argmax(-1) == chunk["targets"]).sum().save()
                     if cache is not None:  # drop the fed last token again (no_grad: keep this step's graph out)
                         with torch.no_grad():
@@ -190,8 +191,8 @@ def run_jobs(model: LoadedModel, datasets: list[list[dict]], jobs: list[dict], r
                             "best_loss": best_loss, "best_acc": best_acc, "stopped": stopped,
                             "init_norm": float(v0.norm()), "baseline_acc": base_acc,
                             "moved": float((vector.detach() - v0).norm())})
-        cache = loss = hits = norm = vec = logits = v0 = vector = best = feed = chunk = job = row = data = None
-        items = sums = hist = opt = caches = None
+        cache = loss = hits = norm = vec = logits = v0 = vector = best = feed = chunk = job = row = data = None  # type: ignore[assignment]  # session unbinds locals
+        items = sums = hist = opt = caches = None  # type: ignore[assignment]  # session unbinds locals
         if session:
             results = nnsight.save(results)
     return results
@@ -214,6 +215,7 @@ def finetune_remote(model: LoadedModel, train: Examples, valid: Examples | None,
     train_i = plan.data(train, s.batch_size, s.seed, s.fast)
     valid_i = plan.data(valid, s.batch_size, s.seed, s.fast)
     plan.job(s, train_i, valid_i, layer, init_vector)
+    assert train_i is not None  # job() refused None
     out = plan.run(remote)[0]
     return to_result(model.model_id, out, s, task, init, source, len(train), len(valid) if valid is not None else 0,
                      len(plan.datasets[train_i]))
@@ -235,6 +237,7 @@ def train_ffv_remote(model: LoadedModel, name: str, train: Examples, valid: Exam
         search = [plan.job(quick, train_i, valid_i, at, vector, scale_texts) for at in layers]
         layer = -1
     plan.job(s, train_i, valid_i, int(layer), vector, scale_texts, search=search)
+    assert train_i is not None  # job() refused None
     n_valid = len(valid) if valid is not None else 0
     with job_details(stage="finetune", result_key="results", model=model.model_id, task=name, init=init,
                      settings=s.as_dict(), source=source_info(fv), n_train=len(train), n_valid=n_valid,
@@ -268,7 +271,7 @@ def source_from_info(info: dict | None) -> SourceInfo | None:
     if info is None:
         return None
     return SourceInfo(task=info["task"], layer=int(info["layer"]), kind=info["kind"],
-                      heads=[tuple(int(x) for x in h) for h in info["heads"]])
+                      heads=[(int(layer), int(head)) for layer, head in info["heads"]])
 
 
 def job_outputs(saved: dict, details: dict) -> list[dict]:

@@ -229,7 +229,7 @@ def scan(url: str, full: bool = True, only: str | None = None) -> Scan:
             why = _doc_conflict(doc, backup.get(key))
         if why:
             damaged[key] = why
-        else:
+        elif doc is not None:
             docs[key] = doc
     node_dirs = {posixpath.dirname(k) for k in list(docs) + list(damaged)}
     # Arrays whose zarr.json is gone: chunk files under a dir with no metadata of its own.
@@ -319,7 +319,7 @@ def _check_group(files: Files, state: GroupState, keys: set[str], full: bool) ->
     for name, doc in state.arrays.items():
         if doc is None:
             continue  # reported with the metadata problems
-        dims = doc.get("dimension_names") or ()
+        dims = doc.get("dimension_names") or []
         on_prompts = bool(dims) and dims[0] == PROMPT_DIM
         shape = [int(s) for s in doc["shape"]]
         rows = (0, min(n, shape[0])) if on_prompts else (0, shape[0] if shape else 1)
@@ -469,16 +469,17 @@ def repair(store) -> RepairReport:
                 cuts[p.group] = (min(n_new, p.rows[0]), reasons + [f"{p.message} [prompts {format_rows(*p.rows)}]"])
         for path, (n_new, reasons) in sorted(cuts.items()):
             state = second.groups[path]
-            group = zarr.open_group(store.url, mode="r+", zarr_format=3, path=path)
-            for name, arr in group.arrays():
-                dims = arr.metadata.dimension_names or ()
+            assert state.n is not None  # cuts holds only groups with a known commit point
+            zgroup = zarr.open_group(store.url, mode="r+", zarr_format=3, path=path)
+            for name, arr in zgroup.arrays():
+                dims = (arr.metadata.dimension_names if arr.metadata.zarr_format == 3 else None) or ()
                 if dims and dims[0] == PROMPT_DIM and arr.shape[0] != n_new:
                     if arr.shape[0] > state.n:
                         actions.append(f"{path}: dropped {arr.shape[0] - state.n} uncommitted row(s) of {name} "
                                        f"(prompts {format_rows(state.n, arr.shape[0])}, never committed)")
                     arr.resize((n_new, *arr.shape[1:]))
             if n_new < state.n:
-                group.attrs["n_complete"] = n_new
+                zgroup.attrs["n_complete"] = n_new
                 actions.append(f"{path}: dropped committed prompts {format_rows(n_new, state.n)} "
                                f"({'; '.join(reasons)}); {n_new} prompts kept, rerun its stage to redo the rest")
         for key in second.debris:

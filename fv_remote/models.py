@@ -111,7 +111,7 @@ def _load_gguf(path: Path, dtype: Any = None) -> tuple[Any, Any]:
 
     folder, fname = str(path.parent), path.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, dtype=dtype or torch.float32)
+    model: Any = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, dtype=dtype or torch.float32)
     # The weights are dequantised now; drop the quantisation marker so the model saves as plain safetensors.
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config

@@ -21,7 +21,7 @@ import shlex
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, cast
 
 import numpy as np
 import xarray as xr
@@ -84,7 +84,7 @@ class ActivationStore:
             raise UserError(f"{self.url} is a file, not an activation store (a Zarr folder); give a folder path "
                             "for --store")
 
-    def _open_group(self, path: str | None = None, mode: str = "r") -> zarr.Group | None:
+    def _open_group(self, path: str | None = None, mode: Literal["r", "r+"] = "r") -> zarr.Group | None:
         """The group at `path` (None: the root), None when it does not exist; damage becomes a UserError."""
         self._check_not_file()
         try:
@@ -100,7 +100,7 @@ class ActivationStore:
             where = f"{path}/zarr.json" if path else "zarr.json"
             raise _damaged(self.url, where, exc) from None
 
-    def _root(self, mode: str = "r") -> zarr.Group:
+    def _root(self, mode: Literal["r", "r+"] = "r") -> zarr.Group:
         root = self._open_group(None, mode)
         if root is None:
             raise UserError(f"no activation store at {self.url}; create one with `fv-remote extract`")
@@ -125,8 +125,8 @@ class ActivationStore:
     def attrs(self, task: str) -> dict[str, Any]:
         return dict(self._group(task).attrs)
 
-    def _group(self, task: str, hint: str | None = None) -> zarr.Group:
-        group = self._open_group(task)
+    def _group(self, task: str, hint: str | None = None, mode: Literal["r", "r+"] = "r") -> zarr.Group:
+        group = self._open_group(task, mode)
         if group is None:
             self._root()
             have = ", ".join(self.tasks()) or "none"
@@ -174,7 +174,7 @@ class ActivationStore:
 
     def _open_cut(self, task: str, group: zarr.Group, n: int) -> xr.Dataset:
         lengths = {name: arr.shape[0] for name, arr in group.arrays()
-                   if (arr.metadata.dimension_names or (None,))[0] == PROMPT_DIM}
+                   if arr.metadata.zarr_format == 3 and (arr.metadata.dimension_names or (None,))[0] == PROMPT_DIM}
         cut = {PROMPT_DIM: slice(0, n)}
         if len(set(lengths.values())) <= 1:
             ds = xr.open_zarr(self.url, group=task, consolidated=False, zarr_format=3)
@@ -222,7 +222,7 @@ class ActivationStore:
         root = self._open_group(None)
         if root is None:
             return {}
-        recorded = dict(root.attrs.get("store_identity") or {})
+        recorded = dict(cast(dict, root.attrs.get("store_identity") or {}))
         if recorded:
             return recorded
         found: dict[str, Any] = {}
@@ -296,7 +296,7 @@ class ActivationStore:
         try:
             lock.acquire(timeout=0)
         except Timeout:
-            raise UserError(f"store {self.url} is being written by another process ({self._holder()}); wait for "
+            raise UserError(f"store {self.url} is being written by another process ({self._holder(path)}); wait for "
                             "it to finish, or use another --store") from None
         try:
             if lock.lock_counter == 1:
@@ -307,8 +307,7 @@ class ActivationStore:
         finally:
             lock.release()
 
-    def _holder(self) -> str:
-        path = local_path(self.url)
+    def _holder(self, path: Path) -> str:
         try:
             info = json.loads((path / BOOKKEEPING / "writer.json").read_text())
             return f"pid {info['pid']}, `{info['command']}`, since {info['since']}"
@@ -320,10 +319,10 @@ class ActivationStore:
         with self.writing():
             if not self.has_task(task):
                 return 0
-            group = self._open_group(task, mode="r+")
+            group = self._group(task, mode="r+")
             n = self._commit_point(group, task)
             for name, arr in group.arrays():
-                dims = arr.metadata.dimension_names or ()
+                dims = (arr.metadata.dimension_names if arr.metadata.zarr_format == 3 else None) or ()
                 if dims and dims[0] == PROMPT_DIM and arr.shape[0] != n:
                     if arr.shape[0] < n:
                         raise UserError(f"store {self.url} is damaged: {task}/{name} holds {arr.shape[0]} of the "
@@ -367,7 +366,7 @@ class ActivationStore:
                 }
                 batch.to_zarr(self.url, group=task, mode="w-", zarr_format=3, consolidated=False,
                               encoding=encoding, write_empty_chunks=True)
-                group = self._open_group(task, mode="r+")
+                group = self._group(task, mode="r+")
                 group.attrs.update({**attrs, "library_version": __version__, "command": command_line(),
                                     "store_format": STORE_FORMAT,
                                     "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")})
@@ -377,7 +376,7 @@ class ActivationStore:
                 batch.attrs = self.attrs(task)
                 batch.to_zarr(self.url, group=task, append_dim=PROMPT_DIM, zarr_format=3, consolidated=False,
                               write_empty_chunks=True)
-                group = self._open_group(task, mode="r+")
+                group = self._group(task, mode="r+")
             n_after = n_before + batch.sizes[PROMPT_DIM]
             # Written last: this is the commit point of the batch.
             group.attrs["n_complete"] = n_after
@@ -389,7 +388,7 @@ class ActivationStore:
 
     def _record_identity(self, attrs: dict[str, Any]) -> None:
         root = self._root(mode="r+")
-        recorded = dict(root.attrs.get("store_identity") or {})
+        recorded = dict(cast(dict, root.attrs.get("store_identity") or {}))
         missing = {k: attrs[k] for k in STORE_IDENTITY_KEYS if k in attrs and k not in recorded}
         if missing:
             root.attrs["store_identity"] = {**self.store_identity(), **recorded, **missing}

@@ -296,7 +296,7 @@ def read_semeval2012(root: str | Path, min_score: float | None = 0.0) -> dict[st
         if not pairs:
             raise _fail(paradigms, n, f"no x:y paradigm pairs for subcategory {sid}")
         for x, y, score in ratings.get(sid, []):
-            if score > min_score and (x, y) not in pairs:
+            if min_score is not None and score > min_score and (x, y) not in pairs:
                 pairs.append((x, y))
         description = fields[3] + (f": {definitions[sid]}" if sid in definitions else "")
         tasks[sid] = RelationTask(sid, pairs, category=fields[2], description=description, source=str(paradigms))
@@ -319,7 +319,7 @@ def read_semeval2012_ratings(root: str | Path) -> dict[str, list[tuple[str, str,
                 continue
             match = _RATING_RE.match(line)
             pair = match.group(2).split(":") if match else []
-            if len(pair) != 2 or not all(w.strip() for w in pair):
+            if match is None or len(pair) != 2 or not all(w.strip() for w in pair):
                 raise _fail(path, n, f'expected a score and a "x:y" pair, got {line!r}')
             rows.append((pair[0].strip(), pair[1].strip(), float(match.group(1))))
         if not rows:

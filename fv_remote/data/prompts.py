@@ -74,7 +74,7 @@ def split_pairs(pairs: Sequence[Pair], seed: int = 0, fractions: Sequence[float]
     """Shuffle with `seed` and cut into train/valid/test; valid and test get floor(n * fraction) pairs each."""
     if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
         raise UserError(f"fractions must be three non-negative numbers summing to 1, got {tuple(fractions)}")
-    shuffled = [tuple(p) for p in pairs]
+    shuffled = [(x, y) for x, y in pairs]
     random.Random(seed).shuffle(shuffled)
     n = len(shuffled)
     n_valid, n_test = int(n * fractions[1]), int(n * fractions[2])
@@ -106,8 +106,8 @@ def build_prompts(
         raise UserError(f"n_shots must be 0 or more, got {n_shots}")
     n_shots = int(n_shots)
     template = template or PromptTemplate()
-    pairs = [tuple(p) for p in pairs]
-    queries_from = [tuple(p) for p in (pairs if query_pairs is None else query_pairs)]
+    pairs = [(x, y) for x, y in pairs]
+    queries_from = [(x, y) for x, y in (pairs if query_pairs is None else query_pairs)]
     if not queries_from:
         raise UserError("no query pairs to build prompts from")
     use_demos = kind != "zero_shot" and n_shots > 0
@@ -173,8 +173,8 @@ def resolve_answers(
 ) -> tuple[list[Pair], list[int], list[tuple[Pair, str]]]:
     """(kept pairs, their answer first-token ids, [(dropped pair, reason)]); callers must report the drops."""
     kept, ids, problems = [], [], []
-    for pair in pairs:
-        pair = tuple(pair)
+    for x, y in pairs:
+        pair = (x, y)
         token = answer_first_token(tokenizer, pair[1], template)
         if token is None:
             problems.append((pair, f"the first token of {pair[1]!r} after the query is whitespace or empty"))

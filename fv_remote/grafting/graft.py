@@ -427,7 +427,7 @@ class Grafter:
 
         `config` may also be the strings "pretrained" or "finetuned" (the plain models).
         """
-        ranks, probs, tops = [], [], []
+        ms: list[Metrics] = []
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start:start + batch_size]
             enc = encode(self.tokenizer, chunk)
@@ -436,12 +436,13 @@ class Grafter:
             elif config == "pretrained":
                 logits = self.logits(enc, GraftConfig.nothing())
             else:
+                assert isinstance(config, GraftConfig), f"unknown config {config!r}"
                 logits = self.logits(enc, config)
-            m = metrics_from_logits(logits[:, -1], enc.target_ids, k)
-            ranks.append(m.ranks), probs.append(m.probs), tops.append(m.top_tokens)
+            ms.append(metrics_from_logits(logits[:, -1], enc.target_ids, k))
             if progress:
                 progress(min(start + batch_size, len(prompts)), len(prompts))
-        return Metrics(torch.cat(ranks), torch.cat(probs), k, torch.cat(tops))
+        return Metrics(torch.cat([m.ranks for m in ms]), torch.cat([m.probs for m in ms]), k,
+                       torch.cat([m.top_tokens for m in ms]))
 
 
 
@@ -449,9 +450,9 @@ class Grafter:
 def evaluate_model(hf: Any, tokenizer: Any, prompts: Sequence[GraftPrompt], k: int = 5,
                    batch_size: int = 32) -> Metrics:
     """Top-k accuracy, rank and probability of each target's first token under one plain model."""
-    ranks, probs, tops = [], [], []
+    ms: list[Metrics] = []
     for start in range(0, len(prompts), batch_size):
         enc = encode(tokenizer, prompts[start:start + batch_size])
-        m = metrics_from_logits(hf(**enc.model_inputs()).logits[:, -1], enc.target_ids, k)
-        ranks.append(m.ranks), probs.append(m.probs), tops.append(m.top_tokens)
-    return Metrics(torch.cat(ranks), torch.cat(probs), k, torch.cat(tops))
+        ms.append(metrics_from_logits(hf(**enc.model_inputs()).logits[:, -1], enc.target_ids, k))
+    return Metrics(torch.cat([m.ranks for m in ms]), torch.cat([m.probs for m in ms]), k,
+                   torch.cat([m.top_tokens for m in ms]))

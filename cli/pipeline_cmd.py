@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.table import Table
@@ -214,13 +215,13 @@ def fit(
         loaded.adapter.check_layer(layer)
     swept = layer is None and sweep
     with (progress_bar(f"layer sweep {prepared.name}", loaded.adapter.n_layers) if swept else nullcontext()) as update:
-        fv, scores = fit_function_vector(loaded, prepared, means, aie, k=None if share else k, share=share,
+        fv, curve = fit_function_vector(loaded, prepared, means, aie, k=None if share else k, share=share,
                                          layer=layer, sweep=sweep, meta={"store": store, "scores": scores},
                                          progress=update, remote=ex)
-    if scores is not None:
-        png = layer_sweep_plot({prepared.name: scores}, plot or Path("out") / f"{prepared.name}_sweep.png")
-        out.print(f"validation sweep: best layer {fv.layer} (accuracy {scores[fv.layer]:.2f}); plot: {png}")
-        _warn_if_flat(prepared.name, scores)
+    if curve is not None:
+        png = layer_sweep_plot({prepared.name: curve}, plot or Path("out") / f"{prepared.name}_sweep.png")
+        out.print(f"validation sweep: best layer {fv.layer} (accuracy {curve[fv.layer]:.2f}); plot: {png}")
+        _warn_if_flat(prepared.name, curve)
     require_finite_vector(fv, "the fitted FV")  # never save a vector of norm nan
     path = atomic_save(fv.save, output or Path("out") / f"{prepared.name}.fv.safetensors", "FV")
     heads = ", ".join(f"({a},{b})" for a, b in fv.heads)
@@ -384,7 +385,7 @@ def evaluate(
         scale = best_scale(scale_scores)
         console.print("validation accuracy by scale (positions " + positions + "): " +
                       ", ".join(f"{s:g}: {a:.2f}" for s, a in scale_scores.items()) + f"; using {scale:g}")
-    settings = {"fv": str(fv_path), "ffv": str(ffv_path) if ffv_path else None, "scale": scale,
+    settings: dict[str, Any] = {"fv": str(fv_path), "ffv": str(ffv_path) if ffv_path else None, "scale": scale,
                 "positions": positions, "distributed": distributed, "n_shots": n_shots, "seed": seed}
     if scale_scores is not None:
         settings["scale_sweep"] = {f"{s:g}": a for s, a in scale_scores.items()}

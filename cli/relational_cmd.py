@@ -108,7 +108,7 @@ def finetune(
     settings = _settings(steps, lr, l2, patience, batch_size, seed)
     layer_opt = _layer_option(layer)
     source = load_vector(fv) if fv is not None else None
-    if source is not None:
+    if fv is not None:
         require_finite_vector(source, fv)
     if init == "fv" and source is None:
         raise UserError("--init fv needs --fv FILE (make one with `fv-remote run` or `fv-remote fit`); "
@@ -589,7 +589,7 @@ def analogy(
     require_finite_option("--combiner-lr", combiner_lr)
     settings = AnalogySettings(mode=mode, temperature=temperature, score=score, scale=scale, batch_size=batch_size,
                                icl_format=icl_format, n_boot=n_boot, seed=seed).check()
-    items = read_mc_analogies(mc) if mc else read_analogy_csv(csv_path)
+    items = read_mc_analogies(mc) if mc else read_analogy_csv(csv_path)  # type: ignore[arg-type]  # one given
     if sample:
         random.Random(seed).shuffle(items)
     if limit is not None:

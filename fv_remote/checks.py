@@ -17,7 +17,7 @@ import os
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from fv_remote.errors import UserError
 
@@ -178,7 +178,10 @@ def require_finite_vector(vec: Any, path: str | Path) -> None:
             require_finite(part, f"{path}: the {kind}'s {name}", fix)
 
 
-def require_finite_option(flag: str, value: float | None) -> float | None:
+F = TypeVar("F", bound="float | None")
+
+
+def require_finite_option(flag: str, value: F) -> F:
     """A float option given as nan/inf (click accepts both) would turn every number it touches into NaN."""
     import math
 

@@ -62,7 +62,7 @@ class Plan:
 
     def data(self, data: Examples | None, batch_size: int, seed: int = 0, fast: bool = True,
              shuffle: bool = True) -> int | None:
-        """Add a dataset (chunks as `ffv.Batches` makes them); its index, or None for no data."""
+        """Add a dataset (fixed chunks, shuffled once); its index, or None for no data."""
         if data is None or not len(data):
             return None
         self.datasets.append([encode_chunk(self.model, texts, targets, fast)

@@ -88,6 +88,19 @@ def atomic_save(save: Callable[[Path], Any], path: str | Path, what: str = "outp
     return path
 
 
+def read_safetensors(path: str | Path, what: str) -> tuple[dict[str, Any], dict[str, str]]:
+    """(tensors, metadata) of a safetensors file; a missing or unparsable one is a UserError naming `what`."""
+    from safetensors import safe_open
+
+    if not Path(path).is_file():
+        raise UserError(f"{what} file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return {name: fh.get_tensor(name) for name in fh.keys()}, fh.metadata() or {}
+    except Exception as exc:  # noqa: BLE001 - any parse failure is a bad file from the user's side
+        raise UserError(f"{path} is not a {what} file ({type(exc).__name__}: {exc})") from None
+
+
 def write_output(path: str | Path, text: str, flag: str = "--json", what: str = "results") -> Path:
     """Write `text` atomically; if that fails, save it to a fallback file and raise an error that says where."""
     path = Path(path)

@@ -12,7 +12,7 @@ from rich.table import Table
 from fv_remote.checks import (atomic_save, check_output_path, check_prompt_lengths, check_scale, require_finite_option,
                               require_finite_vector)
 from fv_remote.cli.app import app
-from fv_remote.cli.common import console, executor, load_stage, out, progress_bar
+from fv_remote.cli.common import console, executor, load_stage, out, progress_bar, submits
 from fv_remote.cli.plan_cmd import PLAN_HELP, plan_instead
 from fv_remote.errors import UserError, require_positive
 from fv_remote.models import DEFAULT_MODEL
@@ -125,7 +125,6 @@ def cma(
     """Average indirect effect of every head (patched with its mean clean activation into shuffled prompts)."""
     from fv_remote.cma import run_cma
     from fv_remote.errors import require_positive
-    from fv_remote.execution import JobSubmitted
     from fv_remote.extract import mean_heads_tensor
     from fv_remote.store import ActivationStore
 
@@ -147,15 +146,9 @@ def cma(
     act_store.check_compatible(prepared.name, {"model": loaded.model_id})
     report = {"model": loaded.model_id, "task": prepared.name, "store": store, "top": top, "method": method,
               "plot": str(plot or Path("out") / f"{prepared.name}_aie.png")}
-    try:
-        with progress_bar(f"mediation {prepared.name}", n_prompts) as update:
-            result = run_cma(loaded, prepared, act_store, means, n_prompts=n_prompts, n_shots=n_shots,
-                             method=method, progress=update, remote=ex)
-    except JobSubmitted as job:
-        from fv_remote.cli.jobs_cmd import submitted
-
-        submitted(job, report)
-        return
+    with submits(report), progress_bar(f"mediation {prepared.name}", n_prompts) as update:
+        result = run_cma(loaded, prepared, act_store, means, n_prompts=n_prompts, n_shots=n_shots,
+                         method=method, progress=update, remote=ex)
     if no_wait:
         console.print(f"all {n_prompts} corrupted prompts already in {store}; nothing submitted")
     report_cma(report, result)
@@ -351,7 +344,6 @@ def evaluate(
 ) -> None:
     """Zero-shot and shuffled n-shot accuracy with and without the vector, plus n-shot ICL, on test pairs."""
     from fv_remote.evaluate import best_scale, evaluate_and_sweep, evaluate_task, layer_sweep, scale_sweep
-    from fv_remote.execution import JobSubmitted
     from fv_remote.steering import check_positions
 
     if n_test is not None and n_test <= 0:
@@ -393,7 +385,7 @@ def evaluate(
               "plot": str(plot or Path("out") / f"{prepared.name}_sweep.png") if sweep else None,
               "json": str(json_path) if json_path else None}
     curve = None
-    try:
+    with submits(report):
         if sweep and ex.session:  # the evaluation and the sweep in one request
             scores, curve = evaluate_and_sweep(loaded, prepared, vec, layer=layer, n_test=n_test,
                                                n_shots=n_shots, scale=scale, distributed=distributed,
@@ -402,11 +394,6 @@ def evaluate(
             scores = evaluate_task(loaded, prepared, vec, layer=layer, n_test=n_test, n_shots=n_shots,
                                    scale=scale, distributed=distributed, extra_vectors=extra, remote=ex,
                                    positions=positions)
-    except JobSubmitted as job:
-        from fv_remote.cli.jobs_cmd import submitted
-
-        submitted(job, report)
-        return
     if sweep and curve is None:
         with progress_bar("layer sweep", loaded.adapter.n_layers) as update:
             curve = layer_sweep(loaded, prepared, vec, scale=scale, progress=update, positions=positions)

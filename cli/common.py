@@ -8,6 +8,7 @@ import time
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
+import typer
 from rich.console import Console
 
 if TYPE_CHECKING:
@@ -47,6 +48,21 @@ def load_stage(model: str, ex: Executor) -> LoadedModel:
     if not ex.ndif:
         offline_if_local(model)
     return ex.load_model(model)
+
+
+@contextmanager
+def submits(settings: dict):
+    """Around a stage run: with --no-wait its submitted job gets a job file (with the `settings` that `jobs fetch`
+    needs), the job id is printed and the command ends there."""
+    from fv_remote.execution import JobSubmitted
+
+    try:
+        yield
+    except JobSubmitted as job:
+        from fv_remote.cli.jobs_cmd import submitted
+
+        submitted(job, settings)
+        raise typer.Exit(0) from None
 
 
 @contextmanager

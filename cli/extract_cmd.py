@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from fv_remote.cli.app import app
-from fv_remote.cli.common import console, executor, load_stage, out, progress_bar
+from fv_remote.cli.common import console, executor, load_stage, out, progress_bar, submits
 from fv_remote.cli.plan_cmd import PLAN_HELP, plan_instead
 from fv_remote.models import DEFAULT_MODEL
 
@@ -59,7 +59,6 @@ def extract(
     """Trace every attention head's output on clean n-shot prompts into the store (resumable)."""
     from fv_remote.data import load_task
     from fv_remote.errors import require_positive
-    from fv_remote.execution import JobSubmitted
     from fv_remote.extract import extract as run_extract
     from fv_remote.store import ActivationStore
 
@@ -80,22 +79,14 @@ def extract(
     done = act_store.n_complete(relation.name)
     if done:
         console.print(f"resuming: {done} prompts already stored")
-    if no_wait:
-        from fv_remote.cli.jobs_cmd import submitted
-
-        try:
-            result = run_extract(loaded, relation, act_store, n_prompts=n_prompts, n_shots=n_shots, seed=seed,
-                                 batch_size=batch_size, positions=pos, remote=ex, reduce=reduce)
-        except JobSubmitted as job:
-            submitted(job, {"model": loaded.model_id, "revision": loaded.revision, "task": task,
-                            "data_dir": data_dir})
-            return
-        out.print(f"{relation.name}: all {result.n_complete} prompts already in {store}; nothing submitted")
-        return
-    with progress_bar(f"extract {relation.name}", n_prompts) as update:
+    job = {"model": loaded.model_id, "revision": loaded.revision, "task": task, "data_dir": data_dir}
+    with submits(job), progress_bar(f"extract {relation.name}", n_prompts) as update:
         update(min(done, n_prompts), n_prompts)
         result = run_extract(loaded, relation, act_store, n_prompts=n_prompts, n_shots=n_shots, seed=seed,
                              batch_size=batch_size, positions=pos, progress=update, remote=ex, reduce=reduce)
+    if no_wait:
+        out.print(f"{relation.name}: all {result.n_complete} prompts already in {store}; nothing submitted")
+        return
     for pair, reason in result.skipped_pairs:
         console.print(f"[yellow]skipped pair {pair[0]!r} -> {pair[1]!r}: {reason}[/]")
     ad = loaded.adapter

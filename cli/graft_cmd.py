@@ -33,22 +33,6 @@ def _summary_row(table: Table, label: str, metrics) -> None:
                   f"{s['median_rank']:.0f}", str(s["n"]))
 
 
-def _logged(update, what: str):
-    """Also print a plain line every ~10% when stderr is not a terminal (logs of long CPU runs)."""
-    import time
-
-    if console.is_terminal:
-        return update
-    start = time.perf_counter()
-
-    def callback(done: int, total: int) -> None:
-        update(done, total)
-        if done == total or done % max(1, total // 10) == 0:
-            console.print(f"{what} {done}/{total} ({time.perf_counter() - start:.0f} s)", highlight=False)
-
-    return callback
-
-
 def _metrics_table(title: str, k: int) -> Table:
     table = Table(title=Text(title), title_justify="left")
     for col in ("model / configuration", f"top-{k}", "top-1", "mean p(target)", "median rank", "n"):
@@ -96,7 +80,7 @@ def train_cmd(
                              freeze_embeddings=freeze_embeddings)
     steps = -(-len(dataset.train_sentences()) // batch_size) * epochs
     with progress_bar("fine-tuning", steps) as update:
-        report = finetune(loaded.hf, loaded.tokenizer, dataset, settings, progress=_logged(update, "step"))
+        report = finetune(loaded.hf, loaded.tokenizer, dataset, settings, progress=update)
     after = {"heldout": evaluate_model(loaded.hf, loaded.tokenizer, heldout, k),
              "train_phrasings": evaluate_model(loaded.hf, loaded.tokenizer, seen, k)}
     evaluation = {f"{which}_{split}": m.summary() for which, res in (("pretrained", before), ("finetuned", after))
@@ -210,7 +194,7 @@ def sweep_cmd(
     """The pathway table: accuracy for the standard grafting configurations per layer group (+ PNG)."""
     from fv_remote.errors import UserError, require_positive
     from fv_remote.grafting.graft import layer_groups
-    from fv_remote.grafting.sweep import STANDARD_PATHWAYS, run_sweep
+    from fv_remote.grafting.sweep import STANDARD_PATHWAYS, layer_span, run_sweep
 
     require_positive("--k", k)
     require_positive("--batch-size", batch_size)
@@ -224,13 +208,13 @@ def sweep_cmd(
     jobs = sum(len(names) if p.per_group else 1 for p in STANDARD_PATHWAYS)
     with progress_bar("sweeping", jobs) as update:
         result = run_sweep(grafter, prompts, groups=names, k=k, batch_size=batch_size,
-                           progress=_logged(update, "configuration"))
+                           progress=update)
     paths = result.save(out_dir or Path(model_dir) / "sweep")
     table = Table(title=Text(f"top-{k} accuracy, {len(prompts)} {split} prompts (mean p(target) below each)"),
                   title_justify="left")
     table.add_column("configuration")
     for col in result.columns:
-        table.add_column(f"{col}\n{_layer_span(result.column_layers[col])}", justify="right")
+        table.add_column(f"{col}\n{layer_span(result.column_layers[col])}", justify="right")
     for row in result.rows:
         table.add_row(Text(row), *[f"{result.metric(row, c):.2f} ({result.metric(row, c, 'mean_prob'):.2f})"
                                    for c in result.columns])
@@ -240,6 +224,3 @@ def sweep_cmd(
         out.print(f"fine-tuning took {train.get('seconds', 0):.0f} s ({train.get('steps')} steps)")
     out.print("wrote " + ", ".join(str(p) for p in paths.values()))
 
-
-def _layer_span(layers: list[int]) -> str:
-    return f"L{layers[0]}-{layers[-1]}" if len(layers) > 1 else (f"L{layers[0]}" if layers else "-")

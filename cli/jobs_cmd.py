@@ -38,35 +38,13 @@ def _register_reporters() -> None:
 _register_reporters()
 
 
-def _check_job_files(job_id: str | None = None) -> None:
-    """A job file that parses but is not a job object (edited, or another tool's JSON) is named, not a traceback
-    deep in `fv_remote.jobs`."""
-    import json
-
-    from fv_remote.errors import UserError
-    from fv_remote.jobs import jobs_dir
-
-    folder = jobs_dir()
-    paths = [folder / f"{job_id}.json"] if job_id else (sorted(folder.glob("*.json")) if folder.is_dir() else [])
-    for path in paths:
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue  # missing or not JSON: `fv_remote.jobs` says so itself
-        if not isinstance(data, dict) or not isinstance(data.get("settings", {}), dict) or \
-                not isinstance(data.get("job_id"), str):
-            raise UserError(f"job file {path} is not an fv-remote job (a JSON object with the job's details); move "
-                            "it out of the jobs folder")
-
-
 @jobs_app.command("status")
 def status(job_id: str = typer.Argument(..., help="the id `--no-wait` printed")) -> None:
     """The job's state on NDIF (RECEIVED, QUEUED, RUNNING, COMPLETED) or FETCHED once stored."""
     from fv_remote.jobs import job_status
 
-    _check_job_files(job_id)
     job, state = job_status(job_id)
-    out.print(f"job {job_id} ({job['stage']}, {job['settings'].get('model', '')}): {state}")
+    out.print(f"job {job_id} ({job.get('stage')}, {job.get('settings', {}).get('model', '')}): {state}")
     if state == "COMPLETED":
         out.print(f"store the results: fv-remote jobs fetch {job_id}")
 
@@ -80,7 +58,6 @@ def fetch(job_id: str = typer.Argument(..., help="the id `--no-wait` printed"),
 
     from fv_remote.jobs import fetch_job
 
-    _check_job_files(job_id)
     while True:
         state, message = fetch_job(job_id)
         if state in ("COMPLETED", "FETCHED") or not wait:
@@ -97,7 +74,6 @@ def list_jobs() -> None:
     from fv_remote.jobs import jobs_dir
     from fv_remote.jobs import list_jobs as all_jobs
 
-    _check_job_files()
     jobs = all_jobs()
     if not jobs:
         out.print(f"no jobs in {jobs_dir()}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.table import Table
@@ -11,7 +12,7 @@ from rich.table import Table
 from fv_remote.checks import (atomic_save, check_output_path, check_prompt_lengths, check_scale, require_finite_option,
                               require_finite_vector)
 from fv_remote.cli.app import app
-from fv_remote.cli.common import console, executor, load_stage, out, progress_bar
+from fv_remote.cli.common import console, executor, load_stage, out, progress_bar, submits
 from fv_remote.cli.plan_cmd import PLAN_HELP, plan_instead
 from fv_remote.errors import UserError, require_positive
 from fv_remote.models import DEFAULT_MODEL
@@ -124,7 +125,6 @@ def cma(
     """Average indirect effect of every head (patched with its mean clean activation into shuffled prompts)."""
     from fv_remote.cma import run_cma
     from fv_remote.errors import require_positive
-    from fv_remote.execution import JobSubmitted
     from fv_remote.extract import mean_heads_tensor
     from fv_remote.store import ActivationStore
 
@@ -146,15 +146,9 @@ def cma(
     act_store.check_compatible(prepared.name, {"model": loaded.model_id})
     report = {"model": loaded.model_id, "task": prepared.name, "store": store, "top": top, "method": method,
               "plot": str(plot or Path("out") / f"{prepared.name}_aie.png")}
-    try:
-        with progress_bar(f"mediation {prepared.name}", n_prompts) as update:
-            result = run_cma(loaded, prepared, act_store, means, n_prompts=n_prompts, n_shots=n_shots,
-                             method=method, progress=update, remote=ex)
-    except JobSubmitted as job:
-        from fv_remote.cli.jobs_cmd import submitted
-
-        submitted(job, report)
-        return
+    with submits(report), progress_bar(f"mediation {prepared.name}", n_prompts) as update:
+        result = run_cma(loaded, prepared, act_store, means, n_prompts=n_prompts, n_shots=n_shots,
+                         method=method, progress=update, remote=ex)
     if no_wait:
         console.print(f"all {n_prompts} corrupted prompts already in {store}; nothing submitted")
     report_cma(report, result)
@@ -214,13 +208,13 @@ def fit(
         loaded.adapter.check_layer(layer)
     swept = layer is None and sweep
     with (progress_bar(f"layer sweep {prepared.name}", loaded.adapter.n_layers) if swept else nullcontext()) as update:
-        fv, scores = fit_function_vector(loaded, prepared, means, aie, k=None if share else k, share=share,
+        fv, curve = fit_function_vector(loaded, prepared, means, aie, k=None if share else k, share=share,
                                          layer=layer, sweep=sweep, meta={"store": store, "scores": scores},
                                          progress=update, remote=ex)
-    if scores is not None:
-        png = layer_sweep_plot({prepared.name: scores}, plot or Path("out") / f"{prepared.name}_sweep.png")
-        out.print(f"validation sweep: best layer {fv.layer} (accuracy {scores[fv.layer]:.2f}); plot: {png}")
-        _warn_if_flat(prepared.name, scores)
+    if curve is not None:
+        png = layer_sweep_plot({prepared.name: curve}, plot or Path("out") / f"{prepared.name}_sweep.png")
+        out.print(f"validation sweep: best layer {fv.layer} (accuracy {curve[fv.layer]:.2f}); plot: {png}")
+        _warn_if_flat(prepared.name, curve)
     require_finite_vector(fv, "the fitted FV")  # never save a vector of norm nan
     path = atomic_save(fv.save, output or Path("out") / f"{prepared.name}.fv.safetensors", "FV")
     heads = ", ".join(f"({a},{b})" for a, b in fv.heads)
@@ -350,7 +344,6 @@ def evaluate(
 ) -> None:
     """Zero-shot and shuffled n-shot accuracy with and without the vector, plus n-shot ICL, on test pairs."""
     from fv_remote.evaluate import best_scale, evaluate_and_sweep, evaluate_task, layer_sweep, scale_sweep
-    from fv_remote.execution import JobSubmitted
     from fv_remote.steering import check_positions
 
     if n_test is not None and n_test <= 0:
@@ -384,7 +377,7 @@ def evaluate(
         scale = best_scale(scale_scores)
         console.print("validation accuracy by scale (positions " + positions + "): " +
                       ", ".join(f"{s:g}: {a:.2f}" for s, a in scale_scores.items()) + f"; using {scale:g}")
-    settings = {"fv": str(fv_path), "ffv": str(ffv_path) if ffv_path else None, "scale": scale,
+    settings: dict[str, Any] = {"fv": str(fv_path), "ffv": str(ffv_path) if ffv_path else None, "scale": scale,
                 "positions": positions, "distributed": distributed, "n_shots": n_shots, "seed": seed}
     if scale_scores is not None:
         settings["scale_sweep"] = {f"{s:g}": a for s, a in scale_scores.items()}
@@ -392,7 +385,7 @@ def evaluate(
               "plot": str(plot or Path("out") / f"{prepared.name}_sweep.png") if sweep else None,
               "json": str(json_path) if json_path else None}
     curve = None
-    try:
+    with submits(report):
         if sweep and ex.session:  # the evaluation and the sweep in one request
             scores, curve = evaluate_and_sweep(loaded, prepared, vec, layer=layer, n_test=n_test,
                                                n_shots=n_shots, scale=scale, distributed=distributed,
@@ -401,11 +394,6 @@ def evaluate(
             scores = evaluate_task(loaded, prepared, vec, layer=layer, n_test=n_test, n_shots=n_shots,
                                    scale=scale, distributed=distributed, extra_vectors=extra, remote=ex,
                                    positions=positions)
-    except JobSubmitted as job:
-        from fv_remote.cli.jobs_cmd import submitted
-
-        submitted(job, report)
-        return
     if sweep and curve is None:
         with progress_bar("layer sweep", loaded.adapter.n_layers) as update:
             curve = layer_sweep(loaded, prepared, vec, scale=scale, progress=update, positions=positions)

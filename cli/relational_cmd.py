@@ -14,7 +14,7 @@ from rich.text import Text
 from fv_remote.checks import (MAX_BOOT, MAX_STEPS, atomic_save, check_output_path, check_scale, json_text, load_vector,
                               require_count, require_finite, require_finite_option, require_finite_vector, write_output)
 from fv_remote.cli.app import app
-from fv_remote.cli.common import console, executor, load_stage, out, progress_bar
+from fv_remote.cli.common import console, executor, load_stage, out, progress_bar, submits
 from fv_remote.cli.plan_cmd import PLAN_HELP, plan_instead
 from fv_remote.errors import UserError, require_positive
 from fv_remote.models import DEFAULT_MODEL
@@ -97,7 +97,6 @@ def finetune(
     """Fine-tune a function vector (model frozen): FFV = argmin NLL of the answer on zero-shot prompts."""
     from fv_remote.data import load_task
     from fv_remote.evaluate import evaluate_task
-    from fv_remote.execution import JobSubmitted
     from fv_remote.ffv import train_ffv
     from fv_remote.tasks import prepare_task
 
@@ -108,7 +107,7 @@ def finetune(
     settings = _settings(steps, lr, l2, patience, batch_size, seed)
     layer_opt = _layer_option(layer)
     source = load_vector(fv) if fv is not None else None
-    if source is not None:
+    if fv is not None:
         require_finite_vector(source, fv)
     if init == "fv" and source is None:
         raise UserError("--init fv needs --fv FILE (make one with `fv-remote run` or `fv-remote fit`); "
@@ -129,24 +128,19 @@ def finetune(
                         f"--n-train {n_train}")
     out_path = out_path or Path("out/ffv") / f"{relation.name}.ffv.safetensors"
     plot = plot or out_path.with_name(out_path.name.replace(".safetensors", "") + "_loss.png")
-    try:
-        with progress_bar(f"finetune {relation.name}", steps) as update:
-            run = train_ffv(loaded, prepared, source, init=init, layer=layer_opt, n_train=n_train,
-                            n_valid=n_valid, settings=settings, progress=update, remote=ex)
-    except JobSubmitted as job:
-        from fv_remote.cli.jobs_cmd import submitted
-
-        evaluate_cmd = None
-        if evaluate and prepared.splits.test:
-            vectors = ["--fv", str(fv), "--ffv", str(out_path)] if fv is not None else ["--fv", str(out_path)]
-            evaluate_cmd = shlex.join(
-                ["fv-remote", "evaluate", *vectors, "--task", task, "--model", loaded.model_id, "--n-shots",
-                 str(n_shots), "--seed", str(seed), *(["--data-dir", str(data_dir)] if data_dir else []),
-                 *(["--n-test", str(n_test)] if n_test else []), *(["--json", str(json_path)] if json_path else []),
-                 "--remote"])
-        submitted(job, {"model": loaded.model_id, "task": relation.name, "init": init, "out": str(out_path),
-                        "plot": str(plot), "evaluate": evaluate_cmd})
-        return
+    evaluate_cmd = None  # what a --no-wait run prints instead of evaluating
+    if evaluate and prepared.splits.test:
+        vectors = ["--fv", str(fv), "--ffv", str(out_path)] if fv is not None else ["--fv", str(out_path)]
+        evaluate_cmd = shlex.join(
+            ["fv-remote", "evaluate", *vectors, "--task", task, "--model", loaded.model_id, "--n-shots",
+             str(n_shots), "--seed", str(seed), *(["--data-dir", str(data_dir)] if data_dir else []),
+             *(["--n-test", str(n_test)] if n_test else []), *(["--json", str(json_path)] if json_path else []),
+             "--remote"])
+    job = {"model": loaded.model_id, "task": relation.name, "init": init, "out": str(out_path), "plot": str(plot),
+           "evaluate": evaluate_cmd}
+    with submits(job), progress_bar(f"finetune {relation.name}", steps) as update:
+        run = train_ffv(loaded, prepared, source, init=init, layer=layer_opt, n_train=n_train, n_valid=n_valid,
+                        settings=settings, progress=update, remote=ex)
     report_finetune(run, relation.name, init, out_path, plot)
     if not evaluate:
         return
@@ -251,7 +245,6 @@ def bank_build(
     """Fine-tune an FFV for every relation and store them in one bank file (resumable)."""
     from fv_remote.bank import build_bank
     from fv_remote.data import list_tasks, load_task
-    from fv_remote.execution import JobSubmitted
 
     ex = executor(remote, no_wait)
     check_output_path(out_path, "--out")
@@ -281,16 +274,11 @@ def bank_build(
             skipped.append(name)
             console.print(f"[yellow]{name}: {status}[/]")
 
-    try:
-        with progress_bar("bank build", len(relations)) as update:
-            bank = build_bank(loaded, relations, out_path, layer=layer, init=init, fv_dir=fv_dir, n_train=n_train,
-                              n_valid=n_valid, settings=settings, seed=seed, resume=not fresh, on_task=report,
-                              progress=update, remote=ex)
-    except JobSubmitted as job:
-        from fv_remote.cli.jobs_cmd import submitted
-
-        submitted(job, {"model": loaded.model_id, "out": str(out_path)})
-        return
+    with submits({"model": loaded.model_id, "out": str(out_path)}), \
+            progress_bar("bank build", len(relations)) as update:
+        bank = build_bank(loaded, relations, out_path, layer=layer, init=init, fv_dir=fv_dir, n_train=n_train,
+                          n_valid=n_valid, settings=settings, seed=seed, resume=not fresh, on_task=report,
+                          progress=update, remote=ex)
     if no_wait:
         console.print(f"every relation is already in {out_path}; nothing submitted")
     out.print(f"bank {out_path}: {len(bank)} relations for {bank.model}"
@@ -589,7 +577,7 @@ def analogy(
     require_finite_option("--combiner-lr", combiner_lr)
     settings = AnalogySettings(mode=mode, temperature=temperature, score=score, scale=scale, batch_size=batch_size,
                                icl_format=icl_format, n_boot=n_boot, seed=seed).check()
-    items = read_mc_analogies(mc) if mc else read_analogy_csv(csv_path)
+    items = read_mc_analogies(mc) if mc else read_analogy_csv(csv_path)  # type: ignore[arg-type]  # one given
     if sample:
         random.Random(seed).shuffle(items)
     if limit is not None:

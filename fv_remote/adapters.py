@@ -162,16 +162,10 @@ class Adapter:
         if width % n_heads:
             raise UserError(f"head site width {width} is not divisible by {n_heads} heads ({spec.family})")
         unembed = get_path(hf_model, spec.unembed)
-        return cls(
-            spec=spec,
-            n_layers=len(layers),
-            n_heads=n_heads,
-            head_dim=width // n_heads,
-            d_model=int(unembed.weight.shape[1]),
-            vocab_size=int(unembed.weight.shape[0]),
-            layer_output_is_tuple=_returns_tuple(layers[0], spec.layer_output_is_tuple),
-            norm_eps=_norm_eps(config) if spec.post_attn_norm else 0.0,
-        )
+        return cls(spec=spec, n_layers=len(layers), n_heads=n_heads, head_dim=width // n_heads,
+                   d_model=int(unembed.weight.shape[1]), vocab_size=int(unembed.weight.shape[0]),
+                   layer_output_is_tuple=_returns_tuple(layers[0], spec.layer_output_is_tuple),
+                   norm_eps=_norm_eps(config) if spec.post_attn_norm else 0.0)
 
     # Paths resolve the same on the torch model and on the nnsight wrapper (Envoys mirror modules).
     def layers(self, root: Any) -> Any:

@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from fv_remote import __version__
-from fv_remote.checks import note_kept
+from fv_remote.checks import atomic_save, note_kept
 from fv_remote.data import RelationTask
 from fv_remote.errors import UserError, did_you_mean
 from fv_remote.execution import Target, job_details, resolve
@@ -106,8 +106,6 @@ class RelationBank:
         return self
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         if self.entries:
             tensors = {"vectors": self.vectors.contiguous(),
                        "layers": torch.tensor(self.layers, dtype=torch.int64)}
@@ -116,25 +114,17 @@ class RelationBank:
         metadata = {"format": FORMAT, "model": self.model, "names": json.dumps(self.names),
                     "entries": json.dumps([e.meta for e in self.entries], default=str),
                     "settings": json.dumps(self.settings, default=str), "library_version": __version__}
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata=metadata)
-        tmp.replace(path)  # a crash mid-write never leaves a half-written bank
-        return path
+        return atomic_save(lambda tmp: save_file(tensors, str(tmp), metadata=metadata), path, "relation bank")
 
     @classmethod
     def load(cls, path: str | Path, require: bool = True) -> "RelationBank":
         """Read a bank; `require` refuses a missing or empty one with the command that builds it."""
-        from safetensors import safe_open
+        from fv_remote.checks import read_safetensors
 
         path = Path(path)
         if not path.is_file():
             raise UserError(f"no relation bank at {path}; build one with `{BUILD_HINT.format(path=path)}`")
-        try:
-            with safe_open(str(path), framework="pt") as fh:
-                metadata = fh.metadata() or {}
-            tensors = load_file(str(path))
-        except Exception as exc:  # noqa: BLE001 - any parse failure is a bad file
-            raise UserError(f"{path} is not a relation bank ({type(exc).__name__}: {exc})") from None
+        tensors, metadata = read_safetensors(path, "relation-bank")
         if metadata.get("format") != FORMAT or "vectors" not in tensors:
             hint = " (it looks like a single vector: use it with --fv, or add it to a bank)" \
                 if "vector" in tensors else ""

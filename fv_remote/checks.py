@@ -17,7 +17,7 @@ import os
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from fv_remote.errors import UserError
 
@@ -86,6 +86,19 @@ def atomic_save(save: Callable[[Path], Any], path: str | Path, what: str = "outp
         raise
     note_kept(str(path), f"{what} {path}")
     return path
+
+
+def read_safetensors(path: str | Path, what: str) -> tuple[dict[str, Any], dict[str, str]]:
+    """(tensors, metadata) of a safetensors file; a missing or unparsable one is a UserError naming `what`."""
+    from safetensors import safe_open
+
+    if not Path(path).is_file():
+        raise UserError(f"{what} file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return {name: fh.get_tensor(name) for name in fh.keys()}, fh.metadata() or {}
+    except Exception as exc:  # noqa: BLE001 - any parse failure is a bad file from the user's side
+        raise UserError(f"{path} is not a {what} file ({type(exc).__name__}: {exc})") from None
 
 
 def write_output(path: str | Path, text: str, flag: str = "--json", what: str = "results") -> Path:
@@ -178,7 +191,10 @@ def require_finite_vector(vec: Any, path: str | Path) -> None:
             require_finite(part, f"{path}: the {kind}'s {name}", fix)
 
 
-def require_finite_option(flag: str, value: float | None) -> float | None:
+F = TypeVar("F", bound="float | None")
+
+
+def require_finite_option(flag: str, value: F) -> F:
     """A float option given as nan/inf (click accepts both) would turn every number it touches into NaN."""
     import math
 

@@ -163,28 +163,22 @@ def store_remote_cma(store: ActivationStore, saved: dict, details: dict,
     identity, rows = details["identity"], [tuple(r) for r in details["rows"]]
     group = cma_group(task, source)
     with store.writing():
-        return _store_remote_cma(store, saved, details, progress, task, source, method, n_prompts, start, identity,
-                                 rows, group)
-
-
-def _store_remote_cma(store, saved, details, progress, task, source, method, n_prompts, start, identity, rows,
-                      group) -> CMAResult:
-    store.check_compatible(group, identity)
-    now = store.trim(group)
-    if now >= n_prompts and now > start:  # already stored (by this job, or a run that caught up)
-        return CMAResult(task, load_aie(store, task, n_prompts, source=source), n_prompts, 0)
-    if now != start:
-        raise UserError(f"store {store.url} has {now} {group!r} prompts but the job starts at prompt {start}: the "
-                        "store changed since it was submitted; nothing stored")
-    results = saved_result(saved, details, "results", "the CMA job's")
-    done = session_effects(results, [list(g) for g in details["groups"]], int(details["n_heads"]))
-    if len(done) != len(rows) or len(rows) != n_prompts - start:
-        raise UserError(f"the job returned {len(done)} prompts, expected {n_prompts - start}; nothing stored")
-    for i in range(start, n_prompts):
-        _append_scores(store, group, identity, method, i, rows[i - start], done[i - start])
-        if progress:
-            progress(i + 1, n_prompts)
-    return CMAResult(task, load_aie(store, task, n_prompts, source=source), n_prompts, n_prompts - start)
+        store.check_compatible(group, identity)
+        now = store.trim(group)
+        if now >= n_prompts and now > start:  # already stored (by this job, or a run that caught up)
+            return CMAResult(task, load_aie(store, task, n_prompts, source=source), n_prompts, 0)
+        if now != start:
+            raise UserError(f"store {store.url} has {now} {group!r} prompts but the job starts at prompt {start}: "
+                            "the store changed since it was submitted; nothing stored")
+        results = saved_result(saved, details, "results", "the CMA job's")
+        done = session_effects(results, [list(g) for g in details["groups"]], int(details["n_heads"]))
+        if len(done) != len(rows) or len(rows) != n_prompts - start:
+            raise UserError(f"the job returned {len(done)} prompts, expected {n_prompts - start}; nothing stored")
+        for i in range(start, n_prompts):
+            _append_scores(store, group, identity, method, i, rows[i - start], done[i - start])
+            if progress:
+                progress(i + 1, n_prompts)
+        return CMAResult(task, load_aie(store, task, n_prompts, source=source), n_prompts, n_prompts - start)
 
 
 def load_aie(store: ActivationStore, task: str, n_prompts: int | None = None, source: str = "auto") -> xr.DataArray:

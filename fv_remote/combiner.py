@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from fv_remote.bank import RelationBank
 from fv_remote.errors import UserError
@@ -49,17 +49,9 @@ class Combiner:
 
     @classmethod
     def load(cls, path: str | Path) -> "Combiner":
-        from safetensors import safe_open
+        from fv_remote.checks import read_safetensors
 
-        path = Path(path)
-        if not path.is_file():
-            raise UserError(f"combiner file not found: {path}")
-        try:
-            with safe_open(str(path), framework="pt") as fh:
-                md = fh.metadata() or {}
-            t = load_file(str(path))
-        except Exception as exc:  # noqa: BLE001
-            raise UserError(f"{path} is not a combiner file ({type(exc).__name__}: {exc})") from None
+        t, md = read_safetensors(path, "combiner")
         if md.get("format") != "fv-remote-combiner":
             raise UserError(f"{path} is not a combiner file (save one with `fv-remote analogy --train-combiner`)")
         return cls(t["weight"], t["bias"], json.loads(md["names"]), float(md["temperature"]),

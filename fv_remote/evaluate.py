@@ -71,18 +71,22 @@ def layer_sweep(model: LoadedModel, prepared: PreparedTask, fv: FunctionVector, 
 
     Remotely all layers are one request, so `progress` is called once, at the end.
     """
-    conditions = sweep_conditions(model, prepared, fv, split, layers, n_prompts, scale, batch_size, positions)
-    if resolve(remote).session:
-        scores = dict(zip(conditions, score_conditions(model, list(conditions.values()), remote)))
+    return _accuracies(model, sweep_conditions(model, prepared, fv, split, layers, n_prompts, scale, batch_size,
+                                               positions), progress, remote)
+
+
+def _accuracies(model: LoadedModel, conditions: dict, progress: Progress | None, remote: Target) -> dict:
+    """Accuracy per condition: one request with a session executor (`progress` once, at the end), else condition
+    by condition so that a progress bar moves."""
+    conds = list(conditions.values())
+    acc = score_conditions(model, conds, remote) if resolve(remote).session else []
+    for condition in conds[len(acc):]:
+        acc += score_conditions(model, [condition], remote)
         if progress:
-            progress(len(scores), len(scores))
-        return scores
-    scores = {}
-    for i, (layer, condition) in enumerate(conditions.items()):
-        scores[layer] = score_conditions(model, [condition])[0]
-        if progress:
-            progress(i + 1, len(conditions))
-    return scores
+            progress(len(acc), len(conds))
+    if progress:
+        progress(len(conds), len(conds))
+    return dict(zip(conditions, acc))
 
 
 def scale_sweep_conditions(model: LoadedModel, prepared: PreparedTask, fv: FunctionVector, scales: list[float],
@@ -105,20 +109,8 @@ def scale_sweep(model: LoadedModel, prepared: PreparedTask, fv: FunctionVector, 
 
     An FV added at every position (`positions="all"`, what a llama.cpp control vector does) usually needs another
     scale than at the last token: this finds it without touching the test split."""
-    conditions = scale_sweep_conditions(model, prepared, fv, scales, layer, positions, distributed, split,
-                                        n_prompts, batch_size)
-    if resolve(remote).session:
-        scores = dict(zip(conditions, score_conditions(model, list(conditions.values()), remote)))
-    else:
-        scores = {}
-        for i, (scale, condition) in enumerate(conditions.items()):
-            scores[scale] = score_conditions(model, [condition])[0]
-            if progress:
-                progress(i + 1, len(conditions))
-        return scores
-    if progress:
-        progress(len(scores), len(scores))
-    return scores
+    return _accuracies(model, scale_sweep_conditions(model, prepared, fv, scales, layer, positions, distributed,
+                                                     split, n_prompts, batch_size), progress, remote)
 
 
 def best_scale(scores: dict[float, float]) -> float:
@@ -167,12 +159,7 @@ def evaluation_conditions(model: LoadedModel, prepared: PreparedTask, fv: Functi
     return n, layer, conditions
 
 
-def _scores(prepared: PreparedTask, n: int, layer: int, acc: dict[str, float], positions: str = "last",
-            scale: float = 1.0) -> TaskScores:
-    return _scores_named(prepared.name, n, layer, acc, positions, scale)
-
-
-def _scores_named(task: str, n: int, layer: int, acc: dict[str, float], positions: str | None = None,
+def _scores(task: str, n: int, layer: int, acc: dict[str, float], positions: str | None = None,
                   scale: float | None = None) -> TaskScores:
     """The row; `positions` and `scale` (how the vectors were added) go into it unless None (older no-wait jobs)."""
     main = ("zero_shot", "zero_shot_fv", "shuffled", "shuffled_fv", "icl")
@@ -197,7 +184,7 @@ def evaluate_task(model: LoadedModel, prepared: PreparedTask, fv: FunctionVector
     with job_details(stage="evaluate", task=prepared.name, n_test=n, layer=layer, names=list(conditions),
                      sweep_layers=None, positions=positions, scale=scale):
         acc = dict(zip(conditions, score_conditions(model, list(conditions.values()), remote)))
-    return _scores(prepared, n, layer, acc, positions, scale)
+    return _scores(prepared.name, n, layer, acc, positions, scale)
 
 
 def evaluate_and_sweep(model: LoadedModel, prepared: PreparedTask, fv: FunctionVector, layer: int | None = None,
@@ -213,7 +200,7 @@ def evaluate_and_sweep(model: LoadedModel, prepared: PreparedTask, fv: FunctionV
     with job_details(stage="evaluate", task=prepared.name, n_test=n, layer=layer, names=list(conditions),
                      sweep_layers=list(sweep), positions=positions, scale=scale):
         acc = score_conditions(model, [*conditions.values(), *sweep.values()], remote)
-    scores = _scores(prepared, n, layer, dict(zip(conditions, acc)), positions, scale)
+    scores = _scores(prepared.name, n, layer, dict(zip(conditions, acc)), positions, scale)
     return scores, dict(zip(sweep, acc[len(conditions):]))
 
 
@@ -223,7 +210,7 @@ def scores_from_job(saved: dict, details: dict) -> tuple[TaskScores, dict[int, f
 
     acc = accuracies_from_job(saved, details)
     names = details["names"]
-    scores = _scores_named(details["task"], int(details["n_test"]), int(details["layer"]), dict(zip(names, acc)),
+    scores = _scores(details["task"], int(details["n_test"]), int(details["layer"]), dict(zip(names, acc)),
                            details.get("positions"), details.get("scale"))
     layers = details.get("sweep_layers")
     return scores, (None if layers is None else {int(x): a for x, a in zip(layers, acc[len(names):])})

@@ -8,8 +8,8 @@ measured and the best vector so far is kept; training stops after `patience` ste
 The loop itself is written once, as the session body of `fv_remote.ffv_session` (plan -> body -> result): every
 forward is a trace that adds the vector and `.save()`s the loss; `backward()` and the optimiser step run between
 traces. Locally the body runs as plain traces; with an NDIF executor it is one request; a local fast path was
-measured against it and dropped (benchmarks/bench_twins.py: 1.03x, below the 1.2x bar). `score`, `_trace_loss`
-and the `Prefix` helpers remain for scoring and for analogy's first-token path.
+measured against it and dropped (1.03x, below the 1.2x bar: RESULTS.md, issue 12). `score` and `_trace_loss`
+remain for scoring without training, `Prefix` for analogy's first-token path.
 
 The result is a `FunctionVector` with kind="ffv" (same file format as an FV), so `fv-remote evaluate` and steering
 take it as is.
@@ -28,7 +28,7 @@ import torch
 from fv_remote.errors import UserError, require_positive
 from fv_remote.execution import Target
 from fv_remote.ffv_plan import (Examples, FFVRun, FinetuneResult, FinetuneSettings, SourceInfo, candidate_layers,
-                                chunk_examples, initial_plan, quick_settings, trace_kwargs)
+                                initial_plan, quick_settings, trace_kwargs)
 from fv_remote.models import LoadedModel
 from fv_remote.progress import Progress
 from fv_remote.tasks import PreparedTask
@@ -36,7 +36,7 @@ from fv_remote.traces.patching import add_to_residual, layer_hidden
 from fv_remote.vectors import FunctionVector
 
 # The stage's plain values live in ffv_plan (shared with the session body); they are part of this module's API.
-__all__ = ["Batches", "Examples", "FFVRun", "FinetuneResult", "FinetuneSettings", "Prefix", "SourceInfo",
+__all__ = ["Examples", "FFVRun", "FinetuneResult", "FinetuneSettings", "Prefix", "SourceInfo",
            "best_ffv_layer", "build_prefix", "candidate_layers", "examples", "finetune", "initial_plan",
            "initial_vector", "loss_curve", "residual_norm", "save_run", "score", "select_layer", "train_ffv",
            "trace_kwargs"]
@@ -72,11 +72,9 @@ class Prefix:
     """A batch of prompts run once without gradients: the keys/values of all but the last token, and every
     layer's output at the last token.
 
-    The vector only changes the last token's residual stream from its layer up, and causal attention means no
-    earlier token sees it. So a training step can feed just the last token against the cached keys/values and
-    skip the decoder layers below the vector's layer (their output there is known): exact, and far cheaper than
-    the whole prompt through the whole model. `finetune` checks the first step against the full forward and falls
-    back to it (with a warning in the result's meta) if they differ.
+    A vector added at the last token changes nothing at earlier tokens (causal attention), so a forward with it can
+    feed just the last token against the cached keys/values and skip the layers below the vector's (their output
+    there is known): exact (analogy's first-token scores use it; tests/test_relational.py checks it).
     """
 
     last_ids: torch.Tensor  # [B, 1]
@@ -112,53 +110,6 @@ def build_prefix(model: LoadedModel, texts: list[str], targets: torch.Tensor) ->
         cache = lm.output.past_key_values.save()
     cache.crop(-1)  # drop the last token: it is fed again at every step
     return Prefix(ids[:, -1:], mask, position[:, -1:], cache, list(hidden), targets)
-
-
-def _trace_loss_fast(model: LoadedModel, prefix: Prefix, vector: torch.Tensor, layer: int):
-    """`_trace_loss` from a `Prefix`: the last token only, decoder layers below `layer` skipped."""
-    ad, lm = model.adapter, model.lm
-    replacement = None
-    if layer > 0:
-        h = prefix.hidden[layer - 1]
-        replacement = (h, None) if ad.layer_output_is_tuple else h
-    targets = prefix.targets
-    with lm.trace(input_ids=prefix.last_ids, attention_mask=prefix.mask, position_ids=prefix.position,
-                  past_key_values=copy.deepcopy(prefix.cache), use_cache=True, **trace_kwargs(model)):
-        for skipped in range(layer):  # forward order: the skipped layers first
-            ad.layer(lm, skipped).skip(replacement)
-        add_to_residual(ad.layer(lm, layer), ad.layer_output_is_tuple, vector)
-        logits = ad.unembed(lm).output[:, -1].float()
-        loss = torch.nn.functional.cross_entropy(logits, targets)
-        hits = (logits.argmax(-1) == targets).sum()
-        loss.save()  # type: ignore[attr-defined]  # nnsight proxy .save()
-        hits.save()
-    return loss, hits
-
-
-class Batches:
-    """Training/validation data in fixed chunks, each with its cached prefix when the fast path is on."""
-
-    def __init__(self, model: LoadedModel, data: Examples, batch_size: int, fast: bool, seed: int = 0,
-                 shuffle: bool = True):
-        self.model = model
-        self.chunks = [(texts, targets, build_prefix(model, texts, targets) if fast else None)
-                       for texts, targets in chunk_examples(data, batch_size, seed, shuffle)]
-        self.n = len(data)
-
-    def loss(self, i: int, vector: torch.Tensor, layer: int):
-        texts, targets, prefix = self.chunks[i % len(self.chunks)]
-        if prefix is not None:
-            return _trace_loss_fast(self.model, prefix, vector, layer)
-        return _trace_loss(self.model, texts, targets, vector, layer)
-
-    def score(self, vector: torch.Tensor, layer: int) -> tuple[float, float]:
-        total, hits = 0.0, 0
-        with torch.no_grad():
-            for i, (texts, _, _) in enumerate(self.chunks):
-                loss, n_hit = self.loss(i, vector.detach(), layer)
-                total += float(loss) * len(texts)
-                hits += int(n_hit)
-        return total / self.n, hits / self.n
 
 
 def score(model: LoadedModel, data: Examples, vector: torch.Tensor, layer: int,
@@ -208,8 +159,6 @@ def finetune(model: LoadedModel, train: Examples, valid: Examples | None, init_v
     """
     s = (settings or FinetuneSettings()).check()
     layer = model.adapter.check_layer(layer)
-    if isinstance(train, Batches) or isinstance(valid, Batches):
-        raise UserError("fine-tuning takes Examples (the stage batches the prompts itself)")
     if train is None or not len(train):
         raise UserError("no training prompts")
     if init_vector.shape != (model.adapter.d_model,):

@@ -30,7 +30,7 @@ class FinetuneSettings:
     eval_every: int = 5  # steps between validation checks
     patience: int = 15  # steps without a better validation loss before stopping
     seed: int = 0
-    fast: bool = True  # cached prefix + last token from the vector's layer up (exact; see `Prefix`)
+    fast: bool = True  # each chunk's prefix cached once, its last tokens fed per step (exact)
 
     def check(self) -> "FinetuneSettings":
         require_positive("steps", self.steps)

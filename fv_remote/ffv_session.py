@@ -6,10 +6,10 @@ Per job, where the model is: the initial vector (scaled there for a random init 
 schedule, one trace per step (the loss, saved), backward and step, the validation checks, keeping the best vector
 and early stopping. Only each job's best vector, its training record and a few floats come back.
 
-- the cached-prefix fast path is the plain KV-cache continuation that generation uses: each chunk's prompts minus
-  their last token run once; a step feeds the last tokens through every layer against that cache and crops the
-  appended position off again (no `copy`, which the sandbox refuses; a former local loop that deep-copied the cache
-  and skipped the layers below the vector was 1.03x faster and was dropped, RESULTS.md issue 12);
+- the cached-prefix fast path: each chunk's whole prompts run once, keeping the keys/values of all but the last
+  token and every layer's output at the last token; a step then feeds only the last tokens, skips the layers below
+  the vector (their output there is known: the vector changes nothing before its layer) and crops the positions the
+  other layers appended off again (no `copy`, which the sandbox refuses);
 - prompts are tokenised on the client (the padding and position ids nnsight would use);
 - every step's learning rate is computed on the client and set on the optimiser (LambdaLR's exact values).
 """
@@ -40,14 +40,13 @@ NO_GRADIENT = ("fv-remote: no gradient reached the steering vector: NDIF's sandb
 
 
 def encode_chunk(model: LoadedModel, texts: list[str], targets: torch.Tensor, fast: bool) -> dict:
-    """A chunk as plain tensors: whole prompts ("full"), and for the fast path the prefix and the last token."""
+    """A chunk as plain tensors: whole prompts ("full"), and for the fast path the last tokens' view ("last")."""
     enc = model.tokenizer(list(texts), return_tensors="pt", padding=True)  # nnsight set left padding
     ids, mask = enc["input_ids"], enc["attention_mask"]
     position = (mask.cumsum(-1) - 1).clamp(min=0)
     chunk = {"n": len(texts), "targets": targets.clone(),
              "full": {"input_ids": ids, "attention_mask": mask, "position_ids": position}}
     if fast:
-        chunk["prefix"] = {"input_ids": ids[:, :-1], "attention_mask": mask[:, :-1], "position_ids": position[:, :-1]}
         chunk["last"] = {"input_ids": ids[:, -1:], "attention_mask": mask, "position_ids": position[:, -1:],
                          "use_cache": True}
     return chunk
@@ -63,7 +62,7 @@ class Plan:
 
     def data(self, data: Examples | None, batch_size: int, seed: int = 0, fast: bool = True,
              shuffle: bool = True) -> int | None:
-        """Add a dataset (chunks as `ffv.Batches` makes them); its index, or None for no data."""
+        """Add a dataset (fixed chunks, shuffled once); its index, or None for no data."""
         if data is None or not len(data):
             return None
         self.datasets.append([encode_chunk(self.model, texts, targets, fast)
@@ -110,15 +109,20 @@ def run_jobs(model: LoadedModel, datasets: list[list[dict]], jobs: list[dict], r
         check_shippable(datasets=datasets, jobs=jobs)
     results: list[dict] = []
     with stage_session(model, remote):
-        caches = []  # per dataset, per chunk: the prefix's keys/values (fast path) or None
+        caches = []  # per dataset, per chunk: (keys/values but the last token's, each layer's last output) or None
         for data in datasets:
             row = []
             for chunk in data:
-                cache = None
-                if "prefix" in chunk:
-                    with lm.trace(**chunk["prefix"], use_cache=True, **keep):
+                cached = None
+                if "last" in chunk:
+                    with lm.trace(**chunk["full"], use_cache=True, **keep):
+                        states = nnsight.save([])
+                        for block in layers:
+                            states.append(layer_hidden(block, is_tuple)[:, -1:].detach().clone())
                         cache = lm.output.past_key_values.save()
-                row.append(cache)
+                    cache.crop(-1)
+                    cached = (cache, [(h, None) if is_tuple else h for h in states])
+                row.append(cached)
             caches.append(row)
         for job in jobs:
             layer = job["layer"]
@@ -142,17 +146,20 @@ def run_jobs(model: LoadedModel, datasets: list[list[dict]], jobs: list[dict], r
                     items += [("base", job["baseline"], i) for i in range(len(datasets[job["baseline"]]))]
                 sums = {"valid": [0.0, 0, 0], "base": [0.0, 0, 0]}  # loss * n, hits, n
                 for kind, d, c in items:
-                    chunk, cache = datasets[d][c], caches[d][c]
+                    chunk, cached = datasets[d][c], caches[d][c]
                     vec = vector if kind == "train" else vector.detach() if kind == "valid" else torch.zeros_like(v0)
-                    feed = chunk["full"] if cache is None else dict(chunk["last"], past_key_values=cache)
+                    feed = chunk["full"] if cached is None else dict(chunk["last"], past_key_values=cached[0])
                     with lm.trace(**feed, **keep):
+                        for below in range(layer if cached is not None else 0):
+                            layers[below].skip(cached[1][layer - 1])
                         add_to_residual(layers[layer], is_tuple, vec)
                         logits = unembed.output[:, -1].float()
                         loss = torch.nn.functional.cross_entropy(logits, chunk["targets"]).save()  # type: ignore[attr-defined]  # nnsight proxy .save()
                         hits = (logits.argmax(-1) == chunk["targets"]).sum().save()
-                    if cache is not None:  # drop the fed last token again (no_grad: keep this step's graph out)
+                    if cached is not None:  # drop the fed last token again (no_grad: keep this step's graph out)
                         with torch.no_grad():
-                            cache.crop(-1)
+                            for kv in cached[0].layers:
+                                kv.crop(chunk["full"]["input_ids"].shape[1] - 1 - kv.get_seq_length())
                     if kind != "train":
                         sums[kind][0] += float(loss) * chunk["n"]
                         sums[kind][1] += int(hits)
@@ -191,8 +198,8 @@ def run_jobs(model: LoadedModel, datasets: list[list[dict]], jobs: list[dict], r
                             "best_loss": best_loss, "best_acc": best_acc, "stopped": stopped,
                             "init_norm": float(v0.norm()), "baseline_acc": base_acc,
                             "moved": float((vector.detach() - v0).norm())})
-        cache = loss = hits = norm = vec = logits = v0 = vector = best = feed = chunk = job = row = data = None  # type: ignore[assignment]  # session unbinds locals
-        items = sums = hist = opt = caches = None  # type: ignore[assignment]  # session unbinds locals
+        cache = cached = states = kv = loss = hits = norm = vec = logits = v0 = vector = best = feed = chunk = None  # type: ignore[assignment]  # session unbinds locals
+        job = row = data = items = sums = hist = opt = caches = None  # type: ignore[assignment]  # session unbinds locals
         if session:
             results = nnsight.save(results)
     return results

@@ -72,10 +72,24 @@ def load_job(job_id: str) -> dict[str, Any]:
         hint = f"; known jobs: {', '.join(known[-5:])}" if known else ""
         raise UserError(f"no job file for {job_id} in {jobs_dir()} (submitted from another machine or with another "
                         f"FV_REMOTE_JOBS?){hint}")
+    data = _read(path)
+    if data is None:
+        raise UserError(f"job file {path} is not valid JSON")
+    return data
+
+
+def _read(path: Path) -> dict[str, Any] | None:
+    """A job file's content (None: unreadable or not JSON). JSON that is not a job (edited, another tool's) is named
+    here rather than failing later as a traceback."""
     try:
-        return json.loads(path.read_text())
-    except ValueError:
-        raise UserError(f"job file {path} is not valid JSON") from None
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or not isinstance(data.get("settings", {}), dict) or \
+            not isinstance(data.get("job_id"), str):
+        raise UserError(f"job file {path} is not an fv-remote job (a JSON object with the job's details); move it "
+                        "out of the jobs folder")
+    return data
 
 
 def _update(job_id: str, **changes: Any) -> None:
@@ -91,13 +105,8 @@ def list_jobs() -> list[dict[str, Any]]:
     folder = jobs_dir()
     if not folder.is_dir():
         return []
-    jobs = []
-    for path in sorted(folder.glob("*.json")):
-        try:
-            jobs.append(json.loads(path.read_text()))
-        except ValueError:
-            continue
-    return sorted(jobs, key=lambda j: j.get("submitted", ""))
+    jobs = [job for path in sorted(folder.glob("*.json")) if (job := _read(path)) is not None]
+    return sorted(jobs, key=lambda j: str(j.get("submitted", "")))
 
 
 def _poll(job: dict[str, Any]) -> PollResult:

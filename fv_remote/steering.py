@@ -177,13 +177,17 @@ def _last_token_runs(model: LoadedModel, conditions: list[Condition], top1: bool
                 value = texts = edits = None  # type: ignore[assignment]
                 if session:
                     outs = nnsight.save(outs)
+    mine = _by_condition(outs, owners, len(conditions))
     if top_k:
-        mine = [[o for o, i in zip(outs, owners) if i == index] for index in range(len(conditions))]
         return [(torch.cat([p for p, _ in m]), torch.cat([t for _, t in m])) if m else
                 (torch.empty(0, top_k), torch.empty(0, top_k, dtype=torch.long)) for m in mine]
     empty = torch.empty(0, dtype=torch.long) if top1 else torch.empty(0, model.adapter.vocab_size)
-    return [torch.cat([o for o, i in zip(outs, owners) if i == index]) if index in owners else empty
-            for index in range(len(conditions))]
+    return [torch.cat(m) if m else empty for m in mine]
+
+
+def _by_condition(outs: list, owners: list[int], n: int) -> list[list]:
+    """The body's per-batch outputs grouped by the condition each batch belongs to."""
+    return [[o for o, i in zip(outs, owners) if i == index] for index in range(n)]
 
 
 def logits_conditions(model: LoadedModel, conditions: list[Condition], remote: Target = False) -> list[torch.Tensor]:
@@ -209,22 +213,20 @@ def score_conditions(model: LoadedModel, conditions: list[Condition], remote: Ta
             raise UserError("no prompts to evaluate")
         if cond.answer_ids is None or len(cond.answer_ids) != len(cond.texts):
             raise UserError("each condition needs one answer id per prompt")
-    with job_details(answer_ids=[list(map(int, cond.answer_ids or [])) for cond in conditions]):
+    answer_ids = [list(map(int, cond.answer_ids or [])) for cond in conditions]
+    with job_details(answer_ids=answer_ids):
         tops = _last_token_runs(model, conditions, top1=True, remote=remote)
-    return [float((top == torch.tensor(cond.answer_ids)).float().mean()) for top, cond in zip(tops, conditions)]
+    return [float((top == torch.tensor(ids)).float().mean()) for top, ids in zip(tops, answer_ids)]
 
 
 def accuracies_from_job(saved: dict, details: dict) -> list[float]:
     """`score_conditions`' result from a no-wait job: its saved values and the details it was submitted with."""
-    outs = saved_result(saved, details, "outs", "the evaluation job's")
-    owners = details["owners"]
+    outs, owners, answer_ids = saved_result(saved, details, "outs", "the evaluation job's"), details["owners"], \
+        details["answer_ids"]
     if len(outs) != len(owners):
         raise UserError(f"the job returned {len(outs)} batches, expected {len(owners)}")
-    scores = []
-    for index, ids in enumerate(details["answer_ids"]):
-        top = torch.cat([o for o, i in zip(outs, owners) if i == index])
-        scores.append(float((top == torch.tensor(ids)).float().mean()))
-    return scores
+    tops = _by_condition(outs, owners, len(answer_ids))
+    return [float((torch.cat(top) == torch.tensor(ids)).float().mean()) for top, ids in zip(tops, answer_ids)]
 
 
 def last_logits(model: LoadedModel, texts: list[str], steer: Steer | None = None,

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 import xarray as xr
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from fv_remote import __version__
 from fv_remote.errors import UserError
@@ -138,17 +138,9 @@ class FunctionVector:
 
     @classmethod
     def load(cls, path: str | Path) -> "FunctionVector":
-        from safetensors import safe_open
+        from fv_remote.checks import read_safetensors
 
-        path = Path(path)
-        if not path.is_file():
-            raise UserError(f"vector file not found: {path}")
-        try:
-            with safe_open(str(path), framework="pt") as fh:
-                metadata = fh.metadata() or {}
-            tensors = load_file(str(path))
-        except Exception as exc:  # noqa: BLE001 - any parse failure is a bad file from the user's side
-            raise UserError(f"{path} is not a function-vector file ({type(exc).__name__}: {exc})") from None
+        tensors, metadata = read_safetensors(path, "function-vector")
         if "vector" not in tensors or "model" not in metadata:
             raise UserError(f"{path} is not a function-vector file (no 'vector' tensor or model metadata)")
         heads = [(int(h[0]), int(h[1])) for h in tensors["heads"].tolist()] if "heads" in tensors else []

@@ -16,8 +16,6 @@ from fv_remote.evaluate import evaluate_task
 from fv_remote.ffv import (
     FinetuneSettings,
     _trace_loss,
-    _trace_loss_fast,
-    build_prefix,
     best_ffv_layer,
     candidate_layers,
     examples,
@@ -57,23 +55,21 @@ def test_trace_loss_matches_steering(llama, prepared):
 
 
 @pytest.mark.parametrize("family", ["llama", "gptj", "gpt2", "qwen3"])
-def test_cached_prefix_step_is_exact(family, tiny_tokenizer):
-    """Last token only, layers below the vector skipped: same loss and same gradient as the whole prompt."""
+def test_cached_prefix_training_is_exact(family, tiny_tokenizer):
+    """The session body's fast path (prefix cached once, the last token fed per step) trains the same vector as
+    whole prompts per step: same losses at every step, same validation record, same kept vector."""
     model = make_tiny_model(family, tiny_tokenizer)
     task = prepare_task(model.tokenizer, load_task(FIX / "opposites.json"), seed=0)
-    data = examples(task, "train", 6)  # prompts of different lengths (left padding)
-    prefix = build_prefix(model, data.texts, data.targets)
+    train, valid = examples(task, "train", 6), examples(task, "valid", 4)  # prompts of different lengths
+    v0 = 0.3 * torch.randn(model.adapter.d_model, generator=torch.Generator().manual_seed(1))
     for layer in (0, 2):
-        grads = []
-        for fast in (True, False):
-            vec = (torch.randn(model.adapter.d_model, generator=torch.Generator().manual_seed(layer))
-                   .requires_grad_(True))
-            loss, hits = (_trace_loss_fast(model, prefix, vec, layer) if fast
-                          else _trace_loss(model, data.texts, data.targets, vec, layer))
-            loss.backward()
-            grads.append((float(loss.detach()), int(hits), vec.grad.clone()))
-        assert grads[0][0] == pytest.approx(grads[1][0], abs=1e-5) and grads[0][1] == grads[1][1]
-        assert torch.allclose(grads[0][2], grads[1][2], atol=1e-5)
+        runs = [finetune(model, train, valid, v0, layer, FinetuneSettings(steps=4, lr=0.5, eval_every=2,
+                                                                          batch_size=4, fast=fast))
+                for fast in (True, False)]
+        fast, full = (r.history for r in runs)
+        assert fast["train_loss"] == pytest.approx(full["train_loss"], abs=1e-5)
+        assert fast["valid_loss"] == pytest.approx(full["valid_loss"], abs=1e-5)
+        assert torch.allclose(runs[0].ffv.vector, runs[1].ffv.vector, atol=1e-5)
 
 
 def test_finetune_lowers_loss_and_saves_like_an_fv(llama, prepared, tmp_path):

@@ -99,10 +99,6 @@ def test_finetune_one_request(local, remote_model, prepared, ndif):
     assert got.ffv.meta["n_train_batches"] == want.ffv.meta["n_train_batches"] == 3
     _requests(ndif, "finetune (8 steps x 4 prompts, 4 validations)")
     assert _saved_names(ndif.jobs[0]) == {"results"}
-    with pytest.raises(UserError, match="Examples"):
-        from fv_remote.ffv import Batches
-
-        finetune(local, Batches(local, train, 4, False), None, v0, 1, SETTINGS, remote="local")
 
 
 def test_finetune_layer_search_and_random_init_one_request(local, remote_model, prepared, ndif):

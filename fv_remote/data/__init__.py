@@ -5,52 +5,17 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
-from fv_remote.data.formats import (
-    MCAnalogy,
-    RelationTask,
-    read_analogy_csv,
-    read_bats_pairs,
-    read_mc_analogies,
-    read_relation_json,
-    read_semeval2012,
-    read_semeval2012_ratings,
-    read_task_json,
-    read_todd_json,
-)
-from fv_remote.data.prompts import (
-    PROMPT_KINDS,
-    ICLPrompt,
-    PromptTemplate,
-    Splits,
-    answer_first_token,
-    build_prompts,
-    resolve_answers,
-    split_pairs,
-)
+from fv_remote.data.formats import (MCAnalogy, RelationTask, read_analogy_csv, read_bats_pairs, read_mc_analogies,
+                                    read_relation_json, read_semeval2012, read_semeval2012_ratings, read_task_json,
+                                    read_todd_json)
+from fv_remote.data.prompts import (PROMPT_KINDS, ICLPrompt, PromptTemplate, Splits, answer_first_token, build_prompts,
+                                    resolve_answers, split_pairs)
 from fv_remote.errors import UserError, did_you_mean
 
-__all__ = [
-    "RelationTask",
-    "MCAnalogy",
-    "list_tasks",
-    "load_task",
-    "read_relation_json",
-    "read_todd_json",
-    "read_task_json",
-    "read_bats_pairs",
-    "read_semeval2012",
-    "read_semeval2012_ratings",
-    "read_mc_analogies",
-    "read_analogy_csv",
-    "PromptTemplate",
-    "Splits",
-    "ICLPrompt",
-    "PROMPT_KINDS",
-    "split_pairs",
-    "build_prompts",
-    "answer_first_token",
-    "resolve_answers",
-]
+__all__ = ["RelationTask", "MCAnalogy", "list_tasks", "load_task", "read_relation_json", "read_todd_json",
+           "read_task_json", "read_bats_pairs", "read_semeval2012", "read_semeval2012_ratings", "read_mc_analogies",
+           "read_analogy_csv", "PromptTemplate", "Splits", "ICLPrompt", "PROMPT_KINDS", "split_pairs", "build_prompts",
+           "answer_first_token", "resolve_answers"]
 
 
 def _bundled():

@@ -20,13 +20,12 @@ How a body runs remotely (nnsight 0.8.1):
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Union
 
 import fv_remote.execution.hosted as hosted
 from fv_remote.errors import UserError
-from fv_remote.execution.backend import JobSubmitted, make_backend, no_wait
+from fv_remote.execution.backend import JobSubmitted, make_backend
 from fv_remote.execution.shipping import register_traces
 
 if TYPE_CHECKING:
@@ -94,15 +93,6 @@ class NDIF(Executor):
 
     def load_model(self, name: str) -> LoadedModel:
         return hosted.load_remote_model(hosted.remote_repo_id(name))
-
-    @contextlib.contextmanager
-    def submitting(self) -> Iterator[None]:
-        """Within this block a submit-only NDIF executor's stages raise `JobSubmitted` (also those given `True`)."""
-        if self.wait:
-            yield
-            return
-        with no_wait():
-            yield
 
 
 # What a stage's `remote` parameter accepts: an executor, or a shorthand resolved by `resolve`.

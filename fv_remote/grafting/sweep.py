@@ -73,7 +73,7 @@ class SweepResult:
 
     def markdown(self, metric: str | None = None) -> str:
         metric = metric or f"top{self.k}"
-        head = "| configuration | " + " | ".join(f"{c} ({_span(self.column_layers[c])})" for c in self.columns)
+        head = "| configuration | " + " | ".join(f"{c} ({layer_span(self.column_layers[c])})" for c in self.columns)
         lines = [head + " |", "|---" * (len(self.columns) + 1) + "|"]
         for row in self.rows:
             cells = [_fmt(self.values[row][c][metric], metric) for c in self.columns]
@@ -93,7 +93,7 @@ class SweepResult:
             for row in self.rows:
                 for col in self.columns:
                     v = self.values[row][col]
-                    writer.writerow([row, col, _span(self.column_layers[col]), v[f"top{self.k}"], v["top1"],
+                    writer.writerow([row, col, layer_span(self.column_layers[col]), v[f"top{self.k}"], v["top1"],
                                      v["mean_prob"], v["median_rank"], v["n"]])
         md = [f"top-{self.k} accuracy of the target's first token ({self.n_prompts} held-out prompts)", "",
               self.markdown(), "", "mean probability of the target's first token", "",
@@ -103,7 +103,8 @@ class SweepResult:
         return paths
 
 
-def _span(layers: list[int]) -> str:
+def layer_span(layers: list[int]) -> str:
+    """A layer group as "L4-7" ("L4" for one layer, "-" for none)."""
     if not layers:
         return "-"
     return f"L{layers[0]}-{layers[-1]}" if len(layers) > 1 else f"L{layers[0]}"
@@ -143,18 +144,16 @@ def run_sweep(grafter: Grafter, prompts: Sequence[GraftPrompt], pathways: Sequen
 
 def plot(result: SweepResult, path: str | Path, metric: str | None = None) -> Path:
     """A heatmap of the sweep (rows = configurations, columns = layer groups), values annotated."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
+
+    from fv_remote.plots import _save, plt
 
     metric = metric or f"top{result.k}"
     data = np.array([[result.values[r][c][metric] for c in result.columns] for r in result.rows])
     fig, ax = plt.subplots(figsize=(1.3 * len(result.columns) + 4.5, 0.42 * len(result.rows) + 1.6))
     im = ax.imshow(data, cmap="viridis", vmin=0, vmax=1, aspect="auto")
     ax.set_xticks(range(len(result.columns)))
-    ax.set_xticklabels([f"{c}\n{_span(result.column_layers[c])}" for c in result.columns])
+    ax.set_xticklabels([f"{c}\n{layer_span(result.column_layers[c])}" for c in result.columns])
     ax.set_yticks(range(len(result.rows)))
     ax.set_yticklabels(result.rows)
     for i in range(data.shape[0]):
@@ -163,7 +162,4 @@ def plot(result: SweepResult, path: str | Path, metric: str | None = None) -> Pa
                     color="black" if data[i, j] > 0.6 else "white", fontsize=8)
     ax.set_title(f"grafting fine-tuned weights: {metric} accuracy ({result.n_prompts} held-out prompts)")
     fig.colorbar(im, ax=ax, fraction=0.03)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)

@@ -27,6 +27,7 @@ import torch
 from fv_remote.analogy import AnalogySettings, cfv_weights, composite_vector, relation_profile
 from fv_remote.bank import RelationBank
 from fv_remote.data import answer_first_token
+from fv_remote.data.formats import read_text_file
 from fv_remote.errors import UserError, did_you_mean
 from fv_remote.models import LoadedModel
 
@@ -55,13 +56,7 @@ def parse_columns(text: str | Sequence[str] | None) -> tuple[str, ...]:
 
 def read_ratings(path: str | Path, columns: Sequence[str] = DEFAULT_COLUMNS) -> list[RatingRow]:
     """Rows of a ratings CSV; a missing column is named in the error, with the header that is there."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"ratings file not found: {path}")
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise UserError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8") from None
+    path, text = read_text_file(path, "utf-8-sig")  # a BOM (spreadsheet exports) is not part of the header
     reader = csv.DictReader(text.splitlines())
     try:
         return _read_rating_rows(path, reader, columns)

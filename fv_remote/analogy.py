@@ -184,11 +184,8 @@ class AnalogyResult:
     def by_group(self, key: str = "relation") -> dict[str, dict[str, Any]]:
         """Per value of the items' field `key`: n, accuracy and bootstrap 95% CI per method, and the paired gains
         (as `gains`) within the group. Items without the field fall in "(none)"."""
-        groups: dict[str, list[int]] = {}
-        for i, item in enumerate(self.items):
-            groups.setdefault(_group_of(item, key) or "(none)", []).append(i)
         out = {}
-        for name, idx in sorted(groups.items()):
+        for name, idx in self._groups(key):
             sub = {m: v[idx] for m, v in self.correct.items()}
             out[name] = {"n": len(idx), "accuracy": {m: float(v.mean()) for m, v in sub.items()},
                          "ci95": {m: bootstrap_ci(v, self.settings.n_boot, self.settings.seed) for m, v in sub.items()},
@@ -196,18 +193,16 @@ class AnalogyResult:
         return out
 
     def by_relation(self) -> dict[str, dict[str, float]]:
+        return {rel: {"n": len(idx), **{m: float(v[idx].mean()) for m, v in self.correct.items()}}
+                for rel, idx in self._groups("prefix")}
+
+    def _groups(self, key: str) -> list[tuple[str, list[int]]]:
+        """Item indices per value of the items' field `key` ("prefix": the JSONL relation only), sorted."""
         groups: dict[str, list[int]] = {}
         for i, item in enumerate(self.items):
-            groups.setdefault(item.relation or "(none)", []).append(i)
-        return {rel: {"n": len(idx), **{m: float(v[idx].mean()) for m, v in self.correct.items()}}
-                for rel, idx in sorted(groups.items())}
-
-    def top_relations(self, k: int = 3) -> list[list[tuple[str, float]]]:
-        rows = []
-        for w in self.weights:
-            vals, idx = torch.topk(w, min(k, len(w)))
-            rows.append([(self.bank_names[i], round(float(v), 4)) for v, i in zip(vals, idx.tolist())])
-        return rows
+            value = item.relation if key == "prefix" else _group_of(item, key)
+            groups.setdefault(value or "(none)", []).append(i)
+        return sorted(groups.items())
 
     def as_json(self) -> dict[str, Any]:
         """The contract: n, n_skipped, chance, accuracy{cfv,no_vector,best_ffv,icl,...}, ci95{...}; plus extras."""

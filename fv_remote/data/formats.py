@@ -67,14 +67,15 @@ def _fail(path: Path, line: int | None, message: str) -> UserError:
     return UserError(f"{where}: {message}")
 
 
-def _read_text(path: str | Path) -> tuple[Path, str]:
+def read_text_file(path: str | Path, encoding: str = "utf-8") -> tuple[Path, str]:
+    """(path, text) of a UTF-8 data file; a missing, undecodable or empty one is a UserError naming it."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such file")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding=encoding)
     except UnicodeDecodeError as exc:
-        raise UserError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        raise UserError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8") from None
     if not text.strip():
         raise UserError(f"{path}: file is empty")
     return path, text
@@ -159,7 +160,7 @@ def _pair(value, path: Path, text: str, keys: tuple, what: str = "pair") -> tupl
 
 def read_todd_json(path: str | Path) -> RelationTask:
     """A Todd et al. (2024) task file: a JSON list of {"input": x, "output": y}; the name is the file stem."""
-    path, text = _read_text(path)
+    path, text = read_text_file(path)
     return _todd_from(path, text, _load_json(path, text))
 
 
@@ -181,7 +182,7 @@ def _todd_from(path: Path, text: str, data) -> RelationTask:
 
 def read_relation_json(path: str | Path) -> RelationTask:
     """The bundled format: {"name", "category", "description", "relation_words": [...], "pairs": [[x, y], ...]}."""
-    path, text = _read_text(path)
+    path, text = read_text_file(path)
     return _relation_from(path, text, _load_json(path, text))
 
 
@@ -212,7 +213,7 @@ def _relation_from(path: Path, text: str, data) -> RelationTask:
 
 def read_task_json(path: str | Path) -> RelationTask:
     """Either JSON task format, told apart by the top level: a list is Todd's, an object is ours."""
-    path, text = _read_text(path)
+    path, text = read_text_file(path)
     data = _load_json(path, text)
     if isinstance(data, list):
         return _todd_from(path, text, data)
@@ -229,7 +230,7 @@ _BATS_CATEGORIES = {
 
 def read_bats_pairs(path: str | Path) -> dict[str, RelationTask]:
     """BATS pairs: {"E05 [name - occupation]": [[source, target], ...], ...} -> one task per relation."""
-    path, text = _read_text(path)
+    path, text = read_text_file(path)
     data = _load_json(path, text)
     if not isinstance(data, dict):
         raise _fail(path, 1, "expected an object mapping relation names to lists of [source, target] pairs")
@@ -334,7 +335,7 @@ def read_semeval2012_ratings(root: str | Path) -> dict[str, list[tuple[str, str,
 
 def read_mc_analogies(path: str | Path) -> list[MCAnalogy]:
     """JSON lines {"stem": [a, b], "choice": [[c, d], ...], "answer": i, "prefix": relation}."""
-    path, text = _read_text(path)
+    path, text = read_text_file(path)
     items = []
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
@@ -394,7 +395,7 @@ def read_analogy_csv(path: str | Path) -> list[MCAnalogy]:
     Without a header: exactly those 5 columns. With one (the first row names a column D_foil or foil), columns
     are read by name (case-insensitive; order free) and any other column becomes a grouping (`--group-by NAME`).
     """
-    path, text = _read_text(path)
+    path, text = read_text_file(path)
     problems = []
     reader = csv.reader(text.splitlines())
     try:

@@ -12,7 +12,10 @@ For each stage (extract, cma, finetune, bank build, analogy), small settings on 
 - bytes: the same stage through the loopback NDIF server (tests/support/loopback_ndif.py) hosting the model: the request's
   payload and the result, both uncompressed (what the planner estimates) and as sent (zstd).
 
-    HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 .venv/bin/python benchmarks/plan_validation.py [--model smollm2-135m]
+    PYTHONHASHSEED=0 HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 .venv/bin/python benchmarks/plan_validation.py [--model ...]
+
+A request's size depends on the process's string hash seed (nnsight pickles the body's variables in set order: the
+model's envoy tree pickled after >= 256 other objects costs ~470 B more per layer), so set PYTHONHASHSEED to repeat one.
 
 Prints a Markdown table (RESULTS.md) and one JSON line per stage on stderr. A few minutes on one core.
 """
@@ -284,8 +287,8 @@ def main() -> None:
                        returned_ratio=round(plan.returned_bytes / ret_raw, 3))
         log(json.dumps(row))
         rows.append(row)
-    print(f"model {args.model}; machine constants measured before each stage (1 thread): GFLOP/s of a plain "
-          "forward, ms of nnsight overhead per forward\n")
+    print(f"model {args.model}, PYTHONHASHSEED={os.environ.get('PYTHONHASHSEED', 'random')}; machine constants "
+          "measured before each stage (1 thread): GFLOP/s of a plain forward, ms of nnsight overhead per forward\n")
     print("| stage | setting | forwards | FLOPs planned | FLOPs measured | machine | time planned | time measured | "
           "ratio | sent planned / measured (zstd) | returned planned / measured (zstd) |")
     print("|---|---|---:|---:|---:|---|---:|---:|---:|---|---|")

@@ -20,7 +20,8 @@ reach both the query and the keys/values). Early stopping is ignored: the FLOPs 
 Time on the server = FLOPs / `throughput` + forwards x `trace_overhead_s`; the job's wall time adds a fixed
 `request_overhead_s` (queue, session set-up) and the transfer of both payloads at `bandwidth`. Bytes are the
 uncompressed `torch.save` size of what travels (zstd on the wire only makes it smaller): tensors at their element
-size plus a per-tensor and a per-request overhead (measured constants below). Memory is the peak of one forward's
+size plus a per-tensor overhead, and a request its body's code (`body_bytes`, read from the stage's code) and the
+model's envoy tree (per layer) (measured constants below). Memory is the peak of one forward's
 activations (KV cache, the largest per-layer intermediate, the logits kept in float32) plus the returned values that
 accumulate on the server, and for fast CMA the KV-cache copy its local path keeps per group.
 
@@ -29,6 +30,7 @@ All server constants below are stated defaults; every one is an option of `fv-re
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -55,9 +57,16 @@ SAFETY = 0.8  # a proposed split fills at most this share of the execution limit
 # Bytes outside the tensors' data, measured through the loopback server on smollm2-135m (uncompressed):
 TENSOR_OVERHEAD = 250  # per returned tensor (torch.save's pickle record and zip entry; data 64-byte aligned)
 RESULT_OVERHEAD = 1300  # per result (torch.save's zip container)
-PAYLOAD_TENSOR_OVERHEAD = 450  # per tensor in a request (nnsight pickles them with their metadata)
-SESSION_OVERHEAD = 56 * 1024  # per request: the body's source, the envoy references, the model key (extract and
-#                                finetune on smollm2-135m: 58-59 KB beside their few KB of tensors)
+PAYLOAD_TENSOR_OVERHEAD = 300  # per tensor in a request (nnsight pickles each one by `torch.save` with its metadata)
+SESSION_OVERHEAD = 2400  # per request: the tracer, the root envoys, the hosted model's repo id and config
+ENVOY_LAYER_BYTES = 1850  # per decoder layer: every body reads the model's envoy (`lm`), which pickles its whole tree
+#   (per module its path twice; 1.7-2.4 KB per layer on the tiny models of 16 families). Not counted: when the tree is
+#   pickled after >= 256 other objects (nnsight pickles a body's variables in set order, which Python's per-process
+#   hash seed decides), each reference back into it takes 5 bytes instead of 2, ~470 B more per layer (RESULTS.md)
+# The function whose `with stage_session(...)` block is each stage's session body (`body_bytes` reads its code)
+BODIES = {"extract": "fv_remote.extract:trace_heads_batches", "cma": "fv_remote.cma_methods:cma_fast_session",
+          "finetune": "fv_remote.ffv_session:run_jobs", "bank": "fv_remote.ffv_session:run_jobs",
+          "analogy": "fv_remote.analogy:analogy_session"}
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 STAGES = ("extract", "cma", "finetune", "bank", "analogy")
 
@@ -136,6 +145,7 @@ def dims_from_config(config: Any) -> Dims:
     vocab = int(_get(text, "vocab_size"))
     gated = spec.family not in ("gpt2", "gptj", "gpt_neox")
     d_ff = int(_get(text, "intermediate_size", "n_inner", default=0) or 4 * d)
+    moe: tuple[int, ...]
     experts = int(_get(text, "num_local_experts", "num_experts", default=0) or 0)
     top_k = int(_get(text, "num_experts_per_tok", "experts_per_token", default=0) or 0)
     d_expert, moe = 0, ()
@@ -234,6 +244,35 @@ class Trace:
         return {"kv_cache": kv, "layer": per_layer, "logits": logits, "backward_saved": saved}
 
 
+@functools.cache
+def body_bytes(stage: str) -> int:
+    """The pickled size of the code `stage`'s session body ships, read from that code as it is now: nnsight 0.8.1 sends
+    the `with stage_session(...)` block's source (`reduce_block`: unparsed, padded to its line numbers) with the
+    globals it reads, the `fv_remote.traces` helpers among them by their source."""
+    import ast
+    import importlib
+    import inspect
+
+    from nnsight.intervention.serialization import dumps, reduce_block
+
+    from fv_remote.execution import register_traces
+
+    module, name = BODIES[stage].split(":")
+    fn = getattr(importlib.import_module(module), name)
+    lines, first = inspect.getsourcelines(fn)
+    tree = ast.increment_lineno(ast.parse("".join(lines)), first - 1)
+    block = next(n for n in ast.walk(tree) if isinstance(n, ast.With) and "stage_session" in ast.unparse(n.items[0]))
+    register_traces()  # helpers ship by source, as in the stage
+    local_names = dict.fromkeys(fn.__code__.co_varnames + fn.__code__.co_cellvars)
+    source, used_globals, _ = reduce_block(block, fn.__globals__, local_names)
+    return len(dumps((source, used_globals)))
+
+
+def session_bytes(stage: str, dims: Dims) -> int:
+    """A request's bytes besides its data: the body's code, the model's envoy tree and the tracer."""
+    return body_bytes(stage) + ENVOY_LAYER_BYTES * dims.n_layers + SESSION_OVERHEAD
+
+
 def tensor_bytes(n_elements: int, nbytes: int, n_tensors: int = 1) -> int:
     """Returned tensors: data plus torch.save's per-tensor overhead."""
     return n_elements * nbytes + n_tensors * TENSOR_OVERHEAD
@@ -315,7 +354,7 @@ def plan_extract(dims: Dims, n_prompts: int, prompt_tokens: int | list[int], bat
     else:
         heads = sum(tensor_bytes(per_prompt * t.rows, out_bytes) for t in traces)
     returned = heads + sum(tensor_bytes(t.rows, 4) + tensor_bytes(t.rows, 8) for t in traces) + RESULT_OVERHEAD
-    sent = SESSION_OVERHEAD + sum(sent_bytes(t.rows, 8) + t.rows * t.tokens * 4 for t in traces)  # ids + text
+    sent = session_bytes("extract", dims) + sum(sent_bytes(t.rows, 8) + t.rows * t.tokens * 4 for t in traces)
     return Plan("extract", n_prompts, "prompts", traces, sent, returned,
                 extra_memory={"saved_results": heads},
                 settings={"n_prompts": n_prompts, "batch_size": batch_size, "positions": n_positions,
@@ -347,7 +386,7 @@ def plan_cma(dims: Dims, n_prompts: int, prompt_tokens: int | list[int], nbytes:
     lengths = _prompt_tokens(prompt_tokens, n_prompts)
     groups = cma_groups(dims, max_copies)
     sizes = sorted({len(g) for g in groups})
-    traces, sent, returned = [], SESSION_OVERHEAD, RESULT_OVERHEAD
+    traces, sent, returned = [], session_bytes("cma", dims), RESULT_OVERHEAD
     for g in groups:
         n_layers = len({layer for layer, _ in g})
         sent += sent_bytes(2 * len(g), 8, 2 * n_layers) + sent_bytes(len(g) * dims.head_dim, 4, n_layers)
@@ -403,10 +442,10 @@ def plan_finetune(dims: Dims, n_train: int, n_valid: int, prompt_tokens: int, st
     from fv_remote.ffv import candidate_layers
 
     if datasets is None:
-        one = {"train": _chunks(n_train, batch_size, prompt_tokens),
-               "valid": _chunks(n_valid, batch_size, prompt_tokens),
-               "base": _chunks(n_valid, 64, prompt_tokens) if baseline else []}
-        datasets = [one] * (1 if layer is None else relations)
+        uniform = {"train": _chunks(n_train, batch_size, prompt_tokens),
+                   "valid": _chunks(n_valid, batch_size, prompt_tokens),
+                   "base": _chunks(n_valid, 64, prompt_tokens) if baseline else []}
+        datasets = [uniform] * (1 if layer is None else relations)
     traces: list[Trace] = []
     n_jobs = 0
     same = Counter(id(data) for data in datasets)  # relations sharing one uniform dataset cost the same
@@ -425,11 +464,13 @@ def plan_finetune(dims: Dims, n_train: int, n_valid: int, prompt_tokens: int, st
         one += [Trace(rows, t, t, 1) for rows, t in data.get("base", [])]
         n_jobs += k
         traces += [Trace(t.rows, t.tokens, t.keys, t.logits, t.first, t.backward_from, t.count * k) for t in one]
-    n_tokens = sum(rows * t for data in datasets for rows, t in data["train"] + data["valid"] + data.get("base", []))
-    # per chunk: ids, mask and positions of the whole prompts, the targets, and (cached-prefix chunks: all but the
-    # baseline's) the prefix and last-token views of the three
-    n_tensors = sum(10 * (len(data["train"]) + len(data["valid"])) + 4 * len(data.get("base", [])) for data in datasets)
-    sent = SESSION_OVERHEAD + 8 * 3 * 2 * n_tokens + n_tensors * PAYLOAD_TENSOR_OVERHEAD \
+    # per chunk: ids, mask and positions of the whole prompts and the targets; a cached-prefix chunk (all but the
+    # baseline's) also the prefix's three and the last token's ids and positions, views that each ship their whole
+    # storage (the last token's mask is the whole prompts' own)
+    cached = sum(rows * t for data in datasets for rows, t in data["train"] + data["valid"])
+    whole = sum(rows * t for data in datasets for rows, t in data.get("base", []))
+    n_tensors = sum(9 * (len(data["train"]) + len(data["valid"])) + 4 * len(data.get("base", [])) for data in datasets)
+    sent = session_bytes(stage, dims) + 8 * (8 * cached + 3 * whole) + n_tensors * PAYLOAD_TENSOR_OVERHEAD \
         + n_jobs * (sent_bytes(dims.d_model, 4) + 16 * steps)
     # per job: the vector, a dict of a few floats and the history (about 30 bytes per step and per validation)
     returned = RESULT_OVERHEAD + n_jobs * (tensor_bytes(dims.d_model, 4) + 200 + 30 * (steps + steps // eval_every))
@@ -472,7 +513,7 @@ def plan_analogy(dims: Dims, n_items: int, n_bank: int, prompt_tokens: int, n_ch
             traces += [Trace(r, t, t, 1) for r, t in _batches(lengths, batch_size)]
         n_tokens = sum(sum(p) for p in passes)
     n_batches = sum(t.count for t in traces)
-    sent = SESSION_OVERHEAD + n_tokens * 4 + sum(rows) * 8 * 5 + 5 * PAYLOAD_TENSOR_OVERHEAD * n_batches \
+    sent = session_bytes("analogy", dims) + n_tokens * 4 + sum(rows) * 8 * 5 + 5 * PAYLOAD_TENSOR_OVERHEAD * n_batches \
         + sent_bytes(n_bank * dims.d_model, 4)
     returned = RESULT_OVERHEAD + sum(tensor_bytes(n, 4) + tensor_bytes(n, 8) + tensor_bytes(n, 1) for n in rows) \
         + tensor_bytes(n_items * n_bank, 4)
@@ -486,10 +527,9 @@ def plan_analogy(dims: Dims, n_items: int, n_bank: int, prompt_tokens: int, n_ch
 
 def _merge(traces: list[Trace]) -> list[Trace]:
     """Identical forwards counted once with their multiplicity (keeps big plans small)."""
-    merged: dict[tuple, int] = {}
+    merged: Counter[tuple[int, int, int, int, int, int | None]] = Counter()
     for t in traces:
-        key = (t.rows, t.tokens, t.keys, t.logits, t.first, t.backward_from)
-        merged[key] = merged.get(key, 0) + t.count
+        merged[t.rows, t.tokens, t.keys, t.logits, t.first, t.backward_from] += t.count
     return [Trace(*key, count=n) for key, n in merged.items()]
 
 

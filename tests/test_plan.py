@@ -255,3 +255,36 @@ def test_analogy_plan_knows_the_stage_methods():
     from fv_remote.analogy import METHODS
 
     assert P.ANALOGY_METHODS == METHODS and P.MIXING_METHODS <= set(METHODS)
+
+
+def test_planned_requests_are_what_the_loopback_server_receives(local, remote_model, server, hub_cache, monkeypatch):
+    """Each stage's request, uncompressed as the server unpacks it, is the planned size within 10%: its body's code
+    (`body_bytes`, read from the stage's code), the model's envoy tree and the data (smollm2-135m's in RESULTS.md)."""
+    import zstandard
+
+    from fv_remote.cma import cma_fast_session
+    from fv_remote.extract import trace_heads_batches
+    from fv_remote.ffv import Examples, FinetuneSettings
+    from fv_remote.ffv_session import finetune_remote
+
+    dims = P.dims_from_config(local.hf.config)
+    gen = torch.Generator().manual_seed(0)
+    means = torch.randn(dims.n_layers, dims.n_heads, dims.head_dim, generator=gen)
+    texts = ["Q: hot\nA:", "Q: up\nA:", "Q: big\nA:", "Q: fox\nA:"]  # one length: the padding is known
+    train, valid = Examples(texts, torch.tensor([3, 4, 5, 6])), Examples(texts[:2], torch.tensor([3, 4]))
+    s = FinetuneSettings(steps=4, batch_size=2, eval_every=2, patience=10)
+    stages = {
+        "extract": (P.plan_extract(dims, 3, lengths(local, PROMPTS), batch_size=2, nbytes=4),
+                    lambda: trace_heads_batches(remote_model, [(PROMPTS[:2], [5, 6]), (PROMPTS[2:], [7])])),
+        "cma": (P.plan_cma(dims, 3, lengths(local, PROMPTS), nbytes=4),
+                lambda: cma_fast_session(remote_model, [(t, 5) for t in PROMPTS], means, remote=True)),
+        "finetune": (P.plan_finetune(dims, 4, 2, lengths(local, texts)[0], s.steps, s.batch_size, s.eval_every,
+                                     layer=1, nbytes=4),
+                     lambda: finetune_remote(remote_model, train, valid, torch.randn(dims.d_model, generator=gen), 1,
+                                             s, remote=True))}
+    for stage, (plan, run) in stages.items():
+        ndif = point_client_at(server, monkeypatch, hub_cache)
+        run()
+        (job,) = ndif.jobs
+        sent = len(zstandard.ZstdDecompressor().decompress(job.blob)) if job.compress else len(job.blob)
+        assert abs(plan.sent_bytes - sent) <= 0.1 * sent, (stage, plan.sent_bytes, sent)

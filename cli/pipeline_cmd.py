@@ -223,9 +223,10 @@ def fit(
 
 
 def _load_vector(path: Path, loaded):
-    from fv_remote.checks import check_vector_fits, load_vector
+    from fv_remote.checks import check_vector_fits
+    from fv_remote.vectors import FunctionVector
 
-    fv = load_vector(path)
+    fv = FunctionVector.load(path)
     fv.check_model(loaded)
     check_vector_fits(fv, loaded, path)
     require_finite_vector(fv, path)  # a NaN vector would steer into a table of nan

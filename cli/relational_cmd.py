@@ -11,7 +11,7 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from fv_remote.checks import (MAX_BOOT, MAX_STEPS, atomic_save, check_output_path, check_scale, json_text, load_vector,
+from fv_remote.checks import (MAX_BOOT, MAX_STEPS, atomic_save, check_output_path, check_scale, json_text,
                               require_count, require_finite, require_finite_option, require_finite_vector, write_output)
 from fv_remote.cli.app import app
 from fv_remote.cli.common import console, executor, load_stage, out, progress_bar, submits
@@ -99,6 +99,7 @@ def finetune(
     from fv_remote.evaluate import evaluate_task
     from fv_remote.ffv import train_ffv
     from fv_remote.tasks import prepare_task
+    from fv_remote.vectors import FunctionVector
 
     require_positive("--n-train", n_train)
     ex = executor(remote, no_wait)
@@ -106,7 +107,7 @@ def finetune(
         check_output_path(path, flag)
     settings = _settings(steps, lr, l2, patience, batch_size, seed)
     layer_opt = _layer_option(layer)
-    source = load_vector(fv) if fv is not None else None
+    source = FunctionVector.load(fv) if fv is not None else None
     if fv is not None:
         require_finite_vector(source, fv)
     if init == "fv" and source is None:
@@ -411,6 +412,7 @@ def decode(
     from fv_remote.bank import RelationBank
     from fv_remote.data import load_task
     from fv_remote.decode import decode_many
+    from fv_remote.vectors import FunctionVector
 
     require_positive("--top-k", top_k)
     check_output_path(json_path, "--json")
@@ -424,7 +426,7 @@ def decode(
             bank = RelationBank.load(path)
             vec = bank.function_vector(relation)
         else:
-            vec = load_vector(path)
+            vec = FunctionVector.load(path)
         vec.check_model(loaded)
         require_finite(vec.vector, f"{spec}: the vector", "it decodes to nothing; fit or fine-tune it again")
         named.append((f"{vec.kind.upper()} {vec.task} L{vec.layer}" if vec.task else Path(path).name, vec))

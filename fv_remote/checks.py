@@ -203,36 +203,6 @@ def require_finite_option(flag: str, value: F) -> F:
     return value
 
 
-def load_vector(path: str | Path) -> Any:
-    """`FunctionVector.load` for a file from the user: any inconsistency (a vector that is not 1-D, heads that are
-    not (layer, head) pairs, per-head parts of the wrong size, metadata that is not what we write) is an error
-    naming the file, never an exception deep inside steering."""
-    from fv_remote.vectors import FunctionVector
-
-    try:
-        vec = FunctionVector.load(path)
-    except UserError:
-        raise
-    except (ValueError, TypeError, KeyError, IndexError, RuntimeError, AttributeError) as exc:
-        raise UserError(f"{path} is not a valid function-vector file ({type(exc).__name__}: {exc})") from None
-    problem = None
-    k = len(vec.heads)
-    if vec.vector.ndim != 1 or vec.vector.numel() == 0 or not vec.vector.is_floating_point():
-        problem = f"its vector has shape {list(vec.vector.shape)} ({vec.vector.dtype}), not [d_model] floats"
-    elif not isinstance(vec.meta, dict):
-        problem = f"its 'meta' metadata is a {type(vec.meta).__name__}, not an object"
-    elif any(len(h) != 2 for h in vec.heads):
-        problem = "its heads are not (layer, head) pairs"
-    elif vec.head_means is not None and (vec.head_means.ndim != 2 or vec.head_means.shape[0] != k):
-        problem = f"head_means has shape {list(vec.head_means.shape)} for {k} heads"
-    elif vec.head_vectors is not None and (vec.head_vectors.ndim != 2 or vec.head_vectors.shape[0] != k
-                                           or vec.head_vectors.shape[1] != vec.vector.shape[0]):
-        problem = f"head_vectors has shape {list(vec.head_vectors.shape)} for {k} heads"
-    if problem:
-        raise UserError(f"{path} is not a valid function-vector file: {problem}")
-    return vec
-
-
 def check_vector_fits(vec: Any, model: Any, path: str | Path) -> None:
     """Heads and per-head means must exist in this model (distributed steering indexes them)."""
     ad = model.adapter

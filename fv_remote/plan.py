@@ -415,13 +415,13 @@ Chunks = list[tuple[int, int]]  # (rows, padded tokens) per chunk of a dataset, 
 
 def _ffv_job_traces(layer: int, steps: int, train: Chunks, valid: Chunks, eval_every: int) -> list[Trace]:
     """One fine-tuning job of `ffv_session.run_jobs` on the cached-prefix path: the last token of a training chunk
-    per step (forward + backward from the vector's layer), every validation chunk at step 0, every `eval_every`
-    steps and the last step."""
+    per step from the vector's layer up (the layers below skipped; forward + backward), every validation chunk at
+    step 0, every `eval_every` steps and the last step."""
     evals = (steps // eval_every + 1 + (steps % eval_every != 0)) if valid else 0  # 0, every eval_every, the last
     n = len(train)  # step s trains on chunk (s - 1) % n
-    out = [Trace(rows, 1, t, 1, backward_from=layer, count=steps // n + (i < steps % n))
+    out = [Trace(rows, 1, t, 1, first=layer, backward_from=layer, count=steps // n + (i < steps % n))
            for i, (rows, t) in enumerate(train) if steps // n + (i < steps % n)]
-    out += [Trace(rows, 1, t, 1, count=evals) for rows, t in valid]
+    out += [Trace(rows, 1, t, 1, first=layer, count=evals) for rows, t in valid]
     return out
 
 
@@ -435,10 +435,10 @@ def plan_finetune(dims: Dims, n_train: int, n_valid: int, prompt_tokens: int, st
                   datasets: list[dict[str, Chunks]] | None = None) -> Plan:
     """`finetune --remote` (one relation; `layer=None`: the layer search's short runs at `candidate_layers` plus the
     final run) and `bank build --remote` (`relations` jobs at one layer, each with its zero-shot baseline on whole
-    prompts in batches of 64): `ffv_session.run_jobs` on the cached-prefix path (each chunk's prompts minus their
-    last token once, then the last token per step). `datasets` (per relation: "train", "valid", "base" chunks as
-    (rows, padded tokens)) replaces the uniform `prompt_tokens` where the real prompts are known. Back per job: the
-    vector (float32), its history and a few floats."""
+    prompts in batches of 64): `ffv_session.run_jobs` on the cached-prefix path (each chunk's whole prompts once,
+    then the last token per step from the vector's layer up). `datasets` (per relation: "train", "valid", "base"
+    chunks as (rows, padded tokens)) replaces the uniform `prompt_tokens` where the real prompts are known. Back per
+    job: the vector (float32), its history and a few floats."""
     from fv_remote.ffv import candidate_layers
 
     if datasets is None:
@@ -451,7 +451,7 @@ def plan_finetune(dims: Dims, n_train: int, n_valid: int, prompt_tokens: int, st
     same = Counter(id(data) for data in datasets)  # relations sharing one uniform dataset cost the same
     for data in {id(d): d for d in datasets}.values():
         k = same[id(data)]
-        one = [Trace(rows, t - 1, t - 1, 1) for rows, t in data["train"] + data["valid"]]  # each prefix once
+        one = [Trace(rows, t, t, 1) for rows, t in data["train"] + data["valid"]]  # each chunk's prompts once
         if layer is None:
             search = candidate_layers(dims.n_layers)
             for at in search:
@@ -465,17 +465,18 @@ def plan_finetune(dims: Dims, n_train: int, n_valid: int, prompt_tokens: int, st
         n_jobs += k
         traces += [Trace(t.rows, t.tokens, t.keys, t.logits, t.first, t.backward_from, t.count * k) for t in one]
     # per chunk: ids, mask and positions of the whole prompts and the targets; a cached-prefix chunk (all but the
-    # baseline's) also the prefix's three and the last token's ids and positions, views that each ship their whole
-    # storage (the last token's mask is the whole prompts' own)
+    # baseline's) also the last token's ids and positions, views that each ship their whole storage (the last
+    # token's mask is the whole prompts' own)
     cached = sum(rows * t for data in datasets for rows, t in data["train"] + data["valid"])
     whole = sum(rows * t for data in datasets for rows, t in data.get("base", []))
-    n_tensors = sum(9 * (len(data["train"]) + len(data["valid"])) + 4 * len(data.get("base", [])) for data in datasets)
-    sent = session_bytes(stage, dims) + 8 * (8 * cached + 3 * whole) + n_tensors * PAYLOAD_TENSOR_OVERHEAD \
+    n_tensors = sum(6 * (len(data["train"]) + len(data["valid"])) + 4 * len(data.get("base", [])) for data in datasets)
+    sent = session_bytes(stage, dims) + 8 * (5 * cached + 3 * whole) + n_tensors * PAYLOAD_TENSOR_OVERHEAD \
         + n_jobs * (sent_bytes(dims.d_model, 4) + 16 * steps)
     # per job: the vector, a dict of a few floats and the history (about 30 bytes per step and per validation)
     returned = RESULT_OVERHEAD + n_jobs * (tensor_bytes(dims.d_model, 4) + 200 + 30 * (steps + steps // eval_every))
-    cache = 2 * dims.n_layers * dims.n_kv_heads * dims.head_dim * nbytes * sum(
-        rows * (t - 1) for data in datasets for rows, t in data["train"] + data["valid"])
+    cache = dims.n_layers * nbytes * sum(  # the keys/values of all but the last token, each layer's last output
+        rows * (2 * dims.n_kv_heads * dims.head_dim * (t - 1) + dims.d_model)
+        for data in datasets for rows, t in data["train"] + data["valid"])
     units = len(datasets) if stage == "bank" else n_train
     return Plan(stage, units, "relations" if stage == "bank" else "prompts", _merge(traces), sent, returned,
                 extra_memory={"prefix_caches": cache},

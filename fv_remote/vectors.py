@@ -138,16 +138,37 @@ class FunctionVector:
 
     @classmethod
     def load(cls, path: str | Path) -> "FunctionVector":
+        """A vector file; anything inconsistent in it (a vector that is not [d_model] floats, heads that are not
+        (layer, head) pairs, per-head parts of the wrong size, metadata we do not write) is a UserError naming the
+        file, never an exception deep inside steering."""
         from fv_remote.checks import read_safetensors
 
         tensors, metadata = read_safetensors(path, "function-vector")
         if "vector" not in tensors or "model" not in metadata:
             raise UserError(f"{path} is not a function-vector file (no 'vector' tensor or model metadata)")
-        heads = [(int(h[0]), int(h[1])) for h in tensors["heads"].tolist()] if "heads" in tensors else []
-        return cls(vector=tensors["vector"], model=metadata["model"], task=metadata.get("task", ""),
-                   layer=int(metadata.get("layer", 0)), heads=heads, head_means=tensors.get("head_means"),
-                   head_vectors=tensors.get("head_vectors"), kind=metadata.get("kind", "fv"),
-                   meta=json.loads(metadata.get("meta", "{}")))
+        try:
+            heads = [(int(h[0]), int(h[1])) for h in tensors["heads"].tolist()] if "heads" in tensors else []
+            vec = cls(vector=tensors["vector"], model=metadata["model"], task=metadata.get("task", ""),
+                      layer=int(metadata.get("layer", 0)), heads=heads, head_means=tensors.get("head_means"),
+                      head_vectors=tensors.get("head_vectors"), kind=metadata.get("kind", "fv"),
+                      meta=json.loads(metadata.get("meta", "{}")))
+        except (ValueError, TypeError, KeyError, IndexError, RuntimeError, AttributeError) as exc:
+            raise UserError(f"{path} is not a valid function-vector file ({type(exc).__name__}: {exc})") from None
+        k, v, means, per_head = len(heads), vec.vector, vec.head_means, vec.head_vectors
+        problem = None
+        if v.ndim != 1 or v.numel() == 0 or not v.is_floating_point():
+            problem = f"its vector has shape {list(v.shape)} ({v.dtype}), not [d_model] floats"
+        elif not isinstance(vec.meta, dict):
+            problem = f"its 'meta' metadata is a {type(vec.meta).__name__}, not an object"
+        elif any(len(h) != 2 for h in tensors.get("heads", torch.zeros(0, 2)).tolist()):
+            problem = "its heads are not (layer, head) pairs"
+        elif means is not None and (means.ndim != 2 or means.shape[0] != k):
+            problem = f"head_means has shape {list(means.shape)} for {k} heads"
+        elif per_head is not None and (per_head.ndim != 2 or per_head.shape[0] != k or per_head.shape[1] != v.shape[0]):
+            problem = f"head_vectors has shape {list(per_head.shape)} for {k} heads"
+        if problem:
+            raise UserError(f"{path} is not a valid function-vector file: {problem}")
+        return vec
 
     def check_model(self, model: LoadedModel) -> None:
         """Refuse a vector made for another model (a silent shape match would give meaningless numbers)."""

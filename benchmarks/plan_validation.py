@@ -122,7 +122,8 @@ SETTINGS = dict(steps=6, lr=0.2, batch_size=4, eval_every=3, patience=10)
 
 
 def _ffv_chunks(s: Setup, texts, batch_size, shuffle=True):
-    from fv_remote.ffv import Examples, chunk_examples
+    from fv_remote.ffv import Examples
+    from fv_remote.ffv_plan import chunk_examples
 
     data = Examples(list(texts), torch.zeros(len(texts), dtype=torch.long))
     return [(len(t), int(s.tok(list(t), return_tensors="pt", padding=True).input_ids.shape[1]))

@@ -7,9 +7,9 @@ schedule, one trace per step (the loss, saved), backward and step, the validatio
 and early stopping. Only each job's best vector, its training record and a few floats come back.
 
 - the cached-prefix fast path: each chunk's whole prompts run once, keeping the keys/values of all but the last
-  token and every layer's output at the last token; a step then feeds only the last tokens, skips the layers below
-  the vector (their output there is known: the vector changes nothing before its layer) and crops the positions the
-  other layers appended off again (no `copy`, which the sandbox refuses);
+  token and the last token's output of the layer below each job's vector; a step then feeds only the last tokens,
+  skips the layers below the vector (their output there is known: the vector changes nothing before its layer) and
+  crops the positions the other layers appended off again (no `copy`, which the sandbox refuses);
 - prompts are tokenised on the client (the padding and position ids nnsight would use);
 - every step's learning rate is computed on the client and set on the optimiser (LambdaLR's exact values).
 """
@@ -108,8 +108,9 @@ def run_jobs(model: LoadedModel, datasets: list[list[dict]], jobs: list[dict], r
     if session:
         check_shippable(datasets=datasets, jobs=jobs)
     results: list[dict] = []
+    handoffs = sorted({job["layer"] - 1 for job in jobs if job["layer"] > 0})  # a search's final layer is among these
     with stage_session(model, remote):
-        caches = []  # per dataset, per chunk: (keys/values but the last token's, each layer's last output) or None
+        caches = []  # per dataset, per chunk: (keys/values but the last token's, {layer: its last output}) or None
         for data in datasets:
             row = []
             for chunk in data:
@@ -117,11 +118,11 @@ def run_jobs(model: LoadedModel, datasets: list[list[dict]], jobs: list[dict], r
                 if "last" in chunk:
                     with lm.trace(**chunk["full"], use_cache=True, **keep):
                         states = nnsight.save([])
-                        for block in layers:
-                            states.append(layer_hidden(block, is_tuple)[:, -1:].detach().clone())
+                        for index in handoffs:
+                            states.append(layer_hidden(layers[index], is_tuple)[:, -1:].detach().clone())
                         cache = lm.output.past_key_values.save()
                     cache.crop(-1)
-                    cached = (cache, [(h, None) if is_tuple else h for h in states])
+                    cached = (cache, {index: (h, None) if is_tuple else h for index, h in zip(handoffs, states)})
                 row.append(cached)
             caches.append(row)
         for job in jobs:

@@ -474,9 +474,11 @@ def plan_finetune(dims: Dims, n_train: int, n_valid: int, prompt_tokens: int, st
         + n_jobs * (sent_bytes(dims.d_model, 4) + 16 * steps)
     # per job: the vector, a dict of a few floats and the history (about 30 bytes per step and per validation)
     returned = RESULT_OVERHEAD + n_jobs * (tensor_bytes(dims.d_model, 4) + 200 + 30 * (steps + steps // eval_every))
-    cache = dims.n_layers * nbytes * sum(  # the keys/values of all but the last token, each layer's last output
-        rows * (2 * dims.n_kv_heads * dims.head_dim * (t - 1) + dims.d_model)
-        for data in datasets for rows, t in data["train"] + data["valid"])
+    at_layers = candidate_layers(dims.n_layers) if layer is None else [layer]
+    handoffs = len({at - 1 for at in at_layers if at > 0})  # last-token outputs kept: the layer below each vector's
+    kv_token = 2 * dims.n_layers * dims.n_kv_heads * dims.head_dim
+    cache = nbytes * sum(rows * (kv_token * (t - 1) + handoffs * dims.d_model)
+                         for data in datasets for rows, t in data["train"] + data["valid"])
     units = len(datasets) if stage == "bank" else n_train
     return Plan(stage, units, "relations" if stage == "bank" else "prompts", _merge(traces), sent, returned,
                 extra_memory={"prefix_caches": cache},

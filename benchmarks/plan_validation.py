@@ -132,7 +132,7 @@ def _ffv_chunks(s: Setup, texts, batch_size, shuffle=True):
 
 def stage_finetune(s: Setup):
     from fv_remote.ffv import FinetuneSettings, examples
-    from fv_remote.ffv_session import finetune_remote
+    from fv_remote.ffv import finetune
 
     prepared = s.prepared[0]
     train, valid = examples(prepared, "train", 8), examples(prepared, "valid", 4)
@@ -141,7 +141,7 @@ def stage_finetune(s: Setup):
     data = [{"train": _ffv_chunks(s, train.texts, 4), "valid": _ffv_chunks(s, valid.texts, 4), "base": []}]
     plan = P.plan_finetune(s.dims, 8, 4, 0, st.steps, st.batch_size, st.eval_every, layer=9, nbytes=4,
                            datasets=data)
-    return plan, lambda m, r: finetune_remote(m, train, valid, v0, 9, st, remote=r), \
+    return plan, lambda m, r: finetune(m, train, valid, v0, 9, st, remote=r), \
         "layer 9, 6 steps x 4 prompts, 3 validations of 4"
 
 

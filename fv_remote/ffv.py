@@ -26,9 +26,10 @@ from typing import Any
 import torch
 
 from fv_remote.errors import UserError, require_positive
-from fv_remote.execution import Target
+from fv_remote.execution import Target, job_details
 from fv_remote.ffv_plan import (Examples, FFVRun, FinetuneResult, FinetuneSettings, SourceInfo, candidate_layers,
                                 initial_plan, quick_settings, trace_kwargs)
+from fv_remote.ffv_session import Plan, ffv_run, source_info, to_result
 from fv_remote.models import LoadedModel
 from fv_remote.progress import Progress
 from fv_remote.tasks import PreparedTask
@@ -164,9 +165,13 @@ def finetune(model: LoadedModel, train: Examples, valid: Examples | None, init_v
     if init_vector.shape != (model.adapter.d_model,):
         raise UserError(f"initial vector has shape {tuple(init_vector.shape)}, the model needs "
                         f"({model.adapter.d_model},)")
-    from fv_remote.ffv_session import finetune_remote
-
-    result = finetune_remote(model, train, valid, init_vector, layer, s, task, init, source, remote)
+    plan = Plan(model)
+    train_i = plan.data(train, s.batch_size, s.seed, s.fast)
+    valid_i = plan.data(valid, s.batch_size, s.seed, s.fast)
+    plan.job(s, train_i, valid_i, layer, init_vector)
+    assert train_i is not None  # job() refused None
+    result = to_result(model.model_id, plan.run(remote)[0], s, task, init, source, len(train),
+                       len(valid) if valid is not None else 0, len(plan.datasets[train_i]))
     if progress:
         progress(s.steps, s.steps)
     return result
@@ -180,8 +185,6 @@ def select_layer(model: LoadedModel, train: Examples, valid: Examples, layers: S
 
     Pick with `best_ffv_layer`. `make_init(layer)` gives each run's starting vector.
     """
-    from fv_remote.ffv_session import Plan
-
     if valid is None or not len(valid):
         raise UserError("choosing the FFV layer needs validation pairs")
     quick = quick_settings((settings or FinetuneSettings()).check(), quick_steps)
@@ -239,7 +242,7 @@ def train_ffv(model: LoadedModel, prepared: PreparedTask, fv: FunctionVector | N
 
     `layer`: an int; None = the FV's layer (required without an FV); "auto" = short runs on `candidate_layers`
     and the best by validation accuracy (then loss). All of it (the layer search included) is one stage body
-    (`ffv_session.train_ffv_remote`), run where `remote` says; `progress` is called once, at the end.
+    (`ffv_session.run_jobs`), run where `remote` says; `progress` is called once, at the end.
     """
     s = (settings or FinetuneSettings()).check()
     require_positive("n_train", n_train)
@@ -251,12 +254,28 @@ def train_ffv(model: LoadedModel, prepared: PreparedTask, fv: FunctionVector | N
         raise UserError(f"--layer auto needs validation pairs; task {prepared.name!r} has none")
     if layer is None and fv is None:
         raise UserError("give --layer (an index or 'auto') when there is no FV to take the layer from")
-    from fv_remote.ffv_session import train_ffv_remote
-
     if layer is None:
         assert fv is not None  # refused above otherwise
         layer = fv.layer
-    run = train_ffv_remote(model, prepared.name, train, valid, fv, init, layer, s, quick_steps, remote)
+    vector, scale_texts = initial_plan(model, init, fv, train.texts, s.seed)
+    plan = Plan(model)
+    train_i = plan.data(train, s.batch_size, s.seed, s.fast)
+    valid_i = plan.data(valid, s.batch_size, s.seed, s.fast)
+    search: list[int] = []
+    layers: list[int] = []
+    if layer == "auto":  # the short runs, the choice (on the server) and the final run in one body
+        layers = candidate_layers(model.adapter.n_layers, fv.layer if fv else None)
+        quick = quick_settings(s, quick_steps)
+        search = [plan.job(quick, train_i, valid_i, at, vector, scale_texts) for at in layers]
+        layer = -1
+    plan.job(s, train_i, valid_i, int(layer), vector, scale_texts, search=search)
+    assert train_i is not None  # job() refused None
+    n_valid, n_batches = len(valid) if valid is not None else 0, len(plan.datasets[train_i])
+    with job_details(stage="finetune", result_key="results", model=model.model_id, task=prepared.name, init=init,
+                     settings=s.as_dict(), source=source_info(fv), n_train=len(train), n_valid=n_valid,
+                     n_batches=n_batches, layers=layers, search=search, n_jobs=len(plan.jobs)):
+        outs = plan.run(remote)
+    run = ffv_run(model.model_id, outs, s, prepared.name, init, fv, len(train), n_valid, n_batches, layers, search)
     if progress:
         progress(s.steps, s.steps)
     return run

@@ -23,10 +23,9 @@ import nnsight
 import torch
 
 from fv_remote.errors import UserError
-from fv_remote.execution import Target, check_shippable, job_details, resolve, saved_result, stage_session
-from fv_remote.ffv_plan import (Examples, FFVRun, FinetuneResult, FinetuneSettings, SourceInfo, candidate_layers,
-                                chunk_examples, cosine_factor, finetune_result, initial_plan, quick_settings,
-                                trace_kwargs)
+from fv_remote.execution import Target, check_shippable, resolve, saved_result, stage_session
+from fv_remote.ffv_plan import (Examples, FFVRun, FinetuneResult, FinetuneSettings, SourceInfo, chunk_examples,
+                                cosine_factor, finetune_result, trace_kwargs)
 from fv_remote.models import LoadedModel
 from fv_remote.traces.patching import add_to_residual, layer_hidden
 from fv_remote.vectors import FunctionVector
@@ -215,50 +214,10 @@ def to_result(model_id: str, out: dict, s: FinetuneSettings, task: str, init: st
                             "moved": out.get("moved")})
 
 
-def finetune_remote(model: LoadedModel, train: Examples, valid: Examples | None, init_vector: torch.Tensor,
-                    layer: int, s: FinetuneSettings, task: str = "", init: str = "custom",
-                    source: FunctionVector | None = None, remote: Target = True) -> FinetuneResult:
-    """`ffv.finetune` as one request."""
-    plan = Plan(model)
-    train_i = plan.data(train, s.batch_size, s.seed, s.fast)
-    valid_i = plan.data(valid, s.batch_size, s.seed, s.fast)
-    plan.job(s, train_i, valid_i, layer, init_vector)
-    assert train_i is not None  # job() refused None
-    out = plan.run(remote)[0]
-    return to_result(model.model_id, out, s, task, init, source, len(train), len(valid) if valid is not None else 0,
-                     len(plan.datasets[train_i]))
-
-
-def train_ffv_remote(model: LoadedModel, name: str, train: Examples, valid: Examples | None,
-                     fv: FunctionVector | None, init: str, layer: int | str, s: FinetuneSettings,
-                     quick_steps: int, remote: Target) -> FFVRun:
-    """`ffv.train_ffv` as one request: with layer="auto" the short runs, the choice and the final run together."""
-    vector, scale_texts = initial_plan(model, init, fv, train.texts, s.seed)
-    plan = Plan(model)
-    train_i = plan.data(train, s.batch_size, s.seed, s.fast)
-    valid_i = plan.data(valid, s.batch_size, s.seed, s.fast)
-    search: list[int] = []
-    layers: list[int] = []
-    if layer == "auto":
-        layers = candidate_layers(model.adapter.n_layers, fv.layer if fv else None)
-        quick = quick_settings(s, quick_steps)
-        search = [plan.job(quick, train_i, valid_i, at, vector, scale_texts) for at in layers]
-        layer = -1
-    plan.job(s, train_i, valid_i, int(layer), vector, scale_texts, search=search)
-    assert train_i is not None  # job() refused None
-    n_valid = len(valid) if valid is not None else 0
-    with job_details(stage="finetune", result_key="results", model=model.model_id, task=name, init=init,
-                     settings=s.as_dict(), source=source_info(fv), n_train=len(train), n_valid=n_valid,
-                     n_batches=len(plan.datasets[train_i]), layers=layers, search=search,
-                     n_jobs=len(plan.jobs)):
-        outs = plan.run(remote)
-    return _ffv_run(model.model_id, outs, s, name, init, fv, len(train), n_valid, len(plan.datasets[train_i]), layers,
-                    search)
-
-
-def _ffv_run(model_id: str, outs: list[dict], s: FinetuneSettings, name: str, init: str,
-             fv: FunctionVector | SourceInfo | None, n_train: int, n_valid: int, n_batches: int, layers: list[int],
-             search: list[int]) -> FFVRun:
+def ffv_run(model_id: str, outs: list[dict], s: FinetuneSettings, name: str, init: str,
+            fv: FunctionVector | SourceInfo | None, n_train: int, n_valid: int, n_batches: int, layers: list[int],
+            search: list[int]) -> FFVRun:
+    """`ffv.train_ffv`'s result from `run_jobs`' outputs (the search's short runs, then the final run)."""
     found = {at: {"valid_loss": outs[i]["best_loss"], "valid_acc": outs[i]["best_acc"]}
              for at, i in zip(layers, search)}
     result = to_result(model_id, outs[-1], s, name, init, fv, n_train, n_valid, n_batches)
@@ -293,7 +252,7 @@ def job_outputs(saved: dict, details: dict) -> list[dict]:
 def ffv_run_from_job(saved: dict, details: dict) -> FFVRun:
     """What `ffv.train_ffv(..., remote=True)` returns, from a no-wait job's saved values and its details."""
     outs = job_outputs(saved, details)
-    return _ffv_run(details["model"], outs, FinetuneSettings(**details["settings"]), details["task"], details["init"],
+    return ffv_run(details["model"], outs, FinetuneSettings(**details["settings"]), details["task"], details["init"],
                     source_from_info(details.get("source")), int(details["n_train"]), int(details["n_valid"]),
                     int(details["n_batches"]), [int(x) for x in details["layers"]],
                     [int(x) for x in details["search"]])

@@ -105,7 +105,7 @@ def test_extract_flops_and_returned_bytes(tiny_llama):
 
 def test_finetune_session_flops_forward_and_backward(tiny_llama):
     from fv_remote.ffv import Examples, FinetuneSettings
-    from fv_remote.ffv_session import finetune_remote
+    from fv_remote.ffv import finetune
 
     texts = ["Q: hot\nA:", "Q: up\nA:", "Q: big\nA:", "Q: fox\nA:"]  # the same length: padding is known
     assert len(set(lengths(tiny_llama, texts))) == 1
@@ -116,7 +116,7 @@ def test_finetune_session_flops_forward_and_backward(tiny_llama):
     dims = P.dims_from_config(tiny_llama.hf.config)
     plan = P.plan_finetune(dims, 4, 2, t, s.steps, s.batch_size, s.eval_every, layer=1, nbytes=4)
     v0 = torch.randn(dims.d_model, generator=torch.Generator().manual_seed(0))
-    flops = counted(lambda: finetune_remote(tiny_llama, train, valid, v0, 1, s, remote=False))
+    flops = counted(lambda: finetune(tiny_llama, train, valid, v0, 1, s, remote=False))
     assert flops == plan.flops(dims)["total"]
     assert plan.flops(dims)["backward"] > 0
 
@@ -265,7 +265,7 @@ def test_planned_requests_are_what_the_loopback_server_receives(local, remote_mo
     from fv_remote.cma import cma_fast_session
     from fv_remote.extract import trace_heads_batches
     from fv_remote.ffv import Examples, FinetuneSettings
-    from fv_remote.ffv_session import finetune_remote
+    from fv_remote.ffv import finetune
 
     dims = P.dims_from_config(local.hf.config)
     gen = torch.Generator().manual_seed(0)
@@ -280,7 +280,7 @@ def test_planned_requests_are_what_the_loopback_server_receives(local, remote_mo
                 lambda: cma_fast_session(remote_model, [(t, 5) for t in PROMPTS], means, remote=True)),
         "finetune": (P.plan_finetune(dims, 4, 2, lengths(local, texts)[0], s.steps, s.batch_size, s.eval_every,
                                      layer=1, nbytes=4),
-                     lambda: finetune_remote(remote_model, train, valid, torch.randn(dims.d_model, generator=gen), 1,
+                     lambda: finetune(remote_model, train, valid, torch.randn(dims.d_model, generator=gen), 1,
                                              s, remote=True))}
     for stage, (plan, run) in stages.items():
         ndif = point_client_at(server, monkeypatch, hub_cache)

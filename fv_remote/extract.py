@@ -240,32 +240,27 @@ def store_remote_extraction(model: LoadedModel, task: RelationTask, store: Activ
     the job was submitted (another run appended prompts) is refused rather than mixed.
     """
     with store.writing():
-        return _store_remote_extraction(model, task, store, outs, details, progress)
-
-
-def _store_remote_extraction(model: LoadedModel, task: RelationTask, store: ActivationStore, outs: list[dict],
-                             details: dict, progress: Progress | None) -> ExtractionResult:
-    n_prompts, batch_size = int(details["n_prompts"]), int(details["batch_size"])
-    positions = tuple(details["positions"])
-    template = PromptTemplate(*details["template"])
-    starts = [int(x) for x in details["starts"]]
-    if store.has_task(task.name) and store.n_complete(task.name) >= n_prompts and \
-            store.n_complete(task.name) > starts[0]:
-        ds = store.open(task.name)
-        accuracy = float(ds["correct"].values[:n_prompts].mean())
-        return ExtractionResult(task.name, store.n_complete(task.name), 0, accuracy, [])
-    plan = _plan(model, task, store, n_prompts, int(details["n_shots"]), int(details["seed"]), batch_size,
-                 positions, template, details.get("reduce", "none"))
-    if plan.identity != details["identity"]:
-        changed = sorted(k for k in plan.identity if plan.identity[k] != details["identity"].get(k))
-        raise UserError(f"the job was submitted for other settings than these ({', '.join(changed)} differ); "
-                        "nothing stored")
-    if plan.starts != starts:
-        raise UserError(f"store {store.url} has {store.n_complete(task.name)} {task.name!r} prompts but the job "
-                        f"starts at prompt {starts[0]}: the store changed since it was submitted; nothing stored")
-    if len(outs) != len(starts):
-        raise UserError(f"the job returned {len(outs)} batches, expected {len(starts)}; nothing stored")
-    return _store_batches(model, task, store, plan, n_prompts, batch_size, positions, outs, progress)
+        n_prompts, batch_size = int(details["n_prompts"]), int(details["batch_size"])
+        positions = tuple(details["positions"])
+        template = PromptTemplate(*details["template"])
+        starts = [int(x) for x in details["starts"]]
+        if store.has_task(task.name) and store.n_complete(task.name) >= n_prompts and \
+                store.n_complete(task.name) > starts[0]:
+            ds = store.open(task.name)
+            accuracy = float(ds["correct"].values[:n_prompts].mean())
+            return ExtractionResult(task.name, store.n_complete(task.name), 0, accuracy, [])
+        plan = _plan(model, task, store, n_prompts, int(details["n_shots"]), int(details["seed"]), batch_size,
+                     positions, template, details.get("reduce", "none"))
+        if plan.identity != details["identity"]:
+            changed = sorted(k for k in plan.identity if plan.identity[k] != details["identity"].get(k))
+            raise UserError(f"the job was submitted for other settings than these ({', '.join(changed)} differ); "
+                            "nothing stored")
+        if plan.starts != starts:
+            raise UserError(f"store {store.url} has {store.n_complete(task.name)} {task.name!r} prompts but the job "
+                            f"starts at prompt {starts[0]}: the store changed since it was submitted; nothing stored")
+        if len(outs) != len(starts):
+            raise UserError(f"the job returned {len(outs)} batches, expected {len(starts)}; nothing stored")
+        return _store_batches(model, task, store, plan, n_prompts, batch_size, positions, outs, progress)
 
 
 def mean_head_activations(store: ActivationStore, task: str, only_correct: bool = True) -> xr.DataArray:

@@ -19,8 +19,7 @@ from typing import Any
 from fv_remote.execution import backend as _backend
 from fv_remote.execution.backend import JobRecord, JobSubmitted, job_details, make_backend, no_wait
 from fv_remote.execution.config import api_key, host, sandboxed, timeout_s
-from fv_remote.execution.executor import (NDIF, DryRun, Executor, Local, Target, load_stage_model, resolve,
-                                          stage_session, trace_options)
+from fv_remote.execution.executor import NDIF, DryRun, Executor, Local, Target, resolve, stage_session, trace_options
 from fv_remote.execution.hosted import load_remote_model, remote_repo_id
 from fv_remote.execution.polling import PollResult, poll_job, saved_result
 from fv_remote.execution.service import ServiceStatus, VersionCheck, check, status
@@ -35,6 +34,6 @@ def __getattr__(name: str) -> Any:
 
 __all__ = ["NDIF", "DryRun", "Executor", "JobRecord", "JobSubmitted", "Local", "PollResult", "ServiceStatus",
            "Target", "VersionCheck", "api_key", "check", "check_shippable", "host", "job_details",
-           "load_remote_model", "load_stage_model", "make_backend", "no_wait", "poll_job", "register_traces",
+           "load_remote_model", "make_backend", "no_wait", "poll_job", "register_traces",
            "remote_repo_id", "resolve", "sandboxed", "saved_result", "stage_session", "status", "timeout_s",
            "trace_options"]

@@ -131,11 +131,5 @@ def trace_options(model: Any, remote: Target = False) -> dict[str, Any]:
     return resolve(remote).session_options(model) or {}
 
 
-def load_stage_model(name: str, remote: Target = False) -> LoadedModel:
-    """The model a stage runs with: a weightless copy of the hosted repo for NDIF, else the local model (also for
-    nnsight's dry run, which needs real weights)."""
-    return resolve(remote).load_model(name)
-
-
-__all__ = ["NDIF", "DryRun", "Executor", "JobSubmitted", "Local", "Target", "load_stage_model",
-           "resolve", "stage_session", "trace_options"]
+__all__ = ["NDIF", "DryRun", "Executor", "JobSubmitted", "Local", "Target", "resolve", "stage_session",
+           "trace_options"]

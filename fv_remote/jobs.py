@@ -57,12 +57,14 @@ def save_job(job: JobSubmitted, settings: dict[str, Any]) -> Path:
         "submitted": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "state": "submitted", "stage": job.details["stage"], "settings": settings, "details": job.details,
     }
-    path = _path(record.job_id or "")
+    return _write(_path(record.job_id or ""), data)
+
+
+def _write(path: Path, data: dict[str, Any]) -> Path:
+    """Via a temporary file (not *.json: `list_jobs` never reads half a job file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    tmp.replace(path)
-    return path
+    path.with_suffix(".tmp").write_text(json.dumps(data, indent=2))
+    return path.with_suffix(".tmp").replace(path)
 
 
 def load_job(job_id: str) -> dict[str, Any]:
@@ -95,10 +97,7 @@ def _read(path: Path) -> dict[str, Any] | None:
 def _update(job_id: str, **changes: Any) -> None:
     data = load_job(job_id)
     data.update(changes)
-    path = _path(job_id)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    tmp.replace(path)
+    _write(_path(job_id), data)
 
 
 def list_jobs() -> list[dict[str, Any]]:

@@ -58,14 +58,6 @@ def word_forms(tokenizer, word: str) -> dict[int, str]:
     return single or first
 
 
-def ranks_of(logits: torch.Tensor, tokenizer, words: Sequence[str]) -> tuple[dict[str, int], dict[str, str]]:
-    """1-based rank of each word's best-ranked token form (first token of a multi-token word)."""
-    order = torch.argsort(logits, descending=True)
-    position = torch.empty_like(order)
-    position[order] = torch.arange(len(order))
-    return _best_forms(tokenizer, words, lambda t: int(position[t]))
-
-
 def _best_forms(tokenizer, words: Sequence[str], position_of) -> tuple[dict[str, int], dict[str, str]]:
     ranks, forms = {}, {}
     for word in words:

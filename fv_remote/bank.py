@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import save_file
 
 from fv_remote import __version__
-from fv_remote.checks import atomic_save, note_kept
+from fv_remote.checks import note_kept
 from fv_remote.data import RelationTask
 from fv_remote.errors import UserError, did_you_mean
 from fv_remote.execution import Target, job_details, resolve
@@ -114,7 +114,11 @@ class RelationBank:
         metadata = {"format": FORMAT, "model": self.model, "names": json.dumps(self.names),
                     "entries": json.dumps([e.meta for e in self.entries], default=str),
                     "settings": json.dumps(self.settings, default=str), "library_version": __version__}
-        return atomic_save(lambda tmp: save_file(tensors, str(tmp), metadata=metadata), path, "relation bank")
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        save_file(tensors, str(tmp), metadata=metadata)
+        return tmp.replace(path)  # a crash mid-write never leaves a half-written bank; `_add` notes it as kept
 
     @classmethod
     def load(cls, path: str | Path, require: bool = True) -> "RelationBank":

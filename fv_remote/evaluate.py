@@ -80,12 +80,12 @@ def _accuracies(model: LoadedModel, conditions: dict, progress: Progress | None,
     by condition so that a progress bar moves."""
     conds = list(conditions.values())
     acc = score_conditions(model, conds, remote) if resolve(remote).session else []
+    if progress and acc:
+        progress(len(acc), len(conds))
     for condition in conds[len(acc):]:
         acc += score_conditions(model, [condition], remote)
         if progress:
             progress(len(acc), len(conds))
-    if progress:
-        progress(len(conds), len(conds))
     return dict(zip(conditions, acc))
 
 

@@ -446,6 +446,7 @@ def plan_finetune(dims: Dims, n_train: int, n_valid: int, prompt_tokens: int, st
                    "valid": _chunks(n_valid, batch_size, prompt_tokens),
                    "base": _chunks(n_valid, 64, prompt_tokens) if baseline else []}
         datasets = [uniform] * (1 if layer is None else relations)
+    at_layers = candidate_layers(dims.n_layers) if layer is None else [layer]  # the search's, or the one layer
     traces: list[Trace] = []
     n_jobs = 0
     same = Counter(id(data) for data in datasets)  # relations sharing one uniform dataset cost the same
@@ -453,11 +454,10 @@ def plan_finetune(dims: Dims, n_train: int, n_valid: int, prompt_tokens: int, st
         k = same[id(data)]
         one = [Trace(rows, t, t, 1) for rows, t in data["train"] + data["valid"]]  # each chunk's prompts once
         if layer is None:
-            search = candidate_layers(dims.n_layers)
-            for at in search:
+            for at in at_layers:
                 one += _ffv_job_traces(at, quick_steps, data["train"], data["valid"], quick_steps)
-            at = search[len(search) // 2]  # the final run's layer is decided on the server; costs barely differ
-            n_jobs += k * len(search)
+            at = at_layers[len(at_layers) // 2]  # the final run's layer is decided on the server; costs barely differ
+            n_jobs += k * len(at_layers)
         else:
             at = layer
         one += _ffv_job_traces(at, steps, data["train"], data["valid"], eval_every)
@@ -474,7 +474,6 @@ def plan_finetune(dims: Dims, n_train: int, n_valid: int, prompt_tokens: int, st
         + n_jobs * (sent_bytes(dims.d_model, 4) + 16 * steps)
     # per job: the vector, a dict of a few floats and the history (about 30 bytes per step and per validation)
     returned = RESULT_OVERHEAD + n_jobs * (tensor_bytes(dims.d_model, 4) + 200 + 30 * (steps + steps // eval_every))
-    at_layers = candidate_layers(dims.n_layers) if layer is None else [layer]
     handoffs = len({at - 1 for at in at_layers if at > 0})  # last-token outputs kept: the layer below each vector's
     kv_token = 2 * dims.n_layers * dims.n_kv_heads * dims.head_dim
     cache = nbytes * sum(rows * (kv_token * (t - 1) + handoffs * dims.d_model)

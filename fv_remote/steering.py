@@ -221,8 +221,8 @@ def score_conditions(model: LoadedModel, conditions: list[Condition], remote: Ta
 
 def accuracies_from_job(saved: dict, details: dict) -> list[float]:
     """`score_conditions`' result from a no-wait job: its saved values and the details it was submitted with."""
-    outs, owners, answer_ids = saved_result(saved, details, "outs", "the evaluation job's"), details["owners"], \
-        details["answer_ids"]
+    outs = saved_result(saved, details, "outs", "the evaluation job's")
+    owners, answer_ids = details["owners"], details["answer_ids"]
     if len(outs) != len(owners):
         raise UserError(f"the job returned {len(outs)} batches, expected {len(owners)}")
     tops = _by_condition(outs, owners, len(answer_ids))

@@ -160,7 +160,7 @@ class FunctionVector:
             problem = f"its vector has shape {list(v.shape)} ({v.dtype}), not [d_model] floats"
         elif not isinstance(vec.meta, dict):
             problem = f"its 'meta' metadata is a {type(vec.meta).__name__}, not an object"
-        elif any(len(h) != 2 for h in tensors.get("heads", torch.zeros(0, 2)).tolist()):
+        elif k and tensors["heads"].shape[-1] != 2:  # rows parsed above: each must be exactly a pair
             problem = "its heads are not (layer, head) pairs"
         elif means is not None and (means.ndim != 2 or means.shape[0] != k):
             problem = f"head_means has shape {list(means.shape)} for {k} heads"

@@ -81,7 +81,7 @@ def emit(record: dict) -> None:
 
 
 def load():
-    from fv_remote.models import load_model
+    from fv_remote.models.loading import load_model
 
     opts = options()
     return load_model(os.environ.get("BENCH_MODEL", "smollm2-135m"), device=opts.device, dtype=DTYPES[opts.dtype])
@@ -97,7 +97,7 @@ def data_dir() -> str | None:
 def task(model, name: str, n_shots: int = 10, seed: int = 0):
     """(RelationTask, PreparedTask) from BENCH_DATA_DIR (Todd files) or the bundled relations."""
     from fv_remote.data import load_task
-    from fv_remote.tasks import prepare_task
+    from fv_remote.data.tasks import prepare_task
 
     folder = data_dir()
     relation = load_task(name, data_dir=folder) if folder else load_task(name)
@@ -105,7 +105,7 @@ def task(model, name: str, n_shots: int = 10, seed: int = 0):
 
 
 def store():
-    from fv_remote.store import ActivationStore
+    from fv_remote.store.activations import ActivationStore
 
     out = Path(os.environ.get("BENCH_OUT", ROOT / "out" / "bench"))
     out.mkdir(parents=True, exist_ok=True)
@@ -116,7 +116,7 @@ def store():
 
 def means_for(model, relation, n_clean: int | None = None, n_shots: int = 10):
     """Mean clean head outputs [L, H, Dh] (extraction cached in the bench store; resumes, never timed)."""
-    from fv_remote.extract import extract, mean_heads_tensor
+    from fv_remote.fv.extract import extract, mean_heads_tensor
 
     n_clean = n_clean or int(os.environ.get("BENCH_CLEAN", "100"))
     st = store()
@@ -167,7 +167,7 @@ class Timer:
 
 def aie_for(model, relation, prepared, means, n_prompts: int | None = None):
     """Exact AIE [L, H] from the bench store (computed once with the fast exact CMA; never timed)."""
-    from fv_remote.cma import load_aie, run_cma
+    from fv_remote.fv.cma import load_aie, run_cma
 
     n_prompts = n_prompts or int(os.environ.get("BENCH_PROMPTS", "25"))
     st = store()

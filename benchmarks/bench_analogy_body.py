@@ -13,10 +13,10 @@ import torch
 
 from _common import Timer, emit, load, log, setup
 
-from fv_remote.analogy import AnalogySettings, _local_scores, analogy_session, check_items
-from fv_remote.bank import RelationBank
+from fv_remote.relational.analogy import AnalogySettings, _local_scores, analogy_session, check_items
+from fv_remote.relational.bank import RelationBank
 from fv_remote.data import read_mc_analogies
-from fv_remote.vectors import FunctionVector
+from fv_remote.fv.vectors import FunctionVector
 
 N_ITEMS = int(os.environ.get("BENCH_ANALOGY_ITEMS", "24"))
 DATA = os.environ.get("BENCH_ANALOGY_DATA", "/work/shared/data/bats/bats_test.jsonl")

@@ -18,11 +18,11 @@ import torch
 
 from _common import Timer, emit, load, log, means_for, setup, task
 
-from fv_remote import cma
-from fv_remote.attribution import attribution_prompt
-from fv_remote.evaluate import best_layer, layer_sweep
-from fv_remote.steering import Steer, top1_accuracy
-from fv_remote.vectors import build_function_vector, top_heads
+from fv_remote.fv import cma
+from fv_remote.fv.attribution import attribution_prompt
+from fv_remote.fv.evaluate import best_layer, layer_sweep
+from fv_remote.fv.steering import Steer, top1_accuracy
+from fv_remote.fv.vectors import build_function_vector, top_heads
 
 TASKS = os.environ.get("BENCH_TASKS", "present-past,singular-plural").split(",")
 N_PROMPTS = int(os.environ.get("BENCH_PROMPTS", "25"))

@@ -20,7 +20,7 @@ import torch
 
 from _common import Timer, count_flops, emit, load, log, matmul_flops_per_s, means_for, setup, task
 
-from fv_remote import cma
+from fv_remote.fv import cma
 
 TASK = os.environ.get("BENCH_TASK", "present-past")
 N_PROMPTS = int(os.environ.get("BENCH_PROMPTS", "25"))

@@ -1,4 +1,4 @@
-"""FFV training: time per task (20 training pairs) and peak memory, with fv_remote.ffv.train_ffv defaults.
+"""FFV training: time per task (20 training pairs) and peak memory, with fv_remote.relational.ffv.train_ffv defaults.
 
 Per task (BENCH_TASKS, default present-past,singular-plural) the FV is built from cached means and exact AIE (top
 10 heads, layer from a validation sweep; not timed); then `train_ffv(n_train=20, n_valid=30)` is timed.
@@ -13,10 +13,10 @@ import resource
 
 from _common import PeakRSS, Timer, aie_for, emit, load, log, means_for, setup, task
 
-from fv_remote.evaluate import best_layer, layer_sweep
-from fv_remote.ffv import examples, train_ffv
-from fv_remote.steering import last_logits
-from fv_remote.vectors import build_function_vector
+from fv_remote.fv.evaluate import best_layer, layer_sweep
+from fv_remote.relational.ffv import examples, train_ffv
+from fv_remote.fv.steering import last_logits
+from fv_remote.fv.vectors import build_function_vector
 
 TASKS = os.environ.get("BENCH_TASKS", "present-past,singular-plural").split(",")
 

@@ -2,8 +2,8 @@
 
 Tiny random Llama configs with 4, 8, 16, 32 and 64 heads per layer and everything else fixed (4 layers, d_model 256,
 so head_dim = 256 / heads and one forward costs the same FLOPs whatever the head count): the time per prompt of
-every method that scores heads (`fv_remote.cma`'s fast / cached_batch / invoke_per_head / naive, and
-`fv_remote.attribution`), on the same BENCH_HEADS_PROMPTS (default 2) ten-shot prompts. What grows is the method's
+every method that scores heads (`fv_remote.fv.cma`'s fast / cached_batch / invoke_per_head / naive, and
+`fv_remote.fv.attribution`), on the same BENCH_HEADS_PROMPTS (default 2) ten-shot prompts. What grows is the method's
 own work per head.
 
   seconds[method][heads]  = seconds per prompt
@@ -31,7 +31,7 @@ D_MODEL, N_LAYERS = 256, 4
 def tiny(n_heads: int, tokenizer):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from fv_remote.models import wrap_model
+    from fv_remote.models.loading import wrap_model
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=D_MODEL, intermediate_size=2 * D_MODEL,
@@ -46,8 +46,8 @@ def tiny(n_heads: int, tokenizer):
 def main() -> None:
     from conftest import _tiny_tokenizer
 
-    from fv_remote import cma
-    from fv_remote.attribution import attribution_prompt
+    from fv_remote.fv import cma
+    from fv_remote.fv.attribution import attribution_prompt
 
     env = setup()
     tokenizer = _tiny_tokenizer()

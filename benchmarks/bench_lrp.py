@@ -23,8 +23,10 @@ import torch
 
 from _common import Timer, emit, load, log, means_for, setup, task
 
-from fv_remote import cma, lrp
-from fv_remote.attribution import attribution_prompt
+from fv_remote.fv import cma
+
+from fv_remote.fv import lrp
+from fv_remote.fv.attribution import attribution_prompt
 
 TASK = os.environ.get("BENCH_TASK", "present-past")
 N_PROMPTS = int(os.environ.get("BENCH_LRP_PROMPTS", "10"))

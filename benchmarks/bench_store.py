@@ -19,10 +19,10 @@ import torch
 
 from _common import Timer, emit, load, log, setup, task
 
-from fv_remote import cma
-from fv_remote.extract import _batch_dataset, mean_heads_tensor, trace_heads
-from fv_remote.store import ActivationStore
-from fv_remote.vectors import build_function_vector
+from fv_remote.fv import cma
+from fv_remote.fv.extract import _batch_dataset, mean_heads_tensor, trace_heads
+from fv_remote.store.activations import ActivationStore
+from fv_remote.fv.vectors import build_function_vector
 
 TASK = os.environ.get("BENCH_TASK", "present-past")
 BATCH = int(os.environ.get("BENCH_STORE_BATCH", "16"))

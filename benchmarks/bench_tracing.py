@@ -4,7 +4,7 @@ One batch of BENCH_TRACE_BATCH (default 16) ten-shot clean prompts; both sides r
 last token and the answer statistics, with identical tokenisation (left padding, mask-derived position ids). The
 sides alternate within each repetition; the ratio is the median of per-repetition ratios (robust to load drift).
 
-  overhead_vs_hooks          = nnsight (fv_remote.extract.trace_heads) / plain forward + forward-pre-hooks
+  overhead_vs_hooks          = nnsight (fv_remote.fv.extract.trace_heads) / plain forward + forward-pre-hooks
   overhead_vs_plain_forward  = nnsight / plain forward without hooks
   max_abs_diff               = max |head outputs (nnsight) - head outputs (hooks)|
 """
@@ -16,7 +16,7 @@ import torch
 
 from _common import Timer, emit, load, log, setup, task
 
-from fv_remote.extract import trace_heads
+from fv_remote.fv.extract import trace_heads
 from fv_remote.traces.heads import answer_stats
 
 TASK = os.environ.get("BENCH_TASK", "present-past")

@@ -41,9 +41,9 @@ def main() -> None:
     args = ap.parse_args()
 
     from fv_remote.data import load_task
-    from fv_remote.models import load_model
-    from fv_remote.tasks import prepare_task
-    from fv_remote.vectors import FunctionVector
+    from fv_remote.models.loading import load_model
+    from fv_remote.data.tasks import prepare_task
+    from fv_remote.fv.vectors import FunctionVector
 
     model = load_model(args.model)
     ad = model.adapter
@@ -71,8 +71,8 @@ def rescaling_shares(model, fv) -> list[float]:
     out) relative to the head vector; needs all heads' means, from the run's store (`fv.meta["store"]`)."""
     import torch
 
-    from fv_remote.extract import mean_heads_tensor
-    from fv_remote.store import ActivationStore
+    from fv_remote.fv.extract import mean_heads_tensor
+    from fv_remote.store.activations import ActivationStore
 
     url = fv.meta.get("store")
     if not url or not Path(url).exists():

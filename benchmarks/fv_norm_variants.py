@@ -26,7 +26,7 @@ def variant_vectors(model, means, heads, variant: str):
     import torch
 
     from fv_remote.traces.projection import linearised_norm
-    from fv_remote.vectors import output_weight
+    from fv_remote.fv.vectors import output_weight
 
     ad, rows = model.adapter, []
     for layer, head in heads:
@@ -53,14 +53,14 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
-    from fv_remote.cma import load_aie
+    from fv_remote.fv.cma import load_aie
     from fv_remote.data import load_task
-    from fv_remote.evaluate import best_layer, evaluate_task, layer_sweep
-    from fv_remote.extract import mean_heads_tensor
-    from fv_remote.models import load_model
-    from fv_remote.store import ActivationStore
-    from fv_remote.tasks import prepare_task
-    from fv_remote.vectors import assemble_function_vector, head_vectors, top_heads
+    from fv_remote.fv.evaluate import best_layer, evaluate_task, layer_sweep
+    from fv_remote.fv.extract import mean_heads_tensor
+    from fv_remote.models.loading import load_model
+    from fv_remote.store.activations import ActivationStore
+    from fv_remote.data.tasks import prepare_task
+    from fv_remote.fv.vectors import assemble_function_vector, head_vectors, top_heads
 
     model = load_model(args.model)
     store = ActivationStore(args.store)

@@ -44,8 +44,9 @@ def log(*args) -> None:
 
 
 def scorers(model, prepared, means):
-    from fv_remote import cma, lrp
-    from fv_remote.attribution import attribution_prompt
+    from fv_remote.fv import cma
+    from fv_remote.fv import lrp
+    from fv_remote.fv.attribution import attribution_prompt
 
     sep = prepared.template.separator
     return {"cma": lambda p, a: cma.cma_prompt_fast(model, p["shuffled"], a, means),
@@ -58,15 +59,15 @@ def run(args) -> dict:
     import torch
     from scipy.stats import spearmanr
 
-    from fv_remote.cma import load_aie, run_cma
+    from fv_remote.fv.cma import load_aie, run_cma
     from fv_remote.data import load_task
-    from fv_remote.evaluate import best_layer, layer_sweep
-    from fv_remote.extract import mean_heads_tensor
-    from fv_remote.models import load_model
-    from fv_remote.steering import Condition, Steer, logits_conditions
-    from fv_remote.store import ActivationStore
-    from fv_remote.tasks import prepare_task
-    from fv_remote.vectors import build_function_vector, top_heads
+    from fv_remote.fv.evaluate import best_layer, layer_sweep
+    from fv_remote.fv.extract import mean_heads_tensor
+    from fv_remote.models.loading import load_model
+    from fv_remote.fv.steering import Condition, Steer, logits_conditions
+    from fv_remote.store.activations import ActivationStore
+    from fv_remote.data.tasks import prepare_task
+    from fv_remote.fv.vectors import build_function_vector, top_heads
 
     torch.set_num_threads(1)
     model = load_model(args.model)

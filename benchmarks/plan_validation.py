@@ -1,4 +1,4 @@
-"""The cost planner (`fv_remote.plan`, `fv-remote plan`) against measurement, per remote stage, on a real model.
+"""The cost planner (`fv_remote.plan.cost`, `fv-remote plan`) against measurement, per remote stage, on a real model.
 
 For each stage (extract, cma, finetune, bank build, analogy), small settings on real prompts:
 
@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from fv_remote import plan as P  # noqa: E402
+from fv_remote.plan import cost as P  # noqa: E402
 
 TODD = Path("/work/shared/data/todd_fv/abstractive")
 
@@ -67,8 +67,8 @@ def attention(model, kind: str) -> None:
 class Setup:
     def __init__(self, name: str):
         from fv_remote.data import load_task
-        from fv_remote.models import load_model
-        from fv_remote.tasks import prepare_task
+        from fv_remote.models.loading import load_model
+        from fv_remote.data.tasks import prepare_task
 
         self.model = load_model(name)
         self.name = name
@@ -86,7 +86,7 @@ class Setup:
 # -- stages: (inputs, the planner's plan, a local run of the session body, a remote run) ----------------------------
 
 def stage_extract(s: Setup):
-    from fv_remote.extract import trace_heads_batches
+    from fv_remote.fv.extract import trace_heads_batches
 
     prompts = s.prepared[0].prompts("train", 8, kind="clean", n_shots=5)
     batches = [([p.text for p in prompts[i:i + 4]], [s.prepared[0].answer_token[p.answer] for p in prompts[i:i + 4]])
@@ -97,7 +97,7 @@ def stage_extract(s: Setup):
 
 
 def stage_extract_half(s: Setup):
-    from fv_remote.extract import trace_heads_batches
+    from fv_remote.fv.extract import trace_heads_batches
 
     prompts = s.prepared[0].prompts("train", 8, kind="clean", n_shots=5)
     batches = [([p.text for p in prompts[i:i + 4]], [s.prepared[0].answer_token[p.answer] for p in prompts[i:i + 4]])
@@ -108,7 +108,7 @@ def stage_extract_half(s: Setup):
 
 
 def stage_cma(s: Setup):
-    from fv_remote.cma import cma_fast_session
+    from fv_remote.fv.cma import cma_fast_session
 
     prompts = s.prepared[0].prompts("train", 2, kind="shuffled", n_shots=5, seed_offset=1)
     jobs = [(p.text, s.prepared[0].answer_token[p.answer]) for p in prompts]
@@ -122,8 +122,8 @@ SETTINGS = dict(steps=6, lr=0.2, batch_size=4, eval_every=3, patience=10)
 
 
 def _ffv_chunks(s: Setup, texts, batch_size, shuffle=True):
-    from fv_remote.ffv import Examples
-    from fv_remote.ffv_plan import chunk_examples
+    from fv_remote.relational.ffv import Examples
+    from fv_remote.relational.ffv_plan import chunk_examples
 
     data = Examples(list(texts), torch.zeros(len(texts), dtype=torch.long))
     return [(len(t), int(s.tok(list(t), return_tensors="pt", padding=True).input_ids.shape[1]))
@@ -131,8 +131,8 @@ def _ffv_chunks(s: Setup, texts, batch_size, shuffle=True):
 
 
 def stage_finetune(s: Setup):
-    from fv_remote.ffv import FinetuneSettings, examples
-    from fv_remote.ffv import finetune
+    from fv_remote.relational.ffv import FinetuneSettings, examples
+    from fv_remote.relational.ffv import finetune
 
     prepared = s.prepared[0]
     train, valid = examples(prepared, "train", 8), examples(prepared, "valid", 4)
@@ -146,8 +146,8 @@ def stage_finetune(s: Setup):
 
 
 def stage_bank(s: Setup):
-    from fv_remote.bank import build_bank
-    from fv_remote.ffv import FinetuneSettings, examples
+    from fv_remote.relational.bank import build_bank
+    from fv_remote.relational.ffv import FinetuneSettings, examples
 
     st = FinetuneSettings(**SETTINGS)
     data = []
@@ -166,10 +166,10 @@ def stage_bank(s: Setup):
 
 
 def stage_analogy(s: Setup):
-    from fv_remote.analogy import METHODS, AnalogySettings, _method_rows, analogy_session, check_items
-    from fv_remote.bank import RelationBank
+    from fv_remote.relational.analogy import METHODS, AnalogySettings, _method_rows, analogy_session, check_items
+    from fv_remote.relational.bank import RelationBank
     from fv_remote.data import MCAnalogy
-    from fv_remote.vectors import FunctionVector
+    from fv_remote.fv.vectors import FunctionVector
 
     gen = torch.Generator().manual_seed(5)
     bank = RelationBank(s.model.model_id)
@@ -190,7 +190,7 @@ def stage_analogy(s: Setup):
 
     def run(m, r):
         if r:
-            from fv_remote.analogy import run_analogies
+            from fv_remote.relational.analogy import run_analogies
 
             return run_analogies(m, bank, items, st, remote=r)
         return analogy_session(m, bank, kept, st, None, METHODS, remote=False)

@@ -40,11 +40,11 @@ def main() -> int:
     import torch
 
     from fv_remote.data import load_task
-    from fv_remote.evaluate import best_scale, evaluation_conditions, scale_sweep
-    from fv_remote.models import load_model
-    from fv_remote.steering import score_conditions
-    from fv_remote.tasks import prepare_task
-    from fv_remote.vectors import FunctionVector
+    from fv_remote.fv.evaluate import best_scale, evaluation_conditions, scale_sweep
+    from fv_remote.models.loading import load_model
+    from fv_remote.fv.steering import score_conditions
+    from fv_remote.data.tasks import prepare_task
+    from fv_remote.fv.vectors import FunctionVector
 
     torch.set_num_threads(1)
     model = load_model("smollm2-135m")

@@ -43,13 +43,13 @@ def main() -> None:
     import torch
 
     from fv_remote.data import RelationTask, Splits, load_task, resolve_answers
-    from fv_remote.steering import Steer, top1_accuracy
-    from fv_remote.ffv import FinetuneSettings, examples, finetune, initial_vector, select_layer, best_ffv_layer
-    from fv_remote.models import load_model
-    from fv_remote.pipeline import PipelineSettings, run_task
-    from fv_remote.store import ActivationStore
-    from fv_remote.tasks import PreparedTask, prepare_task
-    from fv_remote.vectors import FunctionVector
+    from fv_remote.fv.steering import Steer, top1_accuracy
+    from fv_remote.relational.ffv import FinetuneSettings, examples, finetune, initial_vector, select_layer, best_ffv_layer
+    from fv_remote.models.loading import load_model
+    from fv_remote.fv.pipeline import PipelineSettings, run_task
+    from fv_remote.store.activations import ActivationStore
+    from fv_remote.data.tasks import PreparedTask, prepare_task
+    from fv_remote.fv.vectors import FunctionVector
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -99,7 +99,7 @@ def main() -> None:
             ffv = res.ffv
             ffv.meta["layer_search"] = {str(k): v for k, v in search.items()}
             ffv.save(ffv_path)
-            from fv_remote.ffv import loss_curve
+            from fv_remote.relational.ffv import loss_curve
 
             loss_curve(res.history, out / f"{name}.ffv_loss.png", title=f"{name}: FFV (init FV) at layer {layer}")
         zero_path = out / f"{name}.ffv0.safetensors"

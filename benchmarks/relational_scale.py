@@ -47,14 +47,14 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    from fv_remote.analogy import (AnalogyResult, AnalogySettings, _choice_scores, _hits, _method_rows, bootstrap_ci,
+    from fv_remote.relational.analogy import (AnalogyResult, AnalogySettings, _choice_scores, _hits, _method_rows, bootstrap_ci,
                                    cfv_weights, check_items, relation_profile)
-    from fv_remote.bank import RelationBank
-    from fv_remote.bank_sources import select_sources
-    from fv_remote.combiner_fit import analogies_from_relations, choose_scale, choose_softmax, fit_combiner
+    from fv_remote.relational.bank import RelationBank
+    from fv_remote.relational.bank_sources import select_sources
+    from fv_remote.relational.combiner_fit import analogies_from_relations, choose_scale, choose_softmax, fit_combiner
     from fv_remote.data import read_mc_analogies
     from fv_remote.data.sources import semeval_relations
-    from fv_remote.models import load_model
+    from fv_remote.models.loading import load_model
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -104,7 +104,7 @@ def main() -> None:
     sel = json.loads(sel_path.read_text()) if sel_path.is_file() else {}
     if sel.get("bank") != bank.names or sel.get("combiner_lr", 0.05) != args.combiner_lr or \
             sel.get("steps", args.steps) != args.steps:  # none yet, or for another bank / combiner setting
-        from fv_remote.combiner_fit import Selection
+        from fv_remote.relational.combiner_fit import Selection
 
         if sel.get("bank") == bank.names and "softmax" in sel:  # the softmax choice does not depend on the combiner
             soft = Selection(sel["softmax"]["temperature"], sel["softmax"]["scale"], sel["softmax"]["grid"])
@@ -127,7 +127,7 @@ def main() -> None:
                "n_train": len(train), "n_held": len(held), "n_skipped": len(skipped), "bank": bank.names,
                "combiner_lr": args.combiner_lr, "steps": args.steps}
         sel_path.write_text(json.dumps(sel, indent=1))
-    from fv_remote.analogy import Combiner
+    from fv_remote.relational.analogy import Combiner
 
     comb = Combiner.load(out / "combiner.safetensors")
     t_soft, sc_soft, sc_learned = sel["softmax"]["temperature"], sel["softmax"]["scale"], sel["learned"]["scale"]

@@ -6,7 +6,7 @@ import sys
 
 import typer
 
-from fv_remote.errors import UserError
+from fv_remote.core.errors import UserError
 
 app = typer.Typer(
     name="fv-remote",
@@ -39,7 +39,7 @@ def main() -> None:
     """Run the app. A user mistake (UserError), or an OSError a user can fix (permissions, full disk, a file in
     the way), ends with one `error:` line and exit 2; Ctrl-C with one line saying what was kept and exit 130;
     anything else is a bug and keeps its traceback."""
-    from fv_remote.checks import kept_line, reset_kept
+    from fv_remote.core.checks import kept_line, reset_kept
 
     _register()
     reset_kept()
@@ -48,7 +48,7 @@ def main() -> None:
     except UserError as exc:
         _fail(str(exc))
     except OSError as exc:
-        from fv_remote.errors import os_error_message
+        from fv_remote.core.errors import os_error_message
 
         target = exc.filename or "a file"
         message = os_error_message(exc, str(target), "write" if exc.filename else "access")

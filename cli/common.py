@@ -13,7 +13,7 @@ from rich.console import Console
 
 if TYPE_CHECKING:
     from fv_remote.execution import Executor
-    from fv_remote.models import LoadedModel
+    from fv_remote.models.loading import LoadedModel
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -37,7 +37,7 @@ def executor(remote: bool, no_wait: bool = False) -> Executor:
     from fv_remote.execution import NDIF, Local
 
     if no_wait and not remote:
-        from fv_remote.errors import UserError
+        from fv_remote.core.errors import UserError
 
         raise UserError("--no-wait needs --remote (only NDIF jobs can be fetched later)")
     return NDIF(wait=not no_wait) if remote else Local()

@@ -13,8 +13,8 @@ from rich.text import Text
 
 from fv_remote.cli.app import app
 from fv_remote.data import build_prompts, list_tasks, load_task
-from fv_remote.errors import require_positive
-from fv_remote.models import DEFAULT_MODEL
+from fv_remote.core.errors import require_positive
+from fv_remote.models.loading import DEFAULT_MODEL
 
 data_app = typer.Typer(
     help="Relation datasets: list the bundled tasks, show pairs and example prompts.", no_args_is_help=True
@@ -28,7 +28,7 @@ def _local_tokenizer(model: str):
     """The tokenizer of a cached short name or a local model folder (no download, no weights); None otherwise."""
     import os
 
-    from fv_remote.models import RELEASES, is_cached, model_dir
+    from fv_remote.models.loading import RELEASES, is_cached, model_dir
 
     if model in RELEASES:
         if not is_cached(model):

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import typer
 
-from fv_remote.checks import check_output_path, require_finite_option
+from fv_remote.core.checks import check_output_path, require_finite_option
 from fv_remote.cli.app import app
 from fv_remote.cli.common import console, executor, load_stage, out
-from fv_remote.errors import UserError
-from fv_remote.models import DEFAULT_MODEL
+from fv_remote.core.errors import UserError
+from fv_remote.models.loading import DEFAULT_MODEL
 
 
 @app.command("export")
@@ -43,7 +43,7 @@ def export(
     llama.cpp adds it at every position; `fv-remote evaluate --positions all --sweep-scale` shows what that does
     and finds its scale.
     """
-    from fv_remote import export as ex
+    from fv_remote.export import llamacpp as ex
 
     sources = [x for x in (fv_path, bank_path) if x is not None]
     if len(sources) != 1:
@@ -80,7 +80,7 @@ def export(
         exp = ex.from_vector(vec, str(fv_path), layer=layer, distributed=distributed, per_layer_sum=per_layer_sum)
         at_layer = layer if layer is not None else vec.layer
     else:
-        from fv_remote.bank import RelationBank
+        from fv_remote.relational.bank import RelationBank
 
         bank = RelationBank.load(bank_path)
         bank.check_model(loaded)
@@ -113,8 +113,8 @@ def export(
 
 
 def _cfv_export(loaded, bank, pair: str, temperature: float, source: str):
-    from fv_remote import export as ex
-    from fv_remote.analogy import AnalogySettings, cfv_weights, relation_profile
+    from fv_remote.export import llamacpp as ex
+    from fv_remote.relational.analogy import AnalogySettings, cfv_weights, relation_profile
 
     a, sep, b = pair.partition(":")
     if not sep or not a.strip() or not b.strip():
@@ -135,8 +135,8 @@ def import_(
 ) -> None:
     """Read a llama.cpp control vector as a steering vector: `steer`, `generate` and `evaluate` then add it at every
     position by default (llama.cpp's rule), each direction at its own layer."""
-    from fv_remote import export as ex
-    from fv_remote.checks import atomic_save
+    from fv_remote.export import llamacpp as ex
+    from fv_remote.core.checks import atomic_save
 
     check_output_path(output, "--out")
     loaded = load_stage(model, executor(remote))

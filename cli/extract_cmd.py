@@ -7,11 +7,11 @@ import typer
 from fv_remote.cli.app import app
 from fv_remote.cli.common import console, executor, load_stage, out, progress_bar, submits
 from fv_remote.cli.plan_cmd import PLAN_HELP, plan_instead
-from fv_remote.models import DEFAULT_MODEL
+from fv_remote.models.loading import DEFAULT_MODEL
 
 
 def _positions(text: str) -> tuple[int, ...]:
-    from fv_remote.errors import UserError
+    from fv_remote.core.errors import UserError
 
     try:
         values = tuple(int(v) for v in text.split(","))
@@ -25,10 +25,10 @@ def _positions(text: str) -> tuple[int, ...]:
 
 
 def _note_counts(loaded, relation, n_prompts: int, n_shots: int, seed: int) -> None:
-    from fv_remote.tasks import MAX_PROMPTS, prepare_task
+    from fv_remote.data.tasks import MAX_PROMPTS, prepare_task
 
     if n_prompts > MAX_PROMPTS:
-        from fv_remote.errors import UserError
+        from fv_remote.core.errors import UserError
 
         raise UserError(f"--n-prompts {n_prompts}: at most {MAX_PROMPTS} prompts per run (each prompt is a forward "
                         f"pass and a row of every head's output); ask for fewer")
@@ -58,9 +58,9 @@ def extract(
 ) -> None:
     """Trace every attention head's output on clean n-shot prompts into the store (resumable)."""
     from fv_remote.data import load_task
-    from fv_remote.errors import require_positive
-    from fv_remote.extract import extract as run_extract
-    from fv_remote.store import ActivationStore
+    from fv_remote.core.errors import require_positive
+    from fv_remote.fv.extract import extract as run_extract
+    from fv_remote.store.activations import ActivationStore
 
     require_positive("--n-prompts", n_prompts)
     require_positive("--batch-size", batch_size)
@@ -69,7 +69,7 @@ def extract(
     if plan:
         return plan_instead("extract", model, n_prompts=n_prompts, n_shots=n_shots, batch_size=batch_size,
                             positions=len(pos), reduce=reduce)
-    from fv_remote.extract import check_reduce
+    from fv_remote.fv.extract import check_reduce
 
     check_reduce(reduce, remote)
     relation = load_task(task, data_dir=data_dir)

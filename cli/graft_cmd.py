@@ -14,7 +14,7 @@ from rich.text import Text
 
 from fv_remote.cli.app import app
 from fv_remote.cli.common import console, offline_if_local, out, progress_bar
-from fv_remote.models import DEFAULT_MODEL
+from fv_remote.models.loading import DEFAULT_MODEL
 
 graft_app = typer.Typer(
     help="Weight grafting: where does fine-tuned relational knowledge live? (train, run, sweep; local only)",
@@ -57,11 +57,11 @@ def train_cmd(
     k: int = typer.Option(5, "--k", help="top-k for accuracy"),
 ) -> None:
     """Invent facts, fully fine-tune MODEL on them, save the result; report pretrained vs fine-tuned accuracy."""
-    from fv_remote.errors import require_positive
+    from fv_remote.core.errors import require_positive
     from fv_remote.grafting.finetune import TrainSettings, finetune, save_finetuned
     from fv_remote.grafting.graft import evaluate_model
     from fv_remote.grafting.synthetic import make_dataset
-    from fv_remote.models import load_model
+    from fv_remote.models.loading import load_model
 
     for name, value in (("--n-subjects", n_subjects), ("--epochs", epochs), ("--batch-size", batch_size),
                         ("--k", k)):
@@ -115,7 +115,7 @@ def _load(model_dir: Path, base: Optional[str]):
 
 def _prompts(dataset, split: str, limit: Optional[int], prompt: Optional[str], entity: Optional[str],
              target: Optional[str]):
-    from fv_remote.errors import UserError
+    from fv_remote.core.errors import UserError
     from fv_remote.grafting.synthetic import GraftPrompt
 
     if prompt is not None:
@@ -150,7 +150,7 @@ def run_cmd(
     show: int = typer.Option(5, "--show", help="per-prompt rows to print"),
 ) -> None:
     """Run held-out prompts through the pretrained model with fine-tuned weights grafted in; compare."""
-    from fv_remote.errors import require_positive
+    from fv_remote.core.errors import require_positive
     from fv_remote.grafting.graft import GraftConfig, encode, parse_components, parse_layers
 
     require_positive("--k", k)
@@ -192,7 +192,7 @@ def sweep_cmd(
     batch_size: int = typer.Option(32, "--batch-size"),
 ) -> None:
     """The pathway table: accuracy for the standard grafting configurations per layer group (+ PNG)."""
-    from fv_remote.errors import UserError, require_positive
+    from fv_remote.core.errors import UserError, require_positive
     from fv_remote.grafting.graft import layer_groups
     from fv_remote.grafting.sweep import STANDARD_PATHWAYS, layer_span, run_sweep
 

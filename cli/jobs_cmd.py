@@ -15,7 +15,7 @@ app.add_typer(jobs_app, name="jobs")
 def submitted(job, settings: dict) -> None:
     """After a --no-wait submission: write the job file (with the CLI `settings` its fetch needs), print the id."""
     from fv_remote.cli.common import console
-    from fv_remote.jobs import save_job
+    from fv_remote.execution.jobs import save_job
 
     path = save_job(job, settings)
     job_id = job.record.job_id
@@ -28,7 +28,7 @@ def _register_reporters() -> None:
     """`jobs fetch` prints what the blocking command prints; storing the results is the library's (`COMMITS`)."""
     from fv_remote.cli.pipeline_cmd import show_cma, show_evaluation
     from fv_remote.cli.relational_cmd import show_finetune
-    from fv_remote.jobs import register_reporter
+    from fv_remote.execution.jobs import register_reporter
 
     register_reporter("cma", lambda job, result: show_cma(job["settings"], result))
     register_reporter("evaluate", lambda job, result: show_evaluation(job["settings"], result))
@@ -41,7 +41,7 @@ _register_reporters()
 @jobs_app.command("status")
 def status(job_id: str = typer.Argument(..., help="the id `--no-wait` printed")) -> None:
     """The job's state on NDIF (RECEIVED, QUEUED, RUNNING, COMPLETED) or FETCHED once stored."""
-    from fv_remote.jobs import job_status
+    from fv_remote.execution.jobs import job_status
 
     job, state = job_status(job_id)
     out.print(f"job {job_id} ({job.get('stage')}, {job.get('settings', {}).get('model', '')}): {state}")
@@ -56,7 +56,7 @@ def fetch(job_id: str = typer.Argument(..., help="the id `--no-wait` printed"),
     """Store a finished job's results exactly as the blocking stage would have (exit 1 if not finished yet)."""
     import time
 
-    from fv_remote.jobs import fetch_job
+    from fv_remote.execution.jobs import fetch_job
 
     while True:
         state, message = fetch_job(job_id)
@@ -71,8 +71,8 @@ def fetch(job_id: str = typer.Argument(..., help="the id `--no-wait` printed"),
 @jobs_app.command("list")
 def list_jobs() -> None:
     """Jobs submitted from this machine (job files in FV_REMOTE_JOBS or the fv-remote cache)."""
-    from fv_remote.jobs import jobs_dir
-    from fv_remote.jobs import list_jobs as all_jobs
+    from fv_remote.execution.jobs import jobs_dir
+    from fv_remote.execution.jobs import list_jobs as all_jobs
 
     jobs = all_jobs()
     if not jobs:

@@ -6,7 +6,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from fv_remote import models as M
+from fv_remote.models import loading as M
 from fv_remote.cli.app import app
 from fv_remote.cli.common import console, offline_if_local, out
 
@@ -51,7 +51,7 @@ def info(name: str = typer.Argument(M.DEFAULT_MODEL, help="short name, repo id, 
 def families() -> None:
     """The supported architecture families: config model types, module paths, and the post-attention norm (the
     norm between the attention output and the residual add, which FVs are carried through)."""
-    from fv_remote.adapters import SPECS
+    from fv_remote.models.adapters import SPECS
 
     table = Table("family", "model_type")
     table.add_column("per-head site (o_proj input)", no_wrap=True)

@@ -9,13 +9,13 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from fv_remote.checks import (atomic_save, check_output_path, check_prompt_lengths, check_scale, require_finite_option,
-                              require_finite_vector)
+from fv_remote.core.checks import (atomic_save, check_output_path, check_prompt_lengths, check_scale,
+                                   require_finite_option, require_finite_vector)
 from fv_remote.cli.app import app
 from fv_remote.cli.common import console, executor, load_stage, out, progress_bar, submits
 from fv_remote.cli.plan_cmd import PLAN_HELP, plan_instead
-from fv_remote.errors import UserError, require_positive
-from fv_remote.models import DEFAULT_MODEL
+from fv_remote.core.errors import UserError, require_positive
+from fv_remote.models.loading import DEFAULT_MODEL
 
 MODEL_OPT = typer.Option(DEFAULT_MODEL, "--model", "-m", help="short name, repo id, folder or .gguf")
 DATA_DIR_OPT = typer.Option(None, "--data-dir", help="folder of Todd-format TASK.json files instead of bundled data")
@@ -28,7 +28,7 @@ POSITIONS_HELP = ("last: add the vector at the prompt's last token (the FV paper
 
 
 def _positions(value: str | None, vec) -> str:
-    from fv_remote.steering import check_positions, default_positions
+    from fv_remote.fv.steering import check_positions, default_positions
 
     return default_positions(vec) if value is None else check_positions(value)
 
@@ -47,7 +47,7 @@ def _parse_scales(text: str) -> list[float]:
 
 def _prepare(loaded, task: str, data_dir: str | None, seed: int, n_shots: int = 10):
     from fv_remote.data import load_task
-    from fv_remote.tasks import prepare_task
+    from fv_remote.data.tasks import prepare_task
 
     prepared = prepare_task(loaded.tokenizer, load_task(task, data_dir=data_dir), seed=seed, min_pairs=n_shots + 2)
     if prepared.problems:
@@ -79,7 +79,7 @@ def scores_table(rows: list[dict], title: str = "") -> Table:
 
 
 def _top_heads_table(aie, k: int, method: str = "fast") -> Table:
-    from fv_remote.vectors import top_heads
+    from fv_remote.fv.vectors import top_heads
 
     score = "relevance" if method.startswith("lrp") else "AIE"
     title = ("top heads by mean AttnLRP relevance" if method.startswith("lrp") else
@@ -91,7 +91,7 @@ def _top_heads_table(aie, k: int, method: str = "fast") -> Table:
 
 
 def _warn_if_flat(task: str, scores: dict[int, float] | None) -> None:
-    from fv_remote.evaluate import sweep_is_flat
+    from fv_remote.fv.evaluate import sweep_is_flat
 
     if scores and sweep_is_flat(scores):
         value = next(iter(scores.values()))
@@ -123,10 +123,10 @@ def cma(
     plan: bool = typer.Option(False, "--plan", help=PLAN_HELP),
 ) -> None:
     """Average indirect effect of every head (patched with its mean clean activation into shuffled prompts)."""
-    from fv_remote.cma import run_cma
-    from fv_remote.errors import require_positive
-    from fv_remote.extract import mean_heads_tensor
-    from fv_remote.store import ActivationStore
+    from fv_remote.fv.cma import run_cma
+    from fv_remote.core.errors import require_positive
+    from fv_remote.fv.extract import mean_heads_tensor
+    from fv_remote.store.activations import ActivationStore
 
     for name, value in (("--n-prompts", n_prompts), ("--n-shots", n_shots), ("--top", top)):
         require_positive(name, value)  # before the model loads: a typo should not cost a minute
@@ -134,7 +134,7 @@ def cma(
         return plan_instead("cma", model, n_prompts=n_prompts, n_shots=n_shots)
     ex = executor(remote, no_wait)
     if remote and method in ("lrp", "lrp_attention"):
-        from fv_remote.lrp import REMOTE_REFUSAL
+        from fv_remote.fv.lrp import REMOTE_REFUSAL
 
         raise UserError(REMOTE_REFUSAL.format(method=method))
     check_output_path(plot, "--plot")
@@ -156,7 +156,7 @@ def cma(
 
 def report_cma(report: dict, result) -> None:
     """The top-heads table, heatmap and summary of `cma`."""
-    from fv_remote.plots import cma_heatmap
+    from fv_remote.core.plots import cma_heatmap
 
     show_cma(report, result)
     path = cma_heatmap(result, report["plot"], report["model"])
@@ -188,11 +188,11 @@ def fit(
     remote: bool = REMOTE_OPT,
 ) -> None:
     """Build the function vector from the store (means + AIE); only the output projection needs the model."""
-    from fv_remote.cma import load_aie
-    from fv_remote.evaluate import fit_function_vector
-    from fv_remote.extract import mean_heads_tensor
-    from fv_remote.plots import layer_sweep_plot
-    from fv_remote.store import ActivationStore
+    from fv_remote.fv.cma import load_aie
+    from fv_remote.fv.evaluate import fit_function_vector
+    from fv_remote.fv.extract import mean_heads_tensor
+    from fv_remote.core.plots import layer_sweep_plot
+    from fv_remote.store.activations import ActivationStore
 
     check_output_path(output, "--out")
     check_output_path(plot, "--plot")
@@ -223,8 +223,8 @@ def fit(
 
 
 def _load_vector(path: Path, loaded):
-    from fv_remote.checks import check_vector_fits
-    from fv_remote.vectors import FunctionVector
+    from fv_remote.core.checks import check_vector_fits
+    from fv_remote.fv.vectors import FunctionVector
 
     fv = FunctionVector.load(path)
     fv.check_model(loaded)
@@ -249,7 +249,7 @@ def steer(
     remote: bool = REMOTE_OPT,
 ) -> None:
     """Add an FV to the residual stream and score: top next tokens of a prompt, or a task's zero-shot accuracy."""
-    from fv_remote.steering import Condition, Steer, score_conditions, top_tokens_conditions
+    from fv_remote.fv.steering import Condition, Steer, score_conditions, top_tokens_conditions
 
     if (prompt is None) == (task is None):
         raise UserError("give exactly one of --prompt or --task")
@@ -302,7 +302,7 @@ def generate(
 ) -> None:
     """Greedy generation with and without the vector (at the prompt's last token, or with --positions all at every
     position of the prompt and of each generated token)."""
-    from fv_remote.steering import Steer, generate_many
+    from fv_remote.fv.steering import Steer, generate_many
 
     text = prompt.replace("\\n", "\n")
     if not text.strip():
@@ -344,8 +344,8 @@ def evaluate(
                                  "`fv-remote jobs fetch ID` prints the table and writes --json/the plot later"),
 ) -> None:
     """Zero-shot and shuffled n-shot accuracy with and without the vector, plus n-shot ICL, on test pairs."""
-    from fv_remote.evaluate import best_scale, evaluate_and_sweep, evaluate_task, layer_sweep, scale_sweep
-    from fv_remote.steering import check_positions
+    from fv_remote.fv.evaluate import best_scale, evaluate_and_sweep, evaluate_task, layer_sweep, scale_sweep
+    from fv_remote.fv.steering import check_positions
 
     if n_test is not None and n_test <= 0:
         raise UserError(f"--n-test must be a positive integer, got {n_test}")
@@ -403,7 +403,7 @@ def evaluate(
 
 def report_evaluation(report: dict, scores, curve: dict | None) -> None:
     """The table, sweep plot and JSON of `evaluate`."""
-    from fv_remote.evaluate import save_evaluation
+    from fv_remote.fv.evaluate import save_evaluation
 
     show_evaluation(report, (scores, curve))
     for line in save_evaluation(report, scores, curve):
@@ -441,10 +441,10 @@ def run(
 ) -> None:
     """The whole pipeline per task: extract -> CMA -> FV -> layer sweep -> evaluation table."""
     from fv_remote.data import load_task
-    from fv_remote.errors import require_positive
-    from fv_remote.pipeline import PipelineSettings, results_json, run_task, write_json
-    from fv_remote.plots import layer_sweep_plot
-    from fv_remote.store import ActivationStore
+    from fv_remote.core.errors import require_positive
+    from fv_remote.fv.pipeline import PipelineSettings, results_json, run_task, write_json
+    from fv_remote.core.plots import layer_sweep_plot
+    from fv_remote.store.activations import ActivationStore
 
     names = [t for entry in [*(task or []), *(tasks_args or [])] for t in entry.split(",") if t]
     if not names:
@@ -460,7 +460,7 @@ def run(
         require_positive("--n-test", n_test)
     ex = executor(remote)
     loaded = load_stage(model, ex)
-    from fv_remote.tasks import prepare_task
+    from fv_remote.data.tasks import prepare_task
 
     for relation in relations:  # before any work: counts the data cannot supply (prompts would repeat)
         prepared = prepare_task(loaded.tokenizer, relation, seed=seed, min_pairs=n_shots + 2)

@@ -10,7 +10,7 @@ from rich.table import Table
 
 from fv_remote.cli.app import app
 from fv_remote.cli.common import out
-from fv_remote.models import DEFAULT_MODEL
+from fv_remote.models.loading import DEFAULT_MODEL
 
 _DEFAULT_PROMPTS = {"extract": 100, "cma": 25}
 
@@ -18,7 +18,7 @@ _DEFAULT_PROMPTS = {"extract": 100, "cma": 25}
 def show_plan(stage: str, model: str, config: Optional[str], options, server, as_json: bool = False,
               strict: bool = False) -> None:
     """Print the plan table and the verdict of `stage` (the `--plan` of the stage commands calls this too)."""
-    from fv_remote import plan as P
+    from fv_remote.plan import cost as P
 
     dims = P.dims_from_config(P.load_config(model, config))
     built, rebuild = P.stage_plan(stage, dims, options)
@@ -43,7 +43,7 @@ def show_plan(stage: str, model: str, config: Optional[str], options, server, as
 
 def server_options(tflops: float, trace_overhead: float, request_overhead: float, bandwidth_mb: float,
                    limit: float, max_result_mb: float, max_request_mb: float, memory_gb: float):
-    from fv_remote.plan import Server
+    from fv_remote.plan.cost import Server
 
     return Server(throughput=tflops * 1e12, trace_overhead_s=trace_overhead, request_overhead_s=request_overhead,
                   bandwidth=bandwidth_mb * 1e6, execution_limit_s=limit, max_result_bytes=int(max_result_mb * 2**20),
@@ -92,8 +92,8 @@ def plan(
 ) -> None:
     """Estimate a remote stage's cost from the model's config and the stage's options, and whether it fits NDIF's
     limits as one request (if not: how to split it). Nothing is downloaded or run."""
-    from fv_remote.errors import UserError
-    from fv_remote.plan import STAGES, StageOptions
+    from fv_remote.core.errors import UserError
+    from fv_remote.plan.cost import STAGES, StageOptions
 
     stage = {"bank-build": "bank", "bank build": "bank"}.get(stage, stage)
     if stage not in STAGES:
@@ -115,6 +115,6 @@ PLAN_HELP = ("print what this stage would cost on NDIF (FLOPs, memory, bytes, re
 
 def plan_instead(stage: str, model: str, **options) -> None:
     """The `--plan` of a stage command: its own options, the server's defaults, the model's cached config."""
-    from fv_remote.plan import Server, StageOptions
+    from fv_remote.plan.cost import Server, StageOptions
 
     show_plan(stage, model, None, StageOptions(**options), Server())

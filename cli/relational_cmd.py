@@ -11,13 +11,13 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from fv_remote.checks import (MAX_BOOT, MAX_STEPS, atomic_save, check_output_path, check_scale, json_text,
+from fv_remote.core.checks import (MAX_BOOT, MAX_STEPS, atomic_save, check_output_path, check_scale, json_text,
                               require_count, require_finite, require_finite_option, require_finite_vector, write_output)
 from fv_remote.cli.app import app
 from fv_remote.cli.common import console, executor, load_stage, out, progress_bar, submits
 from fv_remote.cli.plan_cmd import PLAN_HELP, plan_instead
-from fv_remote.errors import UserError, require_positive
-from fv_remote.models import DEFAULT_MODEL
+from fv_remote.core.errors import UserError, require_positive
+from fv_remote.models.loading import DEFAULT_MODEL
 
 bank_app = typer.Typer(help="Relation banks: many fine-tuned FVs in one file.", no_args_is_help=True)
 app.add_typer(bank_app, name="bank")
@@ -50,7 +50,7 @@ def _pct(x) -> str:
 
 
 def _settings(steps, lr, l2, patience, batch_size, seed):
-    from fv_remote.ffv import FinetuneSettings
+    from fv_remote.relational.ffv import FinetuneSettings
 
     require_finite_option("--lr", lr)
     require_finite_option("--l2", l2)
@@ -96,10 +96,10 @@ def finetune(
 ) -> None:
     """Fine-tune a function vector (model frozen): FFV = argmin NLL of the answer on zero-shot prompts."""
     from fv_remote.data import load_task
-    from fv_remote.evaluate import evaluate_task
-    from fv_remote.ffv import train_ffv
-    from fv_remote.tasks import prepare_task
-    from fv_remote.vectors import FunctionVector
+    from fv_remote.fv.evaluate import evaluate_task
+    from fv_remote.relational.ffv import train_ffv
+    from fv_remote.data.tasks import prepare_task
+    from fv_remote.fv.vectors import FunctionVector
 
     require_positive("--n-train", n_train)
     ex = executor(remote, no_wait)
@@ -174,7 +174,7 @@ SMALL_MOVE = 0.02  # smollm2-135m FFVs move 35-65% of the FV's norm, gemma3-270m
 
 def report_finetune(run, name: str, init: str, out_path: Path, plot: Path) -> None:
     """Save the FFV and its loss curve, print the layer search and a summary (the blocking `finetune`)."""
-    from fv_remote.ffv import save_run
+    from fv_remote.relational.ffv import save_run
 
     save_run(run, out_path, plot, init)
     show_finetune({"task": name, "init": init}, run)
@@ -244,7 +244,7 @@ def bank_build(
     plan: bool = typer.Option(False, "--plan", help=PLAN_HELP),
 ) -> None:
     """Fine-tune an FFV for every relation and store them in one bank file (resumable)."""
-    from fv_remote.bank import build_bank
+    from fv_remote.relational.bank import build_bank
     from fv_remote.data import list_tasks, load_task
 
     ex = executor(remote, no_wait)
@@ -289,7 +289,7 @@ def bank_build(
 
 def _build_public(out_path, preset, data_root, semeval, todd, bats, model, layer, n_train, min_train, n_valid,
                   settings, seed, fresh) -> None:
-    from fv_remote.bank_sources import build_from_sources, report_path
+    from fv_remote.relational.bank_sources import build_from_sources, report_path
     from fv_remote.data.sources import preset_paths, public_collection
 
     require_positive("--n-train", n_train)
@@ -333,7 +333,7 @@ def bank_info(
     json_path: Optional[Path] = typer.Option(None, "--json", help="write the summary as JSON"),
 ) -> None:
     """List the relations in a bank: layer, norm, validation accuracy with and without the vector."""
-    from fv_remote.bank import RelationBank, info
+    from fv_remote.relational.bank import RelationBank, info
 
     check_output_path(json_path, "--json")
     bank = RelationBank.load(path)
@@ -366,8 +366,8 @@ def bank_map_cmd(
 ) -> None:
     """Cosine-similarity matrix of the bank ordered by hierarchical clustering, and how well the clusters recover
     the sources' own classes (adjusted Rand index with a permutation baseline)."""
-    from fv_remote.bank import RelationBank
-    from fv_remote.bank_map import bank_map, plot_map, plot_recovery
+    from fv_remote.relational.bank import RelationBank
+    from fv_remote.relational.bank_map import bank_map, plot_map, plot_recovery
 
     check_output_path(out_png, "--out")
     check_output_path(json_path, "--json")
@@ -409,10 +409,10 @@ def decode(
     remote: bool = _remote_opt("all vectors through the server's final norm and unembedding in one request"),
 ) -> None:
     """Project vectors through the final norm and unembedding: top tokens and relation-word ranks, side by side."""
-    from fv_remote.bank import RelationBank
+    from fv_remote.relational.bank import RelationBank
     from fv_remote.data import load_task
-    from fv_remote.decode import decode_many
-    from fv_remote.vectors import FunctionVector
+    from fv_remote.relational.decode import decode_many
+    from fv_remote.fv.vectors import FunctionVector
 
     require_positive("--top-k", top_k)
     check_output_path(json_path, "--json")
@@ -480,10 +480,10 @@ def align(
     json_path: Optional[Path] = typer.Option(None, "--json"),
 ) -> None:
     """Spearman ρ (bootstrap 95% CI) between the model's relation similarity and human ratings."""
-    from fv_remote.align import align as run_align
-    from fv_remote.align import parse_columns, read_ratings, scatter
-    from fv_remote.analogy import AnalogySettings
-    from fv_remote.bank import RelationBank
+    from fv_remote.relational.align import align as run_align
+    from fv_remote.relational.align import parse_columns, read_ratings, scatter
+    from fv_remote.relational.analogy import AnalogySettings
+    from fv_remote.relational.bank import RelationBank
 
     require_count("--n-boot", n_boot, MAX_BOOT, "bootstrap resamples; 1000 give a stable interval")
     require_finite_option("--temperature", temperature)
@@ -557,10 +557,10 @@ def analogy(
     """Analogies (A is to B as C is to ?) with composite FVs, against no vector, the best single FFV and ICL."""
     import random
 
-    from fv_remote.analogy import METHODS, AnalogySettings, Combiner, group_keys, run_analogies
-    from fv_remote.analogy import train_combiner as fit_combiner
-    from fv_remote.bank_sources import select_sources
-    from fv_remote.bank import RelationBank
+    from fv_remote.relational.analogy import METHODS, AnalogySettings, Combiner, group_keys, run_analogies
+    from fv_remote.relational.analogy import train_combiner as fit_combiner
+    from fv_remote.relational.bank_sources import select_sources
+    from fv_remote.relational.bank import RelationBank
     from fv_remote.data import read_analogy_csv, read_mc_analogies
 
     if (mc is None) == (csv_path is None):

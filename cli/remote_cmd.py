@@ -39,7 +39,7 @@ def status(model: str = typer.Option(None, "--model", "-m", help="repo id to che
 def check() -> None:
     """Compare this client's nnsight/torch/transformers versions with the NDIF server's."""
     from fv_remote import execution as remote
-    from fv_remote.errors import UserError
+    from fv_remote.core.errors import UserError
 
     result = remote.check()
     table = Table("package", "client", "server")

@@ -10,8 +10,8 @@ from rich.table import Table
 
 from fv_remote.cli.app import app
 from fv_remote.cli.common import console, out
-from fv_remote.errors import UserError
-from fv_remote.store import ActivationStore
+from fv_remote.core.errors import UserError
+from fv_remote.store.activations import ActivationStore
 
 store_app = typer.Typer(help="Inspect, verify and repair activation stores.", no_args_is_help=True)
 app.add_typer(store_app, name="store")
@@ -21,7 +21,7 @@ SHOWN_ATTRS = ("model", "family", "task", "n_shots", "seed", "positions", "libra
 
 def _quick_problems(path: str) -> list:
     """Damage visible without reading the data: metadata, commit state, missing chunks."""
-    from fv_remote.integrity import scan
+    from fv_remote.store.integrity import scan
 
     return scan(path, full=False).damage
 
@@ -67,7 +67,7 @@ def verify(path: str = typer.Argument(..., help="store path or fsspec URL"),
     """Check everything: metadata, commit points, every chunk (present and decodable), NaN/inf, identity.
 
     Exit 0 when intact, 2 when damaged (each problem names the task and the prompt range)."""
-    from fv_remote.integrity import scan
+    from fv_remote.store.integrity import scan
 
     result = scan(path, full=True)
     n_groups = len(result.groups)
@@ -92,7 +92,7 @@ def verify(path: str = typer.Argument(..., help="store path or fsspec URL"),
 def repair(path: str = typer.Argument(..., help="store path or fsspec URL")) -> None:
     """Restore damaged metadata from the backup, drop rows past the commit point and damaged prompts (from the
     first damaged one on: a rerun of the stage redoes them), remove debris. Says what it dropped."""
-    from fv_remote.integrity import repair as run_repair
+    from fv_remote.store.integrity import repair as run_repair
 
     store = ActivationStore(path)
     report = run_repair(store)

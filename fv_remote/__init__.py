@@ -26,28 +26,29 @@ import logging as _logging  # noqa: E402
 _logging.getLogger("transformers.utils.generic").addFilter(_drop_cache_rename_notice)
 
 
-# public name -> module that defines it
-_EXPORTS: dict[str, str] = {
-    # models, data, tasks, store
-    "load_model": "models", "LoadedModel": "models", "load_task": "data", "list_tasks": "data",
-    "RelationTask": "data", "prepare_task": "tasks", "PreparedTask": "tasks", "ActivationStore": "store",
-    "UserError": "errors",
-    # where a stage runs
-    "Executor": "execution", "Local": "execution", "DryRun": "execution", "NDIF": "execution",
-    "JobSubmitted": "execution", "load_remote_model": "execution", "no_wait": "execution",
-    "save_job": "jobs", "fetch_job": "jobs", "job_status": "jobs",
-    # stages
-    "extract": "extract", "mean_heads_tensor": "extract", "run_cma": "cma", "load_aie": "cma",
-    "build_function_vector": "vectors", "FunctionVector": "vectors", "fit_function_vector": "evaluate",
-    "evaluate_task": "evaluate", "layer_sweep": "evaluate", "best_layer": "evaluate", "TaskScores": "evaluate",
-    "run_task": "pipeline", "PipelineSettings": "pipeline",
-    "Steer": "steering", "Condition": "steering", "generate": "steering", "generate_many": "steering",
-    "score_conditions": "steering",
-    "train_ffv": "ffv", "finetune": "ffv", "FinetuneSettings": "ffv", "build_bank": "bank",
-    "RelationBank": "bank", "run_analogies": "analogy", "AnalogySettings": "analogy", "decode_many": "decode",
-    "write_control_vector": "export", "import_control_vector": "export",
-    "Progress": "progress",
+# module (under fv_remote) -> the public names it defines
+_MODULES: dict[str, tuple[str, ...]] = {
+    "models.loading": ("load_model", "LoadedModel",),
+    "data": ("load_task", "list_tasks", "RelationTask",),
+    "data.tasks": ("prepare_task", "PreparedTask",),
+    "store.activations": ("ActivationStore",),
+    "core.errors": ("UserError",),
+    "execution": ("Executor", "Local", "DryRun", "NDIF", "JobSubmitted", "load_remote_model", "no_wait",),
+    "execution.jobs": ("save_job", "fetch_job", "job_status",),
+    "fv.extract": ("extract", "mean_heads_tensor",),
+    "fv.cma": ("run_cma", "load_aie",),
+    "fv.vectors": ("build_function_vector", "FunctionVector",),
+    "fv.evaluate": ("fit_function_vector", "evaluate_task", "layer_sweep", "best_layer", "TaskScores",),
+    "fv.pipeline": ("run_task", "PipelineSettings",),
+    "fv.steering": ("Steer", "Condition", "generate", "generate_many", "score_conditions",),
+    "relational.ffv": ("train_ffv", "finetune", "FinetuneSettings",),
+    "relational.bank": ("build_bank", "RelationBank",),
+    "relational.analogy": ("run_analogies", "AnalogySettings",),
+    "relational.decode": ("decode_many",),
+    "export.llamacpp": ("write_control_vector", "import_control_vector",),
+    "core.progress": ("Progress",),
 }
+_EXPORTS: dict[str, str] = {name: module for module, names in _MODULES.items() for name in names}
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
 

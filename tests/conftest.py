@@ -78,7 +78,7 @@ WIDE_HEAD_FAMILIES = {"gemma2": 24, "gemma3": 24, "qwen3": 24, "gpt_oss": 24}
 def make_tiny_model(family: str, tokenizer, seed: int = 0):
     from transformers import AutoModelForCausalLM
 
-    from fv_remote.models import wrap_model
+    from fv_remote.models.loading import wrap_model
 
     torch.manual_seed(seed)
     config = tiny_config(family, len(tokenizer))
@@ -96,7 +96,7 @@ def tiny_model(request, tiny_tokenizer):
 @pytest.fixture(scope="session")
 def smollm2():
     """The real offline model (fetched and cached by `make test` / `fv-remote models pull`)."""
-    from fv_remote.models import load_model
+    from fv_remote.models.loading import load_model
 
     return load_model("smollm2-135m")
 

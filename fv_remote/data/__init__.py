@@ -10,7 +10,7 @@ from fv_remote.data.formats import (MCAnalogy, RelationTask, read_analogy_csv, r
                                     read_todd_json)
 from fv_remote.data.prompts import (PROMPT_KINDS, ICLPrompt, PromptTemplate, Splits, answer_first_token, build_prompts,
                                     resolve_answers, split_pairs)
-from fv_remote.errors import UserError, did_you_mean
+from fv_remote.core.errors import UserError, did_you_mean
 
 __all__ = ["RelationTask", "MCAnalogy", "list_tasks", "load_task", "read_relation_json", "read_todd_json",
            "read_task_json", "read_bats_pairs", "read_semeval2012", "read_semeval2012_ratings", "read_mc_analogies",

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fv_remote.errors import UserError
+from fv_remote.core.errors import UserError
 
 __all__ = [
     "RelationTask",

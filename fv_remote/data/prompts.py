@@ -10,7 +10,7 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from fv_remote.errors import UserError, did_you_mean, require_positive
+from fv_remote.core.errors import UserError, did_you_mean, require_positive
 
 __all__ = [
     "PromptTemplate",

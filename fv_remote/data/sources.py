@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fv_remote.data.formats import RelationTask, read_bats_pairs, read_semeval2012, read_todd_json
-from fv_remote.errors import UserError
+from fv_remote.core.errors import UserError
 
 SOURCES = ("semeval2012", "bats", "todd")
 # Todd et al.'s folder also holds sentence-level tasks (news topics, sentiment, QA): not relations between words.

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from fv_remote.errors import UserError
+from fv_remote.core.errors import UserError
 from fv_remote.execution.config import api_key, host, sandboxed, timeout_s
 
 
@@ -35,7 +35,7 @@ class JobSubmitted(Exception):
     """Raised out of a stage run under `no_wait()` as soon as its request is submitted.
 
     Nothing was computed locally and nothing was stored. `record` has the job id; stages add to `details` what is
-    needed to store the results later exactly as a blocking run would (see fv_remote.jobs).
+    needed to store the results later exactly as a blocking run would (see fv_remote.execution.jobs).
     """
 
     def __init__(self, record: JobRecord, compress: bool = True, model_key: str = ""):

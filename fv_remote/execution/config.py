@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-from fv_remote.errors import UserError
+from fv_remote.core.errors import UserError
 
 DEFAULT_TIMEOUT_S = 3600.0
 # Status and /env checks are quick; don't hang a CLI on a dead host.

@@ -24,12 +24,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Union
 
 import fv_remote.execution.hosted as hosted
-from fv_remote.errors import UserError
+from fv_remote.core.errors import UserError
 from fv_remote.execution.backend import JobSubmitted, make_backend
 from fv_remote.execution.shipping import register_traces
 
 if TYPE_CHECKING:
-    from fv_remote.models import LoadedModel
+    from fv_remote.models.loading import LoadedModel
 
 
 class Executor:
@@ -50,7 +50,7 @@ class Executor:
 
     def load_model(self, name: str) -> LoadedModel:
         """The model a stage runs with here (real weights locally; a weightless copy for NDIF)."""
-        from fv_remote.models import load_model
+        from fv_remote.models.loading import load_model
 
         return load_model(name)
 
@@ -79,7 +79,7 @@ class DryRun(Executor):
 @dataclass(repr=True)
 class NDIF(Executor):
     """One NDIF request per stage. `wait=False` submits it and raises `JobSubmitted` (nothing computed or stored
-    here; `fv_remote.jobs` stores the results later). `timeout`: the client's wait limit (FV_REMOTE_TIMEOUT)."""
+    here; `execution.jobs` stores the results later). `timeout`: the client's wait limit (FV_REMOTE_TIMEOUT)."""
 
     wait: bool = True
     timeout: float | None = None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from fv_remote.errors import UserError
+from fv_remote.core.errors import UserError
 
 
 def _offline() -> bool:
@@ -35,8 +35,8 @@ def load_remote_model(repo_id: str, revision: str | None = None, cache_dir: str 
     from nnsight import TransformersModel
     from transformers import AutoConfig, AutoTokenizer
 
-    from fv_remote.adapters import Adapter
-    from fv_remote.models import LoadedModel
+    from fv_remote.models.adapters import Adapter
+    from fv_remote.models.loading import LoadedModel
 
     if "/" not in repo_id or repo_id.startswith((".", "/")):
         raise UserError(f"remote models are named by their Hugging Face repo id (org/name), got {repo_id!r}")
@@ -72,7 +72,7 @@ def load_remote_model(repo_id: str, revision: str | None = None, cache_dir: str 
 
 def remote_repo_id(name: str) -> str:
     """The Hub repo id NDIF knows a model by: a short name (smollm2-135m) maps to its original repo."""
-    from fv_remote.models import RELEASES
+    from fv_remote.models.loading import RELEASES
 
     return RELEASES[name].hub_repo if name in RELEASES else name
 

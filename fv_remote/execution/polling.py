@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from fv_remote.errors import UserError
+from fv_remote.core.errors import UserError
 from fv_remote.execution.backend import _detail, _summary
 from fv_remote.execution.config import api_key, host
 

@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from fv_remote.errors import UserError
+from fv_remote.core.errors import UserError
 from fv_remote.execution.config import _HTTP_TIMEOUT, SUPPORTED_SERVER, api_key, host
 
 

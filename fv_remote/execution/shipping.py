@@ -8,7 +8,7 @@ import pkgutil
 import types
 from typing import Any
 
-from fv_remote.errors import UserError
+from fv_remote.core.errors import UserError
 
 _REGISTERED = False
 

@@ -17,9 +17,9 @@ from typing import Any, Sequence
 
 import torch
 
-from fv_remote.errors import UserError
+from fv_remote.core.errors import UserError
 from fv_remote.grafting.synthetic import SyntheticDataset, TrainSentence
-from fv_remote.progress import Progress
+from fv_remote.core.progress import Progress
 
 MANIFEST = "graft.json"
 FACTS = "facts.json"
@@ -155,7 +155,7 @@ def read_manifest(model_dir: str | Path) -> dict[str, Any]:
 
 def load_pair(model_dir: str | Path, base_model: str | None = None) -> tuple[Any, Any, SyntheticDataset, dict]:
     """(pretrained LoadedModel, fine-tuned LoadedModel, facts, manifest) for a folder made by `graft train`."""
-    from fv_remote.models import load_model
+    from fv_remote.models.loading import load_model
 
     manifest = read_manifest(model_dir)
     base = base_model or manifest.get("base_model")

@@ -27,10 +27,10 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from fv_remote.adapters import Adapter, get_path
-from fv_remote.errors import UserError
+from fv_remote.models.adapters import Adapter, get_path
+from fv_remote.core.errors import UserError
 from fv_remote.grafting.synthetic import GraftPrompt
-from fv_remote.progress import Progress
+from fv_remote.core.progress import Progress
 
 BLOCK_COMPONENTS = ("q", "k", "v", "o", "mlp", "norms")
 COMPONENT_ALIASES = {"attn": ("q", "k", "v", "o"), "block": BLOCK_COMPONENTS, "all": BLOCK_COMPONENTS,

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 from fv_remote.grafting.graft import BLOCK_COMPONENTS, GraftConfig, Grafter, layer_groups
 from fv_remote.grafting.synthetic import GraftPrompt
-from fv_remote.progress import Progress
+from fv_remote.core.progress import Progress
 
 
 @dataclass(frozen=True)
@@ -146,7 +146,7 @@ def plot(result: SweepResult, path: str | Path, metric: str | None = None) -> Pa
     """A heatmap of the sweep (rows = configurations, columns = layer groups), values annotated."""
     import numpy as np
 
-    from fv_remote.plots import _save, plt
+    from fv_remote.core.plots import _save, plt
 
     metric = metric or f"top{result.k}"
     data = np.array([[result.values[r][c][metric] for c in result.columns] for r in result.rows])

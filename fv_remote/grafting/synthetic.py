@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from fv_remote.errors import UserError
+from fv_remote.core.errors import UserError
 
 _ONSETS = ("b", "br", "d", "dr", "f", "g", "gr", "h", "k", "kr", "l", "m", "n", "p", "r", "s", "st", "t", "th",
            "tr", "v", "z", "zh", "qu", "w", "y", "sk", "pl", "cl", "fl")

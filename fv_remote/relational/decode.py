@@ -1,0 +1,108 @@
+"""Decoding a vector: push it through the final norm and the unembedding, list the top tokens and find where
+relation words (e.g. "opposite", "antonym") rank among the whole vocabulary.
+
+Todd et al. (2024) and Kang, Wu & Lu (2026) read FVs this way: a vector that encodes "antonym" tends to rank words
+about opposition high. Locally plain torch on the loaded weights; remotely one tiny trace that calls the final norm
+and the unembedding ad hoc (nothing here depends on a prompt).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import nnsight
+import torch
+
+from fv_remote.core.errors import UserError, require_positive
+from fv_remote.execution import Target, resolve, stage_session
+from fv_remote.models.loading import LoadedModel
+from fv_remote.traces.projection import project_rows
+from fv_remote.fv.vectors import probe_ids
+
+
+@dataclass
+class Decoded:
+    name: str
+    top: list[tuple[str, float]]  # (token text, logit)
+    ranks: dict[str, int] = field(default_factory=dict)  # word -> 1-based rank of its best token form
+    forms: dict[str, str] = field(default_factory=dict)  # word -> the token that got that rank
+
+    def as_json(self) -> dict:
+        return {"name": self.name, "top": [[t, round(v, 4)] for t, v in self.top], "ranks": self.ranks,
+                "forms": self.forms}
+
+
+def project(model: LoadedModel, vector: torch.Tensor) -> torch.Tensor:
+    """Logits [vocab] of `vector` read as a residual-stream state: unembed(final_norm(vector))."""
+    ad = model.adapter
+    if vector.shape[-1] != ad.d_model:
+        raise UserError(f"vector has width {vector.shape[-1]}, the model's residual stream {ad.d_model}")
+    norm, unembed = ad.final_norm(model.hf), ad.unembed(model.hf)
+    param = next(unembed.parameters())
+    with torch.no_grad():
+        x = vector.detach().to(param.device, param.dtype).view(1, 1, -1)
+        return unembed(norm(x)).float().view(-1).cpu()
+
+
+def word_forms(tokenizer, word: str) -> dict[int, str]:
+    """Token ids that stand for a word (id -> text): the variants " word", "word", " Word", "Word" that are a
+    single token; if none is, the first token of each variant (a weaker reading, shown in the output)."""
+    single: dict[int, str] = {}
+    first: dict[int, str] = {}
+    for variant in (f" {word}", word, f" {word.capitalize()}", word.capitalize()):
+        ids = tokenizer.encode(variant, add_special_tokens=False)
+        if not ids or not tokenizer.decode(ids[:1]).strip():
+            continue
+        (single if len(ids) == 1 else first).setdefault(ids[0], tokenizer.decode(ids[:1]))
+    return single or first
+
+
+def _best_forms(tokenizer, words: Sequence[str], position_of) -> tuple[dict[str, int], dict[str, str]]:
+    ranks, forms = {}, {}
+    for word in words:
+        options = word_forms(tokenizer, word)
+        if not options:
+            continue
+        best = min(options, key=position_of)
+        ranks[word], forms[word] = position_of(best) + 1, options[best]
+    return ranks, forms
+
+
+def decode(model: LoadedModel, vector: torch.Tensor, name: str = "vector", words: Sequence[str] = (),
+           k: int = 20) -> Decoded:
+    """Top-k tokens of one vector read through the final norm and unembedding, and the ranks of `words`."""
+    return decode_many(model, [(name, vector)], words, k)[0]
+
+
+def decode_many(model: LoadedModel, named: Sequence[tuple[str, torch.Tensor]], words: Sequence[str] = (),
+                k: int = 20, remote: Target = False) -> list[Decoded]:
+    """`decode` for several (name, vector), as one stage body: the final norm and unembedding are called on the
+    vectors inside one tiny trace (no weight is read: NDIF's sandbox holds none), locally or as ONE NDIF request
+    (`remote=True`), and only the top-k (ids, logits) and the vocabulary positions of the relation words' token
+    forms come back.
+    """
+    require_positive("top-k", k)
+    ad, lm, tok = model.adapter, model.lm, model.tokenizer
+    for _, vector in named:
+        if vector.shape[-1] != ad.d_model:
+            raise UserError(f"vector has width {vector.shape[-1]}, the model's residual stream {ad.d_model}")
+    candidates = torch.tensor(sorted({t for w in words for t in word_forms(tok, w)}), dtype=torch.long)
+    rows = torch.stack([v.detach().float().view(-1) for _, v in named]).unsqueeze(1)  # [n, 1, d_model]
+    norm, unembed = ad.final_norm(lm), ad.unembed(lm)
+    top_k, probe = min(k, ad.vocab_size), probe_ids()
+    session = resolve(remote).session
+    with stage_session(model, remote):
+        with lm.trace(input_ids=probe):
+            values, ids, where = project_rows(norm, unembed, rows, top_k, candidates)
+            values, ids, where = values.save(), ids.save(), where.save()
+        values, ids, where = values.cpu(), ids.cpu(), where.cpu()
+        if session:
+            values, ids, where = nnsight.save(values), nnsight.save(ids), nnsight.save(where)
+    out = []
+    for i, (name, _) in enumerate(named):
+        position = dict(zip(candidates.tolist(), where[i].tolist()))
+        top = [(tok.decode([int(t)]), float(v)) for v, t in zip(values[i], ids[i])]
+        ranks, forms = _best_forms(tok, words, lambda t, position=position: position[t])
+        out.append(Decoded(name, top, ranks, forms))
+    return out

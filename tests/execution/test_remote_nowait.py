@@ -1,0 +1,263 @@
+"""`--no-wait` for the long remote stages (cma, finetune, bank build) through the loopback NDIF server.
+
+Each stage is submitted under `fv_remote.execution.no_wait()` (nothing stored), fetched later with
+`fv_remote.execution.jobs.fetch_job`, and what the fetch stores is compared with the blocking remote run of the same stage:
+the store's TASK/cma group, the FFV (file and training record), the bank file. Fetching twice is harmless. Same
+set-up as test_remote_relational.py: a weightless client copy of a tiny model, the real weights on the server.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from typer.testing import CliRunner
+
+from support.remote_fixtures import hosted_model_fixtures, point_client_at
+
+from fv_remote import execution as R
+from fv_remote.relational.bank import RelationBank, build_bank
+from fv_remote.data import RelationTask
+from fv_remote.core.errors import UserError
+from fv_remote.relational.ffv import FinetuneSettings, train_ffv
+from fv_remote.execution.jobs import fetch_job, load_job, save_job
+from fv_remote.data.tasks import prepare_task
+from fv_remote.fv.vectors import FunctionVector
+
+REPO = "test-org/tiny-llama-nowait"
+WORDS = ["hot", "cold", "up", "down", "big", "small", "the", "quick", "brown", "fox", "lazy", "dog", "over"]
+PAIRS = [(a, b) for a in WORDS for b in WORDS if a != b][:60]
+TASKS = [RelationTask("toy", PAIRS), RelationTask("rev", [(b, a) for a, b in PAIRS]),
+         RelationTask("few", PAIRS[:3])]  # too few pairs: skipped before submission
+SETTINGS = FinetuneSettings(steps=6, lr=0.2, batch_size=4, eval_every=2, patience=4, l2=0.01)
+TOL = 1e-4
+
+
+local, hub_cache, server, remote_model = hosted_model_fixtures(REPO, hang_s=1.0)
+
+
+@pytest.fixture
+def ndif(server, monkeypatch, hub_cache, tmp_path):
+    return point_client_at(server, monkeypatch, hub_cache, tmp_path / "jobs")
+
+
+@pytest.fixture(scope="module")
+def prepared(tiny_tokenizer):
+    return prepare_task(tiny_tokenizer, TASKS[0], seed=0, min_pairs=4)
+
+
+def _submit(fn, settings: dict) -> str:
+    """Run `fn` under no_wait(): it must submit (raise JobSubmitted); write the job file; return the job id."""
+    with pytest.raises(R.JobSubmitted) as info:
+        with R.no_wait():
+            fn()
+    job = info.value
+    save_job(job, settings)
+    return job.record.job_id
+
+
+def _wait_done(ndif, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while ndif.jobs[-1].status not in ("COMPLETED", "ERROR") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert ndif.jobs[-1].status == "COMPLETED", ndif.log[-1:]
+
+
+def _fetch_twice(job_id: str) -> str:
+    state, message = fetch_job(job_id)
+    assert state == "COMPLETED", message
+    again, note = fetch_job(job_id)
+    assert again == "FETCHED" and "already fetched" in note
+    assert load_job(job_id)["state"] == "fetched"
+    return message
+
+
+def _close(got, want, path: str = "value") -> None:
+    """Equal, floats (also in tensors, lists, dicts) within TOL."""
+    if isinstance(want, torch.Tensor):
+        torch.testing.assert_close(got, want, atol=TOL, rtol=0)
+    elif isinstance(want, dict):
+        assert got.keys() == want.keys(), path
+        for key in want:
+            _close(got[key], want[key], f"{path}[{key!r}]")
+    elif isinstance(want, (list, tuple)):
+        assert len(got) == len(want), path
+        for i, (g, w) in enumerate(zip(got, want)):
+            _close(g, w, f"{path}[{i}]")
+    elif isinstance(want, float):
+        assert abs(got - want) <= TOL or (np.isnan(got) and np.isnan(want)), f"{path}: {got} != {want}"
+    else:
+        assert got == want, f"{path}: {got!r} != {want!r}"
+
+
+# -- cma ------------------------------------------------------------------------------------------------------------
+
+def test_cma_no_wait_then_fetch_equals_blocking(local, remote_model, prepared, ndif, tmp_path):
+    from fv_remote.fv.cma import load_aie, run_cma, store_remote_cma
+    from fv_remote.fv.extract import extract, mean_heads_tensor
+    from fv_remote.store.activations import ActivationStore
+
+    stores = []
+    for name in ("blocking", "later"):
+        store = ActivationStore(str(tmp_path / f"{name}.zarr"))
+        extract(local, TASKS[0], store, n_prompts=4, n_shots=2, batch_size=4)
+        zarr.open_group(store.url, mode="r+", path="toy")["correct"][:] = True  # a random model gets none right
+        stores.append(store)
+    blocking, later = stores
+    means = mean_heads_tensor(blocking, "toy")
+    # One prompt stored before, so the job starts at prompt 1 (resumed) as the blocking run does.
+    for store in stores:
+        run_cma(local, prepared, store, means, n_prompts=1, n_shots=2)
+    want = run_cma(remote_model, prepared, blocking, means, n_prompts=3, n_shots=2, remote=True)
+    plot = tmp_path / "aie.png"
+    job_id = _submit(lambda: run_cma(remote_model, prepared, later, means, n_prompts=3, n_shots=2, remote=True),
+                     {"model": remote_model.model_id, "task": "toy", "store": later.url, "top": 3,
+                      "plot": str(plot)})
+    assert later.n_complete("toy/cma") == 1  # nothing stored before the fetch
+    assert load_job(job_id)["details"]["start"] == 1
+    _wait_done(ndif)
+    _fetch_twice(job_id)
+    assert later.n_complete("toy/cma") == 3 and plot.exists()
+    a, b = blocking.open("toy/cma"), later.open("toy/cma")
+    assert np.abs(a["indirect_effect"].values - b["indirect_effect"].values).max() <= TOL
+    assert np.abs(a["p_corrupted"].values - b["p_corrupted"].values).max() <= TOL
+    for name in ("query", "answer", "text"):
+        assert (a[name].values == b[name].values).all(), name
+    # Same provenance; only the wall-clock stamp of when each store was written may differ (1 s resolution).
+    want_attrs, got_attrs = blocking.attrs("toy/cma"), later.attrs("toy/cma")
+    assert "created" in want_attrs and "created" in got_attrs
+    assert {k: v for k, v in want_attrs.items() if k != "created"} == \
+        {k: v for k, v in got_attrs.items() if k != "created"}
+    assert np.abs(load_aie(later, "toy").values - want.aie.values).max() <= TOL
+    assert ndif.n_requests == 2  # the blocking run and the submission; polls never submit
+    # Storing the same results again through the library is a no-op.
+    from fv_remote.execution import poll_job
+
+    job = load_job(job_id)
+    again = store_remote_cma(later, poll_job(job_id).result, job["details"])
+    assert again.n_new == 0 and later.n_complete("toy/cma") == 3
+
+
+def test_cma_fetch_refuses_a_store_that_moved_on(local, remote_model, prepared, ndif, tmp_path):
+    from fv_remote.fv.cma import run_cma
+    from fv_remote.fv.extract import extract, mean_heads_tensor
+    from fv_remote.store.activations import ActivationStore
+
+    store = ActivationStore(str(tmp_path / "s.zarr"))
+    extract(local, TASKS[0], store, n_prompts=4, n_shots=2, batch_size=4)
+    zarr.open_group(store.url, mode="r+", path="toy")["correct"][:] = True
+    means = mean_heads_tensor(store, "toy")
+    job_id = _submit(lambda: run_cma(remote_model, prepared, store, means, n_prompts=3, n_shots=2, remote=True),
+                     {"model": remote_model.model_id, "task": "toy", "store": store.url, "top": 3,
+                      "plot": str(tmp_path / "aie.png")})
+    _wait_done(ndif)
+    # Another run appends meanwhile (remotely, once the job is done: the loopback server runs in this process and
+    # its copy of cma.py's session code would mislead a trace of that file started locally or concurrently).
+    run_cma(remote_model, prepared, store, means, n_prompts=1, n_shots=2, remote=True)
+    with pytest.raises(UserError, match="changed since it was submitted"):
+        fetch_job(job_id)
+    assert store.n_complete("toy/cma") == 1 and load_job(job_id)["state"] == "submitted"
+
+
+# -- finetune -------------------------------------------------------------------------------------------------------
+
+def test_finetune_no_wait_then_rebuild_equals_blocking(remote_model, prepared, ndif):
+    """--layer auto with a random init: the layer search and the scaling on the server, rebuilt from the job."""
+    from fv_remote.relational.ffv_session import ffv_run_from_job
+    from fv_remote.execution import poll_job
+
+    kw = dict(init="random", layer="auto", n_train=8, n_valid=6, settings=SETTINGS, quick_steps=3)
+    want = train_ffv(remote_model, prepared, None, remote=True, **kw)
+    job_id = _submit(lambda: train_ffv(remote_model, prepared, None, remote=True, **kw), {"model": REPO})
+    details = json.loads(json.dumps(load_job(job_id)["details"]))  # as read back from the job file
+    _wait_done(ndif)
+    got = ffv_run_from_job(poll_job(job_id).result, details)
+    _close(got.result.ffv.vector, want.result.ffv.vector)
+    assert (got.result.ffv.layer, got.result.ffv.model, got.result.ffv.task, got.result.ffv.kind) == \
+        (want.result.ffv.layer, want.result.ffv.model, want.result.ffv.task, want.result.ffv.kind)
+    _close(got.result.ffv.meta, want.result.ffv.meta)
+    _close(got.result.history, want.result.history)
+    _close(got.layer_search, want.layer_search)
+    assert (got.n_train, got.n_valid, got.result.best_step) == (want.n_train, want.n_valid, want.result.best_step)
+
+
+def _cli(*args: str):
+    from fv_remote.cli.app import _register, app
+
+    _register()
+    return CliRunner().invoke(app, list(args))
+
+
+def test_cli_finetune_no_wait_then_jobs_fetch(local, ndif, tmp_path):
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    (data_dir / "toy.json").write_text(json.dumps([{"input": a, "output": b} for a, b in PAIRS]))
+    fv = FunctionVector(vector=torch.randn(local.adapter.d_model, generator=torch.Generator().manual_seed(2)),
+                        model=local.model_id, task="toy", layer=1, heads=[(1, 0), (0, 1)])
+    fv_path = fv.save(tmp_path / "toy.fv.safetensors")
+    args = ("--task", "toy", "--data-dir", str(data_dir), "--fv", str(fv_path), "--n-train", "8", "--n-valid", "6",
+            "--steps", "4", "--batch-size", "4", "--model", REPO, "--remote")
+    want_path, got_path = tmp_path / "blocking.ffv.safetensors", tmp_path / "later.ffv.safetensors"
+    result = _cli("finetune", *args, "--no-evaluate", "--out", str(want_path))
+    assert result.exit_code == 0, result.output
+    result = _cli("finetune", *args, "--no-wait", "--out", str(got_path))
+    assert result.exit_code == 0, result.output
+    job_id = ndif.jobs[-1].id
+    assert f"job {job_id}" in result.output and not got_path.exists()
+    assert ndif.n_requests == 2  # the blocking run (no evaluation) and the submission
+    _wait_done(ndif)
+    result = _cli("jobs", "fetch", job_id)
+    assert result.exit_code == 0, result.output
+    assert "evaluate it: fv-remote evaluate --fv" in result.output and f"--ffv {got_path}" in result.output
+    assert got_path.with_name("later.ffv_loss.png").exists()
+    got, want = FunctionVector.load(got_path), FunctionVector.load(want_path)
+    _close(got.vector, want.vector)
+    assert (got.layer, got.heads, got.kind) == (want.layer, want.heads, want.kind)
+    _close(got.meta, want.meta)
+    result = _cli("jobs", "fetch", job_id)
+    assert result.exit_code == 0 and "already fetched" in result.output
+    assert ndif.n_requests == 2
+    for command in (("finetune", *args[:-1], "--no-wait"), ("cma", "--task", "toy", "--store", "x.zarr", "--no-wait"),
+                    ("bank", "build", "--tasks", "toy", "--no-wait")):
+        result = _cli(*command)
+        assert isinstance(result.exception, UserError) and "--no-wait needs --remote" in str(result.exception)
+
+
+# -- bank build -----------------------------------------------------------------------------------------------------
+
+def test_bank_no_wait_then_fetch_equals_blocking(remote_model, ndif, tmp_path):
+    kw = dict(layer=1, n_train=8, n_valid=6, settings=SETTINGS)
+    want_path, got_path = tmp_path / "blocking.safetensors", tmp_path / "later.safetensors"
+    want = build_bank(remote_model, TASKS, want_path, remote=True, resume=False, **kw)
+    # Resume: "toy" already in the later bank, so only "rev" is trained by the job (as the blocking run would).
+    seed = RelationBank(remote_model.model_id)
+    seed.add(want.get("toy"))
+    seed.save(got_path)
+    log = []
+    job_id = _submit(lambda: build_bank(remote_model, TASKS, got_path, remote=True,
+                                        on_task=lambda name, status: log.append((name, status.split(":")[0])), **kw),
+                     {"model": remote_model.model_id, "out": str(got_path)})
+    assert sorted(log) == [("few", "skipped"), ("toy", "kept")]
+    assert RelationBank.load(got_path).names == ["toy"]  # nothing written before the fetch
+    assert [e["name"] for e in load_job(job_id)["details"]["entries"]] == ["rev"]
+    _wait_done(ndif)
+    message = _fetch_twice(job_id)
+    assert str(got_path) in message
+    got = RelationBank.load(got_path)
+    assert got.names == want.names == ["toy", "rev"]
+    _close(got.vectors, want.vectors)
+    assert got.layers == want.layers
+    for a, b in zip(got.entries, want.entries):
+        _close(a.meta, b.meta)
+    assert got.settings == json.loads(json.dumps(want.settings, default=str))
+    # Writing the same results again through the library leaves the bank as it is.
+    from fv_remote.relational.bank import store_remote_bank
+    from fv_remote.execution import poll_job
+
+    again = store_remote_bank(poll_job(job_id).result, load_job(job_id)["details"])
+    assert again.names == ["toy", "rev"]
+    _close(RelationBank.load(got_path).vectors, want.vectors)

@@ -40,6 +40,7 @@ import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from fv_remote.plan import cost as P  # noqa: E402
+from fv_remote.execution import resolve
 
 TODD = Path("/work/shared/data/todd_fv/abstractive")
 
@@ -93,7 +94,7 @@ def stage_extract(s: Setup):
                for i in range(0, 8, 4)]
     lengths = [s.n_tokens(p.text) for p in prompts]
     plan = P.plan_extract(s.dims, 8, lengths, 4, 1, nbytes=4)
-    return plan, lambda m, r: trace_heads_batches(m, batches, (-1,), remote=r), "8 prompts, 5-shot, 2 batches of 4"
+    return plan, lambda m, r: trace_heads_batches(m.using(resolve(r)), batches, (-1,)), "8 prompts, 5-shot, 2 batches of 4"
 
 
 def stage_extract_half(s: Setup):
@@ -103,7 +104,7 @@ def stage_extract_half(s: Setup):
     batches = [([p.text for p in prompts[i:i + 4]], [s.prepared[0].answer_token[p.answer] for p in prompts[i:i + 4]])
                for i in range(0, 8, 4)]
     half = P.plan_extract(s.dims, 8, [s.n_tokens(p.text) for p in prompts], 4, 1, nbytes=4, reduce="float16")
-    return half, lambda m, r: trace_heads_batches(m, batches, (-1,), remote=r, half=bool(r)), \
+    return half, lambda m, r: trace_heads_batches(m.using(resolve(r)), batches, (-1,), half=bool(r)), \
         "as extract, --reduce float16"
 
 
@@ -115,7 +116,7 @@ def stage_cma(s: Setup):
     ad = s.model.adapter
     means = torch.randn(ad.n_layers, ad.n_heads, ad.head_dim, generator=torch.Generator().manual_seed(0))
     plan = P.plan_cma(s.dims, 2, [s.n_tokens(t) for t, _ in jobs], nbytes=4)
-    return plan, lambda m, r: cma_fast_session(m, jobs, means, remote=r), "2 prompts, 5-shot, all 270 heads"
+    return plan, lambda m, r: cma_fast_session(m.using(resolve(r)), jobs, means), "2 prompts, 5-shot, all 270 heads"
 
 
 SETTINGS = dict(steps=6, lr=0.2, batch_size=4, eval_every=3, patience=10)
@@ -141,7 +142,7 @@ def stage_finetune(s: Setup):
     data = [{"train": _ffv_chunks(s, train.texts, 4), "valid": _ffv_chunks(s, valid.texts, 4), "base": []}]
     plan = P.plan_finetune(s.dims, 8, 4, 0, st.steps, st.batch_size, st.eval_every, layer=9, nbytes=4,
                            datasets=data)
-    return plan, lambda m, r: finetune(m, train, valid, v0, 9, st, remote=r), \
+    return plan, lambda m, r: finetune(m.using(resolve(r)), train, valid, v0, 9, st), \
         "layer 9, 6 steps x 4 prompts, 3 validations of 4"
 
 
@@ -160,8 +161,8 @@ def stage_bank(s: Setup):
     tmp = Path(tempfile.mkdtemp(prefix="fv-plan-bank-"))
 
     def run(m, r):  # local or remote: the same stage body (issue 12)
-        return build_bank(m, s.tasks[:2], tmp / f"bank-{time.monotonic_ns()}.safetensors", layer=9, n_train=8,
-                          n_valid=4, settings=st, resume=False, remote=r)
+        return build_bank(m.using(resolve(r)), s.tasks[:2], tmp / f"bank-{time.monotonic_ns()}.safetensors", layer=9, n_train=8,
+                          n_valid=4, settings=st, resume=False)
     return plan, run, "2 relations, layer 9, 6 steps x 4 prompts, baseline"
 
 
@@ -192,8 +193,8 @@ def stage_analogy(s: Setup):
         if r:
             from fv_remote.relational.analogy import run_analogies
 
-            return run_analogies(m, bank, items, st, remote=r)
-        return analogy_session(m, bank, kept, st, None, METHODS, remote=False)
+            return run_analogies(m.using(resolve(r)), bank, items, st)
+        return analogy_session(m, bank, kept, st, None, METHODS)
     return plan, run, "mc/first, 3 items, 6 methods, 3 relations"
 
 

@@ -51,17 +51,18 @@ def load_stage(model: str, ex: Executor) -> LoadedModel:
 
 
 @contextmanager
-def submits(settings: dict):
-    """Around a stage run: with --no-wait its submitted job gets a job file (with the `settings` that `jobs fetch`
-    needs), the job id is printed and the command ends there."""
+def submits(report: dict):
+    """Around a stage run: with --no-wait the stage's job file is written by the executor; here it gets the `report`
+    the CLI prints the same tables from after `jobs fetch`, the job id is printed and the command ends there."""
     from fv_remote.execution import JobSubmitted
 
     try:
         yield
-    except JobSubmitted as job:
-        from fv_remote.cli.jobs_cmd import submitted
+    except JobSubmitted as submitted:
+        from fv_remote.cli.jobs_cmd import show_submitted
 
-        submitted(job, settings)
+        submitted.job.note(**report)
+        show_submitted(submitted)
         raise typer.Exit(0) from None
 
 

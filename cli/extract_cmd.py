@@ -71,7 +71,7 @@ def extract(
                             positions=len(pos), reduce=reduce)
     from fv_remote.fv.extract import check_reduce
 
-    check_reduce(reduce, remote)
+    check_reduce(reduce, ex.session)
     relation = load_task(task, data_dir=data_dir)
     loaded = load_stage(model, ex)
     _note_counts(loaded, relation, n_prompts, n_shots, seed)
@@ -79,11 +79,10 @@ def extract(
     done = act_store.n_complete(relation.name)
     if done:
         console.print(f"resuming: {done} prompts already stored")
-    job = {"model": loaded.model_id, "revision": loaded.revision, "task": task, "data_dir": data_dir}
-    with submits(job), progress_bar(f"extract {relation.name}", n_prompts) as update:
+    with submits({}), progress_bar(f"extract {relation.name}", n_prompts) as update:
         update(min(done, n_prompts), n_prompts)
         result = run_extract(loaded, relation, act_store, n_prompts=n_prompts, n_shots=n_shots, seed=seed,
-                             batch_size=batch_size, positions=pos, progress=update, remote=ex, reduce=reduce)
+                             batch_size=batch_size, positions=pos, progress=update, reduce=reduce)
     if no_wait:
         out.print(f"{relation.name}: all {result.n_complete} prompts already in {store}; nothing submitted")
         return

@@ -12,12 +12,11 @@ jobs_app = typer.Typer(help="NDIF jobs submitted with --no-wait: status, fetch, 
 app.add_typer(jobs_app, name="jobs")
 
 
-def submitted(job, settings: dict) -> None:
-    """After a --no-wait submission: write the job file (with the CLI `settings` its fetch needs), print the id."""
+def show_submitted(submitted) -> None:
+    """After a --no-wait submission (its job file written): the file, the id and what to run next."""
     from fv_remote.cli.common import console
-    from fv_remote.execution.jobs import save_job
 
-    path = save_job(job, settings)
+    job, path = submitted, submitted.job.path
     job_id = job.record.job_id
     console.print(f"submitted to NDIF ({job.record.payload_bytes:,} bytes); job file {path}")
     out.print(f"job {job_id}")
@@ -30,9 +29,9 @@ def _register_reporters() -> None:
     from fv_remote.cli.relational_cmd import show_finetune
     from fv_remote.execution.jobs import register_reporter
 
-    register_reporter("cma", lambda job, result: show_cma(job["settings"], result))
-    register_reporter("evaluate", lambda job, result: show_evaluation(job["settings"], result))
-    register_reporter("finetune", lambda job, result: show_finetune(job["settings"], result))
+    register_reporter("cma", show_cma)
+    register_reporter("evaluate", lambda report, result: show_evaluation(report, (result.scores, result.curve)))
+    register_reporter("finetune", show_finetune)
 
 
 _register_reporters()
@@ -41,10 +40,10 @@ _register_reporters()
 @jobs_app.command("status")
 def status(job_id: str = typer.Argument(..., help="the id `--no-wait` printed")) -> None:
     """The job's state on NDIF (RECEIVED, QUEUED, RUNNING, COMPLETED) or FETCHED once stored."""
-    from fv_remote.execution.jobs import job_status
+    from fv_remote.stages import job_status
 
     job, state = job_status(job_id)
-    out.print(f"job {job_id} ({job.get('stage')}, {job.get('settings', {}).get('model', '')}): {state}")
+    out.print(f"job {job_id} ({job.get('stage')}, {job.get('model', '')}): {state}")
     if state == "COMPLETED":
         out.print(f"store the results: fv-remote jobs fetch {job_id}")
 
@@ -56,7 +55,7 @@ def fetch(job_id: str = typer.Argument(..., help="the id `--no-wait` printed"),
     """Store a finished job's results exactly as the blocking stage would have (exit 1 if not finished yet)."""
     import time
 
-    from fv_remote.execution.jobs import fetch_job
+    from fv_remote.stages import fetch_job
 
     while True:
         state, message = fetch_job(job_id)
@@ -80,6 +79,6 @@ def list_jobs() -> None:
         return
     table = Table("job id", "stage", "model", "submitted", "state")
     for job in jobs:
-        table.add_row(*[str(v) for v in (job["job_id"], job.get("stage", ""), job.get("settings", {}).get("model", ""),
+        table.add_row(*[str(v) for v in (job["job_id"], job.get("stage", ""), job.get("model", ""),
                                           job.get("submitted", ""), job.get("state", ""))])
     out.print(table)

@@ -148,18 +148,16 @@ def cma(
               "plot": str(plot or Path("out") / f"{prepared.name}_aie.png")}
     with submits(report), progress_bar(f"mediation {prepared.name}", n_prompts) as update:
         result = run_cma(loaded, prepared, act_store, means, n_prompts=n_prompts, n_shots=n_shots,
-                         method=method, progress=update, remote=ex)
+                         method=method, progress=update, plot=report["plot"])
     if no_wait:
         console.print(f"all {n_prompts} corrupted prompts already in {store}; nothing submitted")
     report_cma(report, result)
 
 
 def report_cma(report: dict, result) -> None:
-    """The top-heads table, heatmap and summary of `cma`."""
-    from fv_remote.core.plots import cma_heatmap
-
+    """The top-heads table, heatmap (drawn by the stage) and summary of `cma`."""
     show_cma(report, result)
-    path = cma_heatmap(result, report["plot"], report["model"])
+    path = result.heatmap
     kind = "clean" if str(report.get("method", "")).startswith("lrp") else "corrupted"
     out.print(f"{result.n_prompts} {kind} prompts ({result.n_new} new) in {report['store']}; heatmap: {path}")
 
@@ -210,7 +208,7 @@ def fit(
     with (progress_bar(f"layer sweep {prepared.name}", loaded.adapter.n_layers) if swept else nullcontext()) as update:
         fv, curve = fit_function_vector(loaded, prepared, means, aie, k=None if share else k, share=share,
                                          layer=layer, sweep=sweep, meta={"store": store, "scores": scores},
-                                         progress=update, remote=ex)
+                                         progress=update)
     if curve is not None:
         png = layer_sweep_plot({prepared.name: curve}, plot or Path("out") / f"{prepared.name}_sweep.png")
         out.print(f"validation sweep: best layer {fv.layer} (accuracy {curve[fv.layer]:.2f}); plot: {png}")
@@ -268,7 +266,7 @@ def steer(
     if prompt is not None:
         table = Table("rank", "without", "p", f"with {vec.kind.upper()} ({where})", "p")
         (b_p, b_ids), (s_p, s_ids) = top_tokens_conditions(loaded, [Condition([prompt]), Condition([prompt], st)],
-                                                           top, remote)
+                                                           top)
         import torch
 
         if not (torch.isfinite(b_p).all() and torch.isfinite(s_p).all()):
@@ -314,7 +312,7 @@ def generate(
     vec = _load_vector(fv_path, loaded)
     check_prompt_lengths(loaded, [text], "--prompt", reserve=max_new_tokens)
     st = Steer(vec, layer=layer, scale=scale, distributed=distributed, positions=_positions(positions, vec))
-    without, steered = generate_many(loaded, [(text, None), (text, st)], max_new_tokens, remote)
+    without, steered = generate_many(loaded, [(text, None), (text, st)], max_new_tokens)
     out.print(f"[bold]prompt[/]: {text!r}")
     out.print(f"[bold]without[/]: {without!r}")
     out.print(f"[bold]with {vec.kind.upper()}[/] ({vec.task}; {st.describe(loaded)}): {steered!r}")
@@ -344,7 +342,7 @@ def evaluate(
                                  "`fv-remote jobs fetch ID` prints the table and writes --json/the plot later"),
 ) -> None:
     """Zero-shot and shuffled n-shot accuracy with and without the vector, plus n-shot ICL, on test pairs."""
-    from fv_remote.fv.evaluate import best_scale, evaluate_and_sweep, evaluate_task, layer_sweep, scale_sweep
+    from fv_remote.fv.evaluate import best_scale, evaluate, scale_sweep
     from fv_remote.fv.steering import check_positions
 
     if n_test is not None and n_test <= 0:
@@ -374,7 +372,7 @@ def evaluate(
     if scales:
         with progress_bar(f"scale sweep ({positions})", len(scales)) as update:
             scale_scores = scale_sweep(loaded, prepared, vec, scales, layer=layer, positions=positions,
-                                       distributed=distributed, progress=update, remote=ex)
+                                       distributed=distributed, progress=update)
         scale = best_scale(scale_scores)
         console.print("validation accuracy by scale (positions " + positions + "): " +
                       ", ".join(f"{s:g}: {a:.2f}" for s, a in scale_scores.items()) + f"; using {scale:g}")
@@ -385,28 +383,12 @@ def evaluate(
     report = {"model": loaded.model_id, "kind": vec.kind, "task": prepared.name, "settings": settings,
               "plot": str(plot or Path("out") / f"{prepared.name}_sweep.png") if sweep else None,
               "json": str(json_path) if json_path else None}
-    curve = None
-    with submits(report):
-        if sweep and ex.session:  # the evaluation and the sweep in one request
-            scores, curve = evaluate_and_sweep(loaded, prepared, vec, layer=layer, n_test=n_test,
-                                               n_shots=n_shots, scale=scale, distributed=distributed,
-                                               extra_vectors=extra, remote=ex, positions=positions)
-        else:
-            scores = evaluate_task(loaded, prepared, vec, layer=layer, n_test=n_test, n_shots=n_shots,
-                                   scale=scale, distributed=distributed, extra_vectors=extra, remote=ex,
-                                   positions=positions)
-    if sweep and curve is None:
-        with progress_bar("layer sweep", loaded.adapter.n_layers) as update:
-            curve = layer_sweep(loaded, prepared, vec, scale=scale, progress=update, positions=positions)
-    report_evaluation(report, scores, curve)
-
-
-def report_evaluation(report: dict, scores, curve: dict | None) -> None:
-    """The table, sweep plot and JSON of `evaluate`."""
-    from fv_remote.fv.evaluate import save_evaluation
-
-    show_evaluation(report, (scores, curve))
-    for line in save_evaluation(report, scores, curve):
+    with submits(report), progress_bar("evaluate" + (" + layer sweep" if sweep else ""), 1) as update:
+        result = evaluate(loaded, prepared, vec, layer=layer, n_test=n_test, n_shots=n_shots, scale=scale,
+                          distributed=distributed, extra_vectors=extra, sweep=sweep, positions=positions,
+                          report=report, progress=update)
+    show_evaluation(report, (result.scores, result.curve))
+    for line in result.written:
         out.print(line)
 
 
@@ -474,7 +456,7 @@ def run(
     act_store = ActivationStore(store or str(out_dir / "store.zarr"))
     runs = []
     for relation in relations:
-        result = run_task(loaded, relation, act_store, out_dir, settings, progress=progress_bar, remote=ex)
+        result = run_task(loaded, relation, act_store, out_dir, settings, progress=progress_bar)
         runs.append(result)
         r = result.scores
         console.print(f"[green]{r.task}[/]: zero-shot {r.zero_shot:.2f} -> {r.zero_shot_fv:.2f} with FV at layer "

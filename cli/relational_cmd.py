@@ -137,11 +137,9 @@ def finetune(
              str(n_shots), "--seed", str(seed), *(["--data-dir", str(data_dir)] if data_dir else []),
              *(["--n-test", str(n_test)] if n_test else []), *(["--json", str(json_path)] if json_path else []),
              "--remote"])
-    job = {"model": loaded.model_id, "task": relation.name, "init": init, "out": str(out_path), "plot": str(plot),
-           "evaluate": evaluate_cmd}
-    with submits(job), progress_bar(f"finetune {relation.name}", steps) as update:
+    with submits({"task": relation.name, "init": init}), progress_bar(f"finetune {relation.name}", steps) as update:
         run = train_ffv(loaded, prepared, source, init=init, layer=layer_opt, n_train=n_train, n_valid=n_valid,
-                        settings=settings, progress=update, remote=ex)
+                        settings=settings, progress=update, out=out_path, plot=plot, next_step=evaluate_cmd)
     report_finetune(run, relation.name, init, out_path, plot)
     if not evaluate:
         return
@@ -150,7 +148,7 @@ def finetune(
         raise UserError(f"task {relation.name!r} has no test pairs to evaluate on (use --no-evaluate)")
     base = source if source is not None else ffv
     scores = evaluate_task(loaded, prepared, base, n_test=n_test, n_shots=n_shots,
-                           extra_vectors={"ffv": ffv} if source is not None else None, remote=ex)
+                           extra_vectors={"ffv": ffv} if source is not None else None)
     row = scores.as_json()
     if source is None:  # no FV: the FFV sat in the FV's place
         row["zero_shot_ffv"], row["shuffled_ffv"] = row["zero_shot_fv"], row["shuffled_fv"]
@@ -173,10 +171,7 @@ SMALL_MOVE = 0.02  # smollm2-135m FFVs move 35-65% of the FV's norm, gemma3-270m
 
 
 def report_finetune(run, name: str, init: str, out_path: Path, plot: Path) -> None:
-    """Save the FFV and its loss curve, print the layer search and a summary (the blocking `finetune`)."""
-    from fv_remote.relational.ffv import save_run
-
-    save_run(run, out_path, plot, init)
+    """The layer search and a summary of the blocking `finetune` (the stage saved the FFV and its loss curve)."""
     show_finetune({"task": name, "init": init}, run)
     out.print(f"saved {out_path} and {plot}")
 
@@ -275,11 +270,11 @@ def bank_build(
             skipped.append(name)
             console.print(f"[yellow]{name}: {status}[/]")
 
-    with submits({"model": loaded.model_id, "out": str(out_path)}), \
+    with submits({}), \
             progress_bar("bank build", len(relations)) as update:
         bank = build_bank(loaded, relations, out_path, layer=layer, init=init, fv_dir=fv_dir, n_train=n_train,
                           n_valid=n_valid, settings=settings, seed=seed, resume=not fresh, on_task=report,
-                          progress=update, remote=ex)
+                          progress=update)
     if no_wait:
         console.print(f"every relation is already in {out_path}; nothing submitted")
     out.print(f"bank {out_path}: {len(bank)} relations for {bank.model}"
@@ -437,7 +432,7 @@ def decode(
                 word_list += [w for w in load_task(vec.task).relation_words if w not in word_list]
             except UserError:
                 pass
-    results = decode_many(loaded, [(name, vec.vector) for name, vec in named], word_list, top_k, remote)
+    results = decode_many(loaded, [(name, vec.vector) for name, vec in named], word_list, top_k)
     table = Table(title="top tokens (final norm + unembedding)", title_justify="left")
     table.add_column("#", justify="right")
     for r in results:
@@ -619,7 +614,7 @@ def analogy(
             console.print(f"saved combiner to {save_combiner}")
         comb.meta["path"] = str(save_combiner or "(trained, not saved)")
     with progress_bar(f"analogies ({mode})", 6) as update:
-        result = run_analogies(loaded, bank, items, settings, comb, methods=chosen, progress=update, remote=ex)
+        result = run_analogies(loaded, bank, items, settings, comb, methods=chosen, progress=update)
     if group_by is not None:
         result.group_by = group_by
     for item, reason in result.skipped[:10]:

@@ -22,6 +22,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from fv_remote.execution import NDIF
 
 MODEL = "meta-llama/Llama-3.1-70B"
 OUT = Path("out/remote_70b")
@@ -72,28 +73,28 @@ def main() -> None:
     #    (80 x 64 x 128 values per prompt) to tens of MB; each chunk is committed to the store when it comes back.
     for n in range(CHUNK, N_PROMPTS + 1, CHUNK):
         if store.n_complete(task.name) < n:
-            result = extract(model, task, store, n_prompts=n, n_shots=10, batch_size=16, remote=True)
+            result = extract(model.using(NDIF()), task, store, n_prompts=n, n_shots=10, batch_size=16)
             report(f"extract {n}/{N_PROMPTS} (10-shot accuracy so far {result.accuracy:.2f})")
     means = mean_heads_tensor(store, task.name)  # mean over prompts the model answered correctly
 
     # 2. Average indirect effect of every head on shuffled-label prompts (one request).
-    cma = run_cma(model, prepared, store, means, n_prompts=N_CMA, remote=True)
+    cma = run_cma(model.using(NDIF()), prepared, store, means, n_prompts=N_CMA)
     report(f"CMA ({N_CMA} prompts, {ad.n_layers * ad.n_heads} heads)")
 
     # 3. The FV: the top heads' means pushed through the server's own output projections, then the validation
     #    layer sweep steered by it -- one request; only the K projected vectors and top-1 ids come back.
-    fv, sweep = fit_function_vector(model, prepared, means, cma.aie, k=K, meta={"store": store.url}, remote=True)
+    fv, sweep = fit_function_vector(model.using(NDIF()), prepared, means, cma.aie, k=K, meta={"store": store.url})
     path = fv.save(OUT / f"{task.name}.fv.safetensors")
     report(f"fit (best layer {fv.layer}, validation accuracy {sweep[fv.layer]:.2f})")
 
     # 4. Evaluation: zero-shot and shuffled 10-shot with/without the FV, and clean 10-shot ICL (one request).
-    scores = evaluate_task(model, prepared, fv, remote=True)
+    scores = evaluate_task(model.using(NDIF()), prepared, fv)
     report("evaluate")
 
     # 5. Generation with and without the FV (one request).
     query = prepared.splits.test[0][0]
     prompt = prepared.template.query_text(query)
-    plain, steered = generate_many(model, [(prompt, None), (prompt, Steer(fv))], max_new_tokens=8, remote=True)
+    plain, steered = generate_many(model.using(NDIF()), [(prompt, None), (prompt, Steer(fv))], max_new_tokens=8)
     report("generate")
 
     results = {"model": MODEL, "task": task.name, "fv": str(path), "heads": fv.heads, "layer": fv.layer,

@@ -3,7 +3,9 @@ or submitted to NDIF without waiting. One job per module:
 
 | module | job |
 |---|---|
-| `executor` | `Executor` (`Local`, `DryRun`, `NDIF`), `resolve` of a stage's `remote` argument, `stage_session` |
+| `executor` | `Executor` (`Local`, `DryRun`, `NDIF`), `Executor.run(stage, model, plan)`, `stage_session` |
+| `stage` | `Stage`: a name, a typed JSON-able plan, one body, one commit |
+| `jobs` | `Job`: a submitted stage's handle and job file (status, fetch = the stage's own commit) |
 | `config` | API key, host, client time limit, sandbox opt-in (environment / nnsight's config) |
 | `shipping` | `fv_remote.traces` shipped by source; `check_shippable` for what a body reads |
 | `backend` | nnsight's RemoteBackend with time limit, one-line errors, size records, submit-only (`JobSubmitted`) |
@@ -14,26 +16,18 @@ or submitted to NDIF without waiting. One job per module:
 
 from __future__ import annotations
 
-from typing import Any
-
-from fv_remote.execution import backend as _backend
-from fv_remote.execution.backend import JobRecord, JobSubmitted, job_details, make_backend, no_wait
+from fv_remote.execution.backend import JobRecord, JobSubmitted, make_backend
 from fv_remote.execution.config import api_key, host, sandboxed, timeout_s
-from fv_remote.execution.executor import NDIF, DryRun, Executor, Local, Target, resolve, stage_session, trace_options
+from fv_remote.execution.executor import (NDIF, DryRun, Executor, Local, Target, executor_of, resolve, run_stage,
+                                          stage_session, trace_options)
 from fv_remote.execution.hosted import load_remote_model, remote_repo_id
-from fv_remote.execution.polling import PollResult, poll_job, saved_result
+from fv_remote.execution.polling import PollResult, poll_job
 from fv_remote.execution.service import ServiceStatus, VersionCheck, check, status
 from fv_remote.execution.shipping import check_shippable, register_traces
 
 
-def __getattr__(name: str) -> Any:
-    if name == "last_job":  # the record of the latest NDIF request (rebound per request, so read it live)
-        return _backend.last_job
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 __all__ = ["NDIF", "DryRun", "Executor", "JobRecord", "JobSubmitted", "Local", "PollResult", "ServiceStatus",
-           "Target", "VersionCheck", "api_key", "check", "check_shippable", "host", "job_details",
-           "load_remote_model", "make_backend", "no_wait", "poll_job", "register_traces",
-           "remote_repo_id", "resolve", "sandboxed", "saved_result", "stage_session", "status", "timeout_s",
+           "Target", "VersionCheck", "api_key", "check", "check_shippable", "executor_of", "host", "run_stage",
+           "load_remote_model", "make_backend", "poll_job", "register_traces",
+           "remote_repo_id", "resolve", "sandboxed", "stage_session", "status", "timeout_s",
            "trace_options"]

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import json
 import time
 import types
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,49 +25,20 @@ class JobRecord:
     meta: dict = field(default_factory=dict)
 
 
-last_job = JobRecord()
-
-
 class JobSubmitted(Exception):
-    """Raised out of a stage run under `no_wait()` as soon as its request is submitted.
+    """Raised out of a stage run by `NDIF(wait=False)` as soon as its request is submitted.
 
-    Nothing was computed locally and nothing was stored. `record` has the job id; stages add to `details` what is
-    needed to store the results later exactly as a blocking run would (see fv_remote.execution.jobs).
+    Nothing was computed locally and nothing was stored. `record` has the job id; `job` is the handle
+    (`fv_remote.execution.jobs.Job`, its job file already written) that `Executor.run` attaches: `job.status()`,
+    `job.fetch()`.
     """
 
     def __init__(self, record: JobRecord, compress: bool = True, model_key: str = ""):
         self.record = record
         self.compress = compress
         self.model_key = model_key
-        self.details: dict = {}
+        self.job: Any = None
         super().__init__(f"submitted NDIF job {record.job_id}")
-
-
-@contextlib.contextmanager
-def job_details(**details: Any) -> Iterator[None]:
-    """Add `details` to a `JobSubmitted` raised in this block: what storing its results later needs (a stage's
-    plan, JSON-able). Blocks nest, so a stage and the stage that called it each describe their part."""
-    try:
-        yield
-    except JobSubmitted as job:
-        job.details.update(details)
-        raise
-
-
-_NO_WAIT: contextvars.ContextVar[bool] = contextvars.ContextVar("fv_remote_no_wait", default=False)
-
-
-@contextlib.contextmanager
-def no_wait() -> Iterator[None]:
-    """Within this block a remote stage submits its one request and raises `JobSubmitted` instead of waiting.
-
-    Only NDIF requests (remote=True) are affected; local runs and dry runs (remote="local") run as usual.
-    """
-    token = _NO_WAIT.set(True)
-    try:
-        yield
-    finally:
-        _NO_WAIT.reset(token)
 
 
 def _summary(description: str) -> str:
@@ -105,10 +73,8 @@ def _backend_class() -> type:
         def __call__(self, tracer: Any = None) -> Any:
             if self.blocking:
                 return super().__call__(tracer)
-            global last_job
             from nnsight.intervention.backends.remote import RemoteError
 
-            last_job = self.record
             start = time.monotonic()
             self.display.enabled = False  # its unterminated status line would run into the job id printed next
             try:
@@ -147,12 +113,10 @@ def _backend_class() -> type:
             return blob
 
         def request(self, request: Any, tracer: Any) -> Any:
-            global last_job
             import websocket
             from nnsight.intervention.backends.remote import RemoteError
             from nnsight.schema.response import Status
 
-            last_job = self.record
             start = time.monotonic()
             blob = self._serialize(tracer)
             header = {"ndif-api-key": self.api_key} if self.api_key else None
@@ -213,7 +177,7 @@ def _backend_class() -> type:
 
 def make_backend(model: Any, timeout: float | None = None, verbose: bool = False, blocking: bool = True) -> Any:
     """An NDIF backend for `model` (a LoadedModel or nnsight model) at the configured host and key: blocking, or
-    submit-only (raises `JobSubmitted`) with `blocking=False` or inside `no_wait()`."""
+    submit-only (raises `JobSubmitted`) with `blocking=False`."""
     lm = getattr(model, "lm", model)
     try:
         key = lm.to_model_key()
@@ -227,5 +191,5 @@ def make_backend(model: Any, timeout: float | None = None, verbose: bool = False
         huggingface._ID_CACHE[repo_id] = repo_id
         key = lm.to_model_key()
     return _backend_class()(key, host=host(), api_key=api_key() or "", env=lm._remoteable_get_env(),
-                            timeout=timeout, verbose=verbose, blocking=blocking and not _NO_WAIT.get())
+                            timeout=timeout, verbose=verbose, blocking=blocking)
 

@@ -1,9 +1,11 @@
 """Where a stage's body runs: `Local`, `DryRun` (nnsight's in-process serialise/deserialise), `NDIF` (one blocking
 request) or `NDIF(wait=False)` (submit the request, raise `JobSubmitted`).
 
-A stage takes `remote: Target` and resolves it once with `resolve(remote)`; the shorthands are False/None (local),
-True/"ndif" (NDIF) and "local" (dry run). Its body is written once, inside `with stage_session(model, remote):`,
-which is a no-op locally and one nnsight session otherwise.
+The executor is chosen once, when the model is loaded (`Executor.load_model`, `load_remote_model`) or rebound with
+`model.using(executor)`; stages read it from the model (`executor_of`). A stage (`fv_remote.execution.stage.Stage`)
+runs with `executor_of(model).run(stage, model, plan)`: its body, written once inside `with stage_session(model):`
+(a no-op locally, one nnsight session otherwise), then its commit. The shorthands of `resolve` (False/None local,
+True/"ndif" NDIF, "local" dry run) are for `model.using(...)`.
 
 How a body runs remotely (nnsight 0.8.1):
 - the block's *source text* travels, with only the variables it reads; modules, the tokenizer and the interleaver go
@@ -20,7 +22,7 @@ How a body runs remotely (nnsight 0.8.1):
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Union
 
 import fv_remote.execution.hosted as hosted
@@ -29,6 +31,7 @@ from fv_remote.execution.backend import JobSubmitted, make_backend
 from fv_remote.execution.shipping import register_traces
 
 if TYPE_CHECKING:
+    from fv_remote.execution.stage import Stage
     from fv_remote.models.loading import LoadedModel
 
 
@@ -49,10 +52,31 @@ class Executor:
         return None
 
     def load_model(self, name: str) -> LoadedModel:
-        """The model a stage runs with here (real weights locally; a weightless copy for NDIF)."""
+        """The model a stage runs with here (real weights locally; a weightless copy for NDIF), bound to this
+        executor."""
         from fv_remote.models.loading import load_model
 
-        return load_model(name)
+        return load_model(name).using(self)
+
+    def run(self, stage: Stage, model: Any, plan: Any, progress: Any = None) -> Any:
+        """Run `stage` on `model` (bound to this executor): its body here, then its commit. A submit-only executor
+        (`NDIF(wait=False)`) writes the job file (stage name + plan) and raises `JobSubmitted` with its `job`
+        handle instead; `job.fetch()` (or `fv-remote jobs fetch ID`) later replays the same commit."""
+        if executor_of(model) is not self:
+            model = model.using(self)
+        if not self.session:  # part by part, each stored before the next is computed (the last result is the run's)
+            result = None
+            for part in stage.parts(plan):
+                result = stage.commit(part, stage.body(model, part), progress)
+            return result
+        try:
+            outputs = stage.body(model, plan)
+        except JobSubmitted as submitted:
+            from fv_remote.execution.jobs import Job
+
+            submitted.job = Job.create(stage, plan, submitted, getattr(model, "model_id", ""))
+            raise
+        return stage.commit(plan, outputs, progress)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -83,16 +107,24 @@ class NDIF(Executor):
 
     wait: bool = True
     timeout: float | None = None
+    records: list = field(default_factory=list, repr=False, compare=False)  # one JobRecord per request, in order
     name: ClassVar[str] = "ndif"
     session: ClassVar[bool] = True
     ndif: ClassVar[bool] = True
 
     def session_options(self, model: Any) -> dict[str, Any]:
         register_traces()
-        return {"backend": make_backend(model, timeout=self.timeout, blocking=self.wait)}
+        backend = make_backend(model, timeout=self.timeout, blocking=self.wait)
+        self.records.append(backend.record)
+        return {"backend": backend}
+
+    @property
+    def last(self) -> Any:
+        """The `JobRecord` of this executor's latest request (job id, bytes each way, seconds), or None."""
+        return self.records[-1] if self.records else None
 
     def load_model(self, name: str) -> LoadedModel:
-        return hosted.load_remote_model(hosted.remote_repo_id(name))
+        return hosted.load_remote_model(hosted.remote_repo_id(name)).using(self)
 
 
 # What a stage's `remote` parameter accepts: an executor, or a shorthand resolved by `resolve`.
@@ -114,22 +146,34 @@ def resolve(target: Target) -> Executor:
                     f"got {target!r}")
 
 
-def stage_session(model: Any, remote: Target = False) -> Any:
-    """The context a stage's body runs in: nothing (local), one NDIF request, or nnsight's in-process dry run.
+def run_stage(stage: Stage, model: Any, plan: Any, progress: Any = None) -> Any:
+    """`stage` on `model`, where the model's executor runs it (see `Executor.run`)."""
+    return executor_of(model).run(stage, model, plan, progress)
 
-    Use it directly as `with stage_session(model, remote):` — it returns the session tracer itself, because nnsight
+
+def executor_of(model: Any) -> Executor:
+    """The executor a model is bound to (`Local()` unless it was loaded or rebound for another)."""
+    bound = getattr(model, "executor", None)
+    return bound if isinstance(bound, Executor) else Local()
+
+
+def stage_session(model: Any) -> Any:
+    """The context a stage's body runs in, from the model's executor: nothing (local), one NDIF request, or
+    nnsight's in-process dry run.
+
+    Use it directly as `with stage_session(model):` — it returns the session tracer itself, because nnsight
     captures the block from the frame that enters it (a wrapper generator would capture the wrong frame).
     """
-    options = resolve(remote).session_options(model)
+    options = executor_of(model).session_options(model)
     if options is None:
         return contextlib.nullcontext()
     return getattr(model, "lm", model).session(**options)
 
 
-def trace_options(model: Any, remote: Target = False) -> dict[str, Any]:
-    """Keyword arguments for a single `lm.trace(...)` that should run locally, on NDIF or as a dry run."""
-    return resolve(remote).session_options(model) or {}
+def trace_options(model: Any) -> dict[str, Any]:
+    """Keyword arguments for a single `lm.trace(...)` that should run where the model's executor says."""
+    return executor_of(model).session_options(model) or {}
 
 
-__all__ = ["NDIF", "DryRun", "Executor", "JobSubmitted", "Local", "Target", "resolve", "stage_session",
-           "trace_options"]
+__all__ = ["NDIF", "DryRun", "Executor", "JobSubmitted", "Local", "Target", "executor_of", "resolve", "run_stage",
+           "stage_session", "trace_options"]

@@ -1,15 +1,11 @@
-"""Non-blocking remote stages: a job file per submitted request, and fetching its results into place later.
+"""Jobs: a stage submitted to NDIF without waiting, its job file, and fetching its results into place later.
 
-`fv-remote extract|cma|evaluate|finetune|bank build --remote --no-wait` submits the stage's one NDIF request and
-writes a small JSON job file (`<jobs dir>/<job id>.json`: the stage, its settings, the batch layout, host and
-model); `fv-remote jobs status ID` polls it and `fv-remote jobs fetch ID` stores the results exactly as the blocking
-run would have (same code path: the store's commit points for extract and cma, plus cma's heatmap; the table, plot
-and --json file for evaluate; the FFV file and loss curve for finetune, which prints the evaluate command instead of
-evaluating; the bank file for bank build), then marks the job fetched. Fetching twice is harmless.
-
-From Python: run the stage under `fv_remote.execution.no_wait()`, catch `JobSubmitted`, `save_job(job, settings)`, and
-later `fetch_job(id)`; or poll yourself and rebuild the result with `extract.store_remote_extraction`,
-`cma.store_remote_cma`, `ffv_session.ffv_run_from_job`, `bank.store_remote_bank` or `evaluate.scores_from_job`.
+`NDIF(wait=False)` runs a stage up to its request: `Executor.run` then writes a small JSON job file
+(`<jobs dir>/<job id>.json`: the stage's name, its plan as JSON, host and model) and raises `JobSubmitted` whose
+`job` is a `Job` handle. `job.status()` polls the server; `job.fetch()` (`fv-remote jobs fetch ID`) replays the
+stage's own `commit` on the job's saved values, so a fetched job stores exactly what the blocking run would have,
+then marks the job fetched (fetching twice is harmless). A job file read back needs the stage it names:
+`fv_remote.stages.load_job(id)` looks it up in the stage registry.
 
 The jobs dir is FV_REMOTE_JOBS, else `<fv-remote cache>/jobs` (FV_REMOTE_CACHE or ~/.cache/fv-remote).
 """
@@ -25,7 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from fv_remote.core.errors import UserError
-from fv_remote.execution import JobSubmitted, PollResult, host, poll_job, saved_result
+from fv_remote.execution.backend import JobSubmitted
+from fv_remote.execution.config import host
+from fv_remote.execution.polling import PollResult, poll_job
+from fv_remote.execution.stage import Stage, plan_from_json, plan_to_json
 
 _ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 
@@ -43,21 +42,6 @@ def _path(job_id: str) -> Path:
     if not _ID.match(job_id or ""):
         raise UserError(f"{job_id!r} is not a job id")
     return jobs_dir() / f"{job_id}.json"
-
-
-def save_job(job: JobSubmitted, settings: dict[str, Any]) -> Path:
-    """Write the job file of a submitted stage: its `details` (from the stage) plus `settings` (how to reload the
-    model and data: model, task, data_dir, ...). Returns the path."""
-    if not job.details.get("stage"):
-        raise UserError("this stage cannot be fetched later: it did not describe its results")
-    record = job.record
-    data = {
-        "job_id": record.job_id, "host": record.host or host(), "model_key": job.model_key,
-        "compress": job.compress, "payload_bytes": record.payload_bytes,
-        "submitted": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "state": "submitted", "stage": job.details["stage"], "settings": settings, "details": job.details,
-    }
-    return _write(_path(record.job_id or ""), data)
 
 
 def _write(path: Path, data: dict[str, Any]) -> Path:
@@ -87,17 +71,11 @@ def _read(path: Path) -> dict[str, Any] | None:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    if not isinstance(data, dict) or not isinstance(data.get("settings", {}), dict) or \
+    if not isinstance(data, dict) or not isinstance(data.get("plan", {}), dict) or \
             not isinstance(data.get("job_id"), str):
         raise UserError(f"job file {path} is not an fv-remote job (a JSON object with the job's details); move it "
                         "out of the jobs folder")
     return data
-
-
-def _update(job_id: str, **changes: Any) -> None:
-    data = load_job(job_id)
-    data.update(changes)
-    _write(_path(job_id), data)
 
 
 def list_jobs() -> list[dict[str, Any]]:
@@ -114,116 +92,86 @@ def _poll(job: dict[str, Any]) -> PollResult:
                     at=job.get("host") or None)
 
 
-def job_status(job_id: str) -> tuple[dict[str, Any], str]:
-    """(job file, current server status). A job already fetched reports FETCHED without asking the server."""
-    job = load_job(job_id)
-    if job.get("state") == "fetched":
-        return job, "FETCHED"
-    return job, _poll(job).status
-
-
-# -- committing: what each stage that can run without waiting stores, and who shows it -----------------------------
-
-Commit = Callable[[dict[str, Any], dict[str, Any], Any], tuple[Any, str]]
 Reporter = Callable[[dict[str, Any], Any], None]
-
-
-def _commit_extract(job: dict[str, Any], saved: dict[str, Any], progress: Any = None) -> tuple[Any, str]:
-    from fv_remote.data import load_task
-    from fv_remote.execution import hosted
-    from fv_remote.fv.extract import store_remote_extraction
-    from fv_remote.store.activations import ActivationStore
-
-    settings, details = job["settings"], job["details"]
-    outs = saved_result(saved, details, "outs", f"job {job['job_id']}")
-    task = load_task(settings["task"], data_dir=settings.get("data_dir"))
-    model = hosted.load_remote_model(settings["model"], revision=settings.get("revision") or None)
-    store = ActivationStore(details["store"])
-    result = store_remote_extraction(model, task, store, outs, details, progress)
-    return result, (f"{result.task}: {result.n_complete} prompts in {details['store']} ({result.n_new} new); "
-                    f"{details['n_shots']}-shot accuracy {result.accuracy:.2f}")
-
-
-def _commit_cma(job: dict[str, Any], saved: dict[str, Any], progress: Any = None) -> tuple[Any, str]:
-    """The AIE into the store's TASK/cma group and, when the job names one, the heatmap."""
-    from fv_remote.fv.cma import store_remote_cma
-    from fv_remote.core.plots import cma_heatmap
-    from fv_remote.store.activations import ActivationStore
-
-    settings, details = job["settings"], job["details"]
-    result = store_remote_cma(ActivationStore(details["store"]), saved, details, progress)
-    message = f"{result.task}: {result.n_prompts} corrupted prompts ({result.n_new} new) in {details['store']}"
-    if settings.get("plot"):
-        message += f"; heatmap: {cma_heatmap(result, settings['plot'], settings.get('model', ''))}"
-    return result, message
-
-
-def _commit_finetune(job: dict[str, Any], saved: dict[str, Any], progress: Any = None) -> tuple[Any, str]:
-    """The FFV file and loss curve as the blocking `finetune`; the evaluation it would have run next is a command."""
-    from fv_remote.relational.ffv import save_run
-    from fv_remote.relational.ffv_session import ffv_run_from_job
-
-    settings = job["settings"]
-    run = ffv_run_from_job(saved, job["details"])
-    if settings.get("out"):
-        save_run(run, settings["out"], settings.get("plot"), settings.get("init", ""))
-    message = f"{settings.get('task', run.result.ffv.task)}: FFV at layer {run.result.ffv.layer}" + \
-        (f" saved to {settings['out']}" if settings.get("out") else "")
-    if settings.get("evaluate"):
-        message += f"\nevaluate it: {settings['evaluate']}"
-    return run, message
-
-
-def _commit_evaluate(job: dict[str, Any], saved: dict[str, Any], progress: Any = None) -> tuple[Any, str]:
-    """The accuracies (and sweep) as the blocking `evaluate`, with its sweep plot and --json file when named."""
-    from fv_remote.fv.evaluate import save_evaluation, scores_from_job
-
-    settings = job["settings"]
-    scores, curve = scores_from_job(saved, job["details"])
-    written = save_evaluation(settings, scores, curve)
-    kind = str(settings.get("kind", "fv")).upper()
-    return (scores, curve), "\n".join(
-        [f"{scores.task}: zero-shot {scores.zero_shot:.2f} -> {scores.zero_shot_fv:.2f} with the {kind} at layer "
-         f"{scores.layer} ({scores.n_test} test pairs)", *written])
-
-
-def _commit_bank(job: dict[str, Any], saved: dict[str, Any], progress: Any = None) -> tuple[Any, str]:
-    from fv_remote.relational.bank import store_remote_bank
-
-    details = job["details"]
-    bank = store_remote_bank(saved, details, progress=progress)
-    return bank, (f"bank {details['path']}: {len(bank)} relations for {bank.model}\n"
-                  f"see `fv-remote bank info {details['path']}`")
-
-
-# Stage name (the job file's "stage") -> how its results are stored. Library code only: the CLI adds reporters.
-COMMITS: dict[str, Commit] = {"extract": _commit_extract, "cma": _commit_cma, "finetune": _commit_finetune,
-                              "evaluate": _commit_evaluate, "bank": _commit_bank}
-REPORTERS: dict[str, Reporter] = {}
+REPORTERS: dict[str, Reporter] = {}  # stage name -> what the CLI prints after a fetch (the library prints nothing)
 
 
 def register_reporter(stage: str, reporter: Reporter) -> None:
     """Show a fetched `stage` job's result (tables on a terminal) after it is stored; the CLI registers these."""
-    if stage not in COMMITS:
-        raise ValueError(f"no stage {stage!r} to report on (stages: {', '.join(COMMITS)})")
     REPORTERS[stage] = reporter
 
 
-def fetch_job(job_id: str, progress: Any = None) -> tuple[str, str]:
-    """Poll the job; when COMPLETED store its results as the blocking stage would. Returns (status, message)."""
-    job = load_job(job_id)
-    if job.get("state") == "fetched":
-        return "FETCHED", f"job {job_id} was already fetched ({job.get('message', '')})"
-    commit = COMMITS.get(job.get("stage", ""))
-    if commit is None:
-        raise UserError(f"job {job_id} is a {job.get('stage')!r} job, which this version cannot store")
-    polled = _poll(job)
-    if polled.status != "COMPLETED":
-        return polled.status, f"job {job_id} ({job['stage']}) is {polled.status}; fetch it again later"
-    result, message = commit(job, polled.result or {}, progress)
-    reporter = REPORTERS.get(job["stage"])
-    if reporter is not None:
-        reporter(job, result)
-    _update(job_id, state="fetched", result_bytes=polled.result_bytes, message=message,
-            fetched=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
-    return "COMPLETED", message
+class Job:
+    """A submitted stage: its job file, its status on the server, and `fetch` (the stage's own commit)."""
+
+    def __init__(self, stage: Stage, plan: Any, data: dict[str, Any]):
+        self.stage, self.plan, self.data = stage, plan, data
+
+    @property
+    def id(self) -> str:
+        return str(self.data["job_id"])
+
+    @property
+    def path(self) -> Path:
+        return _path(self.id)
+
+    @classmethod
+    def create(cls, stage: Stage, plan: Any, submitted: JobSubmitted, model: str = "") -> Job:
+        """The handle of a just-submitted stage, its job file written."""
+        if not stage.can_submit:
+            raise UserError(f"the {stage.name} stage cannot be fetched later; run it without --no-wait")
+        record = submitted.record
+        data = {
+            "job_id": record.job_id, "host": record.host or host(), "model": model, "model_key": submitted.model_key,
+            "compress": submitted.compress, "payload_bytes": record.payload_bytes,
+            "submitted": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "state": "submitted", "stage": stage.name, "plan": plan_to_json(plan), "report": {},
+        }
+        job = cls(stage, plan, data)
+        job._save()
+        return job
+
+    @classmethod
+    def load(cls, job_id: str, stages: dict[str, Stage]) -> Job:
+        """A job file read back; `stages` is the registry (`fv_remote.stages.STAGES`) its stage name is looked up in."""
+        data = load_job(job_id)
+        stage = stages.get(str(data.get("stage", "")))
+        if stage is None or not isinstance(data.get("plan"), dict):
+            raise UserError(f"job {job_id} is a {data.get('stage')!r} job written by another version of fv-remote, "
+                            "which this version cannot store; fetch it with that version or run the stage again")
+        try:
+            plan: Any = plan_from_json(stage.plan_type, data["plan"])
+        except (TypeError, ValueError, KeyError) as exc:
+            raise UserError(f"job file {_path(job_id)} has a damaged {stage.name} plan ({exc})") from None
+        return cls(stage, plan, data)
+
+    def note(self, **report: Any) -> None:
+        """Keep what the CLI needs to print the same tables after `jobs fetch` (never needed by the commit)."""
+        self.data["report"] = {**self.data.get("report", {}), **report}
+        self._save()
+
+    def status(self) -> str:
+        """The server's status (QUEUED, RUNNING, COMPLETED, ERROR, ...); FETCHED once stored, without asking."""
+        if self.data.get("state") == "fetched":
+            return "FETCHED"
+        return _poll(self.data).status
+
+    def fetch(self, progress: Any = None) -> tuple[str, str]:
+        """Poll; when COMPLETED store the results with the stage's commit. Returns (status, message)."""
+        if self.data.get("state") == "fetched":
+            return "FETCHED", f"job {self.id} was already fetched ({self.data.get('message', '')})"
+        polled = _poll(self.data)
+        if polled.status != "COMPLETED":
+            return polled.status, f"job {self.id} ({self.stage.name}) is {polled.status}; fetch it again later"
+        result = self.stage.commit(self.plan, self.stage.outputs_from_saved(self.plan, polled.result or {}), progress)
+        message = self.stage.summary(self.plan, result)
+        reporter = REPORTERS.get(self.stage.name)
+        if reporter is not None:
+            reporter(self.data.get("report", {}), result)
+        self.data.update(state="fetched", result_bytes=polled.result_bytes, message=message,
+                         fetched=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+        self._save()
+        return "COMPLETED", message
+
+    def _save(self) -> None:
+        _write(self.path, self.data)

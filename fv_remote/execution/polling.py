@@ -10,15 +10,6 @@ from fv_remote.execution.backend import _detail, _summary
 from fv_remote.execution.config import api_key, host
 
 
-def saved_result(saved: dict, details: dict, default_key: str, what: str) -> Any:
-    """The value a no-wait stage's session saved for its results (`details["result_key"]`), or a clear error."""
-    key = details.get("result_key", default_key)
-    if key not in saved:
-        raise UserError(f"{what} result has no {key!r} (saved: {', '.join(saved) or 'nothing'})")
-    return saved[key]
-
-
-
 @dataclass
 class PollResult:
     """The state of a submitted job: its last status and, once COMPLETED, the values its session saved."""
@@ -30,7 +21,7 @@ class PollResult:
 
 
 def poll_job(job_id: str, compress: bool = True, model_key: str = "", at: str | None = None) -> PollResult:
-    """One look at a job submitted with `no_wait()` (GET /response/{id}); the saved values once it is COMPLETED.
+    """One look at a job submitted with `NDIF(wait=False)` (GET /response/{id}); the saved values once it is COMPLETED.
 
     `at` is the host the job went to (default: the configured host). A job that failed on the server raises a
     UserError naming it; so does a host that cannot be reached.

@@ -8,7 +8,9 @@ mediation as one session body, and the references) are in `fv_remote.fv.cma_meth
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,7 +21,8 @@ from fv_remote.fv.cma_methods import (CMA_FUNCTIONS, FAST_MAX_COPIES, METHODS, H
                                    cma_prompt_invoke_per_head, cma_prompt_naive, fast_groups, plan_groups,
                                    session_effects)
 from fv_remote.core.errors import UserError, require_positive
-from fv_remote.execution import Target, job_details, resolve, saved_result
+from fv_remote.execution import executor_of, run_stage
+from fv_remote.execution.stage import Stage, in_process
 from fv_remote.models.loading import LoadedModel
 from fv_remote.core.progress import Progress
 from fv_remote.store.activations import PROMPT_DIM, ActivationStore
@@ -29,7 +32,7 @@ from fv_remote.data.tasks import PreparedTask
 __all__ = ["CMA_FUNCTIONS", "FAST_MAX_COPIES", "METHODS", "SOURCES", "CMAResult", "Heads", "PromptScorer",
            "_copies_supported", "all_heads", "cma_fast_session", "cma_group", "cma_prompt_cached_batch",
            "cma_prompt_fast", "cma_prompt_invoke_per_head", "cma_prompt_naive", "fast_groups", "load_aie",
-           "plan_groups", "run_cma", "run_head_scores", "session_effects", "store_remote_cma"]
+           "plan_groups", "run_cma", "run_head_scores", "session_effects", "CMA_STAGE", "CMAPlan"]
 
 
 SOURCES = ("cma", "attribution", "lrp", "lrp_attention")
@@ -48,57 +51,142 @@ class CMAResult:
     aie: xr.DataArray  # (layer, head)
     n_prompts: int
     n_new: int
+    heatmap: Path | None = None  # the AIE heatmap the stage drew (when asked to)
 
 
 PromptScorer = Callable[[LoadedModel, str, int, torch.Tensor], tuple[float, torch.Tensor]]
 
 
+@dataclass
+class CMAPlan:
+    """Which prompts to score, how, and where the scores go: `<task>/<source>` of the store, from prompt `start`."""
+
+    task: str
+    store: str  # the store's URL
+    source: str  # the group: cma (exact), attribution, lrp, lrp_attention
+    method: str
+    n_prompts: int
+    n_shots: int
+    start: int  # prompts the group held when the run began
+    identity: dict
+    rows: list[list[str]]  # (query, answer, text) of prompts start .. n_prompts - 1
+    answer_ids: list[int]
+    groups: list[list[int]]  # the fast method's grouping of heads (how a session's results are laid out)
+    n_heads: int  # heads scored per prompt
+    first: int = -1  # a local run's part: the one prompt it scores (-1: all from `start`)
+    plot: str | None = None  # where to draw the AIE heatmap once every prompt is stored (None: nowhere)
+    means: Any = in_process()  # mean head outputs [layer, head, d_head] (what the body patches in)
+    scorer: Any = in_process()  # a local method's per-prompt scorer (`PromptScorer`)
+    open_store: Any = in_process()  # this run's ActivationStore (its writer lock); a fetched job reopens `store`
+
+    def todo(self) -> range:
+        return range(self.start, self.n_prompts) if self.first < 0 else range(self.first, self.first + 1)
+
+
+class CMA(Stage[CMAPlan, "CMAResult"]):
+    """Per-prompt head scores appended to `<task>/<source>` (resumable): on a session (NDIF, dry run) the fast
+    exact mediation of all missing prompts in one request; locally prompt by prompt with the plan's method."""
+
+    name = "cma"
+    plan_type = CMAPlan
+    result_key = "results"
+
+    def parts(self, plan: CMAPlan) -> list[CMAPlan]:
+        return [replace(plan, first=i) for i in range(plan.start, plan.n_prompts)] or [plan]
+
+    def body(self, model: LoadedModel, plan: CMAPlan) -> list[tuple[float, torch.Tensor]]:
+        jobs = [(plan.rows[i - plan.start][2], plan.answer_ids[i - plan.start]) for i in plan.todo()]
+        if not jobs:
+            return []
+        if executor_of(model).session:
+            return cma_fast_session(model, jobs, plan.means)
+        return [plan.scorer(model, text, answer_id, plan.means) for text, answer_id in jobs]
+
+    def outputs_from_saved(self, plan: CMAPlan, saved: dict) -> list[tuple[float, torch.Tensor]]:
+        return session_effects(super().outputs_from_saved(plan, saved), plan.groups, plan.n_heads)
+
+    def commit(self, plan: CMAPlan, outputs: list, progress: Progress | None = None) -> CMAResult:
+        """Append each prompt's scores. Storing twice is a no-op; a store that moved on since the plan was made
+        (another run appended prompts) is refused rather than mixed."""
+        store = plan.open_store or ActivationStore(plan.store)
+        group = cma_group(plan.task, plan.source)
+        todo = plan.todo()
+        with store.writing():
+            store.check_compatible(group, plan.identity)
+            now = store.trim(group)
+            if len(todo) and now >= plan.n_prompts and now > todo[0]:  # already stored (this job, or a later run)
+                return self._result(plan, store, 0)
+            if len(todo) and now != todo[0]:
+                raise UserError(f"store {store.url} has {now} {group!r} prompts but the job starts at prompt "
+                                f"{todo[0]}: the store changed since it was submitted; nothing stored")
+            if len(outputs) != len(todo):
+                raise UserError(f"the job returned {len(outputs)} prompts, expected {len(todo)}; nothing stored")
+            for i, scored in zip(todo, outputs):
+                row = plan.rows[i - plan.start]
+                _append_scores(store, group, plan.identity, plan.method, i, (row[0], row[1], row[2]), scored)
+                if progress:
+                    progress(i + 1, plan.n_prompts)
+            return self._result(plan, store, store.n_complete(group) - plan.start)
+
+    @staticmethod
+    def _result(plan: CMAPlan, store: ActivationStore, n_new: int) -> CMAResult:
+        result = CMAResult(plan.task, load_aie(store, plan.task, plan.n_prompts, source=plan.source), plan.n_prompts,
+                           max(n_new, 0))
+        todo = plan.todo()
+        if plan.plot and (not len(todo) or todo[-1] == plan.n_prompts - 1):  # the run's last part
+            from fv_remote.core.plots import cma_heatmap
+
+            result.heatmap = cma_heatmap(result, plan.plot, str(plan.identity.get("model", "")))
+        return result
+
+    def summary(self, plan: CMAPlan, result: CMAResult) -> str:
+        return f"{result.task}: {result.n_prompts} corrupted prompts ({result.n_new} new) in {plan.store}" + \
+            (f"; heatmap: {result.heatmap}" if result.heatmap else "")
+
+
+CMA_STAGE = CMA()
+
+
 def run_cma(model: LoadedModel, prepared: PreparedTask, store: ActivationStore, means: torch.Tensor,
             n_prompts: int = 25, n_shots: int = 10, method: str = "fast",
-            progress: Progress | None = None, remote: Target = False) -> CMAResult:
+            progress: Progress | None = None, plot: str | Path | None = None) -> CMAResult:
     """Indirect effects of every head on `n_prompts` shuffled-label prompts, appended to `<task>/cma` (resumable).
 
-    `method="attribution"` stores the gradient estimate instead, in `<task>/attribution` (see fv_remote.fv.attribution).
-    `remote=True` (NDIF) or `"local"` (dry run) computes all missing prompts in one request (`cma_fast_session`;
-    method "fast" only) and stores them once the results are back. Under `fv_remote.execution.no_wait()` the request
-    is submitted and `JobSubmitted` raised, its `details` saying how `store_remote_cma` stores the results later.
+    `method="attribution"` stores the gradient estimate instead, in `<task>/attribution` (see fv_remote.fv.attribution);
+    "lrp"/"lrp_attention" AttnLRP relevances on clean prompts (local only). Where the model's executor is a session
+    (NDIF, dry run) all missing prompts are one request (method "fast" only), stored once the results are back;
+    with `NDIF(wait=False)` the request is submitted and `JobSubmitted` raised (its `job` stores them later).
+    `plot`: where to draw the AIE heatmap once every prompt is stored.
     """
     from fv_remote.fv import lrp
 
-    batch = None
-    if resolve(remote).session:
+    if executor_of(model).session:
         if method in lrp.METHODS:
             raise UserError(lrp.REMOTE_REFUSAL.format(method=method))
         if method != "fast":
             raise UserError(f"remote CMA runs the fast method only, not {method!r}")
-
-        def batch(jobs: list[tuple[str, int]]) -> list[tuple[float, torch.Tensor]]:
-            with job_details(stage="cma", result_key="results", n_heads=len(all_heads(model)),
-                             groups=fast_groups(model, all_heads(model))):
-                return cma_fast_session(model, jobs, means, remote=remote)
     if method == "attribution":
         from fv_remote.fv.attribution import attribution_prompt
 
         return run_head_scores(model, prepared, store, means, attribution_prompt, "attribution", method,
-                               n_prompts, n_shots, progress)
+                               n_prompts, n_shots, progress, plot=plot)
     if method in lrp.METHODS:
         return run_head_scores(model, prepared, store, means, lrp.prompt_scorer(model, prepared, method), method,
-                               method, n_prompts, n_shots, progress, kind="clean")
+                               method, n_prompts, n_shots, progress, kind="clean", plot=plot)
     if method not in CMA_FUNCTIONS:
         raise UserError(f"unknown CMA method {method!r}; use one of "
                         f"{', '.join([*CMA_FUNCTIONS, 'attribution', *lrp.METHODS])}")
     return run_head_scores(model, prepared, store, means, CMA_FUNCTIONS[method], "cma", method, n_prompts, n_shots,
-                           progress, batch=batch)
+                           progress, plot=plot)
 
 
 def run_head_scores(model: LoadedModel, prepared: PreparedTask, store: ActivationStore, means: torch.Tensor,
                     fn: PromptScorer, source: str, method: str, n_prompts: int = 25, n_shots: int = 10,
-                    progress: Progress | None = None,
-                    batch: Callable[[list[tuple[str, int]]], list[tuple[float, torch.Tensor]]] | None = None,
-                    kind: str = "shuffled") -> CMAResult:
-    """Score every head on each shuffled-label prompt (or `kind` prompt) with `fn`; append per prompt to
-    `<task>/<source>`. With `batch`, all missing prompts are scored by one call (one remote request) before anything
-    is stored. For "clean" prompts the stored `p_corrupted` is what `fn` returns first (LRP: the answer logit).
+                    progress: Progress | None = None, kind: str = "shuffled",
+                    plot: str | Path | None = None) -> CMAResult:
+    """Score every head on each shuffled-label prompt (or `kind` prompt) with `fn` (locally; a session runs the fast
+    mediation); append per prompt to `<task>/<source>`. For "clean" prompts the stored `p_corrupted` is what `fn`
+    returns first (LRP: the answer logit).
     """
     require_positive("n_prompts", n_prompts)
     ad = model.adapter
@@ -115,19 +203,14 @@ def run_head_scores(model: LoadedModel, prepared: PreparedTask, store: Activatio
     with store.writing():  # one writer per store for the whole run
         store.check_compatible(group, identity)
         start = store.trim(group)
-        jobs = [(p.text, prepared.answer_token[p.answer]) for p in prompts]
-        rows = [(p.query, p.answer, p.text) for p in prompts]
-        with job_details(task=prepared.name, store=store.url, source=source, method=method,
-                         n_prompts=n_prompts, n_shots=n_shots, start=start, identity=identity,
-                         rows=[list(r) for r in rows[start:]]):
-            done = batch(jobs[start:]) if batch is not None and start < n_prompts else None
-        for i in range(start, n_prompts):
-            scored = done[i - start] if done is not None else fn(model, *jobs[i], means)
-            _append_scores(store, group, identity, method, i, rows[i], scored)
-            if progress:
-                progress(i + 1, n_prompts)
-        return CMAResult(prepared.name, load_aie(store, prepared.name, n_prompts, source=source), n_prompts,
-                         n_prompts - start)
+        todo = prompts[start:]
+        session = executor_of(model).session
+        plan = CMAPlan(prepared.name, store.url, source, method, n_prompts, n_shots, start, identity,
+                       [[p.query, p.answer, p.text] for p in todo],
+                       [int(prepared.answer_token[p.answer]) for p in todo],
+                       fast_groups(model, all_heads(model)) if session else [], len(all_heads(model)),
+                       plot=str(plot) if plot else None, means=means, scorer=fn, open_store=store)
+        return run_stage(CMA_STAGE, model, plan, progress)
 
 
 def _append_scores(store: ActivationStore, group: str, identity: dict, method: str, i: int,
@@ -148,37 +231,6 @@ def _append_scores(store: ActivationStore, group: str, identity: dict, method: s
         coords={PROMPT_DIM: [i], "layer": np.arange(n_layers), "head": np.arange(n_heads)},
     )
     store.append(group, ds, {**identity, "method": method})
-
-
-def store_remote_cma(store: ActivationStore, saved: dict, details: dict,
-                     progress: Progress | None = None) -> CMAResult:
-    """Store a no-wait CMA's results (the job's saved values) exactly as `run_cma` would have.
-
-    `details` are the ones `run_cma` put on `JobSubmitted` (prompts, identity, where the store stood). Storing
-    twice is a no-op; a store that moved on since the job was submitted (another run appended prompts) is refused
-    rather than mixed. Needs no model: the job file says everything.
-    """
-    task, source, method = details["task"], details.get("source", "cma"), details.get("method", "fast")
-    n_prompts, start = int(details["n_prompts"]), int(details["start"])
-    identity, rows = details["identity"], [tuple(r) for r in details["rows"]]
-    group = cma_group(task, source)
-    with store.writing():
-        store.check_compatible(group, identity)
-        now = store.trim(group)
-        if now >= n_prompts and now > start:  # already stored (by this job, or a run that caught up)
-            return CMAResult(task, load_aie(store, task, n_prompts, source=source), n_prompts, 0)
-        if now != start:
-            raise UserError(f"store {store.url} has {now} {group!r} prompts but the job starts at prompt {start}: "
-                            "the store changed since it was submitted; nothing stored")
-        results = saved_result(saved, details, "results", "the CMA job's")
-        done = session_effects(results, [list(g) for g in details["groups"]], int(details["n_heads"]))
-        if len(done) != len(rows) or len(rows) != n_prompts - start:
-            raise UserError(f"the job returned {len(done)} prompts, expected {n_prompts - start}; nothing stored")
-        for i in range(start, n_prompts):
-            _append_scores(store, group, identity, method, i, rows[i - start], done[i - start])
-            if progress:
-                progress(i + 1, n_prompts)
-        return CMAResult(task, load_aie(store, task, n_prompts, source=source), n_prompts, n_prompts - start)
 
 
 def load_aie(store: ActivationStore, task: str, n_prompts: int | None = None, source: str = "auto") -> xr.DataArray:

@@ -24,7 +24,7 @@ import nnsight
 import torch
 
 from fv_remote.core.errors import UserError, require_positive
-from fv_remote.execution import Target, resolve, stage_session
+from fv_remote.execution import Local, executor_of, stage_session
 from fv_remote.models.loading import LoadedModel
 from fv_remote.traces.mediation import answer_prob, answer_prob_positions, copies_mask, patch_positions, patch_rows
 from fv_remote.traces.patching import layer_hidden, set_head
@@ -179,15 +179,15 @@ def cma_prompt_fast(model: LoadedModel, text: str, answer_id: int, means: torch.
     ids = _encode(model, text)
     if ids.shape[1] >= 2 and not _copies_supported(model, ids.shape[1]):
         return cma_prompt_cached_batch(model, text, answer_id, means, heads, chunk=min(chunk, 128))
-    return cma_fast_session(model, [(text, answer_id)], means, heads, remote=False, max_copies=chunk)[0]
+    return cma_fast_session(model.using(Local()), [(text, answer_id)], means, heads, max_copies=chunk)[0]
 
 
 def cma_fast_session(model: LoadedModel, jobs: list[tuple[str, int]], means: torch.Tensor,
-                     heads: Heads | None = None, remote: Target = True,
+                     heads: Heads | None = None,
                      max_copies: int = FAST_MAX_COPIES) -> list[tuple[float, torch.Tensor]]:
-    """The fast CMA of many (text, answer_id) prompts as one stage: one NDIF request with `remote=True`,
-    nnsight's in-process dry run with `remote="local"`, plain local traces with `remote=False` (what
-    `cma_prompt_fast` runs). See `cma_prompt_fast` for the layout.
+    """The fast CMA of many (text, answer_id) prompts as one stage body, where the model's executor runs it: one
+    NDIF request, nnsight's in-process dry run, or plain local traces (what `cma_prompt_fast` runs). See
+    `cma_prompt_fast` for the layout.
 
     The body ships with nothing but torch and `fv_remote.traces`: the cache is restored after each copies forward
     by cropping every layer back to the prompt's length (layers the copies skipped were not appended to; no `copy`,
@@ -247,8 +247,8 @@ def cma_fast_session(model: LoadedModel, jobs: list[tuple[str, int]], means: tor
         plan.append({"ids": ids, "answer": int(answer_id), "n_tokens": n_tokens, "steps": steps})
 
     results = []
-    session = resolve(remote).session
-    with stage_session(model, remote):
+    session = executor_of(model).session
+    with stage_session(model):
         for job in plan:
             probs = []
             for step in job["steps"]:

@@ -1,7 +1,7 @@
 """Evaluation: top-1 accuracy on held-out pairs with and without a vector, and the layer sweep that places it.
 
-With `remote` each function is ONE NDIF request however many conditions, layers and batches it scores (the
-conditions are gathered first, then scored in one session); only top-1 token ids come back.
+On a session executor (NDIF, dry run) each function is ONE request however many conditions, layers and batches it
+scores (the conditions are gathered first, then scored in one session); only top-1 token ids come back.
 """
 
 from __future__ import annotations
@@ -13,12 +13,15 @@ from typing import Any
 import torch
 
 from fv_remote.core.errors import UserError
-from fv_remote.execution import Target, job_details, resolve, stage_session
+from fv_remote.execution import executor_of, run_stage, stage_session
+from fv_remote.execution.stage import Stage, in_process
 from fv_remote.models.loading import LoadedModel
 from fv_remote.core.progress import Progress
-from fv_remote.fv.steering import Condition, Steer, score_conditions
+from fv_remote.fv.steering import (Condition, Steer, accuracies, answer_ids_of, condition_work, last_token_body,
+                                   score_conditions)
 from fv_remote.data.tasks import PreparedTask
-from fv_remote.fv.vectors import FunctionVector, assemble_function_vector, probe_ids, projection_plan, top_heads
+from fv_remote.fv.vectors import (FunctionVector, assemble_function_vector, head_vectors, probe_ids, projection_plan,
+                                  top_heads)
 
 # Big tasks (antonym: 2398 pairs) would make a 30-layer sweep and a 5-condition test slow for little extra
 # precision; these caps keep the standard error near 0.03-0.07 and can be raised per call.
@@ -65,25 +68,25 @@ def sweep_conditions(model: LoadedModel, prepared: PreparedTask, fv: FunctionVec
 
 def layer_sweep(model: LoadedModel, prepared: PreparedTask, fv: FunctionVector, split: str = "valid",
                 layers: list[int] | None = None, n_prompts: int | None = None, scale: float = 1.0,
-                batch_size: int = 32, progress: Progress | None = None, remote: Target = False,
+                batch_size: int = 32, progress: Progress | None = None,
                 positions: str = "last") -> dict[int, float]:
     """Zero-shot accuracy with the FV added at each layer, on `split` pairs (validation; at most 50 by default).
 
     Remotely all layers are one request, so `progress` is called once, at the end.
     """
     return _accuracies(model, sweep_conditions(model, prepared, fv, split, layers, n_prompts, scale, batch_size,
-                                               positions), progress, remote)
+                                               positions), progress)
 
 
-def _accuracies(model: LoadedModel, conditions: dict, progress: Progress | None, remote: Target) -> dict:
+def _accuracies(model: LoadedModel, conditions: dict, progress: Progress | None) -> dict:
     """Accuracy per condition: one request with a session executor (`progress` once, at the end), else condition
     by condition so that a progress bar moves."""
     conds = list(conditions.values())
-    acc = score_conditions(model, conds, remote) if resolve(remote).session else []
+    acc = score_conditions(model, conds) if executor_of(model).session else []
     if progress and acc:
         progress(len(acc), len(conds))
     for condition in conds[len(acc):]:
-        acc += score_conditions(model, [condition], remote)
+        acc += score_conditions(model, [condition])
         if progress:
             progress(len(acc), len(conds))
     return dict(zip(conditions, acc))
@@ -103,14 +106,14 @@ def scale_sweep_conditions(model: LoadedModel, prepared: PreparedTask, fv: Funct
 
 def scale_sweep(model: LoadedModel, prepared: PreparedTask, fv: FunctionVector, scales: list[float],
                 layer: int | None = None, positions: str = "last", distributed: bool = False, split: str = "valid",
-                n_prompts: int | None = None, batch_size: int = 32, progress: Progress | None = None,
-                remote: Target = False) -> dict[float, float]:
-    """Zero-shot accuracy on validation pairs (at most 50 by default) at each scale; one request when remote.
+                n_prompts: int | None = None, batch_size: int = 32,
+                progress: Progress | None = None) -> dict[float, float]:
+    """Zero-shot accuracy on validation pairs (at most 50 by default) at each scale; one request on NDIF.
 
     An FV added at every position (`positions="all"`, what a llama.cpp control vector does) usually needs another
     scale than at the last token: this finds it without touching the test split."""
     return _accuracies(model, scale_sweep_conditions(model, prepared, fv, scales, layer, positions, distributed,
-                                                     split, n_prompts, batch_size), progress, remote)
+                                                     split, n_prompts, batch_size), progress)
 
 
 def best_scale(scores: dict[float, float]) -> float:
@@ -168,52 +171,113 @@ def _scores(task: str, n: int, layer: int, acc: dict[str, float], positions: str
                       extra={**{k: v for k, v in acc.items() if k not in main}, **how})
 
 
+@dataclass
+class EvaluatePlan:
+    """The scoring conditions of an evaluation (test columns, then the optional validation layer sweep) as batches,
+    and where its files go (`report`: model, kind, settings, plot, json; None = no files)."""
+
+    task: str
+    n_test: int
+    layer: int
+    names: list[str]  # the test columns, in the order of the first conditions
+    sweep_layers: list[int] | None
+    positions: str
+    scale: float
+    owners: list[int]  # the condition of each batch
+    answer_ids: list[list[int]]  # per condition
+    report: dict | None = None
+    work: Any = in_process()  # (texts, edits) per batch
+    progress_total: int = 0  # conditions, for a local progress bar
+    progress: Any = in_process()
+
+
+@dataclass
+class Evaluation:
+    scores: TaskScores
+    curve: dict[int, float] | None
+    written: list[str]  # one line per file written
+
+
+class Evaluate(Stage[EvaluatePlan, Evaluation]):
+    """Accuracy with and without the vectors on test pairs (and the validation layer sweep): all conditions scored
+    in one session; the table row, the sweep plot and the JSON file."""
+
+    name = "evaluate"
+    plan_type = EvaluatePlan
+    result_key = "outs"
+
+    def body(self, model: LoadedModel, plan: EvaluatePlan) -> list:
+        if executor_of(model).session or plan.progress is None:
+            return last_token_body(model, plan.work, top1=True)
+        outs: list = []  # locally condition by condition, so that a progress bar moves
+        for index in range(len(plan.answer_ids)):
+            outs += last_token_body(model, [w for w, i in zip(plan.work, plan.owners) if i == index], top1=True)
+            plan.progress(index + 1, len(plan.answer_ids))
+        return outs
+
+    def commit(self, plan: EvaluatePlan, outputs: list, progress: Progress | None = None) -> Evaluation:
+        acc = accuracies(outputs, plan.owners, plan.answer_ids)
+        scores = _scores(plan.task, plan.n_test, plan.layer, dict(zip(plan.names, acc)), plan.positions, plan.scale)
+        curve = None if plan.sweep_layers is None else \
+            {int(x): a for x, a in zip(plan.sweep_layers, acc[len(plan.names):])}
+        written = save_evaluation(plan.report, scores, curve) if plan.report else []
+        return Evaluation(scores, curve, written)
+
+    def summary(self, plan: EvaluatePlan, result: Evaluation) -> str:
+        kind = str((plan.report or {}).get("kind", "fv")).upper()
+        s = result.scores
+        return "\n".join([f"{s.task}: zero-shot {s.zero_shot:.2f} -> {s.zero_shot_fv:.2f} with the {kind} at layer "
+                          f"{s.layer} ({s.n_test} test pairs)", *result.written])
+
+
+EVALUATE = Evaluate()
+
+
+def evaluate(model: LoadedModel, prepared: PreparedTask, fv: FunctionVector, layer: int | None = None,
+             n_test: int | None = None, n_shots: int = 10, scale: float = 1.0, distributed: bool = False,
+             extra_vectors: dict[str, FunctionVector] | None = None, batch_size: int = 16, sweep: bool = False,
+             sweep_batch_size: int = 32, positions: str = "last", report: dict | None = None,
+             progress: Progress | None = None) -> Evaluation:
+    """The `evaluate` stage: `evaluate_task`'s columns and, with `sweep`, the validation layer sweep (same scale and
+    positions), scored together (one request on NDIF; locally condition by condition with `progress`). With
+    `report` (model, kind, task, settings, plot, json) the sweep plot and the JSON file are written too."""
+    n, layer, conditions = evaluation_conditions(model, prepared, fv, layer, n_test, n_shots, scale, distributed,
+                                                 extra_vectors, batch_size, positions)
+    swept = sweep_conditions(model, prepared, fv, scale=scale, batch_size=sweep_batch_size,
+                             positions=positions) if sweep else {}
+    every = [*conditions.values(), *swept.values()]
+    work, owners = condition_work(model, every)
+    plan = EvaluatePlan(prepared.name, n, layer, list(conditions), list(swept) if sweep else None, positions, scale,
+                        owners, answer_ids_of(every), report, work, len(every), progress)
+    return run_stage(EVALUATE, model, plan)
+
+
 def evaluate_task(model: LoadedModel, prepared: PreparedTask, fv: FunctionVector, layer: int | None = None,
                   n_test: int | None = None, n_shots: int = 10, scale: float = 1.0, distributed: bool = False,
                   extra_vectors: dict[str, FunctionVector] | None = None, batch_size: int = 16,
-                  remote: Target = False, positions: str = "last") -> TaskScores:
+                  positions: str = "last") -> TaskScores:
     """Accuracy on test queries (the test split, at most 200 by default): zero-shot and shuffled n-shot, each
     with/without the FV, and clean n-shot ICL.
 
-    `extra_vectors` (e.g. {"ffv": ...}) add `zero_shot_<name>` and `shuffled_<name>` columns. With `remote` all
-    conditions are one NDIF request. `positions` ("last" or "all") and `scale` apply to every vector; the row
-    records both.
+    `extra_vectors` (e.g. {"ffv": ...}) add `zero_shot_<name>` and `shuffled_<name>` columns. On NDIF all
+    conditions are one request. `positions` ("last" or "all") and `scale` apply to every vector; the row records
+    both.
     """
-    n, layer, conditions = evaluation_conditions(model, prepared, fv, layer, n_test, n_shots, scale, distributed,
-                                                 extra_vectors, batch_size, positions)
-    with job_details(stage="evaluate", task=prepared.name, n_test=n, layer=layer, names=list(conditions),
-                     sweep_layers=None, positions=positions, scale=scale):
-        acc = dict(zip(conditions, score_conditions(model, list(conditions.values()), remote)))
-    return _scores(prepared.name, n, layer, acc, positions, scale)
+    return evaluate(model, prepared, fv, layer, n_test, n_shots, scale, distributed, extra_vectors, batch_size,
+                    positions=positions).scores
 
 
 def evaluate_and_sweep(model: LoadedModel, prepared: PreparedTask, fv: FunctionVector, layer: int | None = None,
                        n_test: int | None = None, n_shots: int = 10, scale: float = 1.0, distributed: bool = False,
                        extra_vectors: dict[str, FunctionVector] | None = None, batch_size: int = 16,
-                       sweep_batch_size: int = 32, remote: Target = False,
+                       sweep_batch_size: int = 32,
                        positions: str = "last") -> tuple[TaskScores, dict[int, float]]:
     """`evaluate_task` plus the validation `layer_sweep` (same scale and positions), scored together: one request
-    when remote."""
-    n, layer, conditions = evaluation_conditions(model, prepared, fv, layer, n_test, n_shots, scale, distributed,
-                                                 extra_vectors, batch_size, positions)
-    sweep = sweep_conditions(model, prepared, fv, scale=scale, batch_size=sweep_batch_size, positions=positions)
-    with job_details(stage="evaluate", task=prepared.name, n_test=n, layer=layer, names=list(conditions),
-                     sweep_layers=list(sweep), positions=positions, scale=scale):
-        acc = score_conditions(model, [*conditions.values(), *sweep.values()], remote)
-    scores = _scores(prepared.name, n, layer, dict(zip(conditions, acc)), positions, scale)
-    return scores, dict(zip(sweep, acc[len(conditions):]))
-
-
-def scores_from_job(saved: dict, details: dict) -> tuple[TaskScores, dict[int, float] | None]:
-    """What `evaluate_task` (sweep None) or `evaluate_and_sweep` returned, from a no-wait job's saved values."""
-    from fv_remote.fv.steering import accuracies_from_job
-
-    acc = accuracies_from_job(saved, details)
-    names = details["names"]
-    scores = _scores(details["task"], int(details["n_test"]), int(details["layer"]), dict(zip(names, acc)),
-                           details.get("positions"), details.get("scale"))
-    layers = details.get("sweep_layers")
-    return scores, (None if layers is None else {int(x): a for x, a in zip(layers, acc[len(names):])})
+    on NDIF."""
+    result = evaluate(model, prepared, fv, layer, n_test, n_shots, scale, distributed, extra_vectors, batch_size,
+                      sweep=True, sweep_batch_size=sweep_batch_size, positions=positions)
+    assert result.curve is not None
+    return result.scores, result.curve
 
 
 def save_evaluation(report: dict, scores: TaskScores, curve: dict[int, float] | None) -> list[str]:
@@ -234,59 +298,103 @@ def save_evaluation(report: dict, scores: TaskScores, curve: dict[int, float] | 
     return lines
 
 
+@dataclass
+class FitPlan:
+    """The top heads to project and sum, and (with `sweep_layers`) the validation prompts the layer sweep scores
+    with that sum at every layer; the vector is placed at the sweep's best layer, else at `layer`."""
+
+    task: str
+    ranked: list[tuple[int, int, float]]  # (layer, head, score) from `top_heads`
+    layer: int | None
+    sweep_layers: list[int] | None
+    batch_size: int
+    texts: list[str]
+    answer_ids: list[int]
+    meta: dict | None = None
+    means: Any = in_process()  # mean head outputs [layer, head, d_head]
+    model: Any = in_process()  # the sizes and id the vector records (a fit is never fetched later)
+
+
+class Fit(Stage[FitPlan, tuple[FunctionVector, dict[int, float] | None]]):
+    """The FV of the top heads, and the validation layer sweep that places it, in one session: only the projected
+    head vectors and top-1 ids come back (the vector never leaves the server in between)."""
+
+    name = "fit"
+    plan_type = FitPlan
+    can_submit = False  # the CLI saves the vector the blocking run returns
+
+    def body(self, model: LoadedModel, plan: FitPlan) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        heads = [(a, b) for a, b, _ in plan.ranked]
+        if plan.sweep_layers is None:
+            return head_vectors(model, plan.means, heads), []
+        return _fit_sweep_session(model, plan.means, heads, plan.sweep_layers, plan.texts, plan.batch_size)
+
+    def commit(self, plan: FitPlan, outputs: tuple, progress: Progress | None = None
+               ) -> tuple[FunctionVector, dict[int, float] | None]:
+        vecs, tops = outputs
+        fv = assemble_function_vector(plan.model, plan.task, plan.means, plan.ranked, vecs, plan.layer, plan.meta)
+        if plan.sweep_layers is None:
+            return fv, None
+        answer, n_chunks = torch.tensor(plan.answer_ids), -(-len(plan.texts) // plan.batch_size)
+        scores = {layer: float((torch.cat(tops[i * n_chunks:(i + 1) * n_chunks]) == answer).float().mean())
+                  for i, layer in enumerate(plan.sweep_layers)}
+        if progress:
+            progress(len(scores), len(scores))
+        fv.layer = best_layer(scores)
+        fv.meta["sweep"] = {str(x): v for x, v in scores.items()}
+        fv.meta["sweep_flat"] = sweep_is_flat(scores)
+        return fv, scores
+
+
+FIT = Fit()
+
+
 def fit_function_vector(model: LoadedModel, prepared: PreparedTask, means: torch.Tensor, aie: Any,
                         k: int | None = 10, share: float | None = None, layer: int | None = None,
                         sweep: bool = True, meta: dict | None = None, n_prompts: int | None = None,
                         batch_size: int = 32, progress: Progress | None = None,
-                        remote: Target = False) -> tuple[FunctionVector, dict[int, float] | None]:
+                        ) -> tuple[FunctionVector, dict[int, float] | None]:
     """The `fit` stage: the FV of the top heads and, when `layer` is None and `sweep`, the validation layer sweep
     that places it (fv.layer = best layer, fv.meta["sweep"]). Returns (fv, sweep scores or None).
 
-    One stage body wherever it runs (one NDIF request with `remote`): the heads' means are projected by the model's
+    One stage body wherever it runs (one NDIF request on NDIF): the heads' means are projected by the model's
     output projections and the resulting vector steers the sweep in the same session; only the k projected vectors
     and top-1 ids come back. `progress` is called once, at the end.
     """
-    from fv_remote.fv.vectors import build_function_vector
+    from fv_remote.core.errors import require_positive
 
-    do_sweep = layer is None and sweep
-    if not do_sweep:
-        fv = build_function_vector(model, prepared.name, means, aie, k=k, share=share, layer=layer, meta=meta,
-                                   remote=remote)
-        scores = None
-    else:
-        ranked = top_heads(aie, k=k, share=share)
-        vecs, scores = _fit_sweep_session(model, prepared, means, [(a, b) for a, b, _ in ranked], n_prompts,
-                                          batch_size, remote)
-        fv = assemble_function_vector(model, prepared.name, means, ranked, vecs, layer, meta)
-        if progress:
-            progress(len(scores), len(scores))
-    if scores is not None:
-        fv.layer = best_layer(scores)
-        fv.meta["sweep"] = {str(x): v for x, v in scores.items()}
-        fv.meta["sweep_flat"] = sweep_is_flat(scores)
-    return fv, scores
+    require_positive("batch_size", batch_size)
+    ranked = top_heads(aie, k=k, share=share)
+    if not ranked:
+        raise UserError("no heads to project")
+    layers: list[int] | None = None
+    texts: list[str] = []
+    ids: list[int] = []
+    if layer is None and sweep:
+        layers, texts, ids = _sweep_prompts(model, prepared, "valid", None, n_prompts)
+    plan = FitPlan(prepared.name, [(int(a), int(b), float(s)) for a, b, s in ranked], layer, layers, batch_size,
+                   texts, ids, meta, means, model)
+    return run_stage(FIT, model, plan, progress)
 
 
-def _fit_sweep_session(model: LoadedModel, prepared: PreparedTask, means: torch.Tensor, heads: list[tuple[int, int]],
-                       n_prompts: int | None, batch_size: int, remote: Target) -> tuple[torch.Tensor, dict[int, float]]:
-    """Project the heads and sweep all layers with their sum, in one session (the vector never leaves the server)."""
+def _fit_sweep_session(model: LoadedModel, means: torch.Tensor, heads: list[tuple[int, int]], layers: list[int],
+                       texts: list[str], batch_size: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Project the heads and sweep `layers` with their sum, in one session (the vector never leaves the server):
+    the projected vectors and each batch's top-1 ids, layer by layer."""
     import nnsight
 
-    from fv_remote.core.errors import require_positive
     from fv_remote.traces.patching import add_to_residual
     from fv_remote.traces.projection import project_heads
 
-    require_positive("batch_size", batch_size)
     ad, lm = model.adapter, model.lm
-    layers, texts, ids = _sweep_prompts(model, prepared, "valid", None, n_prompts)
     chunks = [texts[i:i + batch_size] for i in range(0, len(texts), batch_size)]
     work = [(ad.layer(lm, layer), chunk) for layer in layers for chunk in chunks]
     plan = projection_plan(model, means, heads)
     is_tuple = ad.layer_output_is_tuple
     unembed, probe = ad.unembed(lm), probe_ids()
     tops: list[torch.Tensor] = []
-    session = resolve(remote).session
-    with stage_session(model, remote):
+    session = executor_of(model).session
+    with stage_session(model):
         with lm.trace(input_ids=probe):
             vecs = project_heads(**plan).save()
         vector = vecs.sum(0)
@@ -300,8 +408,4 @@ def _fit_sweep_session(model: LoadedModel, prepared: PreparedTask, means: torch.
         vecs = vecs.cpu()
         if session:
             vecs, tops = nnsight.save(vecs), nnsight.save(tops)
-    answer = torch.tensor(ids)
-    n_chunks = len(chunks)
-    scores = {layer: float((torch.cat(tops[i * n_chunks:(i + 1) * n_chunks]) == answer).float().mean())
-              for i, layer in enumerate(layers)}
-    return vecs, scores
+    return vecs, tops

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from types import SimpleNamespace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import nnsight
@@ -17,7 +18,8 @@ import xarray as xr
 
 from fv_remote.data import PromptTemplate, RelationTask
 from fv_remote.core.errors import UserError, require_positive
-from fv_remote.execution import Target, job_details, resolve, stage_session
+from fv_remote.execution import executor_of, run_stage, stage_session
+from fv_remote.execution.stage import Stage, in_process
 from fv_remote.models.loading import LoadedModel
 from fv_remote.core.progress import Progress
 from fv_remote.store.activations import PROMPT_DIM, ActivationStore
@@ -40,19 +42,16 @@ def pairs_digest(pairs) -> str:
 
 
 def trace_heads(model: LoadedModel, texts: list[str], answer_ids: list[int],
-                positions: tuple[int, ...] = (-1,), remote: Target = False) -> dict[str, torch.Tensor]:
-    """One forward over a batch: head outputs [B, P, L, H, Dh] and answer statistics at the last token.
-
-    The one-batch case of `trace_heads_batches` (locally; `remote=True`: one NDIF request; `"local"`: a dry run).
-    """
-    return trace_heads_batches(model, [(texts, answer_ids)], positions, remote)[0]
+                positions: tuple[int, ...] = (-1,)) -> dict[str, torch.Tensor]:
+    """One forward over a batch: head outputs [B, P, L, H, Dh] and answer statistics at the last token, where the
+    model's executor runs it (the one-batch case of `trace_heads_batches`)."""
+    return trace_heads_batches(model, [(texts, answer_ids)], positions)[0]
 
 
 def trace_heads_batches(model: LoadedModel, batches: list[tuple[list[str], list[int]]],
-                        positions: tuple[int, ...] = (-1,), remote: Target = True,
-                        half: bool = False) -> list[dict[str, torch.Tensor]]:
+                        positions: tuple[int, ...] = (-1,), half: bool = False) -> list[dict[str, torch.Tensor]]:
     """The extract stage's body: head outputs and answer statistics for many (texts, answer_ids) batches, in one
-    session (a single NDIF request when remote; plain local traces with `remote=False`).
+    session (a single NDIF request on NDIF; plain local traces locally).
 
     The session body is shipped as source: it reads only plain values, envoys and `fv_remote.traces` helpers.
     `half`: the head outputs are rounded to float16 on the server (half the bytes of float32 to bring back).
@@ -63,8 +62,8 @@ def trace_heads_batches(model: LoadedModel, batches: list[tuple[list[str], list[
     n_heads, head_dim, pos = ad.n_heads, ad.head_dim, list(positions)
     jobs = [(list(texts), torch.tensor(ids, dtype=torch.long)) for texts, ids in batches]
     outs: list[dict[str, torch.Tensor]] = []
-    session = resolve(remote).session
-    with stage_session(model, remote):
+    session = executor_of(model).session
+    with stage_session(model):
         for texts, ids in jobs:
             with lm.trace(texts):
                 heads = read_heads(sites, pos, n_heads, head_dim)
@@ -80,7 +79,8 @@ def trace_heads_batches(model: LoadedModel, batches: list[tuple[list[str], list[
     return outs
 
 
-def _batch_dataset(start: int, prompts, answer_ids, out, positions, ad) -> xr.Dataset:
+def _batch_dataset(start: int, prompts: list[tuple[str, str, str]], answer_ids, out, positions, ad) -> xr.Dataset:
+    """One batch as a dataset; `prompts` are (text, query, answer) rows."""
     heads = out["heads"].float().numpy()
     n = heads.shape[0]
     head_var: tuple[tuple[str, ...], Any]
@@ -104,9 +104,9 @@ def _batch_dataset(start: int, prompts, answer_ids, out, positions, ad) -> xr.Da
             "top1_token": ((PROMPT_DIM,), top1.astype(np.int64)),
             "answer_token": ((PROMPT_DIM,), ids),
             "correct": ((PROMPT_DIM,), top1 == ids),
-            "query": ((PROMPT_DIM,), np.array([p.query for p in prompts], dtype=object)),
-            "answer": ((PROMPT_DIM,), np.array([p.answer for p in prompts], dtype=object)),
-            "text": ((PROMPT_DIM,), np.array([p.text for p in prompts], dtype=object)),
+            "query": ((PROMPT_DIM,), np.array([q for _, q, _ in prompts], dtype=object)),
+            "answer": ((PROMPT_DIM,), np.array([a for _, _, a in prompts], dtype=object)),
+            "text": ((PROMPT_DIM,), np.array([text for text, _, _ in prompts], dtype=object)),
         },
         coords=coords,
     )
@@ -131,32 +131,53 @@ def check_positions(model: LoadedModel, texts: list[str], positions: tuple[int, 
 
 
 @dataclass
-class _Plan:
-    prompts: list
-    answer_token: dict
-    problems: list
+class ExtractPlan:
+    """What an extraction computes and where it goes: the prompts still missing, batched, and the store's identity
+    of the task (checked again when the results are stored)."""
+
+    task: str
+    store: str  # the store's URL
+    n_prompts: int
+    n_shots: int
+    batch_size: int
+    positions: tuple[int, ...]
     identity: dict
-    starts: list[int]
+    resumed_from: int  # prompts the store held when the run began
+    starts: list[int]  # first prompt of each batch to compute (a local run's part: one batch)
+    texts: list[str]  # prompts resumed_from .. n_prompts - 1
+    queries: list[str]
+    answers: list[str]
+    answer_ids: list[int]
+    reduce: str = "none"
+    skipped: list = field(default_factory=list)  # (pair, reason) for answers without a usable first token
+    open_store: Any = in_process()  # this run's ActivationStore (its writer lock); a fetched job reopens `store`
+
+    def rows(self, lo: int) -> range:
+        """Indices into texts/queries/answers of the batch that starts at prompt `lo`."""
+        first = lo - self.resumed_from
+        return range(first, min(first + self.batch_size, self.n_prompts - self.resumed_from))
 
 
 REDUCTIONS = ("none", "float16")
 
 
-def check_reduce(reduce: str, remote: Target) -> None:
+def check_reduce(reduce: str, session: bool) -> None:
+    """`reduce` is known, and asked for only where a session brings results back (`session`: the executor's)."""
     if reduce not in REDUCTIONS:
         raise UserError(f"unknown reduction {reduce!r}; use one of {', '.join(REDUCTIONS)}")
-    if reduce != "none" and not resolve(remote).session:
+    if reduce != "none" and not session:
         raise UserError("--reduce shrinks what a remote extraction brings back: use it with --remote")
 
 
-def _plan(model: LoadedModel, task: RelationTask, store: ActivationStore, n_prompts: int, n_shots: int, seed: int,
-          batch_size: int, positions: tuple[int, ...], template: PromptTemplate | None,
-          reduce: str = "none") -> _Plan:
+def plan_extract(model: LoadedModel, task: RelationTask, store: ActivationStore, n_prompts: int = 100,
+                 n_shots: int = 10, seed: int = 0, batch_size: int = 16, positions: tuple[int, ...] = (-1,),
+                 template: PromptTemplate | None = None, reduce: str = "none") -> ExtractPlan:
     """Prompts, store identity and the batches still missing (after checking and repairing the store)."""
     require_positive("n_prompts", n_prompts)
     require_positive("batch_size", batch_size)
     if n_shots < 0:
         raise UserError(f"n_shots must be >= 0, got {n_shots}")
+    check_reduce(reduce, executor_of(model).session)
     ad = model.adapter
     prepared = prepare_task(model.tokenizer, task, seed=seed, template=template, min_pairs=n_shots + 1)
     template = prepared.template
@@ -172,95 +193,95 @@ def _plan(model: LoadedModel, task: RelationTask, store: ActivationStore, n_prom
     }
     if reduce != "none":  # only then: stores written before reductions existed keep their identity
         identity["remote_reduce"] = reduce
-    store.check_compatible(task.name, identity)
-    stored_reduce = store.attrs(task.name).get("remote_reduce", "none") if store.has_task(task.name) else reduce
-    if stored_reduce != reduce:  # never half rounded: the values' precision is part of the task's identity
-        raise UserError(f"store {store.url} task {task.name!r} was written with --reduce {stored_reduce}, not "
-                        f"{reduce}; use another --store or the same settings")
-    start = store.trim(task.name)
-    return _Plan(prompts, prepared.answer_token, prepared.problems, identity,
-                 list(range(start, n_prompts, batch_size)))
+    with store.writing():
+        store.check_compatible(task.name, identity)
+        stored_reduce = store.attrs(task.name).get("remote_reduce", "none") if store.has_task(task.name) else reduce
+        if stored_reduce != reduce:  # never half rounded: the values' precision is part of the task's identity
+            raise UserError(f"store {store.url} task {task.name!r} was written with --reduce {stored_reduce}, not "
+                            f"{reduce}; use another --store or the same settings")
+        start = store.trim(task.name)
+    todo = prompts[start:]
+    return ExtractPlan(task.name, store.url, n_prompts, n_shots, batch_size, tuple(positions), identity, start,
+                       list(range(start, n_prompts, batch_size)), [p.text for p in todo], [p.query for p in todo],
+                       [p.answer for p in todo], [int(prepared.answer_token[p.answer]) for p in todo], reduce,
+                       [[list(pair), reason] for pair, reason in prepared.problems], store)
 
 
-def _store_batches(model: LoadedModel, task: RelationTask, store: ActivationStore, plan: _Plan, n_prompts: int,
-                   batch_size: int, positions: tuple[int, ...], outs: list[dict] | None,
-                   progress: Progress | None) -> ExtractionResult:
-    """Trace (when `outs` is None) or take the remote results, and append each batch (its own commit point)."""
-    ad = model.adapter
-    n_new = 0
-    for i, lo in enumerate(plan.starts):
-        batch = plan.prompts[lo:lo + batch_size]
-        ids = [plan.answer_token[p.answer] for p in batch]
-        out = outs[i] if outs is not None else trace_heads(model, [p.text for p in batch], ids, positions)
-        store.append(task.name, _batch_dataset(lo, batch, ids, out, positions, ad), plan.identity)
-        n_new += len(batch)
-        if progress:
-            progress(lo + len(batch), n_prompts)
-    ds = store.require(store.open(task.name), task.name, "correct")
-    accuracy = float(store.finite_values(task.name, ds["correct"])[:n_prompts].mean()) if n_prompts else 0.0
-    return ExtractionResult(task.name, store.n_complete(task.name), n_new, accuracy, plan.problems)
+class Extract(Stage[ExtractPlan, ExtractionResult]):
+    """Head outputs of clean n-shot prompts into `<task>` of the store, batch by batch (each its commit point)."""
+
+    name = "extract"
+    plan_type = ExtractPlan
+    result_key = "outs"
+
+    def parts(self, plan: ExtractPlan) -> list[ExtractPlan]:
+        return [replace(plan, starts=[lo]) for lo in plan.starts] or [plan]
+
+    def body(self, model: LoadedModel, plan: ExtractPlan) -> list[dict[str, torch.Tensor]]:
+        if not plan.starts:
+            return []
+        batches = [([plan.texts[i] for i in plan.rows(lo)], [plan.answer_ids[i] for i in plan.rows(lo)])
+                   for lo in plan.starts]
+        return trace_heads_batches(model, batches, plan.positions, half=plan.reduce == "float16")
+
+    def commit(self, plan: ExtractPlan, outputs: list[dict], progress: Progress | None = None) -> ExtractionResult:
+        """Append each batch (its own commit point). Storing twice is a no-op; a store that moved on since the plan
+        was made (another run appended prompts) is refused rather than mixed."""
+        store = plan.open_store or ActivationStore(plan.store)
+        with store.writing():
+            if plan.starts:
+                store.check_compatible(plan.task, plan.identity)
+                now = store.trim(plan.task)
+                if now >= plan.n_prompts and now > plan.starts[0]:  # already stored (by this job, or a later run)
+                    return self._result(plan, store, 0)
+                if now != plan.starts[0]:
+                    raise UserError(f"store {store.url} has {now} {plan.task!r} prompts but the job starts at prompt "
+                                    f"{plan.starts[0]}: the store changed since it was submitted; nothing stored")
+                if len(outputs) != len(plan.starts):
+                    raise UserError(f"the job returned {len(outputs)} batches, expected {len(plan.starts)}; "
+                                    "nothing stored")
+            # the sizes a batch's dataset needs, from the identity (a fetched job has no model)
+            ad = SimpleNamespace(n_layers=int(plan.identity["n_layers"]), n_heads=int(plan.identity["n_heads"]))
+            for lo, out in zip(plan.starts, outputs):
+                rows = plan.rows(lo)
+                batch = [(plan.texts[i], plan.queries[i], plan.answers[i]) for i in rows]
+                ids = [plan.answer_ids[i] for i in rows]
+                store.append(plan.task, _batch_dataset(lo, batch, ids, out, plan.positions, ad), plan.identity)
+                if progress:
+                    progress(lo + len(batch), plan.n_prompts)
+            return self._result(plan, store, store.n_complete(plan.task) - plan.resumed_from)
+
+    @staticmethod
+    def _result(plan: ExtractPlan, store: ActivationStore, n_new: int) -> ExtractionResult:
+        ds = store.require(store.open(plan.task), plan.task, "correct")
+        correct = store.finite_values(plan.task, ds["correct"])[:plan.n_prompts]
+        accuracy = float(correct.mean()) if plan.n_prompts else 0.0
+        skipped = [(tuple(pair), reason) for pair, reason in plan.skipped]
+        return ExtractionResult(plan.task, store.n_complete(plan.task), max(n_new, 0), accuracy, skipped)
+
+    def summary(self, plan: ExtractPlan, result: ExtractionResult) -> str:
+        return (f"{result.task}: {result.n_complete} prompts in {plan.store} ({result.n_new} new); "
+                f"{plan.n_shots}-shot accuracy {result.accuracy:.2f}")
 
 
-def _remote_batches(model: LoadedModel, plan: _Plan, batch_size: int) -> list[tuple[list[str], list[int]]]:
-    return [([p.text for p in plan.prompts[lo:lo + batch_size]],
-             [plan.answer_token[p.answer] for p in plan.prompts[lo:lo + batch_size]]) for lo in plan.starts]
+EXTRACT = Extract()
 
 
 def extract(model: LoadedModel, task: RelationTask, store: ActivationStore, n_prompts: int = 100,
             n_shots: int = 10, seed: int = 0, batch_size: int = 16, positions: tuple[int, ...] = (-1,),
             template: PromptTemplate | None = None, progress: Progress | None = None,
-            remote: Target = False, reduce: str = "none") -> ExtractionResult:
+            reduce: str = "none") -> ExtractionResult:
     """Trace `n_prompts` clean n-shot prompts built from the task's training split; resume where a run stopped.
 
-    With `remote` all missing batches go in one NDIF request; they are stored once its results are back, so a
-    failed request leaves the store as it was. Under `fv_remote.execution.no_wait()` the request is submitted and
-    `JobSubmitted` raised, its `details` saying how `store_remote_extraction` stores the results later.
+    Runs where the model's executor says: locally batch by batch (each stored as it comes); on NDIF all missing
+    batches in one request, stored once its results are back, so a failed request leaves the store as it was;
+    with `NDIF(wait=False)` the request is submitted and `JobSubmitted` raised (its `job` stores the results later).
     `reduce="float16"` (remote only) rounds the head outputs to float16 on the server before they travel; the store
     records it (`remote_reduce` in the task's identity, so a store is never half rounded).
     """
-    check_reduce(reduce, remote)
     with store.writing():  # one writer per store for the whole run
-        plan = _plan(model, task, store, n_prompts, n_shots, seed, batch_size, positions, template, reduce)
-        remote_outs = None
-        if resolve(remote).session and plan.starts:
-            with job_details(stage="extract", task=task.name, store=store.url, n_prompts=n_prompts,
-                             n_shots=n_shots, seed=seed, batch_size=batch_size, positions=list(positions),
-                             template=plan.identity["template"], identity=plan.identity,
-                             starts=plan.starts, result_key="outs", reduce=reduce):
-                remote_outs = trace_heads_batches(model, _remote_batches(model, plan, batch_size), positions,
-                                                  remote, half=reduce == "float16")
-        return _store_batches(model, task, store, plan, n_prompts, batch_size, positions, remote_outs, progress)
-
-
-def store_remote_extraction(model: LoadedModel, task: RelationTask, store: ActivationStore, outs: list[dict],
-                            details: dict, progress: Progress | None = None) -> ExtractionResult:
-    """Store a no-wait extraction's results (`outs`, from the job's saved values) exactly as `extract` would have.
-
-    `details` are the ones `extract` put on `JobSubmitted`. Storing twice is a no-op; a store that moved on since
-    the job was submitted (another run appended prompts) is refused rather than mixed.
-    """
-    with store.writing():
-        n_prompts, batch_size = int(details["n_prompts"]), int(details["batch_size"])
-        positions = tuple(details["positions"])
-        template = PromptTemplate(*details["template"])
-        starts = [int(x) for x in details["starts"]]
-        if store.has_task(task.name) and store.n_complete(task.name) >= n_prompts and \
-                store.n_complete(task.name) > starts[0]:
-            ds = store.open(task.name)
-            accuracy = float(ds["correct"].values[:n_prompts].mean())
-            return ExtractionResult(task.name, store.n_complete(task.name), 0, accuracy, [])
-        plan = _plan(model, task, store, n_prompts, int(details["n_shots"]), int(details["seed"]), batch_size,
-                     positions, template, details.get("reduce", "none"))
-        if plan.identity != details["identity"]:
-            changed = sorted(k for k in plan.identity if plan.identity[k] != details["identity"].get(k))
-            raise UserError(f"the job was submitted for other settings than these ({', '.join(changed)} differ); "
-                            "nothing stored")
-        if plan.starts != starts:
-            raise UserError(f"store {store.url} has {store.n_complete(task.name)} {task.name!r} prompts but the job "
-                            f"starts at prompt {starts[0]}: the store changed since it was submitted; nothing stored")
-        if len(outs) != len(starts):
-            raise UserError(f"the job returned {len(outs)} batches, expected {len(starts)}; nothing stored")
-        return _store_batches(model, task, store, plan, n_prompts, batch_size, positions, outs, progress)
+        plan = plan_extract(model, task, store, n_prompts, n_shots, seed, batch_size, positions, template, reduce)
+        return run_stage(EXTRACT, model, plan, progress)
 
 
 def mean_head_activations(store: ActivationStore, task: str, only_correct: bool = True) -> xr.DataArray:

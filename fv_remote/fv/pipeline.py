@@ -12,7 +12,6 @@ from fv_remote.core.checks import atomic_save
 from fv_remote.fv.cma import run_cma
 from fv_remote.data import RelationTask
 from fv_remote.fv.evaluate import TaskScores, evaluate_task, fit_function_vector
-from fv_remote.execution import Target
 from fv_remote.fv.extract import extract, mean_heads_tensor
 from fv_remote.models.loading import LoadedModel
 from fv_remote.core.plots import aie_heatmap
@@ -52,27 +51,25 @@ def _no_progress(description: str, total: int):
 
 
 def run_task(model: LoadedModel, task: RelationTask, store: ActivationStore, out_dir: str | Path,
-             settings: PipelineSettings | None = None, progress: ProgressFactory = _no_progress,
-             remote: Target = False) -> TaskRun:
-    """All stages for one task. `remote=True`: each stage is one NDIF request (extract, CMA, fit with its layer
-    sweep, evaluate: four per task; a stage with nothing left to compute sends none)."""
+             settings: PipelineSettings | None = None, progress: ProgressFactory = _no_progress) -> TaskRun:
+    """All stages for one task, where the model's executor runs them: on NDIF each stage is one request (extract,
+    CMA, fit with its layer sweep, evaluate: four per task; a stage with nothing left to compute sends none)."""
     s = settings or PipelineSettings()
     out_dir = Path(out_dir)
     prepared = prepare_task(model.tokenizer, task, seed=s.seed, min_pairs=s.n_shots + 2)
     with progress(f"{task.name}: extract", s.n_prompts) as update:
-        extract(model, task, store, n_prompts=s.n_prompts, n_shots=s.n_shots, seed=s.seed, progress=update,
-                remote=remote)
+        extract(model, task, store, n_prompts=s.n_prompts, n_shots=s.n_shots, seed=s.seed, progress=update)
     means = mean_heads_tensor(store, task.name)
     with progress(f"{task.name}: mediation", s.n_cma_prompts) as update:
         cma = run_cma(model, prepared, store, means, n_prompts=s.n_cma_prompts, n_shots=s.n_shots,
-                      method=s.cma_method, progress=update, remote=remote)
+                      method=s.cma_method, progress=update)
     with progress(f"{task.name}: layer sweep", model.adapter.n_layers) as update:
         fv, sweep = fit_function_vector(model, prepared, means, cma.aie, k=s.k, meta={"store": store.url},
-                                        progress=update, remote=remote)
+                                        progress=update)
     aie_heatmap(cma.aie, out_dir / f"{task.name}_aie.png", title=f"{task.name}: AIE per head",
                 top=fv.heads)
     fv_path = atomic_save(fv.save, out_dir / f"{task.name}.fv.safetensors", "FV")
-    scores = evaluate_task(model, prepared, fv, n_shots=s.n_shots, n_test=s.n_test, remote=remote)
+    scores = evaluate_task(model, prepared, fv, n_shots=s.n_shots, n_test=s.n_test)
     return TaskRun(scores, fv, fv_path, sweep or {}, prepared.problems)
 
 

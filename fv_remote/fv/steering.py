@@ -6,8 +6,8 @@ the default) touches only the prompt's last token and generated tokens are not s
 the vector at every position of the prompt and of every generated token, as a llama.cpp control vector does
 (`fv_remote.export.llamacpp`).
 
-Every function takes `remote`: False runs locally, True runs the whole call as one NDIF request (a session around
-all its traces), "local" as nnsight's in-process dry run of one. Several scoring conditions (`Condition`) can share a
+Every function runs where the model's executor says (`model.using(...)`): locally, as one NDIF request (a session
+around all its traces), or as nnsight's in-process dry run of one. Several scoring conditions (`Condition`) share a
 request through `score_conditions` / `logits_conditions`.
 """
 
@@ -20,7 +20,7 @@ import nnsight
 import torch
 
 from fv_remote.core.errors import UserError, require_positive
-from fv_remote.execution import Target, check_shippable, job_details, resolve, saved_result, stage_session
+from fv_remote.execution import check_shippable, executor_of, stage_session
 from fv_remote.models.loading import LoadedModel
 from fv_remote.traces.patching import apply_edits, last_token_value, top_probs
 from fv_remote.fv.vectors import FunctionVector
@@ -134,15 +134,9 @@ def _check_lengths(model: LoadedModel, conditions: list[Condition]) -> None:
         seen.update(new)
 
 
-def _last_token_runs(model: LoadedModel, conditions: list[Condition], top1: bool,
-                     remote: Target = False, top_k: int = 0) -> list[Any]:
-    """Per condition: last-token float32 logits [N, vocab], top-1 ids [N], or with `top_k` the (probabilities
-    [N, k], ids [N, k]) of the k most probable next tokens; all conditions in one session.
-
-    The session body reads only plain values, envoys and `fv_remote.traces` helpers (it travels as source). It ends
-    by clearing its variables: the server returns every one whose object was saved (by id, and ids of freed saved
-    objects get reused), so only `outs` goes back.
-    """
+def condition_work(model: LoadedModel, conditions: list[Condition]) -> tuple[list[tuple[list[str], list[tuple]]],
+                                                                            list[int]]:
+    """The batches of all conditions as plain values ((texts, edits) per batch) and the condition each belongs to."""
     _check_lengths(model, conditions)
     work: list[tuple[list[str], list[tuple]]] = []
     owners: list[int] = []
@@ -159,25 +153,43 @@ def _last_token_runs(model: LoadedModel, conditions: list[Condition], top1: bool
         for texts in chunks_of[key]:
             work.append((texts, edits))
             owners.append(index)
+    return work, owners
+
+
+def last_token_body(model: LoadedModel, work: list[tuple[list[str], list[tuple]]], top1: bool,
+                    top_k: int = 0) -> list[Any]:
+    """The scoring body: per batch of `work`, last-token float32 logits [B, vocab], top-1 ids [B], or with `top_k`
+    the (probabilities [B, k], ids [B, k]) of the k most probable next tokens; all batches in one session.
+
+    The session body reads only plain values, envoys and `fv_remote.traces` helpers (it travels as source). It ends
+    by clearing its variables: the server returns every one whose object was saved (by id, and ids of freed saved
+    objects get reused), so only `outs` goes back.
+    """
     lm = model.lm
     unembed = model.adapter.unembed(lm)
     outs: list[torch.Tensor] = []
-    session = resolve(remote).session
+    session = executor_of(model).session
     if session:
         check_shippable(work=work)
-    if work:
-        with job_details(result_key="outs", owners=owners, n_conditions=len(conditions), top1=top1):
-            with stage_session(model, remote):
-                for texts, edits in work:
-                    with lm.trace(texts):
-                        apply_edits(edits)
-                        value = last_token_value(unembed.output[:, -1], top1).save()
-                    outs.append(top_probs(value, top_k) if top_k else value.detach().cpu())
-                # Nothing else may travel back: unbind the body's other values (typed as they were bound).
-                value = texts = edits = None  # type: ignore[assignment]
-                if session:
-                    outs = nnsight.save(outs)
-    mine = _by_condition(outs, owners, len(conditions))
+    if not work:
+        return outs
+    with stage_session(model):
+        for texts, edits in work:
+            with lm.trace(texts):
+                apply_edits(edits)
+                value = last_token_value(unembed.output[:, -1], top1).save()
+            outs.append(top_probs(value, top_k) if top_k else value.detach().cpu())
+        # Nothing else may travel back: unbind the body's other values (typed as they were bound).
+        value = texts = edits = None  # type: ignore[assignment]
+        if session:
+            outs = nnsight.save(outs)
+    return outs
+
+
+def _last_token_runs(model: LoadedModel, conditions: list[Condition], top1: bool, top_k: int = 0) -> list[Any]:
+    """Per condition: `last_token_body`'s outputs concatenated; all conditions in one session."""
+    work, owners = condition_work(model, conditions)
+    mine = by_condition(last_token_body(model, work, top1, top_k), owners, len(conditions))
     if top_k:
         return [(torch.cat([p for p, _ in m]), torch.cat([t for _, t in m])) if m else
                 (torch.empty(0, top_k), torch.empty(0, top_k, dtype=torch.long)) for m in mine]
@@ -185,68 +197,70 @@ def _last_token_runs(model: LoadedModel, conditions: list[Condition], top1: bool
     return [torch.cat(m) if m else empty for m in mine]
 
 
-def _by_condition(outs: list, owners: list[int], n: int) -> list[list]:
+def by_condition(outs: list, owners: list[int], n: int) -> list[list]:
     """The body's per-batch outputs grouped by the condition each batch belongs to."""
+    if len(outs) != len(owners):
+        raise UserError(f"the scoring returned {len(outs)} batches, expected {len(owners)}")
     return [[o for o, i in zip(outs, owners) if i == index] for index in range(n)]
 
 
-def logits_conditions(model: LoadedModel, conditions: list[Condition], remote: Target = False) -> list[torch.Tensor]:
-    """Last-token logits [N, vocab] (float32, CPU) for each condition; one NDIF request for all when remote."""
-    return _last_token_runs(model, conditions, top1=False, remote=remote)
+def logits_conditions(model: LoadedModel, conditions: list[Condition]) -> list[torch.Tensor]:
+    """Last-token logits [N, vocab] (float32, CPU) for each condition; one NDIF request for all on NDIF."""
+    return _last_token_runs(model, conditions, top1=False)
 
 
-def top_tokens_conditions(model: LoadedModel, conditions: list[Condition], k: int = 5,
-                          remote: Target = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def top_tokens_conditions(model: LoadedModel, conditions: list[Condition],
+                          k: int = 5) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The k most probable next tokens per condition: (probabilities [N, k] float32, token ids [N, k]), CPU.
 
     The softmax and top-k run where the model is: remotely only k probabilities and ids per prompt come back, not
     the logits over the whole vocabulary.
     """
     require_positive("top", k)
-    return _last_token_runs(model, conditions, top1=False, remote=remote, top_k=min(k, model.adapter.vocab_size))
+    return _last_token_runs(model, conditions, top1=False, top_k=min(k, model.adapter.vocab_size))
 
 
-def score_conditions(model: LoadedModel, conditions: list[Condition], remote: Target = False) -> list[float]:
-    """Top-1 accuracy of each condition (needs `answer_ids`); only the top-1 ids travel back when remote."""
+def answer_ids_of(conditions: list[Condition]) -> list[list[int]]:
+    """Each condition's answer ids (checked: one per prompt)."""
     for cond in conditions:
         if not cond.texts:
             raise UserError("no prompts to evaluate")
         if cond.answer_ids is None or len(cond.answer_ids) != len(cond.texts):
             raise UserError("each condition needs one answer id per prompt")
-    answer_ids = [list(map(int, cond.answer_ids or [])) for cond in conditions]
-    with job_details(answer_ids=answer_ids):
-        tops = _last_token_runs(model, conditions, top1=True, remote=remote)
-    return [float((top == torch.tensor(ids)).float().mean()) for top, ids in zip(tops, answer_ids)]
+    return [list(map(int, cond.answer_ids or [])) for cond in conditions]
 
 
-def accuracies_from_job(saved: dict, details: dict) -> list[float]:
-    """`score_conditions`' result from a no-wait job: its saved values and the details it was submitted with."""
-    outs = saved_result(saved, details, "outs", "the evaluation job's")
-    owners, answer_ids = details["owners"], details["answer_ids"]
-    if len(outs) != len(owners):
-        raise UserError(f"the job returned {len(outs)} batches, expected {len(owners)}")
-    tops = _by_condition(outs, owners, len(answer_ids))
-    return [float((torch.cat(top) == torch.tensor(ids)).float().mean()) for top, ids in zip(tops, answer_ids)]
+def accuracies(outs: list, owners: list[int], answer_ids: list[list[int]]) -> list[float]:
+    """Top-1 accuracy per condition from `last_token_body(top1=True)`'s per-batch outputs."""
+    tops = by_condition(outs, owners, len(answer_ids))
+    return [float((torch.cat(top) == torch.tensor(ids)).float().mean()) if top else 0.0
+            for top, ids in zip(tops, answer_ids)]
+
+
+def score_conditions(model: LoadedModel, conditions: list[Condition]) -> list[float]:
+    """Top-1 accuracy of each condition (needs `answer_ids`); only the top-1 ids travel back from NDIF."""
+    answer_ids = answer_ids_of(conditions)
+    work, owners = condition_work(model, conditions)
+    return accuracies(last_token_body(model, work, top1=True), owners, answer_ids)
 
 
 def last_logits(model: LoadedModel, texts: list[str], steer: Steer | None = None,
-                batch_size: int = 16, remote: Target = False) -> torch.Tensor:
+                batch_size: int = 16) -> torch.Tensor:
     """Last-token logits [N, vocab] (float32, CPU), batched with left padding."""
     require_positive("batch_size", batch_size)
-    return logits_conditions(model, [Condition(list(texts), steer, batch_size=batch_size)], remote)[0]
+    return logits_conditions(model, [Condition(list(texts), steer, batch_size=batch_size)])[0]
 
 
 def top1_accuracy(model: LoadedModel, texts: list[str], answer_ids: list[int], steer: Steer | None = None,
-                  batch_size: int = 16, remote: Target = False) -> float:
+                  batch_size: int = 16) -> float:
     if not texts:
         raise UserError("no prompts to evaluate")
     require_positive("batch_size", batch_size)
-    return score_conditions(model, [Condition(list(texts), steer, list(answer_ids), batch_size)], remote)[0]
+    return score_conditions(model, [Condition(list(texts), steer, list(answer_ids), batch_size)])[0]
 
 
-def generate_many(model: LoadedModel, runs: list[tuple[str, Steer | None]], max_new_tokens: int = 12,
-                  remote: Target = False) -> list[str]:
-    """Greedy continuations (only the new text) of (prompt, steer) pairs; one NDIF request for all when remote."""
+def generate_many(model: LoadedModel, runs: list[tuple[str, Steer | None]], max_new_tokens: int = 12) -> list[str]:
+    """Greedy continuations (only the new text) of (prompt, steer) pairs; one NDIF request for all on NDIF."""
     require_positive("max_new_tokens", max_new_tokens)
     work = []
     for prompt, steer in runs:
@@ -257,10 +271,10 @@ def generate_many(model: LoadedModel, runs: list[tuple[str, Steer | None]], max_
     lm = model.lm
     pad = model.tokenizer.pad_token_id
     outs: list[torch.Tensor] = []
-    session = resolve(remote).session
+    session = executor_of(model).session
     if session:
         check_shippable(work=work)
-    with stage_session(model, remote):
+    with stage_session(model):
         for prompt, edits, every_step in work:
             with lm.generate(prompt, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad) as tracer:
                 if every_step:  # positions "all": the prompt at step 0, then each new token at its own step
@@ -281,8 +295,7 @@ def generate_many(model: LoadedModel, runs: list[tuple[str, Steer | None]], max_
     return texts
 
 
-def generate(model: LoadedModel, prompt: str, steer: Steer | None = None, max_new_tokens: int = 12,
-             remote: Target = False) -> str:
+def generate(model: LoadedModel, prompt: str, steer: Steer | None = None, max_new_tokens: int = 12) -> str:
     """Greedy continuation of `prompt` (only the new text), optionally steered (at the prompt's last token, or with
     positions "all" at every position of the prompt and of the generated tokens)."""
-    return generate_many(model, [(prompt, steer)], max_new_tokens, remote)[0]
+    return generate_many(model, [(prompt, steer)], max_new_tokens)[0]

@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 
 from fv_remote import __version__
 from fv_remote.core.errors import UserError
-from fv_remote.execution import Target, resolve, stage_session
+from fv_remote.execution import executor_of, stage_session
 from fv_remote.models.loading import LoadedModel
 
 Heads = list[tuple[int, int]]
@@ -79,7 +79,7 @@ def projection_plan(model: LoadedModel, means: torch.Tensor, heads: Heads) -> di
     return plan
 
 
-def head_vectors(model: LoadedModel, means: torch.Tensor, heads: Heads, remote: Target = False) -> torch.Tensor:
+def head_vectors(model: LoadedModel, means: torch.Tensor, heads: Heads) -> torch.Tensor:
     """Each head's mean output in residual-stream units: [len(heads), d_model].
 
     W_O[:, slot] @ mean, the head's share of the attention output; in post-norm families (Gemma 2/3, OLMo 2/3) then
@@ -97,8 +97,8 @@ def head_vectors(model: LoadedModel, means: torch.Tensor, heads: Heads, remote: 
     from fv_remote.traces.projection import project_heads
 
     lm, plan, probe = model.lm, projection_plan(model, means, heads), probe_ids()
-    session = resolve(remote).session
-    with stage_session(model, remote):
+    session = executor_of(model).session
+    with stage_session(model):
         with lm.trace(input_ids=probe):
             vecs = project_heads(**plan).save()
         vecs = vecs.cpu()
@@ -180,14 +180,14 @@ class FunctionVector:
 
 def build_function_vector(model: LoadedModel, task: str, means: torch.Tensor, aie: xr.DataArray,
                           k: int | None = 10, share: float | None = None, layer: int | None = None,
-                          meta: dict | None = None, remote: Target = False) -> FunctionVector:
+                          meta: dict | None = None) -> FunctionVector:
     """FV from the top heads. `layer` defaults to L/3, only a starting guess: run a sweep to pick the real one.
 
-    With `remote` the projection is one NDIF request (see `head_vectors`).
+    On NDIF the projection is one request (see `head_vectors`).
     """
     ranked = top_heads(aie, k=k, share=share)
     heads = [(layer_, head) for layer_, head, _ in ranked]
-    return assemble_function_vector(model, task, means, ranked, head_vectors(model, means, heads, remote), layer,
+    return assemble_function_vector(model, task, means, ranked, head_vectors(model, means, heads), layer,
                                     meta)
 
 

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -175,10 +176,16 @@ class LoadedModel:
     source: str  # where the weights came from
     revision: str = ""
     info: dict = field(default_factory=dict)
+    executor: Any = None  # where its stages run (fv_remote.execution.Executor; None = locally)
 
     @property
     def model_id(self) -> str:
         return self.info.get("hub_repo") or self.name
+
+    def using(self, executor: Any) -> LoadedModel:
+        """The same model (same weights, tokenizer, adapter) with its stages run by `executor`, an
+        `fv_remote.execution.Executor`: `Local()`, `DryRun()`, `NDIF()` or `NDIF(wait=False)`."""
+        return dataclasses.replace(self, executor=executor)
 
 
 def _resolve_source(name: str) -> tuple[str, dict[str, Any]]:

@@ -39,7 +39,8 @@ from fv_remote.relational.bank import RelationBank
 from fv_remote.relational.combiner import Combiner
 from fv_remote.data import MCAnalogy, PromptTemplate
 from fv_remote.core.errors import UserError, require_positive
-from fv_remote.execution import Target, check_shippable, resolve, stage_session
+from fv_remote.execution import check_shippable, executor_of, run_stage, stage_session
+from fv_remote.execution.stage import Stage, in_process
 from fv_remote.relational.ffv import trace_kwargs
 from fv_remote.models.loading import LoadedModel
 from fv_remote.core.progress import Progress
@@ -266,12 +267,11 @@ def _choice_scores(model: LoadedModel, bank: RelationBank, prompts: list[str], c
 
 def run_analogies(model: LoadedModel, bank: RelationBank, items: Sequence[MCAnalogy],
                   settings: AnalogySettings | None = None, combiner: Combiner | None = None,
-                  methods: Sequence[str] = METHODS, progress: Progress | None = None,
-                  remote: Target = False) -> AnalogyResult:
+                  methods: Sequence[str] = METHODS, progress: Progress | None = None) -> AnalogyResult:
     """Score every method on the items (bad items are skipped and counted, never silently dropped).
 
     The stage body is `analogy_session` (relation profiles, CFV weights and every method's scores in one session:
-    ONE NDIF request with `remote=True`; `progress` is then called once, at the end). The local executor runs the
+    ONE NDIF request on NDIF; `progress` is then called once, at the end). The local executor runs the
     local fast path `_local_scores` instead (a declared capability, `Executor.local_fast_paths`).
     """
     s = (settings or AnalogySettings()).check()
@@ -289,14 +289,12 @@ def run_analogies(model: LoadedModel, bank: RelationBank, items: Sequence[MCAnal
         chance = float(np.mean([1 / len(it.choices) for it in kept])) if kept else float("nan")
     else:
         chance = 1.0 / model.adapter.vocab_size
-    ex = resolve(remote)
+    ex = executor_of(model)
     scores: Mapping[str, torch.Tensor | None]
     if not kept:
         weights, scores = torch.empty(0, n_bank), {m: None for m in methods}
-    elif ex.local_fast_paths:  # cached prefixes shared by the bank's vectors: 1.2-1.3x (bench_analogy_body.py)
-        weights, scores = _local_scores(model, bank, kept, s, combiner, methods, progress)
     else:
-        weights, scores = analogy_session(model, bank, kept, s, combiner, methods, ex)
+        weights, scores = run_stage(ANALOGY, model, AnalogyPlan(list(methods), bank, kept, s, combiner, progress))
     if progress and (not ex.local_fast_paths or not kept):
         progress(steps, steps)
     correct = {m: _hits(kept, scores[m], s.mode) for m in methods}
@@ -362,7 +360,41 @@ def _local_scores(model: LoadedModel, bank: RelationBank, kept: list[MCAnalogy],
     return weights, scores
 
 
-# --- one remote request ----------------------------------------------------------------------------------------
+# --- the stage: one remote request ----------------------------------------------------------------------------
+
+
+@dataclass
+class AnalogyPlan:
+    """The items, the bank and how to score them (never fetched later: everything lives in this process)."""
+
+    methods: list[str]
+    bank: Any = in_process()
+    items: Any = in_process()  # the usable MCAnalogy items
+    settings: Any = in_process()
+    combiner: Any = in_process()
+    progress: Any = in_process()
+
+
+class Analogy(Stage[AnalogyPlan, tuple]):
+    """Relation profiles -> CFV weights -> every method's row scores: `analogy_session` in one session; the local
+    executor runs the shared-prefix fast path `_local_scores` (a declared capability, `Executor.local_fast_paths`:
+    1.2-1.3x, bench_analogy_body.py)."""
+
+    name = "analogy"
+    plan_type = AnalogyPlan
+    can_submit = False
+
+    def body(self, model: LoadedModel, plan: AnalogyPlan) -> tuple:
+        args = (model, plan.bank, plan.items, plan.settings, plan.combiner, plan.methods)
+        if executor_of(model).local_fast_paths:
+            return _local_scores(*args, plan.progress)
+        return analogy_session(*args)
+
+    def commit(self, plan: AnalogyPlan, outputs: tuple, progress: Any = None) -> tuple:
+        return outputs  # (CFV weights [items, bank], {method: row scores}); the result is assembled by the caller
+
+
+ANALOGY = Analogy()
 
 
 def _score_batches(model: LoadedModel, prompts: Sequence[str], conts: Sequence[str], rows: Sequence[int],
@@ -394,8 +426,7 @@ def _score_batches(model: LoadedModel, prompts: Sequence[str], conts: Sequence[s
 
 
 def analogy_session(model: LoadedModel, bank: RelationBank, kept: list[MCAnalogy], s: AnalogySettings,
-                    combiner: Combiner | None, methods: Sequence[str],
-                    remote: Target) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                    combiner: Combiner | None, methods: Sequence[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """`_local_scores` as one stage: relation profiles -> CFV weights (softmax, or the combiner's) -> each method's
     row scores, all in one session; only the weights and one score per row come back.
 
@@ -425,14 +456,14 @@ def analogy_session(model: LoadedModel, bank: RelationBank, kept: list[MCAnalogy
     layers = [ad.layer(lm, index) for index in range(ad.n_layers)]
     add_layers = sorted(by_layer)
     is_tuple, unembed, scale, temperature = ad.layer_output_is_tuple, ad.unembed(lm), s.scale, s.temperature
-    session = resolve(remote).session
+    session = executor_of(model).session
     if session:
         check_shippable(passes=passes, vectors=vectors, by_layer=by_layer, combine=combine)
     outs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     sums: list[torch.Tensor] | torch.Tensor
     counts: list[torch.Tensor] | torch.Tensor
     matches: list[torch.Tensor] | torch.Tensor
-    with stage_session(model, remote):
+    with stage_session(model):
         weights = torch.empty(0, n_bank)
         for p in passes:
             sums, counts, matches = [], [], []

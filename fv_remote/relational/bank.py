@@ -24,7 +24,8 @@ from fv_remote import __version__
 from fv_remote.core.checks import note_kept
 from fv_remote.data import RelationTask
 from fv_remote.core.errors import UserError, did_you_mean
-from fv_remote.execution import Target, job_details, resolve
+from fv_remote.execution import executor_of, run_stage
+from fv_remote.execution.stage import Stage, in_process
 from fv_remote.relational.ffv import FinetuneSettings
 from fv_remote.models.loading import LoadedModel
 from fv_remote.core.progress import Progress
@@ -170,15 +171,14 @@ def build_bank(model: LoadedModel, tasks: Iterable[RelationTask], path: str | Pa
                init: str = "zero", fv_dir: str | Path | None = None, n_train: int = 20, n_valid: int = 30,
                settings: FinetuneSettings | None = None, seed: int = 0, resume: bool = True,
                on_task: Callable[[str, str], None] | None = None,
-               progress: Progress | None = None, remote: Target = False) -> RelationBank:
+               progress: Progress | None = None) -> RelationBank:
     """Fine-tune one FFV per task and write the bank to `path` after each (an interrupted build resumes).
 
     `init="fv"` starts each relation from `fv_dir/<task>.fv.safetensors` (and its layer unless `layer` is given);
     `on_task(name, status)` reports "done", "kept" (already in the bank) or "skipped: why". The training is the
-    session body of `relational.ffv_session`: locally one run per relation (written as each finishes); `remote=True`
-    trains every missing relation in ONE NDIF request and writes the bank once it has come back.
-    Under `fv_remote.execution.no_wait()` that request is submitted and `JobSubmitted` raised (nothing written), its
-    `details` saying how `store_remote_bank` writes the bank later.
+    session body of `relational.ffv_session`: locally one run per relation (written as each finishes); on NDIF every
+    missing relation in ONE request, the bank written once it has come back. With `NDIF(wait=False)` that request is
+    submitted and `JobSubmitted` raised (nothing written); its `job` writes the bank later.
     """
     s = settings or FinetuneSettings()
     tasks = list(tasks)
@@ -208,39 +208,78 @@ def build_bank(model: LoadedModel, tasks: Iterable[RelationTask], path: str | Pa
         todo.append((i, task, prepared, fv))
     # One session body trains the relations. A session executor (NDIF, dry run) runs every relation in one request;
     # locally each relation is its own run, written to the bank as it finishes (an interrupted build resumes there).
-    parts = [todo] if resolve(remote).session else [[entry] for entry in todo]
+    parts = [todo] if executor_of(model).session else [[entry] for entry in todo]
     for part in parts:
-        if not part:
-            continue
-        with job_details(stage="bank", path=str(path), resume=resume, bank_settings=bank.settings,
-                         n_tasks=len(tasks)):
-            trained = _train_relations(model, part, layer, init, n_train, n_valid, s, on_task, remote)
-        for (i, task, _, _), ffv, baseline in trained:
-            _add(bank, path, _task_info(task), ffv, baseline, on_task, progress, i, len(tasks))
+        if part:
+            plan = _bank_plan(model, part, path, resume, bank, layer, init, n_train, n_valid, s, len(tasks), on_task)
+            run_stage(BANK, model, plan, progress)
     return bank.require_entries(path)
 
 
-def store_remote_bank(saved: dict, details: dict, on_task: Callable[[str, str], None] | None = None,
-                      progress: Progress | None = None) -> RelationBank:
-    """Write a no-wait `build_bank`'s results (the job's saved values) to its bank file, as the blocking build
-    would have: onto the bank now in the file when resuming (entries of the same name are replaced, so writing
-    twice is harmless), onto an empty one with resume=False."""
-    from fv_remote.relational.ffv_session import job_outputs, source_from_info, to_result
+@dataclass
+class BankPlan:
+    """Relations to fine-tune as jobs of one body, and the bank file their FFVs are added to (`entries`: each
+    relation's labels, index among the build's tasks and training sizes)."""
 
-    outs = job_outputs(saved, details)
-    path, model_id = Path(details["path"]), details["model"]
-    bank = RelationBank.load(path, require=False) if details["resume"] and path.exists() else RelationBank(model_id)
-    if bank.model != model_id:
-        raise UserError(f"the bank at {path} is now for model {bank.model!r}, the job trained vectors for "
-                        f"{model_id!r}; nothing written")
-    bank.settings = details["bank_settings"]
-    s = FinetuneSettings(**details["settings"])
-    for entry, out in zip(details["entries"], outs):
-        ffv = to_result(model_id, out, s, entry["name"], details["init"], source_from_info(entry["source_fv"]),
-                        int(entry["n_train"]), int(entry["n_valid"]), int(entry["n_batches"])).ffv
-        _add(bank, path, entry, ffv, out["baseline_acc"], on_task, progress, int(entry["index"]),
-             int(details["n_tasks"]))
-    return bank.require_entries(path)
+    path: str
+    model: str
+    resume: bool  # add to the bank now in the file (else start an empty one)
+    bank_settings: dict
+    n_tasks: int
+    init: str
+    settings: dict  # FinetuneSettings.as_dict()
+    entries: list[dict]
+    n_jobs: int
+    work: Any = in_process()  # ffv_session.Plan: the jobs and their data as tensors
+    bank: Any = in_process()  # this build's RelationBank (a fetched job reads the file)
+    on_task: Any = in_process()
+
+
+class Bank(Stage[BankPlan, RelationBank]):
+    """A bank of FFVs: every relation a job of one session (`ffv_session.run_jobs`); each trained relation is added
+    to the bank file (entries of the same name replaced, so writing twice is harmless)."""
+
+    name = "bank"
+    plan_type = BankPlan
+    result_key = "results"
+
+    def body(self, model: LoadedModel, plan: BankPlan) -> list[dict]:
+        from fv_remote.relational.ffv_session import run_jobs
+
+        return run_jobs(model, plan.work.datasets, plan.work.jobs) if plan.n_jobs else []
+
+    def commit(self, plan: BankPlan, outputs: list[dict], progress: Progress | None = None) -> RelationBank:
+        from fv_remote.relational.ffv_session import source_from_info, to_result
+
+        if len(outputs) != plan.n_jobs:
+            raise UserError(f"the job returned {len(outputs)} fine-tuning runs, expected {plan.n_jobs}")
+        path = Path(plan.path)
+        bank = plan.bank
+        if bank is None:
+            bank = RelationBank.load(path, require=False) if plan.resume and path.exists() else \
+                RelationBank(plan.model)
+            if bank.model != plan.model:
+                raise UserError(f"the bank at {path} is now for model {bank.model!r}, the job trained vectors for "
+                                f"{plan.model!r}; nothing written")
+            bank.settings = plan.bank_settings
+        s = FinetuneSettings(**plan.settings)
+        for entry, out in zip(plan.entries, outputs):
+            try:
+                ffv = to_result(plan.model, out, s, entry["name"], plan.init, source_from_info(entry["source_fv"]),
+                                int(entry["n_train"]), int(entry["n_valid"]), int(entry["n_batches"])).ffv
+            except UserError as exc:  # diverged or never moved: skip the relation, keep the others
+                if plan.on_task:
+                    plan.on_task(entry["name"], f"skipped: {exc}")
+                continue
+            _add(bank, path, entry, ffv, out["baseline_acc"], plan.on_task, progress, int(entry["index"]),
+                 plan.n_tasks)
+        return bank
+
+    def summary(self, plan: BankPlan, result: RelationBank) -> str:
+        return f"bank {plan.path}: {len(result)} relations for {result.model}\nsee `fv-remote bank info {plan.path}`"
+
+
+BANK = Bank()
 
 
 def _task_info(task: RelationTask) -> dict[str, Any]:
@@ -284,18 +323,16 @@ def _add(bank: RelationBank, path: Path, task: dict[str, Any], ffv: FunctionVect
         progress(i + 1, total)
 
 
-def _train_relations(model: LoadedModel, todo: list, layer: int | None, init: str, n_train: int, n_valid: int,
-                  s: FinetuneSettings, on_task: Callable[[str, str], None] | None,
-                  remote: Target) -> list[tuple[tuple, FunctionVector, float | None]]:
-    """Every relation of `todo` as one job of one stage body (one request on NDIF); relations whose plan or
-    result fails are skipped (reported)."""
+def _bank_plan(model: LoadedModel, todo: list, path: Path, resume: bool, bank: RelationBank, layer: int | None,
+               init: str, n_train: int, n_valid: int, s: FinetuneSettings, n_tasks: int,
+               on_task: Callable[[str, str], None] | None) -> BankPlan:
+    """Every relation of `todo` as one job of one stage body; relations whose plan fails are skipped (reported)."""
     from fv_remote.relational.ffv import examples, initial_plan
-    from fv_remote.relational.ffv_session import SCORE_BATCH, Plan, source_info, to_result
+    from fv_remote.relational.ffv_session import SCORE_BATCH, Plan, source_info
 
     plan = Plan(model)
-    planned = []
-    for entry in todo:
-        _, task, prepared, fv = entry
+    entries = []
+    for index, task, prepared, fv in todo:
         try:
             at = model.adapter.check_layer(fv.layer if layer is None else layer)
             train = examples(prepared, "train", n_train)
@@ -309,20 +346,8 @@ def _train_relations(model: LoadedModel, todo: list, layer: int | None, init: st
         valid_i = plan.data(valid, s.batch_size, s.seed, s.fast)
         base_i = plan.data(valid, SCORE_BATCH, fast=False, shuffle=False)  # `ffv.score`'s batches
         plan.job(s, train_i, valid_i, at, vector, scale_texts, baseline=base_i)
-        n_batches = len(plan.datasets[train_i]) if train_i is not None else 0
-        planned.append((entry, fv, len(train), len(valid) if valid is not None else 0, n_batches))
-    entries = [{**_task_info(entry[1]), "index": entry[0], "source_fv": source_info(fv), "n_train": n_tr,
-                "n_valid": n_va, "n_batches": n_b} for entry, fv, n_tr, n_va, n_b in planned]
-    with job_details(result_key="results", model=model.model_id, init=init, settings=s.as_dict(),
-                     n_jobs=len(plan.jobs), entries=entries):
-        outs = plan.run(remote) if planned else []
-    trained = []
-    for (entry, fv, n_tr, n_va, n_b), out in zip(planned, outs):
-        try:
-            ffv = to_result(model.model_id, out, s, entry[2].name, init, fv, n_tr, n_va, n_b).ffv
-        except UserError as exc:  # diverged or never moved: skip the relation, keep the others
-            if on_task:
-                on_task(entry[1].name, f"skipped: {exc}")
-            continue
-        trained.append((entry, ffv, out["baseline_acc"]))
-    return trained
+        entries.append({**_task_info(task), "index": index, "source_fv": source_info(fv), "n_train": len(train),
+                        "n_valid": len(valid) if valid is not None else 0,
+                        "n_batches": len(plan.datasets[train_i]) if train_i is not None else 0})
+    return BankPlan(str(path), model.model_id, resume, bank.settings, n_tasks, init, s.as_dict(), entries,
+                    len(plan.jobs), plan, bank, on_task)

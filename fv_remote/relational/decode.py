@@ -10,12 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import nnsight
 import torch
 
 from fv_remote.core.errors import UserError, require_positive
-from fv_remote.execution import Target, resolve, stage_session
+from fv_remote.execution import executor_of, run_stage, stage_session
+from fv_remote.execution.stage import Stage, in_process
 from fv_remote.models.loading import LoadedModel
 from fv_remote.traces.projection import project_rows
 from fv_remote.fv.vectors import probe_ids
@@ -75,34 +77,65 @@ def decode(model: LoadedModel, vector: torch.Tensor, name: str = "vector", words
     return decode_many(model, [(name, vector)], words, k)[0]
 
 
+@dataclass
+class DecodePlan:
+    """Vectors to read through the final norm and unembedding: their names, the relation words, top-k."""
+
+    names: list[str]
+    words: list[str]
+    k: int
+    candidates: list[int]  # token ids of the words' forms, whose vocabulary positions come back
+    rows: Any = in_process()  # the vectors [n, 1, d_model]
+    tokenizer: Any = in_process()  # decoding is never fetched later
+
+
+class Decode(Stage[DecodePlan, list[Decoded]]):
+    """Top tokens of vectors and the ranks of relation words: the final norm and unembedding are called on the
+    vectors inside one tiny trace (no weight is read: NDIF's sandbox holds none); only the top-k (ids, logits) and
+    the vocabulary positions of the words' token forms come back."""
+
+    name = "decode"
+    plan_type = DecodePlan
+    can_submit = False
+
+    def body(self, model: LoadedModel, plan: DecodePlan) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        ad, lm = model.adapter, model.lm
+        rows, candidates = plan.rows, torch.tensor(plan.candidates, dtype=torch.long)
+        norm, unembed = ad.final_norm(lm), ad.unembed(lm)
+        top_k, probe = min(plan.k, ad.vocab_size), probe_ids()
+        session = executor_of(model).session
+        with stage_session(model):
+            with lm.trace(input_ids=probe):
+                values, ids, where = project_rows(norm, unembed, rows, top_k, candidates)
+                values, ids, where = values.save(), ids.save(), where.save()
+            values, ids, where = values.cpu(), ids.cpu(), where.cpu()
+            if session:
+                values, ids, where = nnsight.save(values), nnsight.save(ids), nnsight.save(where)
+        return values, ids, where
+
+    def commit(self, plan: DecodePlan, outputs: tuple, progress: Any = None) -> list[Decoded]:
+        values, ids, where = outputs
+        tok, out = plan.tokenizer, []
+        for i, name in enumerate(plan.names):
+            position = dict(zip(plan.candidates, where[i].tolist()))
+            top = [(tok.decode([int(t)]), float(v)) for v, t in zip(values[i], ids[i])]
+            ranks, forms = _best_forms(tok, plan.words, lambda t, position=position: position[t])
+            out.append(Decoded(name, top, ranks, forms))
+        return out
+
+
+DECODE = Decode()
+
+
 def decode_many(model: LoadedModel, named: Sequence[tuple[str, torch.Tensor]], words: Sequence[str] = (),
-                k: int = 20, remote: Target = False) -> list[Decoded]:
-    """`decode` for several (name, vector), as one stage body: the final norm and unembedding are called on the
-    vectors inside one tiny trace (no weight is read: NDIF's sandbox holds none), locally or as ONE NDIF request
-    (`remote=True`), and only the top-k (ids, logits) and the vocabulary positions of the relation words' token
-    forms come back.
-    """
+                k: int = 20) -> list[Decoded]:
+    """`decode` for several (name, vector), as one stage (one request on NDIF)."""
     require_positive("top-k", k)
-    ad, lm, tok = model.adapter, model.lm, model.tokenizer
+    ad, tok = model.adapter, model.tokenizer
     for _, vector in named:
         if vector.shape[-1] != ad.d_model:
             raise UserError(f"vector has width {vector.shape[-1]}, the model's residual stream {ad.d_model}")
-    candidates = torch.tensor(sorted({t for w in words for t in word_forms(tok, w)}), dtype=torch.long)
+    candidates = sorted({t for w in words for t in word_forms(tok, w)})
     rows = torch.stack([v.detach().float().view(-1) for _, v in named]).unsqueeze(1)  # [n, 1, d_model]
-    norm, unembed = ad.final_norm(lm), ad.unembed(lm)
-    top_k, probe = min(k, ad.vocab_size), probe_ids()
-    session = resolve(remote).session
-    with stage_session(model, remote):
-        with lm.trace(input_ids=probe):
-            values, ids, where = project_rows(norm, unembed, rows, top_k, candidates)
-            values, ids, where = values.save(), ids.save(), where.save()
-        values, ids, where = values.cpu(), ids.cpu(), where.cpu()
-        if session:
-            values, ids, where = nnsight.save(values), nnsight.save(ids), nnsight.save(where)
-    out = []
-    for i, (name, _) in enumerate(named):
-        position = dict(zip(candidates.tolist(), where[i].tolist()))
-        top = [(tok.decode([int(t)]), float(v)) for v, t in zip(values[i], ids[i])]
-        ranks, forms = _best_forms(tok, words, lambda t, position=position: position[t])
-        out.append(Decoded(name, top, ranks, forms))
-    return out
+    plan = DecodePlan([name for name, _ in named], list(words), k, candidates, rows, tok)
+    return run_stage(DECODE, model, plan)

@@ -19,17 +19,18 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from fv_remote.core.errors import UserError, require_positive
-from fv_remote.execution import Target, job_details
+from fv_remote.execution import run_stage
+from fv_remote.execution.stage import Stage, in_process
 from fv_remote.relational.ffv_plan import (Examples, FFVRun, FinetuneResult, FinetuneSettings, SourceInfo,
                                            candidate_layers, initial_plan, quick_settings, trace_kwargs)
-from fv_remote.relational.ffv_session import Plan, ffv_run, source_info, to_result
+from fv_remote.relational.ffv_session import Plan, ffv_run, run_jobs, source_from_info, source_info
 from fv_remote.models.loading import LoadedModel
 from fv_remote.core.progress import Progress
 from fv_remote.data.tasks import PreparedTask
@@ -149,8 +150,7 @@ def initial_vector(model: LoadedModel, init: str, fv: FunctionVector | None = No
 
 def finetune(model: LoadedModel, train: Examples, valid: Examples | None, init_vector: torch.Tensor, layer: int,
              settings: FinetuneSettings | None = None, task: str = "", init: str = "custom",
-             source: FunctionVector | None = None, progress: Progress | None = None,
-             remote: Target = False) -> FinetuneResult:
+             source: FunctionVector | None = None, progress: Progress | None = None) -> FinetuneResult:
     """Optimise a vector added at `layer` so the frozen model answers the zero-shot training prompts.
 
     Without a validation set the last vector is kept and there is no early stopping. With more training prompts
@@ -170,17 +170,13 @@ def finetune(model: LoadedModel, train: Examples, valid: Examples | None, init_v
     valid_i = plan.data(valid, s.batch_size, s.seed, s.fast)
     plan.job(s, train_i, valid_i, layer, init_vector)
     assert train_i is not None  # job() refused None
-    result = to_result(model.model_id, plan.run(remote)[0], s, task, init, source, len(train),
-                       len(valid) if valid is not None else 0, len(plan.datasets[train_i]))
-    if progress:
-        progress(s.steps, s.steps)
-    return result
+    return run_stage(FINETUNE, model, finetune_plan(model, plan, s, task, init, source, len(train),
+                                                    len(valid) if valid is not None else 0, train_i), progress).result
 
 
 def select_layer(model: LoadedModel, train: Examples, valid: Examples, layers: Sequence[int],
                  make_init: Callable[[int], torch.Tensor], settings: FinetuneSettings | None = None,
-                 quick_steps: int = 30, progress: Progress | None = None,
-                 remote: Target = False) -> dict[int, dict[str, float]]:
+                 quick_steps: int = 30, progress: Progress | None = None) -> dict[int, dict[str, float]]:
     """Short fine-tuning runs at each candidate layer -> {layer: {"valid_loss", "valid_acc"}}, as one stage.
 
     Pick with `best_ffv_layer`. `make_init(layer)` gives each run's starting vector.
@@ -194,7 +190,7 @@ def select_layer(model: LoadedModel, train: Examples, valid: Examples, layers: S
     valid_i = plan.data(valid, quick.batch_size, quick.seed, quick.fast)
     for at in layers:
         plan.job(quick, train_i, valid_i, at, make_init(at))
-    outs = plan.run(remote)
+    outs = run_jobs(model, plan.datasets, plan.jobs)  # the stage's body (short runs: no result to commit)
     if progress:
         progress(len(layers), len(layers))
     return {at: {"valid_loss": out["best_loss"], "valid_acc": out["best_acc"]} for at, out in zip(layers, outs)}
@@ -237,12 +233,15 @@ def save_run(run: FFVRun, out_path: str | Path, plot: str | Path | None = None, 
 def train_ffv(model: LoadedModel, prepared: PreparedTask, fv: FunctionVector | None = None, init: str = "fv",
               layer: int | str | None = None, n_train: int = 20, n_valid: int = 30,
               settings: FinetuneSettings | None = None, quick_steps: int = 30,
-              progress: Progress | None = None, remote: Target = False) -> FFVRun:
+              progress: Progress | None = None, out: str | Path | None = None, plot: str | Path | None = None,
+              next_step: str | None = None) -> FFVRun:
     """Fine-tune on the first `n_train` training pairs, validate on up to `n_valid` validation pairs.
 
     `layer`: an int; None = the FV's layer (required without an FV); "auto" = short runs on `candidate_layers`
     and the best by validation accuracy (then loss). All of it (the layer search included) is one stage body
-    (`ffv_session.run_jobs`), run where `remote` says; `progress` is called once, at the end.
+    (`ffv_session.run_jobs`), run where the model's executor says; `progress` is called once, at the end. With
+    `out` the FFV is saved there (and its loss curve at `plot`) when the results are in (`next_step`: a command a
+    fetched job prints afterwards).
     """
     s = (settings or FinetuneSettings()).check()
     require_positive("n_train", n_train)
@@ -270,12 +269,69 @@ def train_ffv(model: LoadedModel, prepared: PreparedTask, fv: FunctionVector | N
         layer = -1
     plan.job(s, train_i, valid_i, int(layer), vector, scale_texts, search=search)
     assert train_i is not None  # job() refused None
-    n_valid, n_batches = len(valid) if valid is not None else 0, len(plan.datasets[train_i])
-    with job_details(stage="finetune", result_key="results", model=model.model_id, task=prepared.name, init=init,
-                     settings=s.as_dict(), source=source_info(fv), n_train=len(train), n_valid=n_valid,
-                     n_batches=n_batches, layers=layers, search=search, n_jobs=len(plan.jobs)):
-        outs = plan.run(remote)
-    run = ffv_run(model.model_id, outs, s, prepared.name, init, fv, len(train), n_valid, n_batches, layers, search)
-    if progress:
-        progress(s.steps, s.steps)
-    return run
+    n_valid = len(valid) if valid is not None else 0
+    return run_stage(FINETUNE, model, finetune_plan(model, plan, s, prepared.name, init, fv, len(train), n_valid,
+                                                    train_i, layers, search, out, plot, next_step), progress)
+
+
+@dataclass
+class FinetunePlan:
+    """Fine-tuning jobs (one relation; or a layer search's short runs, then the final run at the best layer) and
+    what their result records; `work` holds the jobs and their data as tensors (`ffv_session.Plan`)."""
+
+    model: str
+    task: str
+    init: str
+    settings: dict  # FinetuneSettings.as_dict()
+    source: dict | None  # the starting FV's task, layer, kind, heads (`ffv_session.source_info`)
+    n_train: int
+    n_valid: int
+    n_batches: int  # training chunks
+    n_jobs: int
+    layers: list[int] = field(default_factory=list)  # the layer search's candidates
+    search: list[int] = field(default_factory=list)  # their jobs
+    out: str | None = None  # where the commit saves the FFV (None: nowhere)
+    plot: str | None = None  # and its loss curve
+    next_step: str | None = None  # a command to show once a fetched job is saved
+    work: Any = in_process()
+
+
+def finetune_plan(model: LoadedModel, work: Plan, s: FinetuneSettings, task: str, init: str,
+                  source: FunctionVector | None, n_train: int, n_valid: int, train_i: int, layers: Sequence[int] = (),
+                  search: Sequence[int] = (), out: str | Path | None = None, plot: str | Path | None = None,
+                  next_step: str | None = None) -> FinetunePlan:
+    return FinetunePlan(model.model_id, task, init, s.as_dict(), source_info(source), n_train, n_valid,
+                        len(work.datasets[train_i]), len(work.jobs), list(layers), list(search),
+                        str(out) if out else None, str(plot) if plot else None, next_step, work)
+
+
+class Finetune(Stage[FinetunePlan, FFVRun]):
+    """FFV fine-tuning: every job in one session (`ffv_session.run_jobs`); the FFV with its training record, saved
+    (with its loss curve) where the plan says."""
+
+    name = "finetune"
+    plan_type = FinetunePlan
+    result_key = "results"
+
+    def body(self, model: LoadedModel, plan: FinetunePlan) -> list[dict]:
+        return run_jobs(model, plan.work.datasets, plan.work.jobs)
+
+    def commit(self, plan: FinetunePlan, outputs: list[dict], progress: Progress | None = None) -> FFVRun:
+        if len(outputs) != plan.n_jobs:
+            raise UserError(f"the job returned {len(outputs)} fine-tuning runs, expected {plan.n_jobs}")
+        s = FinetuneSettings(**plan.settings)
+        run = ffv_run(plan.model, outputs, s, plan.task, plan.init, source_from_info(plan.source), plan.n_train,
+                      plan.n_valid, plan.n_batches, plan.layers, plan.search)
+        if plan.out:
+            save_run(run, plan.out, plan.plot, plan.init)
+        if progress:
+            progress(s.steps, s.steps)
+        return run
+
+    def summary(self, plan: FinetunePlan, result: FFVRun) -> str:
+        message = f"{plan.task or result.result.ffv.task}: FFV at layer {result.result.ffv.layer}" + \
+            (f" saved to {plan.out}" if plan.out else "")
+        return message + (f"\nevaluate it: {plan.next_step}" if plan.next_step else "")
+
+
+FINETUNE = Finetune()

@@ -20,6 +20,7 @@ from support.remote_fixtures import serve_copy, write_hub_cache
 from fv_remote import execution as R
 from fv_remote.core.errors import UserError
 from fv_remote.fv.extract import trace_heads, trace_heads_batches
+from fv_remote.execution import DryRun, NDIF
 
 REPO = "test-org/tiny-llama"
 TEXTS = ["Q: hot\nA: cold\n\nQ: up\nA: down\n\nQ: big\nA:", "Q: up\nA:", "the quick brown fox"]
@@ -86,13 +87,13 @@ def test_remote_model_without_config_is_a_clear_error(hub_cache):
 
 def test_trace_heads_dry_run_matches_local(local_model):
     want = trace_heads(local_model, TEXTS, ANSWERS, positions=(-2, -1))
-    got = trace_heads(local_model, TEXTS, ANSWERS, positions=(-2, -1), remote="local")
+    got = trace_heads(local_model.using(DryRun()), TEXTS, ANSWERS, positions=(-2, -1))
     _assert_close(want, got)
 
 
 def test_trace_heads_on_loopback_is_one_request_and_matches_local(local_model, remote_model, ndif):
     want = trace_heads(local_model, TEXTS, ANSWERS, positions=(-2, -1))
-    got = trace_heads(remote_model, TEXTS, ANSWERS, positions=(-2, -1), remote=True)
+    got = trace_heads(remote_model.using(NDIF()), TEXTS, ANSWERS, positions=(-2, -1))
     _assert_close(want, got)
     assert ndif.n_requests == 1
     job = ndif.jobs[0]
@@ -104,7 +105,7 @@ def test_trace_heads_on_loopback_is_one_request_and_matches_local(local_model, r
 def test_many_batches_are_one_request(local_model, remote_model, ndif):
     batches = [(TEXTS[:2], ANSWERS[:2]), (TEXTS[2:], ANSWERS[2:]), (TEXTS, ANSWERS)]
     want = [trace_heads(local_model, t, a) for t, a in batches]
-    got = trace_heads_batches(remote_model, batches, remote=True)
+    got = trace_heads_batches(remote_model.using(NDIF()), batches)
     assert len(got) == len(want)
     for w, g in zip(want, got):
         _assert_close(w, g)
@@ -123,14 +124,14 @@ def test_extract_on_loopback_is_one_request_resumes_and_loses_nothing(local_mode
     extract(local_model, task, want, n_prompts=8, **kw)
 
     got = ActivationStore(str(tmp_path / "remote.zarr"))
-    extract(remote_model, task, got, n_prompts=4, remote=True, **kw)  # 2 batches, one request
+    extract(remote_model.using(NDIF()), task, got, n_prompts=4, **kw)  # 2 batches, one request
     assert ndif.n_requests == 1
     ndif.fail = "error"
     with pytest.raises(UserError, match="failed on the server"):
-        extract(remote_model, task, got, n_prompts=8, remote=True, **kw)
+        extract(remote_model.using(NDIF()), task, got, n_prompts=8, **kw)
     assert got.n_complete(task.name) == 4  # the failed request lost nothing already stored
     ndif.fail = None
-    result = extract(remote_model, task, got, n_prompts=8, remote=True, **kw)  # resumes at prompt 4
+    result = extract(remote_model.using(NDIF()), task, got, n_prompts=8, **kw)  # resumes at prompt 4
     assert result.n_new == 4 and got.n_complete(task.name) == 8
     assert ndif.n_requests == 3
     a, b = want.open(task.name), got.open(task.name)
@@ -152,7 +153,7 @@ def test_helpers_must_be_registered_to_ship(remote_model, ndif):
         cloudpickle.unregister_pickle_by_value(__import__(name, fromlist=["_"]))
     try:
         with pytest.raises(UserError, match=r"failed on the server: .*fv_remote") as info:
-            trace_heads(remote_model, TEXTS[:1], ANSWERS[:1], remote=True)
+            trace_heads(remote_model.using(NDIF()), TEXTS[:1], ANSWERS[:1])
     finally:
         for name in names:
             cloudpickle.register_pickle_by_value(__import__(name, fromlist=["_"]))
@@ -194,7 +195,7 @@ def test_forbidden_module_in_payload_is_refused(remote_model, ndif):
 def test_server_error_names_the_job(remote_model, ndif):
     ndif.fail = "error"
     with pytest.raises(UserError) as info:
-        trace_heads(remote_model, TEXTS, ANSWERS, remote=True)
+        trace_heads(remote_model.using(NDIF()), TEXTS, ANSWERS)
     message = str(info.value)
     assert ndif.jobs[0].id in message and "simulated server error" in message and "\n" not in message
 
@@ -202,7 +203,7 @@ def test_server_error_names_the_job(remote_model, ndif):
 def test_execution_timeout_names_the_job(remote_model, ndif):
     ndif.exec_timeout, ndif.delay_s = 0.2, 1.0
     with pytest.raises(UserError, match="execution timeout") as info:
-        trace_heads(remote_model, TEXTS, ANSWERS, remote=True)
+        trace_heads(remote_model.using(NDIF()), TEXTS, ANSWERS)
     assert ndif.jobs[0].id in str(info.value)
 
 
@@ -210,14 +211,14 @@ def test_client_timeout_names_the_job(remote_model, ndif, monkeypatch):
     monkeypatch.setenv("FV_REMOTE_TIMEOUT", "0.5")
     ndif.fail = "hang"
     with pytest.raises(UserError, match=r"no result .* within 0\.5 s") as info:
-        trace_heads(remote_model, TEXTS, ANSWERS, remote=True)
+        trace_heads(remote_model.using(NDIF()), TEXTS, ANSWERS)
     assert ndif.jobs[0].id in str(info.value)
 
 
 def test_dropped_connection_names_the_job(remote_model, ndif):
     ndif.fail = "drop"
     with pytest.raises(UserError, match="dropped|closed") as info:
-        trace_heads(remote_model, TEXTS, ANSWERS, remote=True)
+        trace_heads(remote_model.using(NDIF()), TEXTS, ANSWERS)
     assert ndif.jobs[0].id in str(info.value)
 
 
@@ -225,10 +226,10 @@ def test_api_key_is_sent_and_a_refusal_is_clear(remote_model, ndif, monkeypatch)
     ndif.api_key = "secret"
     try:
         with pytest.raises(UserError, match="refused the request: Missing or invalid NDIF API key"):
-            trace_heads(remote_model, TEXTS[:1], ANSWERS[:1], remote=True)
+            trace_heads(remote_model.using(NDIF()), TEXTS[:1], ANSWERS[:1])
         monkeypatch.setenv("NDIF_API_KEY", "secret")
         assert R.api_key() == "secret"
-        trace_heads(remote_model, TEXTS[:1], ANSWERS[:1], remote=True)
+        trace_heads(remote_model.using(NDIF()), TEXTS[:1], ANSWERS[:1])
         assert ndif.jobs[-1].status == "COMPLETED"
     finally:
         ndif.api_key = None
@@ -240,7 +241,7 @@ def test_unreachable_host_is_a_clear_error(remote_model, monkeypatch):
         port = sock.getsockname()[1]
     monkeypatch.setenv("NDIF_HOST", f"http://127.0.0.1:{port}")
     with pytest.raises(UserError, match="cannot reach NDIF"):
-        trace_heads(remote_model, TEXTS[:1], ANSWERS[:1], remote=True)
+        trace_heads(remote_model.using(NDIF()), TEXTS[:1], ANSWERS[:1])
     with pytest.raises(UserError, match="cannot reach NDIF"):
         R.status()
     monkeypatch.setenv("NDIF_HOST", "ndif.example")

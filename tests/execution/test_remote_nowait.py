@@ -1,8 +1,9 @@
 """`--no-wait` for the long remote stages (cma, finetune, bank build) through the loopback NDIF server.
 
-Each stage is submitted under `fv_remote.execution.no_wait()` (nothing stored), fetched later with
-`fv_remote.execution.jobs.fetch_job`, and what the fetch stores is compared with the blocking remote run of the same stage:
-the store's TASK/cma group, the FFV (file and training record), the bank file. Fetching twice is harmless. Same
+Each stage is submitted with `NDIF(wait=False)` (nothing stored; the executor writes the job file), fetched later with
+`fv_remote.stages.fetch_job` (the stage's own commit), and what the fetch stores is compared with the blocking remote
+run of the same stage: the store's TASK/cma group, the FFV (file and training record), the bank file. Fetching twice
+is harmless. Same
 set-up as test_remote_relational.py: a weightless client copy of a tiny model, the real weights on the server.
 """
 
@@ -24,9 +25,11 @@ from fv_remote.relational.bank import RelationBank, build_bank
 from fv_remote.data import RelationTask
 from fv_remote.core.errors import UserError
 from fv_remote.relational.ffv import FinetuneSettings, train_ffv
-from fv_remote.execution.jobs import fetch_job, load_job, save_job
+from fv_remote.execution.jobs import load_job
+from fv_remote.stages import fetch_job
 from fv_remote.data.tasks import prepare_task
 from fv_remote.fv.vectors import FunctionVector
+from fv_remote.execution import NDIF
 
 REPO = "test-org/tiny-llama-nowait"
 WORDS = ["hot", "cold", "up", "down", "big", "small", "the", "quick", "brown", "fox", "lazy", "dog", "over"]
@@ -50,14 +53,19 @@ def prepared(tiny_tokenizer):
     return prepare_task(tiny_tokenizer, TASKS[0], seed=0, min_pairs=4)
 
 
-def _submit(fn, settings: dict) -> str:
-    """Run `fn` under no_wait(): it must submit (raise JobSubmitted); write the job file; return the job id."""
+def _submit(fn, report: dict | None = None) -> str:
+    """Run `fn` (a stage on a `NDIF(wait=False)` model): it must submit and raise JobSubmitted with the job's handle,
+    its job file written; keep `report` (what the CLI would) in it; return the job id."""
     with pytest.raises(R.JobSubmitted) as info:
-        with R.no_wait():
-            fn()
-    job = info.value
-    save_job(job, settings)
-    return job.record.job_id
+        fn()
+    job = info.value.job
+    assert job.path.is_file() and job.id == info.value.record.job_id
+    if report:
+        job.note(**report)
+    return job.id
+
+
+SUBMIT = NDIF(wait=False)
 
 
 def _wait_done(ndif, timeout: float = 30.0) -> None:
@@ -97,7 +105,7 @@ def _close(got, want, path: str = "value") -> None:
 # -- cma ------------------------------------------------------------------------------------------------------------
 
 def test_cma_no_wait_then_fetch_equals_blocking(local, remote_model, prepared, ndif, tmp_path):
-    from fv_remote.fv.cma import load_aie, run_cma, store_remote_cma
+    from fv_remote.fv.cma import load_aie, run_cma
     from fv_remote.fv.extract import extract, mean_heads_tensor
     from fv_remote.store.activations import ActivationStore
 
@@ -112,13 +120,13 @@ def test_cma_no_wait_then_fetch_equals_blocking(local, remote_model, prepared, n
     # One prompt stored before, so the job starts at prompt 1 (resumed) as the blocking run does.
     for store in stores:
         run_cma(local, prepared, store, means, n_prompts=1, n_shots=2)
-    want = run_cma(remote_model, prepared, blocking, means, n_prompts=3, n_shots=2, remote=True)
+    want = run_cma(remote_model.using(NDIF()), prepared, blocking, means, n_prompts=3, n_shots=2)
     plot = tmp_path / "aie.png"
-    job_id = _submit(lambda: run_cma(remote_model, prepared, later, means, n_prompts=3, n_shots=2, remote=True),
-                     {"model": remote_model.model_id, "task": "toy", "store": later.url, "top": 3,
-                      "plot": str(plot)})
+    job_id = _submit(lambda: run_cma(remote_model.using(SUBMIT), prepared, later, means, n_prompts=3, n_shots=2,
+                                     plot=plot),
+                     {"top": 3})
     assert later.n_complete("toy/cma") == 1  # nothing stored before the fetch
-    assert load_job(job_id)["details"]["start"] == 1
+    assert load_job(job_id)["plan"]["start"] == 1
     _wait_done(ndif)
     _fetch_twice(job_id)
     assert later.n_complete("toy/cma") == 3 and plot.exists()
@@ -134,11 +142,12 @@ def test_cma_no_wait_then_fetch_equals_blocking(local, remote_model, prepared, n
         {k: v for k, v in got_attrs.items() if k != "created"}
     assert np.abs(load_aie(later, "toy").values - want.aie.values).max() <= TOL
     assert ndif.n_requests == 2  # the blocking run and the submission; polls never submit
-    # Storing the same results again through the library is a no-op.
+    # Storing the same results again with the stage's commit is a no-op.
     from fv_remote.execution import poll_job
+    from fv_remote.stages import load_job as job_handle
 
-    job = load_job(job_id)
-    again = store_remote_cma(later, poll_job(job_id).result, job["details"])
+    job = job_handle(job_id)
+    again = job.stage.commit(job.plan, job.stage.outputs_from_saved(job.plan, poll_job(job_id).result))
     assert again.n_new == 0 and later.n_complete("toy/cma") == 3
 
 
@@ -151,13 +160,12 @@ def test_cma_fetch_refuses_a_store_that_moved_on(local, remote_model, prepared, 
     extract(local, TASKS[0], store, n_prompts=4, n_shots=2, batch_size=4)
     zarr.open_group(store.url, mode="r+", path="toy")["correct"][:] = True
     means = mean_heads_tensor(store, "toy")
-    job_id = _submit(lambda: run_cma(remote_model, prepared, store, means, n_prompts=3, n_shots=2, remote=True),
-                     {"model": remote_model.model_id, "task": "toy", "store": store.url, "top": 3,
-                      "plot": str(tmp_path / "aie.png")})
+    job_id = _submit(lambda: run_cma(remote_model.using(SUBMIT), prepared, store, means, n_prompts=3, n_shots=2),
+                     {"top": 3})
     _wait_done(ndif)
     # Another run appends meanwhile (remotely, once the job is done: the loopback server runs in this process and
     # its copy of cma.py's session code would mislead a trace of that file started locally or concurrently).
-    run_cma(remote_model, prepared, store, means, n_prompts=1, n_shots=2, remote=True)
+    run_cma(remote_model.using(NDIF()), prepared, store, means, n_prompts=1, n_shots=2)
     with pytest.raises(UserError, match="changed since it was submitted"):
         fetch_job(job_id)
     assert store.n_complete("toy/cma") == 1 and load_job(job_id)["state"] == "submitted"
@@ -167,15 +175,15 @@ def test_cma_fetch_refuses_a_store_that_moved_on(local, remote_model, prepared, 
 
 def test_finetune_no_wait_then_rebuild_equals_blocking(remote_model, prepared, ndif):
     """--layer auto with a random init: the layer search and the scaling on the server, rebuilt from the job."""
-    from fv_remote.relational.ffv_session import ffv_run_from_job
     from fv_remote.execution import poll_job
+    from fv_remote.stages import load_job as job_handle
 
     kw = dict(init="random", layer="auto", n_train=8, n_valid=6, settings=SETTINGS, quick_steps=3)
-    want = train_ffv(remote_model, prepared, None, remote=True, **kw)
-    job_id = _submit(lambda: train_ffv(remote_model, prepared, None, remote=True, **kw), {"model": REPO})
-    details = json.loads(json.dumps(load_job(job_id)["details"]))  # as read back from the job file
+    want = train_ffv(remote_model.using(NDIF()), prepared, None, **kw)
+    job_id = _submit(lambda: train_ffv(remote_model.using(SUBMIT), prepared, None, **kw))
+    job = job_handle(job_id)  # the plan as read back from the job file
     _wait_done(ndif)
-    got = ffv_run_from_job(poll_job(job_id).result, details)
+    got = job.stage.commit(job.plan, job.stage.outputs_from_saved(job.plan, poll_job(job_id).result))
     _close(got.result.ffv.vector, want.result.ffv.vector)
     assert (got.result.ffv.layer, got.result.ffv.model, got.result.ffv.task, got.result.ffv.kind) == \
         (want.result.ffv.layer, want.result.ffv.model, want.result.ffv.task, want.result.ffv.kind)
@@ -232,18 +240,17 @@ def test_cli_finetune_no_wait_then_jobs_fetch(local, ndif, tmp_path):
 def test_bank_no_wait_then_fetch_equals_blocking(remote_model, ndif, tmp_path):
     kw = dict(layer=1, n_train=8, n_valid=6, settings=SETTINGS)
     want_path, got_path = tmp_path / "blocking.safetensors", tmp_path / "later.safetensors"
-    want = build_bank(remote_model, TASKS, want_path, remote=True, resume=False, **kw)
+    want = build_bank(remote_model.using(NDIF()), TASKS, want_path, resume=False, **kw)
     # Resume: "toy" already in the later bank, so only "rev" is trained by the job (as the blocking run would).
     seed = RelationBank(remote_model.model_id)
     seed.add(want.get("toy"))
     seed.save(got_path)
     log = []
-    job_id = _submit(lambda: build_bank(remote_model, TASKS, got_path, remote=True,
-                                        on_task=lambda name, status: log.append((name, status.split(":")[0])), **kw),
-                     {"model": remote_model.model_id, "out": str(got_path)})
+    job_id = _submit(lambda: build_bank(remote_model.using(SUBMIT), TASKS, got_path,
+                                        on_task=lambda name, status: log.append((name, status.split(":")[0])), **kw))
     assert sorted(log) == [("few", "skipped"), ("toy", "kept")]
     assert RelationBank.load(got_path).names == ["toy"]  # nothing written before the fetch
-    assert [e["name"] for e in load_job(job_id)["details"]["entries"]] == ["rev"]
+    assert [e["name"] for e in load_job(job_id)["plan"]["entries"]] == ["rev"]
     _wait_done(ndif)
     message = _fetch_twice(job_id)
     assert str(got_path) in message
@@ -254,10 +261,11 @@ def test_bank_no_wait_then_fetch_equals_blocking(remote_model, ndif, tmp_path):
     for a, b in zip(got.entries, want.entries):
         _close(a.meta, b.meta)
     assert got.settings == json.loads(json.dumps(want.settings, default=str))
-    # Writing the same results again through the library leaves the bank as it is.
-    from fv_remote.relational.bank import store_remote_bank
+    # Writing the same results again with the stage's commit leaves the bank as it is.
     from fv_remote.execution import poll_job
+    from fv_remote.stages import load_job as job_handle
 
-    again = store_remote_bank(poll_job(job_id).result, load_job(job_id)["details"])
+    job = job_handle(job_id)
+    again = job.stage.commit(job.plan, job.stage.outputs_from_saved(job.plan, poll_job(job_id).result))
     assert again.names == ["toy", "rev"]
     _close(RelationBank.load(got_path).vectors, want.vectors)

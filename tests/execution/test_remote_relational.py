@@ -25,6 +25,7 @@ from fv_remote.core.errors import UserError
 from fv_remote.relational.ffv import FinetuneSettings, examples, finetune, train_ffv
 from fv_remote.data.tasks import prepare_task
 from fv_remote.fv.vectors import FunctionVector
+from fv_remote.execution import NDIF
 
 REPO = "test-org/tiny-llama-relational"
 WORDS = ["hot", "cold", "up", "down", "big", "small", "the", "quick", "brown", "fox", "lazy", "dog", "over"]
@@ -94,7 +95,7 @@ def test_finetune_one_request(local, remote_model, prepared, ndif):
     train, valid = examples(prepared, "train", 10), examples(prepared, "valid", 6)
     v0 = 0.5 * torch.randn(64, generator=torch.Generator().manual_seed(2))
     want = finetune(local, train, valid, v0, 1, SETTINGS, task="toy")
-    got = finetune(remote_model, train, valid, v0, 1, SETTINGS, task="toy", remote=True)
+    got = finetune(remote_model.using(NDIF()), train, valid, v0, 1, SETTINGS, task="toy")
     _same_ffv(got, want)
     assert got.ffv.meta["n_train_batches"] == want.ffv.meta["n_train_batches"] == 3
     _requests(ndif, "finetune (8 steps x 4 prompts, 4 validations)")
@@ -105,7 +106,7 @@ def test_finetune_layer_search_and_random_init_one_request(local, remote_model, 
     """--layer auto: the short runs, the server-side choice and the final run; the random init scaled there."""
     kw = dict(init="random", layer="auto", n_train=8, n_valid=6, settings=SETTINGS, quick_steps=3)
     want = train_ffv(local, prepared, None, **kw)
-    got = train_ffv(remote_model, prepared, None, remote=True, **kw)
+    got = train_ffv(remote_model.using(NDIF()), prepared, None, **kw)
     _same_ffv(got.result, want.result)
     assert got.layer_search.keys() == want.layer_search.keys()
     for layer, row in want.layer_search.items():
@@ -118,7 +119,7 @@ def test_bank_build_one_request(local, remote_model, ndif, tmp_path):
     kw = dict(layer=1, n_train=8, n_valid=6, settings=SETTINGS, resume=False)
     want = build_bank(local, TASKS, tmp_path / "local.safetensors", **kw)
     log = []
-    got = build_bank(remote_model, TASKS, tmp_path / "remote.safetensors", remote=True,
+    got = build_bank(remote_model.using(NDIF()), TASKS, tmp_path / "remote.safetensors",
                      on_task=lambda name, status: log.append((name, status.split(":")[0])), **kw)
     assert got.names == want.names == ["toy", "rev"]
     torch.testing.assert_close(got.vectors, want.vectors, atol=TOL, rtol=0)
@@ -140,7 +141,7 @@ def test_analogy_one_request(local, remote_model, bank, ndif, mode, score, combi
     settings = AnalogySettings(mode=mode, score=score, batch_size=4, n_boot=20)
     comb = Combiner(1.5 * torch.eye(3), torch.tensor([0.1, -0.2, 0.0]), bank.names, 0.7) if combined else None
     want = run_analogies(local, bank, ITEMS, settings, comb)
-    got = run_analogies(remote_model, bank, ITEMS, settings, comb, remote=True)
+    got = run_analogies(remote_model.using(NDIF()), bank, ITEMS, settings, comb)
     torch.testing.assert_close(got.weights, want.weights, atol=TOL, rtol=0)
     assert got.accuracy() == want.accuracy() and got.n == want.n == 3
     assert all((got.correct[m] == want.correct[m]).all() for m in want.correct)
@@ -152,7 +153,7 @@ def test_decode_one_request(local, remote_model, bank, ndif):
     named = [(e.name, e.vector) for e in bank.entries]
     words = ["hot", "cold", "fox", "zzz"]
     want = decode_many(local, named, words, 8)
-    got = decode_many(remote_model, named, words, 8, remote=True)
+    got = decode_many(remote_model.using(NDIF()), named, words, 8)
     assert_same_decoding(got, want, TOL)
     _requests(ndif, "decode (3 vectors, top 8, 4 words)")
 
@@ -168,8 +169,7 @@ def test_run_task_one_request_per_stage(local, remote_model, ndif, tmp_path, mon
 
     settings = PipelineSettings(n_prompts=4, n_cma_prompts=2, n_shots=2, k=3, n_test=6)
     want = run_task(local, TASKS[0], ActivationStore(str(tmp_path / "a.zarr")), tmp_path / "a", settings)
-    got = run_task(remote_model, TASKS[0], ActivationStore(str(tmp_path / "b.zarr")), tmp_path / "b", settings,
-                   remote=True)
+    got = run_task(remote_model.using(NDIF()), TASKS[0], ActivationStore(str(tmp_path / "b.zarr")), tmp_path / "b", settings)
     assert got.scores == want.scores and got.sweep == want.sweep
     assert (got.fv.layer, got.fv.heads) == (want.fv.layer, want.fv.heads)
     torch.testing.assert_close(got.fv.vector, want.fv.vector, atol=TOL, rtol=0)

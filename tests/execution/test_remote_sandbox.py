@@ -29,6 +29,7 @@ from fv_remote.fv.steering import Condition, Steer, logits_conditions, score_con
 from fv_remote.data.tasks import prepare_task
 from fv_remote.traces.patching import add_to_residual
 from fv_remote.fv.vectors import build_function_vector, head_vectors
+from fv_remote.execution import NDIF, resolve
 
 REPO = "test-org/tiny-llama-sandbox"
 WORDS = ["hot", "cold", "up", "down", "big", "small", "the", "quick", "brown", "fox", "lazy", "dog", "over"]
@@ -63,7 +64,7 @@ def _all_sandboxed(ndif, n: int) -> None:
 def test_head_vectors_sandboxed(local, remote_model, means_aie, ndif):
     means, _ = means_aie
     heads = [(2, 1), (0, 3), (1, 2), (0, 0)]  # out of forward order, two in one layer
-    got = head_vectors(remote_model, means, heads, remote=True)
+    got = head_vectors(remote_model.using(NDIF()), means, heads)
     torch.testing.assert_close(got, head_vectors(local, means, heads), atol=TOL, rtol=0)
     _all_sandboxed(ndif, 1)
 
@@ -71,12 +72,11 @@ def test_head_vectors_sandboxed(local, remote_model, means_aie, ndif):
 def test_fit_sandboxed(local, remote_model, means_aie, prepared, ndif):
     means, aie = means_aie
     want, want_sweep = fit_function_vector(local, prepared, means, aie, k=4, n_prompts=10, batch_size=5)
-    got, got_sweep = fit_function_vector(remote_model, prepared, means, aie, k=4, n_prompts=10, batch_size=5,
-                                         remote=True)
+    got, got_sweep = fit_function_vector(remote_model.using(NDIF()), prepared, means, aie, k=4, n_prompts=10, batch_size=5)
     assert got_sweep == want_sweep and got.layer == want.layer and got.heads == want.heads
     torch.testing.assert_close(got.vector, want.vector, atol=TOL, rtol=0)
     torch.testing.assert_close(got.head_vectors, want.head_vectors, atol=TOL, rtol=0)
-    no_sweep, _ = fit_function_vector(remote_model, prepared, means, aie, k=4, layer=1, remote=True)
+    no_sweep, _ = fit_function_vector(remote_model.using(NDIF()), prepared, means, aie, k=4, layer=1)
     torch.testing.assert_close(no_sweep.vector, want.vector, atol=TOL, rtol=0)
     _all_sandboxed(ndif, 2)
 
@@ -86,7 +86,7 @@ def test_decode_sandboxed(local, remote_model, ndif):
     named = [(name, 3 * torch.randn(local.adapter.d_model, generator=gen)) for name in ("a", "b", "c")]
     words = ["hot", "cold", "fox", "zzz"]
     want = decode_many(local, named, words, 8)
-    got = decode_many(remote_model, named, words, 8, remote=True)
+    got = decode_many(remote_model.using(NDIF()), named, words, 8)
     assert_same_decoding(got, want, TOL)
     _all_sandboxed(ndif, 1)
 
@@ -101,10 +101,10 @@ def test_bf16_sandboxed_server(local, remote_model, means_aie, tiny_tokenizer, h
         point_client_at(srv, monkeypatch, hub_cache)
         monkeypatch.delenv("FV_REMOTE_SANDBOX", raising=False)  # the server sandboxes every request on its own
         heads = [(1, 2), (0, 1)]
-        got = head_vectors(remote_model, means, heads, remote=True)
+        got = head_vectors(remote_model.using(NDIF()), means, heads)
         torch.testing.assert_close(got, head_vectors(local, means, heads), atol=0.1, rtol=0.05)
         named = [("fv", got.sum(0))]
-        top = decode_many(remote_model, named, [], 5, remote=True)[0].top
+        top = decode_many(remote_model.using(NDIF()), named, [], 5)[0].top
         assert all(np.isfinite(v) for _, v in top) and len(top) == 5
         assert srv.n_requests == 2 and all(j.status == "COMPLETED" and j.sandboxed for j in srv.jobs)
 
@@ -119,7 +119,7 @@ def test_extract_cma_steer_sandboxed(local, remote_model, means_aie, fv, prepare
     stores = {}
     for name, model, remote in (("local", local, False), ("sandboxed", remote_model, True)):
         store = ActivationStore(str(tmp_path / f"{name}.zarr"))
-        extract(model, TASK, store, n_prompts=6, n_shots=2, batch_size=4, remote=remote)
+        extract(model.using(resolve(remote)), TASK, store, n_prompts=6, n_shots=2, batch_size=4)
         stores[name] = store.open("toy")
     for var in ("head_out", "answer_prob"):
         np.testing.assert_allclose(stores["sandboxed"][var].values, stores["local"][var].values, atol=TOL, rtol=0)
@@ -129,17 +129,17 @@ def test_extract_cma_steer_sandboxed(local, remote_model, means_aie, fv, prepare
     aie = {}
     for name, model, remote in (("local", local, False), ("sandboxed", remote_model, True)):
         store = ActivationStore(str(tmp_path / f"cma-{name}.zarr"))
-        aie[name] = run_cma(model, prepared, store, means, n_prompts=2, n_shots=2, remote=remote).aie.values
+        aie[name] = run_cma(model.using(resolve(remote)), prepared, store, means, n_prompts=2, n_shots=2).aie.values
     np.testing.assert_allclose(aie["sandboxed"], aie["local"], atol=TOL, rtol=0)
 
     prompts = prepared.prompts("test", 12, kind="zero_shot", n_shots=0)
     texts, ids = [p.text for p in prompts], prepared.ids(prompts)
     conditions = [Condition(texts, None, ids, 5), Condition(texts, Steer(fv), ids, 5)]
-    assert score_conditions(remote_model, conditions, remote=True) == score_conditions(local, conditions)
+    assert score_conditions(remote_model.using(NDIF()), conditions) == score_conditions(local, conditions)
     steered = [Condition(PROMPTS), Condition(PROMPTS, Steer(fv, layer=2, scale=0.5), batch_size=2),
                Condition(PROMPTS[:1], Steer(fv, distributed=True))]
     want = logits_conditions(local, steered)
-    got = logits_conditions(remote_model, steered, remote=True)
+    got = logits_conditions(remote_model.using(NDIF()), steered)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, atol=TOL, rtol=0)
     assert (want[1] - want[0]).abs().max() > 1e-3  # the steer did something, and did it sandboxed too

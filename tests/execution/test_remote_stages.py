@@ -29,6 +29,7 @@ from fv_remote.fv.evaluate import evaluate_and_sweep, evaluate_task, fit_functio
 from fv_remote.fv.steering import Condition, Steer, generate_many, logits_conditions, score_conditions
 from fv_remote.data.tasks import prepare_task
 from fv_remote.fv.vectors import FunctionVector, build_function_vector, head_vectors
+from fv_remote.execution import DryRun, NDIF
 
 REPO = "test-org/tiny-llama-stages"
 WORDS = ["hot", "cold", "up", "down", "big", "small", "the", "quick", "brown", "fox", "lazy", "dog", "over"]
@@ -63,17 +64,17 @@ def test_head_vectors(local, remote_model, means_aie, ndif):
     means, _ = means_aie
     heads = [(2, 1), (0, 3), (0, 0)]
     want = head_vectors(local, means, heads)
-    got = head_vectors(remote_model, means, heads, remote=True)
+    got = head_vectors(remote_model.using(NDIF()), means, heads)
     torch.testing.assert_close(got, want, atol=TOL, rtol=0)
     _one_request(ndif, "fit without sweep (head_vectors, k=3)")
-    torch.testing.assert_close(head_vectors(local, means, heads, remote="local"), want, atol=TOL, rtol=0)
+    torch.testing.assert_close(head_vectors(local.using(DryRun()), means, heads), want, atol=TOL, rtol=0)
 
 
 def test_steer_logits_all_conditions_in_one_request(local, remote_model, fv, ndif):
     conditions = [Condition(PROMPTS), Condition(PROMPTS, Steer(fv, layer=2, scale=0.5), batch_size=2),
                   Condition(PROMPTS[:1], Steer(fv, distributed=True))]
     want = logits_conditions(local, conditions)
-    got = logits_conditions(remote_model, conditions, remote=True)
+    got = logits_conditions(remote_model.using(NDIF()), conditions)
     for w, g in zip(want, got):
         torch.testing.assert_close(g, w, atol=TOL, rtol=0)
     assert (want[1] - want[0]).abs().max() > 1e-3  # the steer did something
@@ -85,21 +86,21 @@ def test_steer_accuracy(local, remote_model, fv, prepared, ndif):
     texts, ids = [p.text for p in prompts], prepared.ids(prompts)
     conditions = [Condition(texts, None, ids, 5), Condition(texts, Steer(fv), ids, 5)]
     want = score_conditions(local, conditions)
-    assert score_conditions(remote_model, conditions, remote=True) == want
+    assert score_conditions(remote_model.using(NDIF()), conditions) == want
     _one_request(ndif, "steer --task (2 x 12 prompts, top-1 ids)")
 
 
 def test_generate(local, remote_model, fv, ndif):
     runs = [(PROMPTS[0], None), (PROMPTS[0], Steer(fv)), (PROMPTS[1], Steer(fv, distributed=True))]
     want = generate_many(local, runs, max_new_tokens=5)
-    assert generate_many(remote_model, runs, max_new_tokens=5, remote=True) == want
+    assert generate_many(remote_model.using(NDIF()), runs, max_new_tokens=5) == want
     _one_request(ndif, "generate (3 runs x 5 tokens)")
 
 
 def test_layer_sweep(local, remote_model, fv, prepared, ndif):
     want = layer_sweep(local, prepared, fv, n_prompts=10, batch_size=4)
     calls = []
-    got = layer_sweep(remote_model, prepared, fv, n_prompts=10, batch_size=4, remote=True,
+    got = layer_sweep(remote_model.using(NDIF()), prepared, fv, n_prompts=10, batch_size=4,
                       progress=lambda done, total: calls.append((done, total)))
     assert got == want and calls == [(3, 3)]
     _one_request(ndif, "layer sweep (3 layers x 10 prompts)")
@@ -109,11 +110,11 @@ def test_evaluate(local, remote_model, fv, prepared, ndif):
     ffv = dataclasses.replace(fv, vector=-fv.vector, kind="ffv")
     kw = dict(n_test=8, n_shots=2, batch_size=4, extra_vectors={"ffv": ffv})
     want = evaluate_task(local, prepared, fv, **kw)
-    got = evaluate_task(remote_model, prepared, fv, remote=True, **kw)
+    got = evaluate_task(remote_model.using(NDIF()), prepared, fv, **kw)
     assert got == want and "zero_shot_ffv" in got.extra
     _one_request(ndif, "evaluate (7 conditions x 8 prompts)")
     ndif.reset()
-    scores, sweep = evaluate_and_sweep(remote_model, prepared, fv, remote=True, sweep_batch_size=8, **kw)
+    scores, sweep = evaluate_and_sweep(remote_model.using(NDIF()), prepared, fv, sweep_batch_size=8, **kw)
     assert scores == want and sweep == layer_sweep(local, prepared, fv, batch_size=8)
     _one_request(ndif, "evaluate --sweep (7 conditions + 3 layers)")
 
@@ -121,8 +122,7 @@ def test_evaluate(local, remote_model, fv, prepared, ndif):
 def test_fit_with_sweep(local, remote_model, means_aie, prepared, ndif):
     means, aie = means_aie
     want, want_sweep = fit_function_vector(local, prepared, means, aie, k=4, n_prompts=10, batch_size=5)
-    got, got_sweep = fit_function_vector(remote_model, prepared, means, aie, k=4, n_prompts=10, batch_size=5,
-                                         remote=True)
+    got, got_sweep = fit_function_vector(remote_model.using(NDIF()), prepared, means, aie, k=4, n_prompts=10, batch_size=5)
     assert got_sweep == want_sweep and got.layer == want.layer and got.heads == want.heads
     torch.testing.assert_close(got.vector, want.vector, atol=TOL, rtol=0)
     torch.testing.assert_close(got.head_vectors, want.head_vectors, atol=TOL, rtol=0)
@@ -138,13 +138,13 @@ def test_bf16_server_runs_every_stage(local, remote_model, fv, prepared, means_a
     means, aie = means_aie
     with LoopbackNDIF({REPO: hosted.lm}, hang_s=1.0) as srv:
         monkeypatch.setenv("NDIF_HOST", srv.host)
-        got = head_vectors(remote_model, means, [(1, 2)], remote=True)
+        got = head_vectors(remote_model.using(NDIF()), means, [(1, 2)])
         torch.testing.assert_close(got, head_vectors(local, means, [(1, 2)]), atol=0.1, rtol=0.05)
-        logits = logits_conditions(remote_model, [Condition(PROMPTS[:1], Steer(fv, distributed=True)),
-                                                  Condition(PROMPTS[:1], Steer(fv))], remote=True)
+        logits = logits_conditions(remote_model.using(NDIF()), [Condition(PROMPTS[:1], Steer(fv, distributed=True)),
+                                                  Condition(PROMPTS[:1], Steer(fv))])
         assert all(x.dtype == torch.float32 and torch.isfinite(x).all() for x in logits)
-        fit_function_vector(remote_model, prepared, means, aie, k=2, n_prompts=4, remote=True)
-        generate_many(remote_model, [(PROMPTS[0], Steer(fv))], max_new_tokens=2, remote=True)
+        fit_function_vector(remote_model.using(NDIF()), prepared, means, aie, k=2, n_prompts=4)
+        generate_many(remote_model.using(NDIF()), [(PROMPTS[0], Steer(fv))], max_new_tokens=2)
         assert srv.n_requests == 4 and all(j.status == "COMPLETED" for j in srv.jobs)
 
 

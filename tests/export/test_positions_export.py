@@ -21,6 +21,7 @@ from fv_remote.core.errors import UserError
 from fv_remote.fv.evaluate import best_scale, evaluate_task, scale_sweep
 from fv_remote.fv.steering import Condition, Steer, generate_many, last_logits, logits_conditions
 from fv_remote.fv.vectors import FunctionVector
+from fv_remote.execution import NDIF
 
 WORDS = ["hot", "cold", "up", "down", "big", "small", "the", "quick", "brown", "fox", "lazy", "dog", "over"]
 TASK = RelationTask("toy", [(a, b) for a in WORDS for b in WORDS if a != b][:60])
@@ -358,11 +359,11 @@ def test_all_positions_remote_equals_local(local, remote_model, fv, server, monk
     conds = [Condition(PROMPTS, Steer(fv, positions="all", scale=0.5)),
              Condition(PROMPTS, Steer(fv, positions="all", distributed=True))]
     want = logits_conditions(local, conds)
-    got = logits_conditions(remote_model, conds, remote=True)
+    got = logits_conditions(remote_model.using(NDIF()), conds)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, atol=1e-4, rtol=0)
     runs = [(PROMPTS[0], Steer(fv, positions="all")), (PROMPTS[0], Steer(fv))]
-    assert generate_many(remote_model, runs, max_new_tokens=4, remote=True) == \
+    assert generate_many(remote_model.using(NDIF()), runs, max_new_tokens=4) == \
         generate_many(local, runs, max_new_tokens=4)
     assert ndif.n_requests == 2 and all(job.status == "COMPLETED" for job in ndif.jobs)
     assert all(job.sandboxed == sandbox for job in ndif.jobs)

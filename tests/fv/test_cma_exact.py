@@ -17,6 +17,7 @@ from fv_remote.data.tasks import prepare_task
 
 from conftest import TINY_FAMILIES, make_tiny_model
 from test_remote import hub_cache, local_model, ndif, remote_model, server  # noqa: F401 - loopback NDIF fixtures
+from fv_remote.execution import NDIF, resolve
 
 TOL = 1e-4
 TEXT = "Q: hot\nA: small\n\nQ: up\nA: cold\n\nQ: big\nA:"
@@ -107,12 +108,12 @@ def test_fast_session_matches_local_dry_run_and_loopback(tiny_tokenizer, request
     jobs = [(TEXT, ANSWER), ("Q: up\nA: down\n\nQ: the\nA:", 7)]
     want = [cma.cma_prompt_naive(local_model, t, a, means) for t, a in jobs]
     for remote, max_copies in ((False, 5), ("local", 1024), ("local", 5)):
-        got = cma.cma_fast_session(local_model, jobs, means, remote=remote, max_copies=max_copies)
+        got = cma.cma_fast_session(local_model.using(resolve(remote)), jobs, means, max_copies=max_copies)
         for (b_got, e_got), (b_want, e_want) in zip(got, want):
             assert abs(b_got - b_want) < TOL
             np.testing.assert_allclose(e_got.numpy(), e_want.numpy(), atol=TOL, rtol=0)
     remote_model, ndif = request.getfixturevalue("remote_model"), request.getfixturevalue("ndif")
-    got = cma.cma_fast_session(remote_model, jobs, means, remote=True)
+    got = cma.cma_fast_session(remote_model.using(NDIF()), jobs, means)
     assert ndif.n_requests == 1
     for (b_got, e_got), (b_want, e_want) in zip(got, want):
         assert abs(b_got - b_want) < TOL
@@ -127,11 +128,11 @@ def test_run_cma_remote_is_one_request_and_stores_like_local(request, tmp_path):
     local = cma.run_cma(local_model, prepared, ActivationStore(str(tmp_path / "a.zarr")), means, n_prompts=3,
                         n_shots=3)
     store = ActivationStore(str(tmp_path / "b.zarr"))
-    got = cma.run_cma(remote_model, prepared, store, means, n_prompts=3, n_shots=3, remote=True)
+    got = cma.run_cma(remote_model.using(NDIF()), prepared, store, means, n_prompts=3, n_shots=3)
     assert ndif.n_requests == 1 and got.n_new == 3
     np.testing.assert_allclose(got.aie.values, local.aie.values, atol=TOL, rtol=0)
     with pytest.raises(UserError, match="fast method only"):
-        cma.run_cma(remote_model, prepared, store, means, n_prompts=4, n_shots=3, method="naive", remote=True)
+        cma.run_cma(remote_model.using(NDIF()), prepared, store, means, n_prompts=4, n_shots=3, method="naive")
 
 
 # -- attribution ---------------------------------------------------------------------------------------------------

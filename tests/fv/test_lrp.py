@@ -15,6 +15,7 @@ from fv_remote.data.tasks import prepare_task
 from fv_remote.fv.vectors import top_heads
 
 from conftest import assert_one_line_error, make_tiny_model, run_cli
+from fv_remote.execution import DryRun
 
 TEXT = "Q: hot\nA: cold\n\nQ: up\nA: down\n\nQ: big\nA:"
 ANSWER = 5
@@ -164,8 +165,8 @@ def test_lrp_refusals(tiny_tokenizer, tmp_path):
                     n_prompts=1, n_shots=3, method="lrp")
     llama = make_tiny_model("llama", tiny_tokenizer)
     with pytest.raises(UserError, match="cannot run on NDIF.*--method attribution"):
-        cma.run_cma(llama, prepared, ActivationStore(str(tmp_path / "b.zarr")), torch.zeros(3, 4, 16),
-                    n_prompts=1, n_shots=3, method="lrp", remote="local")
+        cma.run_cma(llama.using(DryRun()), prepared, ActivationStore(str(tmp_path / "b.zarr")), torch.zeros(3, 4, 16),
+                    n_prompts=1, n_shots=3, method="lrp")
 
 
 def test_cli_refuses_remote_lrp_in_one_line(tmp_path):

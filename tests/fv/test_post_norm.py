@@ -27,6 +27,7 @@ from fv_remote.data import RelationTask
 from fv_remote.fv.extract import trace_heads
 from fv_remote.traces.projection import linearised_norm
 from fv_remote.fv.vectors import build_function_vector, head_vectors, output_weight
+from fv_remote.execution import DryRun, NDIF
 
 PROMPTS = ["Q: hot\nA: cold\n\nQ: up\nA:", "Q: big\nA: small\n\nQ: the\nA:", "Q: fox\nA: dog\n\nQ: over\nA:",
            "Q: lazy\nA: quick\n\nQ: brown\nA:"]
@@ -202,7 +203,7 @@ def test_head_vectors_follow_the_definition_on_every_path(tiny_tokenizer, family
     local = head_vectors(model, means, heads)
     want = torch.stack([_reference_vector(model, means, l_, h_) for l_, h_ in heads])
     torch.testing.assert_close(local, want, atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(head_vectors(model, means, heads, remote="local"), local, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(head_vectors(model.using(DryRun()), means, heads), local, atol=1e-5, rtol=1e-5)
     naive = torch.stack([output_weight(model.adapter.head_site(model.hf, l_)).float()[
         :, h_ * model.adapter.head_dim:(h_ + 1) * model.adapter.head_dim] @ means[l_, h_] for l_, h_ in heads])
     assert (local - naive).norm() > 0.1 * naive.norm()  # the norm really changed the vectors
@@ -219,7 +220,7 @@ def test_pre_norm_families_are_unchanged(tiny_tokenizer):
     want = torch.stack([output_weight(ad.head_site(model.hf, l_)).float()[:, h_ * ad.head_dim:(h_ + 1) * ad.head_dim]
                         @ means[l_, h_] for l_, h_ in heads])
     torch.testing.assert_close(head_vectors(model, means, heads), want)
-    torch.testing.assert_close(head_vectors(model, means, heads, remote="local"), want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(head_vectors(model.using(DryRun()), means, heads), want, atol=1e-5, rtol=1e-5)
 
 
 def test_fit_session_uses_the_same_vectors(tiny_tokenizer):
@@ -233,8 +234,7 @@ def test_fit_session_uses_the_same_vectors(tiny_tokenizer):
     aie = np.random.default_rng(0).random((ad.n_layers, ad.n_heads))
     prepared = prepare_task(tiny_tokenizer, TASK, seed=0, min_pairs=4)
     want, want_sweep = fit_function_vector(model, prepared, means, aie, k=4, n_prompts=6, batch_size=3)
-    got, got_sweep = fit_function_vector(model, prepared, means, aie, k=4, n_prompts=6, batch_size=3,
-                                         remote="local")
+    got, got_sweep = fit_function_vector(model.using(DryRun()), prepared, means, aie, k=4, n_prompts=6, batch_size=3)
     torch.testing.assert_close(got.vector, want.vector, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got.head_vectors, want.head_vectors, atol=1e-5, rtol=1e-5)
     assert got_sweep == want_sweep and got.layer == want.layer
@@ -261,7 +261,7 @@ def test_sandboxed_server_projects_through_the_norm(tiny_tokenizer, tmp_path, mo
         with LoopbackNDIF({repo: hosted.lm}, hang_s=1.0, sandbox=True) as srv:
             point_client_at(srv, monkeypatch, hub)
             remote_model = R.load_remote_model(repo, cache_dir=hub)
-            got = head_vectors(remote_model, means, heads, remote=True)
+            got = head_vectors(remote_model.using(NDIF()), means, heads)
             assert srv.n_requests == 1 and all(j.status == "COMPLETED" and j.sandboxed for j in srv.jobs), \
                 [j.error for j in srv.jobs]
         want = head_vectors(local, means, heads)

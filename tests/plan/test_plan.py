@@ -83,8 +83,7 @@ def test_cma_session_flops(tiny_llama):
     for max_copies in (1024, 5):  # one group of all 12 heads; three groups (5, 5, 2) starting at layers 0, 1, 2
         plan = P.plan_cma(dims, 3, lengths(tiny_llama, PROMPTS), nbytes=4, max_copies=max_copies)
         got = {}
-        flops = counted(lambda: got.setdefault("r", cma_fast_session(tiny_llama, jobs, means,
-                                                                      remote=False, max_copies=max_copies)))
+        flops = counted(lambda: got.setdefault("r", cma_fast_session(tiny_llama, jobs, means, max_copies=max_copies)))
         assert flops == plan.flops(dims)["total"]
         assert len(P.cma_groups(dims, max_copies)) == (1 if max_copies == 1024 else 3)
         # bytes: a few dozen floats here, all container overhead; measured on smollm2-135m in RESULTS.md
@@ -97,7 +96,7 @@ def test_extract_flops_and_returned_bytes(tiny_llama):
     dims = P.dims_from_config(tiny_llama.hf.config)
     plan = P.plan_extract(dims, 3, lengths(tiny_llama, PROMPTS), batch_size=2, n_positions=2, nbytes=4)
     outs = {}
-    flops = counted(lambda: outs.setdefault("o", trace_heads_batches(tiny_llama, batches, (-2, -1), remote=False)))
+    flops = counted(lambda: outs.setdefault("o", trace_heads_batches(tiny_llama, batches, (-2, -1))))
     assert flops == plan.flops(dims)["total"]
     assert outs["o"][0]["heads"].shape == (2, 2, 3, 4, 16)
     assert abs(plan.returned_bytes - saved_size({"outs": outs["o"]})) <= 0.1 * saved_size({"outs": outs["o"]})
@@ -116,7 +115,7 @@ def test_finetune_session_flops_forward_and_backward(tiny_llama):
     dims = P.dims_from_config(tiny_llama.hf.config)
     plan = P.plan_finetune(dims, 4, 2, t, s.steps, s.batch_size, s.eval_every, layer=1, nbytes=4)
     v0 = torch.randn(dims.d_model, generator=torch.Generator().manual_seed(0))
-    flops = counted(lambda: finetune(tiny_llama, train, valid, v0, 1, s, remote=False))
+    flops = counted(lambda: finetune(tiny_llama, train, valid, v0, 1, s))
     assert flops == plan.flops(dims)["total"]
     assert plan.flops(dims)["backward"] > 0
 
@@ -215,6 +214,7 @@ def test_stage_plan_option_runs_nothing(tmp_path):
 # -- extract --remote --reduce float16: through the loopback NDIF server ------------------------------------------
 
 from support.remote_fixtures import hosted_model_fixtures, point_client_at  # noqa: E402
+from fv_remote.execution import NDIF
 
 REDUCE_REPO = "test-org/tiny-llama-reduce"
 local, hub_cache, server, remote_model = hosted_model_fixtures(REDUCE_REPO)
@@ -234,7 +234,7 @@ def test_extract_remote_float16_halves_the_heads_and_is_recorded(local, remote_m
     for reduce in ("none", "float16"):
         ndif = point_client_at(server, monkeypatch, hub_cache)
         got = ActivationStore(str(tmp_path / f"{reduce}.zarr"))
-        extract(remote_model, task, got, n_prompts=6, n_shots=2, batch_size=3, remote=True, reduce=reduce)
+        extract(remote_model.using(NDIF()), task, got, n_prompts=6, n_shots=2, batch_size=3, reduce=reduce)
         assert ndif.n_requests == 1 and ndif.jobs[0].status == "COMPLETED"
         sizes[reduce] = ndif.jobs[0].result_bytes
     a = want.open("toy")["head_out"].values
@@ -245,8 +245,8 @@ def test_extract_remote_float16_halves_the_heads_and_is_recorded(local, remote_m
     with pytest.raises(UserError, match="with --remote"):
         extract(local, task, want, n_prompts=6, n_shots=2, reduce="float16")
     with pytest.raises(UserError, match="identity|settings|differ|incompatible|different"):
-        extract(remote_model, task, ActivationStore(str(tmp_path / "none.zarr")), n_prompts=9, n_shots=2,
-                batch_size=3, remote=True, reduce="float16")
+        extract(remote_model.using(NDIF()), task, ActivationStore(str(tmp_path / "none.zarr")), n_prompts=9, n_shots=2,
+                batch_size=3, reduce="float16")
 
 
 def test_analogy_plan_knows_the_stage_methods():
@@ -277,11 +277,11 @@ def test_planned_requests_are_what_the_loopback_server_receives(local, remote_mo
         "extract": (P.plan_extract(dims, 3, lengths(local, PROMPTS), batch_size=2, nbytes=4),
                     lambda: trace_heads_batches(remote_model, [(PROMPTS[:2], [5, 6]), (PROMPTS[2:], [7])])),
         "cma": (P.plan_cma(dims, 3, lengths(local, PROMPTS), nbytes=4),
-                lambda: cma_fast_session(remote_model, [(t, 5) for t in PROMPTS], means, remote=True)),
+                lambda: cma_fast_session(remote_model.using(NDIF()), [(t, 5) for t in PROMPTS], means)),
         "finetune": (P.plan_finetune(dims, 4, 2, lengths(local, texts)[0], s.steps, s.batch_size, s.eval_every,
                                      layer=1, nbytes=4),
-                     lambda: finetune(remote_model, train, valid, torch.randn(dims.d_model, generator=gen), 1,
-                                             s, remote=True))}
+                     lambda: finetune(remote_model.using(NDIF()), train, valid, torch.randn(dims.d_model, generator=gen), 1,
+                                             s))}
     for stage, (plan, run) in stages.items():
         ndif = point_client_at(server, monkeypatch, hub_cache)
         run()

@@ -29,6 +29,7 @@ import torch  # noqa: E402
 from conftest import _tiny_tokenizer  # noqa: E402
 from .loopback_ndif import LoopbackNDIF  # noqa: E402
 from .remote_fixtures import hosted_tiny_model, serve_copy, write_hub_cache  # noqa: E402
+from fv_remote.execution import resolve
 
 REPO = "test-org/tiny-llama-catalog"
 WORDS = ["hot", "cold", "up", "down", "big", "small", "the", "quick", "brown", "fox", "lazy", "dog", "over"]
@@ -148,8 +149,7 @@ def _extract(h: Harness, remote: Any) -> Any:
 
     store = h.store(f"extract-{bool(remote)}-{len(h.extra)}")
     h.extra[store.url] = True
-    out = extract(h.remote if remote else h.local, h.task, store, n_prompts=6, n_shots=2, batch_size=4,
-                  remote=remote)
+    out = extract((h.remote if remote else h.local).using(resolve(remote)), h.task, store, n_prompts=6, n_shots=2, batch_size=4)
     ds = store.open("toy")
     return out.n_new, ds["head_out"].values, ds["top1_token"].values, ds["answer_prob"].values
 
@@ -159,38 +159,35 @@ def _cma(h: Harness, remote: Any) -> Any:
 
     store = h.store(f"cma-{bool(remote)}-{len(h.extra)}")
     h.extra[store.url] = True
-    return run_cma(h.remote if remote else h.local, h.prepared, store, h.means, n_prompts=2, n_shots=2,
-                   remote=remote).aie.values
+    return run_cma((h.remote if remote else h.local).using(resolve(remote)), h.prepared, store, h.means, n_prompts=2, n_shots=2).aie.values
 
 
 def _fit(h: Harness, remote: Any) -> Any:
     from fv_remote.fv.evaluate import fit_function_vector
 
-    fv, sweep = fit_function_vector(h.remote if remote else h.local, h.prepared, h.means, h.aie, k=4, n_prompts=10,
-                                    batch_size=5, remote=remote)
+    fv, sweep = fit_function_vector((h.remote if remote else h.local).using(resolve(remote)), h.prepared, h.means, h.aie, k=4, n_prompts=10,
+                                    batch_size=5)
     return fv.vector, fv.layer, sweep
 
 
 def _fit_no_sweep(h: Harness, remote: Any) -> Any:
     from fv_remote.fv.evaluate import fit_function_vector
 
-    fv, _ = fit_function_vector(h.remote if remote else h.local, h.prepared, h.means, h.aie, k=4, layer=1,
-                                remote=remote)
+    fv, _ = fit_function_vector((h.remote if remote else h.local).using(resolve(remote)), h.prepared, h.means, h.aie, k=4, layer=1)
     return fv.vector
 
 
 def _evaluate(h: Harness, remote: Any) -> Any:
     from fv_remote.fv.evaluate import evaluate_task
 
-    return evaluate_task(h.remote if remote else h.local, h.prepared, h.fv, n_test=8, n_shots=2, batch_size=4,
-                         remote=remote)
+    return evaluate_task((h.remote if remote else h.local).using(resolve(remote)), h.prepared, h.fv, n_test=8, n_shots=2, batch_size=4)
 
 
 def _evaluate_sweep(h: Harness, remote: Any) -> Any:
     from fv_remote.fv.evaluate import evaluate_and_sweep
 
-    return evaluate_and_sweep(h.remote if remote else h.local, h.prepared, h.fv, n_test=8, n_shots=2, batch_size=4,
-                              sweep_batch_size=8, remote=remote)
+    return evaluate_and_sweep((h.remote if remote else h.local).using(resolve(remote)), h.prepared, h.fv, n_test=8, n_shots=2, batch_size=4,
+                              sweep_batch_size=8)
 
 
 def _steer(h: Harness, remote: Any) -> Any:
@@ -198,22 +195,22 @@ def _steer(h: Harness, remote: Any) -> Any:
 
     prompts = h.prepared.prompts("test", 12, kind="zero_shot", n_shots=0)
     texts, ids = [p.text for p in prompts], h.prepared.ids(prompts)
-    return score_conditions(h.remote if remote else h.local,
-                            [Condition(texts, None, ids, 5), Condition(texts, Steer(h.fv), ids, 5)], remote=remote)
+    return score_conditions((h.remote if remote else h.local).using(resolve(remote)),
+                            [Condition(texts, None, ids, 5), Condition(texts, Steer(h.fv), ids, 5)])
 
 
 def _steer_prompt(h: Harness, remote: Any) -> Any:
     from fv_remote.fv.steering import Condition, Steer, top_tokens_conditions
 
-    return top_tokens_conditions(h.remote if remote else h.local,
-                                 [Condition(PROMPTS[:1]), Condition(PROMPTS[:1], Steer(h.fv))], 5, remote=remote)
+    return top_tokens_conditions((h.remote if remote else h.local).using(resolve(remote)),
+                                 [Condition(PROMPTS[:1]), Condition(PROMPTS[:1], Steer(h.fv))], 5)
 
 
 def _generate(h: Harness, remote: Any) -> Any:
     from fv_remote.fv.steering import Steer, generate_many
 
-    return generate_many(h.remote if remote else h.local, [(PROMPTS[0], None), (PROMPTS[0], Steer(h.fv))],
-                         max_new_tokens=5, remote=remote)
+    return generate_many((h.remote if remote else h.local).using(resolve(remote)), [(PROMPTS[0], None), (PROMPTS[0], Steer(h.fv))],
+                         max_new_tokens=5)
 
 
 SETTINGS_KW = dict(steps=8, lr=0.2, batch_size=4, eval_every=2, patience=4, l2=0.01)
@@ -224,8 +221,8 @@ def _finetune(h: Harness, remote: Any) -> Any:
 
     train, valid = examples(h.prepared, "train", 10), examples(h.prepared, "valid", 6)
     v0 = 0.5 * torch.randn(h.local.adapter.d_model, generator=torch.Generator().manual_seed(2))
-    out = finetune(h.remote if remote else h.local, train, valid, v0, 1, FinetuneSettings(**SETTINGS_KW),
-                   task="toy", remote=remote)
+    out = finetune((h.remote if remote else h.local).using(resolve(remote)), train, valid, v0, 1, FinetuneSettings(**SETTINGS_KW),
+                   task="toy")
     return out.ffv.vector, out.best_step
 
 
@@ -235,15 +232,14 @@ def _bank(h: Harness, remote: Any) -> Any:
 
     path = h.workdir / f"bank-{bool(remote)}-{len(h.extra)}.safetensors"
     h.extra[str(path)] = True
-    return build_bank(h.remote if remote else h.local, h.tasks, path, layer=1, n_train=8, n_valid=6,
-                      settings=FinetuneSettings(**SETTINGS_KW), resume=False, remote=remote).vectors
+    return build_bank((h.remote if remote else h.local).using(resolve(remote)), h.tasks, path, layer=1, n_train=8, n_valid=6,
+                      settings=FinetuneSettings(**SETTINGS_KW), resume=False).vectors
 
 
 def _analogy(h: Harness, remote: Any) -> Any:
     from fv_remote.relational.analogy import AnalogySettings, run_analogies
 
-    out = run_analogies(h.remote if remote else h.local, h.bank, h.items, AnalogySettings(batch_size=4, n_boot=20),
-                        remote=remote)
+    out = run_analogies((h.remote if remote else h.local).using(resolve(remote)), h.bank, h.items, AnalogySettings(batch_size=4, n_boot=20))
     return out.weights, out.accuracy()
 
 
@@ -251,8 +247,8 @@ def _decode(h: Harness, remote: Any) -> Any:
     from fv_remote.relational.decode import decode_many
 
     named = [(e.name, e.vector) for e in h.bank.entries]
-    return [(d.ranks, d.forms) for d in decode_many(h.remote if remote else h.local, named,
-                                                    ["hot", "cold", "fox"], 8, remote=remote)]
+    return [(d.ranks, d.forms) for d in decode_many((h.remote if remote else h.local).using(resolve(remote)), named,
+                                                    ["hot", "cold", "fox"], 8)]
 
 
 def _run(h: Harness, remote: Any) -> Any:
@@ -266,8 +262,7 @@ def _run(h: Harness, remote: Any) -> Any:
     real = pipeline.mean_heads_tensor
     pipeline.mean_heads_tensor = functools.partial(mean_heads_tensor, only_correct=False)  # a random model is wrong
     try:
-        out = run_task(h.remote if remote else h.local, h.task, h.store(name), h.workdir / name, settings,
-                       remote=remote)
+        out = run_task((h.remote if remote else h.local).using(resolve(remote)), h.task, h.store(name), h.workdir / name, settings)
     finally:
         pipeline.mean_heads_tensor = real
     return out.scores, out.fv.vector

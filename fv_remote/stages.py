@@ -1,0 +1,56 @@
+"""The stage registry: every stage of fv-remote, registered once, by name.
+
+A stage (`fv_remote.execution.stage.Stage`) is a name, a typed plan, one body and one commit; this is the one list of
+them. `jobs fetch` finds a job's stage here, and the CLI's `plan` and ARCHITECTURE.md's stage table are generated
+from it (`stage_table`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fv_remote.execution.jobs import Job
+from fv_remote.execution.stage import Stage
+from fv_remote.fv.cma import CMA_STAGE
+from fv_remote.fv.evaluate import EVALUATE, FIT
+from fv_remote.fv.extract import EXTRACT
+from fv_remote.relational.analogy import ANALOGY
+from fv_remote.relational.bank import BANK
+from fv_remote.relational.decode import DECODE
+from fv_remote.relational.ffv import FINETUNE
+
+STAGES: dict[str, Stage] = {stage.name: stage for stage in
+                            (EXTRACT, CMA_STAGE, FIT, EVALUATE, FINETUNE, BANK, DECODE, ANALOGY)}
+
+
+def load_job(job_id: str) -> Job:
+    """A submitted job's handle from its job file (its stage looked up here)."""
+    return Job.load(job_id, STAGES)
+
+
+def fetch_job(job_id: str, progress: Any = None) -> tuple[str, str]:
+    """Poll the job; when COMPLETED store its results with its stage's commit, as the blocking run would have.
+    Returns (status, message)."""
+    return load_job(job_id).fetch(progress)
+
+
+def job_status(job_id: str) -> tuple[dict[str, Any], str]:
+    """(job file, current server status); a job already fetched reports FETCHED without asking the server."""
+    from fv_remote.execution.jobs import load_job as read_job_file
+
+    data = read_job_file(job_id)
+    if data.get("state") == "fetched":
+        return data, "FETCHED"
+    return data, load_job(job_id).status()
+
+
+def stage_table() -> list[dict[str, str]]:
+    """One row per registered stage: name, plan type, body, commit, whether it can be submitted without waiting."""
+    rows = []
+    for stage in STAGES.values():
+        cls = type(stage)
+        rows.append({"stage": stage.name, "module": cls.__module__.removeprefix("fv_remote."),
+                     "plan": stage.plan_type.__name__, "class": cls.__name__,
+                     "no-wait": "yes" if stage.can_submit else "no",
+                     "about": (cls.__doc__ or "").strip().split("\n\n")[0].replace("\n", " ")})
+    return rows

@@ -40,6 +40,10 @@ import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from fv_remote.plan import cost as P  # noqa: E402
+from fv_remote.relational.ffv import finetune_cost  # noqa: E402
+from fv_remote.relational.analogy import analogy_cost  # noqa: E402
+from fv_remote.fv.extract import extract_cost  # noqa: E402
+from fv_remote.fv.cma import cma_cost  # noqa: E402
 from fv_remote.execution import resolve
 
 TODD = Path("/work/shared/data/todd_fv/abstractive")
@@ -93,7 +97,7 @@ def stage_extract(s: Setup):
     batches = [([p.text for p in prompts[i:i + 4]], [s.prepared[0].answer_token[p.answer] for p in prompts[i:i + 4]])
                for i in range(0, 8, 4)]
     lengths = [s.n_tokens(p.text) for p in prompts]
-    plan = P.plan_extract(s.dims, 8, lengths, 4, 1, nbytes=4)
+    plan = extract_cost(s.dims, 8, lengths, 4, 1, nbytes=4)
     return plan, lambda m, r: trace_heads_batches(m.using(resolve(r)), batches, (-1,)), "8 prompts, 5-shot, 2 batches of 4"
 
 
@@ -103,7 +107,7 @@ def stage_extract_half(s: Setup):
     prompts = s.prepared[0].prompts("train", 8, kind="clean", n_shots=5)
     batches = [([p.text for p in prompts[i:i + 4]], [s.prepared[0].answer_token[p.answer] for p in prompts[i:i + 4]])
                for i in range(0, 8, 4)]
-    half = P.plan_extract(s.dims, 8, [s.n_tokens(p.text) for p in prompts], 4, 1, nbytes=4, reduce="float16")
+    half = extract_cost(s.dims, 8, [s.n_tokens(p.text) for p in prompts], 4, 1, nbytes=4, reduce="float16")
     return half, lambda m, r: trace_heads_batches(m.using(resolve(r)), batches, (-1,), half=bool(r)), \
         "as extract, --reduce float16"
 
@@ -115,7 +119,7 @@ def stage_cma(s: Setup):
     jobs = [(p.text, s.prepared[0].answer_token[p.answer]) for p in prompts]
     ad = s.model.adapter
     means = torch.randn(ad.n_layers, ad.n_heads, ad.head_dim, generator=torch.Generator().manual_seed(0))
-    plan = P.plan_cma(s.dims, 2, [s.n_tokens(t) for t, _ in jobs], nbytes=4)
+    plan = cma_cost(s.dims, 2, [s.n_tokens(t) for t, _ in jobs], nbytes=4)
     return plan, lambda m, r: cma_fast_session(m.using(resolve(r)), jobs, means), "2 prompts, 5-shot, all 270 heads"
 
 
@@ -140,7 +144,7 @@ def stage_finetune(s: Setup):
     v0 = 0.1 * torch.randn(s.model.adapter.d_model, generator=torch.Generator().manual_seed(2))
     st = FinetuneSettings(**SETTINGS)
     data = [{"train": _ffv_chunks(s, train.texts, 4), "valid": _ffv_chunks(s, valid.texts, 4), "base": []}]
-    plan = P.plan_finetune(s.dims, 8, 4, 0, st.steps, st.batch_size, st.eval_every, layer=9, nbytes=4,
+    plan = finetune_cost(s.dims, 8, 4, 0, st.steps, st.batch_size, st.eval_every, layer=9, nbytes=4,
                            datasets=data)
     return plan, lambda m, r: finetune(m.using(resolve(r)), train, valid, v0, 9, st), \
         "layer 9, 6 steps x 4 prompts, 3 validations of 4"
@@ -156,7 +160,7 @@ def stage_bank(s: Setup):
         train, valid = examples(prepared, "train", 8), examples(prepared, "valid", 4)
         data.append({"train": _ffv_chunks(s, train.texts, 4), "valid": _ffv_chunks(s, valid.texts, 4),
                      "base": _ffv_chunks(s, valid.texts, 64, shuffle=False)})
-    plan = P.plan_finetune(s.dims, 8, 4, 0, st.steps, st.batch_size, st.eval_every, layer=9, nbytes=4,
+    plan = finetune_cost(s.dims, 8, 4, 0, st.steps, st.batch_size, st.eval_every, layer=9, nbytes=4,
                            baseline=True, stage="bank", datasets=data)
     tmp = Path(tempfile.mkdtemp(prefix="fv-plan-bank-"))
 
@@ -187,7 +191,7 @@ def stage_analogy(s: Setup):
     for method in METHODS:
         _, prompts, _, _ = _method_rows(kept, st, method)
         passes.append([s.n_tokens(p) for p in prompts])
-    plan = P.plan_analogy(s.dims, len(kept), len(bank), 0, batch_size=4, nbytes=4, passes=passes)
+    plan = analogy_cost(s.dims, len(kept), len(bank), 0, batch_size=4, nbytes=4, passes=passes)
 
     def run(m, r):
         if r:

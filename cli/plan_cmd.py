@@ -19,9 +19,10 @@ def show_plan(stage: str, model: str, config: Optional[str], options, server, as
               strict: bool = False) -> None:
     """Print the plan table and the verdict of `stage` (the `--plan` of the stage commands calls this too)."""
     from fv_remote.plan import cost as P
+    from fv_remote.stages import stage_plan
 
     dims = P.dims_from_config(P.load_config(model, config))
-    built, rebuild = P.stage_plan(stage, dims, options)
+    built, rebuild = stage_plan(stage, dims, options)
     est = P.estimate(built, dims, server, P.DTYPE_BYTES[options.dtype], rebuild)
     if as_json:
         out.print_json(json.dumps({"model": model, "dims": dims.as_dict(), "server": vars(server),
@@ -93,11 +94,12 @@ def plan(
     """Estimate a remote stage's cost from the model's config and the stage's options, and whether it fits NDIF's
     limits as one request (if not: how to split it). Nothing is downloaded or run."""
     from fv_remote.core.errors import UserError
-    from fv_remote.plan.cost import STAGES, StageOptions
+    from fv_remote.plan.cost import StageOptions
+    from fv_remote.stages import COSTED
 
     stage = {"bank-build": "bank", "bank build": "bank"}.get(stage, stage)
-    if stage not in STAGES:
-        raise UserError(f"unknown --stage {stage!r}; use one of {', '.join(STAGES)}")
+    if stage not in COSTED:
+        raise UserError(f"unknown --stage {stage!r}; use one of {', '.join(COSTED)}")
     options = StageOptions(n_prompts=_DEFAULT_PROMPTS.get(stage, 25) if n_prompts is None else n_prompts,
                            n_shots=n_shots,
                            prompt_tokens=prompt_tokens, batch_size=batch_size, positions=positions, dtype=dtype,

@@ -17,7 +17,6 @@ generate (1). Long jobs: raise the client's wait limit with FV_REMOTE_TIMEOUT (s
 own execution limit still applies. Results go to out/remote_70b/ (store, FV file, JSON); a rerun resumes.
 """
 
-import inspect
 import json
 import os
 import sys
@@ -36,8 +35,8 @@ def need(ok: bool, what: str) -> None:
         sys.exit(1)
 
 
-def report(stage: str) -> None:
-    from fv_remote.execution import last_job
+def report(stage: str, model) -> None:
+    last_job = model.executor.last  # the NDIF executor's record of its latest request
 
     print(f"  {stage}: job {last_job.job_id}, {last_job.payload_bytes:,} B sent, {last_job.result_bytes:,} B back, "
           f"{last_job.seconds:.0f} s")
@@ -59,9 +58,6 @@ def main() -> None:
         model = R.load_remote_model(MODEL)  # config + tokenizer only (gated: needs your Hub login)
     except UserError as exc:
         need(False, str(exc))
-    cma_remote = "remote" in inspect.signature(run_cma).parameters
-    need(cma_remote, "this version's run_cma has no remote= parameter, and the CMA cannot run locally on a 70B "
-                     "model: update fv-remote, or rank heads with a store from a run that has its AIE")
     ad = model.adapter
     print(f"  {ad.n_layers} layers x {ad.n_heads} heads x {ad.head_dim}, d_model {ad.d_model} (weightless copy)")
 
@@ -74,28 +70,28 @@ def main() -> None:
     for n in range(CHUNK, N_PROMPTS + 1, CHUNK):
         if store.n_complete(task.name) < n:
             result = extract(model.using(NDIF()), task, store, n_prompts=n, n_shots=10, batch_size=16)
-            report(f"extract {n}/{N_PROMPTS} (10-shot accuracy so far {result.accuracy:.2f})")
+            report(f"extract {n}/{N_PROMPTS} (10-shot accuracy so far {result.accuracy:.2f})", model)
     means = mean_heads_tensor(store, task.name)  # mean over prompts the model answered correctly
 
     # 2. Average indirect effect of every head on shuffled-label prompts (one request).
     cma = run_cma(model.using(NDIF()), prepared, store, means, n_prompts=N_CMA)
-    report(f"CMA ({N_CMA} prompts, {ad.n_layers * ad.n_heads} heads)")
+    report(f"CMA ({N_CMA} prompts, {ad.n_layers * ad.n_heads} heads)", model)
 
     # 3. The FV: the top heads' means pushed through the server's own output projections, then the validation
     #    layer sweep steered by it -- one request; only the K projected vectors and top-1 ids come back.
     fv, sweep = fit_function_vector(model.using(NDIF()), prepared, means, cma.aie, k=K, meta={"store": store.url})
     path = fv.save(OUT / f"{task.name}.fv.safetensors")
-    report(f"fit (best layer {fv.layer}, validation accuracy {sweep[fv.layer]:.2f})")
+    report(f"fit (best layer {fv.layer}, validation accuracy {sweep[fv.layer]:.2f})", model)
 
     # 4. Evaluation: zero-shot and shuffled 10-shot with/without the FV, and clean 10-shot ICL (one request).
     scores = evaluate_task(model.using(NDIF()), prepared, fv)
-    report("evaluate")
+    report("evaluate", model)
 
     # 5. Generation with and without the FV (one request).
     query = prepared.splits.test[0][0]
     prompt = prepared.template.query_text(query)
     plain, steered = generate_many(model.using(NDIF()), [(prompt, None), (prompt, Steer(fv))], max_new_tokens=8)
-    report("generate")
+    report("generate", model)
 
     results = {"model": MODEL, "task": task.name, "fv": str(path), "heads": fv.heads, "layer": fv.layer,
                "sweep": {str(k): v for k, v in sweep.items()}, "scores": scores.as_json(),

@@ -44,13 +44,32 @@ def job_status(job_id: str) -> tuple[dict[str, Any], str]:
     return data, load_job(job_id).status()
 
 
+def has_cost(stage: Stage) -> bool:
+    return type(stage).cost is not Stage.cost
+
+
+COSTED = tuple(name for name, stage in STAGES.items() if has_cost(stage))  # what `fv-remote plan --stage` takes
+
+
+def stage_plan(name: str, dims: Any, options: Any) -> tuple[Any, Any]:
+    """The cost plan of stage `name` as one request (`fv_remote.plan.cost.Plan`) and its `rebuild(units)`."""
+    from fv_remote.core.errors import UserError
+
+    if name not in COSTED:
+        raise UserError(f"unknown --stage {name!r}; use one of {', '.join(COSTED)}")
+    planned = STAGES[name].cost(dims, options.check())
+    assert planned is not None
+    return planned
+
+
 def stage_table() -> list[dict[str, str]]:
-    """One row per registered stage: name, plan type, body, commit, whether it can be submitted without waiting."""
+    """One row per registered stage: name, plan type, class, whether it can be submitted without waiting, whether
+    it has a cost model, and the first paragraph of its docstring."""
     rows = []
     for stage in STAGES.values():
         cls = type(stage)
         rows.append({"stage": stage.name, "module": cls.__module__.removeprefix("fv_remote."),
                      "plan": stage.plan_type.__name__, "class": cls.__name__,
-                     "no-wait": "yes" if stage.can_submit else "no",
-                     "about": (cls.__doc__ or "").strip().split("\n\n")[0].replace("\n", " ")})
+                     "no-wait": "yes" if stage.can_submit else "no", "cost": "yes" if has_cost(stage) else "no",
+                     "about": " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split())})
     return rows

@@ -124,7 +124,7 @@ class NDIF(Executor):
         return self.records[-1] if self.records else None
 
     def load_model(self, name: str) -> LoadedModel:
-        return hosted.load_remote_model(hosted.remote_repo_id(name)).using(self)
+        return hosted.load_remote_model(hosted.remote_repo_id(name)).using(self)  # this one (timeout, wait)
 
 
 # What a stage's `remote` parameter accepts: an executor, or a shorthand resolved by `resolve`.

@@ -93,6 +93,11 @@ class Stage(ABC, Generic[P, R]):
         the whole plan as one request. Default: one part."""
         return [plan]
 
+    def cost(self, dims: Any, options: Any) -> tuple[Any, Any] | None:
+        """The stage as one request from a model's config alone (`fv_remote.plan.cost`): (its `Plan`,
+        `rebuild(units)` the same for fewer units, or None when it cannot be split); None: no cost model."""
+        return None
+
     def summary(self, plan: P, result: R) -> str:
         """One line saying what a fetched job stored (shown by `jobs fetch`)."""
         return f"{self.name}: stored"

@@ -8,6 +8,7 @@ mediation as one session body, and the references) are in `fv_remote.fv.cma_meth
 from __future__ import annotations
 
 from collections.abc import Callable
+from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,8 @@ from fv_remote.fv.cma_methods import (CMA_FUNCTIONS, FAST_MAX_COPIES, METHODS, H
 from fv_remote.core.errors import UserError, require_positive
 from fv_remote.execution import executor_of, run_stage
 from fv_remote.execution.stage import Stage, in_process
+from fv_remote.plan.cost import (DTYPE_BYTES, RESULT_OVERHEAD, Dims, Plan, StageOptions, Trace, _merge, _prompt_tokens,
+                                  sent_bytes, session_bytes, tensor_bytes)
 from fv_remote.models.loading import LoadedModel
 from fv_remote.core.progress import Progress
 from fv_remote.store.activations import PROMPT_DIM, ActivationStore
@@ -139,6 +142,11 @@ class CMA(Stage[CMAPlan, "CMAResult"]):
             result.heatmap = cma_heatmap(result, plan.plot, str(plan.identity.get("model", "")))
         return result
 
+    def cost(self, dims: Dims, o: StageOptions) -> tuple[Plan, Any]:
+        def make(n: int) -> Plan:
+            return cma_cost(dims, n, o.tokens(), DTYPE_BYTES[o.dtype], o.max_copies)
+        return make(o.n_prompts), make
+
     def summary(self, plan: CMAPlan, result: CMAResult) -> str:
         return f"{result.task}: {result.n_prompts} corrupted prompts ({result.n_new} new) in {plan.store}" + \
             (f"; heatmap: {result.heatmap}" if result.heatmap else "")
@@ -250,3 +258,54 @@ def load_aie(store: ActivationStore, task: str, n_prompts: int | None = None, so
     # Read once, checked: a damaged chunk or a NaN must be an error naming the prompts, not a NaN AIE.
     values = store.finite_values(cma_group(task, source), effects)
     return effects.copy(data=values).mean(PROMPT_DIM)
+
+
+# -- the cost model: what the body costs as one request (`fv-remote plan`) ------------------------------
+
+def cma_groups(dims: Dims, max_copies: int = 256) -> list[list[tuple[int, int]]]:
+    """The copies forwards `cma_methods.cma_fast_session` makes per prompt: `fast_groups`' grouping of all heads
+    (by the cost model when one prompt forward serves every group; as few groups as possible with sliding windows)."""
+    from fv_remote.fv.cma_methods import plan_groups
+
+    heads = [(layer, head) for layer in range(dims.n_layers) for head in range(dims.n_heads)]
+    head_cost = dims.vocab * dims.d_model / max(dims.layer_params, 1)
+    costs = {"fixed": 1e12, "weights": 0.0} if dims.sliding else {}
+    return [[heads[i] for i in g] for g in plan_groups(heads, dims.n_layers, head_cost, max_copies=max_copies,
+                                                       **costs)]
+
+
+def cma_cost(dims: Dims, n_prompts: int, prompt_tokens: int | list[int], nbytes: int = 2, max_copies: int = 256,
+             mask_bytes: int = 1) -> Plan:
+    """`cma --remote` (fast exact CMA, one session): per prompt and group of R patched heads, one forward of the
+    prompt (logits at its last token only) and one of R last-token copies that attend to the prompt's cached keys
+    and values, from the group's lowest patched layer up (logits at every copy). Sent per group: the copies' ids,
+    position ids, mask [R, T + R] (`mask_bytes`: 1 for SDPA's boolean mask, the dtype's size for eager) and each
+    patched head's float32 mean; back: P(answer) per copy and the unpatched P(answer) per prompt. The body shares
+    what does not depend on the prompt (a pickle writes an object once): the means once per group, a mask and
+    position ids once per (prompt length, R), the copies' ids once per prompt and R (counted as if no two prompts
+    ended on the same token)."""
+    lengths = _prompt_tokens(prompt_tokens, n_prompts)
+    groups = cma_groups(dims, max_copies)
+    sizes = sorted({len(g) for g in groups})
+    traces, sent, returned = [], session_bytes(cma_fast_session, dims), RESULT_OVERHEAD
+    for g in groups:
+        n_layers = len({layer for layer, _ in g})
+        sent += sent_bytes(2 * len(g), 8, 2 * n_layers) + sent_bytes(len(g) * dims.head_dim, 4, n_layers)
+    for t, n in Counter(lengths).items():  # prompts of one length cost the same
+        sent += n * (sent_bytes(t, 8) + sum(sent_bytes(r, 8) for r in sizes))
+        sent += sum(sent_bytes(r * (t + r), mask_bytes) + sent_bytes(r, 8) for r in sizes)
+        returned += n * tensor_bytes(1, 4)
+        for i, g in enumerate(groups):
+            r, first = len(g), min(layer for layer, _ in g)
+            if i == 0 or dims.sliding:  # the prompt forward: once per prompt, or per group with sliding windows
+                traces.append(Trace(1, t, t, 1, count=n))
+            traces.append(Trace(1, r, t + r, r, first=first, count=n))
+            returned += n * tensor_bytes(r, 4)
+    t_max, r_max = max(lengths), max(len(g) for g in groups)
+    kv_prompt = 2 * dims.n_layers * dims.n_kv_heads * dims.head_dim * t_max * nbytes
+    return Plan("cma", n_prompts, "prompts", _merge(traces), sent, returned,
+                extra_memory={"kv_cache": kv_prompt},
+                settings={"n_prompts": n_prompts, "heads": dims.n_layers * dims.n_heads, "groups": len(groups),
+                          "max_copies": max_copies, "largest_group": r_max},
+                note="one prompt forward per prompt; each group's copies are cropped off its KV cache again (with "
+                     "sliding-window layers the prompt is recomputed per group instead)")

@@ -20,6 +20,8 @@ from fv_remote.data import PromptTemplate, RelationTask
 from fv_remote.core.errors import UserError, require_positive
 from fv_remote.execution import executor_of, run_stage, stage_session
 from fv_remote.execution.stage import Stage, in_process
+from fv_remote.plan.cost import (DTYPE_BYTES, RESULT_OVERHEAD, Dims, Plan, StageOptions, Trace, _batches,
+                                  _prompt_tokens, sent_bytes, session_bytes, tensor_bytes)
 from fv_remote.models.loading import LoadedModel
 from fv_remote.core.progress import Progress
 from fv_remote.store.activations import PROMPT_DIM, ActivationStore
@@ -259,6 +261,11 @@ class Extract(Stage[ExtractPlan, ExtractionResult]):
         skipped = [(tuple(pair), reason) for pair, reason in plan.skipped]
         return ExtractionResult(plan.task, store.n_complete(plan.task), max(n_new, 0), accuracy, skipped)
 
+    def cost(self, dims: Dims, o: StageOptions) -> tuple[Plan, Any]:
+        def make(n: int) -> Plan:
+            return extract_cost(dims, n, o.tokens(), o.batch_size or 16, o.positions, DTYPE_BYTES[o.dtype], o.reduce)
+        return make(o.n_prompts), make
+
     def summary(self, plan: ExtractPlan, result: ExtractionResult) -> str:
         return (f"{result.task}: {result.n_complete} prompts in {plan.store} ({result.n_new} new); "
                 f"{plan.n_shots}-shot accuracy {result.accuracy:.2f}")
@@ -304,3 +311,28 @@ def mean_head_activations(store: ActivationStore, task: str, only_correct: bool 
 def mean_heads_tensor(store: ActivationStore, task: str, only_correct: bool = True) -> torch.Tensor:
     """`mean_head_activations` as a float32 tensor [layer, head, d_head]."""
     return torch.from_numpy(np.asarray(mean_head_activations(store, task, only_correct).values, dtype=np.float32))
+
+
+# -- the cost model: what the body costs as one request (`fv-remote plan`) ------------------------------
+
+def extract_cost(dims: Dims, n_prompts: int, prompt_tokens: int | list[int], batch_size: int = 16,
+                 n_positions: int = 1, nbytes: int = 2, reduce: str = "none") -> Plan:
+    """`extract --remote`: one forward per batch (all positions through the unembedding); per batch the head outputs
+    [B, P, L, H, Dh] in the model's dtype, P(answer) (float32) and the top-1 token (int64) come back.
+
+    `reduce`: what comes back instead with a server-side reduction: "float16" (`extract --remote --reduce
+    float16`: the same values at 2 bytes) or "mean" (one [P, L, H, Dh] float32 mean: a what-if, not built)."""
+    lengths = _prompt_tokens(prompt_tokens, n_prompts)
+    traces = [Trace(rows, t, t, t) for rows, t in _batches(lengths, batch_size)]
+    per_prompt = n_positions * dims.n_layers * dims.n_heads * dims.head_dim
+    out_bytes = 2 if reduce == "float16" else nbytes
+    if reduce == "mean":
+        heads = tensor_bytes(per_prompt, 4)
+    else:
+        heads = sum(tensor_bytes(per_prompt * t.rows, out_bytes) for t in traces)
+    returned = heads + sum(tensor_bytes(t.rows, 4) + tensor_bytes(t.rows, 8) for t in traces) + RESULT_OVERHEAD
+    sent = session_bytes(trace_heads_batches, dims) + sum(sent_bytes(t.rows, 8) + t.rows * t.tokens * 4 for t in traces)
+    return Plan("extract", n_prompts, "prompts", traces, sent, returned,
+                extra_memory={"saved_results": heads},
+                settings={"n_prompts": n_prompts, "batch_size": batch_size, "positions": n_positions,
+                          "reduce": reduce})

@@ -3,8 +3,9 @@ config alone (no weights) and a stage's options; a verdict against the server's 
 
 Model of cost
 -------------
-A stage is the list of forwards (`Trace`) its session body runs on the server, mirrored from the stage's code
-(`extract.trace_heads_batches`, `cma.cma_fast_session`, `ffv_session.run_jobs`, `analogy.analogy_session`). A
+A stage is the list of forwards (`Trace`) its session body runs on the server, mirrored from the stage's code by the
+stage's cost model, which lives next to its body (`Stage.cost`: `fv.extract.extract_cost`, `fv.cma.cma_cost`,
+`relational.ffv.finetune_cost`, `relational.analogy.analogy_cost`); this module holds what they share. A
 forward of `rows` batch rows, `tokens` new tokens per row, attending to `keys` positions, through the decoder layers
 `first..L-1` (layers below are skipped, as fast CMA skips them) and the unembedding at `logits` positions per row:
 
@@ -35,6 +36,7 @@ import json
 import math
 import os
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,12 +65,7 @@ ENVOY_LAYER_BYTES = 1850  # per decoder layer: every body reads the model's envo
 #   (per module its path twice; 1.7-2.4 KB per layer on the tiny models of 16 families). Not counted: when the tree is
 #   pickled after >= 256 other objects (nnsight pickles a body's variables in set order, which Python's per-process
 #   hash seed decides), each reference back into it takes 5 bytes instead of 2, ~470 B more per layer (RESULTS.md)
-# The function whose `with stage_session(...)` block is each stage's session body (`body_bytes` reads its code)
-BODIES = {"extract": "fv_remote.fv.extract:trace_heads_batches", "cma": "fv_remote.fv.cma_methods:cma_fast_session",
-          "finetune": "fv_remote.relational.ffv_session:run_jobs", "bank": "fv_remote.relational.ffv_session:run_jobs",
-          "analogy": "fv_remote.relational.analogy:analogy_session"}
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
-STAGES = ("extract", "cma", "finetune", "bank", "analogy")
 
 
 # -- sizes from a config ------------------------------------------------------------------------------------------
@@ -245,32 +242,31 @@ class Trace:
 
 
 @functools.cache
-def body_bytes(stage: str) -> int:
-    """The pickled size of the code `stage`'s session body ships, read from that code as it is now: nnsight 0.8.1 sends
-    the `with stage_session(...)` block's source (`reduce_block`: unparsed, padded to its line numbers) with the
-    globals it reads, the `fv_remote.traces` helpers among them by their source."""
+def body_bytes(body: Callable[..., Any]) -> int:
+    """The pickled size of the code a stage's session body ships, read from that code as it is now (`body`: the
+    function whose `with stage_session(...)` block is the session): nnsight 0.8.1 sends the block's source
+    (`reduce_block`: unparsed, padded to its line numbers) with the globals it reads, the `fv_remote.traces` helpers
+    among them by their source."""
     import ast
-    import importlib
     import inspect
 
     from nnsight.intervention.serialization import dumps, reduce_block
 
     from fv_remote.execution import register_traces
 
-    module, name = BODIES[stage].split(":")
-    fn = getattr(importlib.import_module(module), name)
-    lines, first = inspect.getsourcelines(fn)
+    lines, first = inspect.getsourcelines(body)
     tree = ast.increment_lineno(ast.parse("".join(lines)), first - 1)
     block = next(n for n in ast.walk(tree) if isinstance(n, ast.With) and "stage_session" in ast.unparse(n.items[0]))
     register_traces()  # helpers ship by source, as in the stage
-    local_names = dict.fromkeys(fn.__code__.co_varnames + fn.__code__.co_cellvars)
-    source, used_globals, _ = reduce_block(block, fn.__globals__, local_names)
+    code = body.__code__  # type: ignore[attr-defined]
+    local_names = dict.fromkeys(code.co_varnames + code.co_cellvars)
+    source, used_globals, _ = reduce_block(block, body.__globals__, local_names)  # type: ignore[attr-defined]
     return len(dumps((source, used_globals)))
 
 
-def session_bytes(stage: str, dims: Dims) -> int:
+def session_bytes(body: Callable[..., Any], dims: Dims) -> int:
     """A request's bytes besides its data: the body's code, the model's envoy tree and the tracer."""
-    return body_bytes(stage) + ENVOY_LAYER_BYTES * dims.n_layers + SESSION_OVERHEAD
+    return body_bytes(body) + ENVOY_LAYER_BYTES * dims.n_layers + SESSION_OVERHEAD
 
 
 def tensor_bytes(n_elements: int, nbytes: int, n_tensors: int = 1) -> int:
@@ -336,195 +332,6 @@ def _batches(lengths: list[int], batch_size: int) -> list[tuple[int, int]]:
     """(rows, padded length) per batch of `batch_size` prompts in order."""
     return [(len(lengths[i:i + batch_size]), max(lengths[i:i + batch_size]))
             for i in range(0, len(lengths), batch_size)]
-
-
-def plan_extract(dims: Dims, n_prompts: int, prompt_tokens: int | list[int], batch_size: int = 16,
-                 n_positions: int = 1, nbytes: int = 2, reduce: str = "none") -> Plan:
-    """`extract --remote`: one forward per batch (all positions through the unembedding); per batch the head outputs
-    [B, P, L, H, Dh] in the model's dtype, P(answer) (float32) and the top-1 token (int64) come back.
-
-    `reduce`: what comes back instead with a server-side reduction: "float16" (`extract --remote --reduce
-    float16`: the same values at 2 bytes) or "mean" (one [P, L, H, Dh] float32 mean: a what-if, not built)."""
-    lengths = _prompt_tokens(prompt_tokens, n_prompts)
-    traces = [Trace(rows, t, t, t) for rows, t in _batches(lengths, batch_size)]
-    per_prompt = n_positions * dims.n_layers * dims.n_heads * dims.head_dim
-    out_bytes = 2 if reduce == "float16" else nbytes
-    if reduce == "mean":
-        heads = tensor_bytes(per_prompt, 4)
-    else:
-        heads = sum(tensor_bytes(per_prompt * t.rows, out_bytes) for t in traces)
-    returned = heads + sum(tensor_bytes(t.rows, 4) + tensor_bytes(t.rows, 8) for t in traces) + RESULT_OVERHEAD
-    sent = session_bytes("extract", dims) + sum(sent_bytes(t.rows, 8) + t.rows * t.tokens * 4 for t in traces)
-    return Plan("extract", n_prompts, "prompts", traces, sent, returned,
-                extra_memory={"saved_results": heads},
-                settings={"n_prompts": n_prompts, "batch_size": batch_size, "positions": n_positions,
-                          "reduce": reduce})
-
-
-def cma_groups(dims: Dims, max_copies: int = 256) -> list[list[tuple[int, int]]]:
-    """The copies forwards `cma_methods.cma_fast_session` makes per prompt: `fast_groups`' grouping of all heads
-    (by the cost model when one prompt forward serves every group; as few groups as possible with sliding windows)."""
-    from fv_remote.fv.cma_methods import plan_groups
-
-    heads = [(layer, head) for layer in range(dims.n_layers) for head in range(dims.n_heads)]
-    head_cost = dims.vocab * dims.d_model / max(dims.layer_params, 1)
-    costs = {"fixed": 1e12, "weights": 0.0} if dims.sliding else {}
-    return [[heads[i] for i in g] for g in plan_groups(heads, dims.n_layers, head_cost, max_copies=max_copies,
-                                                       **costs)]
-
-
-def plan_cma(dims: Dims, n_prompts: int, prompt_tokens: int | list[int], nbytes: int = 2, max_copies: int = 256,
-             mask_bytes: int = 1) -> Plan:
-    """`cma --remote` (fast exact CMA, one session): per prompt and group of R patched heads, one forward of the
-    prompt (logits at its last token only) and one of R last-token copies that attend to the prompt's cached keys
-    and values, from the group's lowest patched layer up (logits at every copy). Sent per group: the copies' ids,
-    position ids, mask [R, T + R] (`mask_bytes`: 1 for SDPA's boolean mask, the dtype's size for eager) and each
-    patched head's float32 mean; back: P(answer) per copy and the unpatched P(answer) per prompt. The body shares
-    what does not depend on the prompt (a pickle writes an object once): the means once per group, a mask and
-    position ids once per (prompt length, R), the copies' ids once per prompt and R (counted as if no two prompts
-    ended on the same token)."""
-    lengths = _prompt_tokens(prompt_tokens, n_prompts)
-    groups = cma_groups(dims, max_copies)
-    sizes = sorted({len(g) for g in groups})
-    traces, sent, returned = [], session_bytes("cma", dims), RESULT_OVERHEAD
-    for g in groups:
-        n_layers = len({layer for layer, _ in g})
-        sent += sent_bytes(2 * len(g), 8, 2 * n_layers) + sent_bytes(len(g) * dims.head_dim, 4, n_layers)
-    for t, n in Counter(lengths).items():  # prompts of one length cost the same
-        sent += n * (sent_bytes(t, 8) + sum(sent_bytes(r, 8) for r in sizes))
-        sent += sum(sent_bytes(r * (t + r), mask_bytes) + sent_bytes(r, 8) for r in sizes)
-        returned += n * tensor_bytes(1, 4)
-        for i, g in enumerate(groups):
-            r, first = len(g), min(layer for layer, _ in g)
-            if i == 0 or dims.sliding:  # the prompt forward: once per prompt, or per group with sliding windows
-                traces.append(Trace(1, t, t, 1, count=n))
-            traces.append(Trace(1, r, t + r, r, first=first, count=n))
-            returned += n * tensor_bytes(r, 4)
-    t_max, r_max = max(lengths), max(len(g) for g in groups)
-    kv_prompt = 2 * dims.n_layers * dims.n_kv_heads * dims.head_dim * t_max * nbytes
-    return Plan("cma", n_prompts, "prompts", _merge(traces), sent, returned,
-                extra_memory={"kv_cache": kv_prompt},
-                settings={"n_prompts": n_prompts, "heads": dims.n_layers * dims.n_heads, "groups": len(groups),
-                          "max_copies": max_copies, "largest_group": r_max},
-                note="one prompt forward per prompt; each group's copies are cropped off its KV cache again (with "
-                     "sliding-window layers the prompt is recomputed per group instead)")
-
-
-Chunks = list[tuple[int, int]]  # (rows, padded tokens) per chunk of a dataset, in order
-
-
-def _ffv_job_traces(layer: int, steps: int, train: Chunks, valid: Chunks, eval_every: int) -> list[Trace]:
-    """One fine-tuning job of `ffv_session.run_jobs` on the cached-prefix path: the last token of a training chunk
-    per step from the vector's layer up (the layers below skipped; forward + backward), every validation chunk at
-    step 0, every `eval_every` steps and the last step."""
-    evals = (steps // eval_every + 1 + (steps % eval_every != 0)) if valid else 0  # 0, every eval_every, the last
-    n = len(train)  # step s trains on chunk (s - 1) % n
-    out = [Trace(rows, 1, t, 1, first=layer, backward_from=layer, count=steps // n + (i < steps % n))
-           for i, (rows, t) in enumerate(train) if steps // n + (i < steps % n)]
-    out += [Trace(rows, 1, t, 1, first=layer, count=evals) for rows, t in valid]
-    return out
-
-
-def _chunks(n: int, batch_size: int, tokens: int) -> Chunks:
-    return _batches([tokens] * n, batch_size) if n else []
-
-
-def plan_finetune(dims: Dims, n_train: int, n_valid: int, prompt_tokens: int, steps: int = 40, batch_size: int = 32,
-                  eval_every: int = 5, layer: int | None = None, quick_steps: int = 30, nbytes: int = 2,
-                  relations: int = 1, baseline: bool = False, stage: str = "finetune",
-                  datasets: list[dict[str, Chunks]] | None = None) -> Plan:
-    """`finetune --remote` (one relation; `layer=None`: the layer search's short runs at `candidate_layers` plus the
-    final run) and `bank build --remote` (`relations` jobs at one layer, each with its zero-shot baseline on whole
-    prompts in batches of 64): `ffv_session.run_jobs` on the cached-prefix path (each chunk's whole prompts once,
-    then the last token per step from the vector's layer up). `datasets` (per relation: "train", "valid", "base"
-    chunks as (rows, padded tokens)) replaces the uniform `prompt_tokens` where the real prompts are known. Back per
-    job: the vector (float32), its history and a few floats."""
-    from fv_remote.relational.ffv import candidate_layers
-
-    if datasets is None:
-        uniform = {"train": _chunks(n_train, batch_size, prompt_tokens),
-                   "valid": _chunks(n_valid, batch_size, prompt_tokens),
-                   "base": _chunks(n_valid, 64, prompt_tokens) if baseline else []}
-        datasets = [uniform] * (1 if layer is None else relations)
-    at_layers = candidate_layers(dims.n_layers) if layer is None else [layer]  # the search's, or the one layer
-    traces: list[Trace] = []
-    n_jobs = 0
-    same = Counter(id(data) for data in datasets)  # relations sharing one uniform dataset cost the same
-    for data in {id(d): d for d in datasets}.values():
-        k = same[id(data)]
-        one = [Trace(rows, t, t, 1) for rows, t in data["train"] + data["valid"]]  # each chunk's prompts once
-        if layer is None:
-            for at in at_layers:
-                one += _ffv_job_traces(at, quick_steps, data["train"], data["valid"], quick_steps)
-            at = at_layers[len(at_layers) // 2]  # the final run's layer is decided on the server; costs barely differ
-            n_jobs += k * len(at_layers)
-        else:
-            at = layer
-        one += _ffv_job_traces(at, steps, data["train"], data["valid"], eval_every)
-        one += [Trace(rows, t, t, 1) for rows, t in data.get("base", [])]
-        n_jobs += k
-        traces += [Trace(t.rows, t.tokens, t.keys, t.logits, t.first, t.backward_from, t.count * k) for t in one]
-    # per chunk: ids, mask and positions of the whole prompts and the targets; a cached-prefix chunk (all but the
-    # baseline's) also the last token's ids and positions, views that each ship their whole storage (the last
-    # token's mask is the whole prompts' own)
-    cached = sum(rows * t for data in datasets for rows, t in data["train"] + data["valid"])
-    whole = sum(rows * t for data in datasets for rows, t in data.get("base", []))
-    n_tensors = sum(6 * (len(data["train"]) + len(data["valid"])) + 4 * len(data.get("base", [])) for data in datasets)
-    sent = session_bytes(stage, dims) + 8 * (5 * cached + 3 * whole) + n_tensors * PAYLOAD_TENSOR_OVERHEAD \
-        + n_jobs * (sent_bytes(dims.d_model, 4) + 16 * steps)
-    # per job: the vector, a dict of a few floats and the history (about 30 bytes per step and per validation)
-    returned = RESULT_OVERHEAD + n_jobs * (tensor_bytes(dims.d_model, 4) + 200 + 30 * (steps + steps // eval_every))
-    handoffs = len({at - 1 for at in at_layers if at > 0})  # last-token outputs kept: the layer below each vector's
-    kv_token = 2 * dims.n_layers * dims.n_kv_heads * dims.head_dim
-    cache = nbytes * sum(rows * (kv_token * (t - 1) + handoffs * dims.d_model)
-                         for data in datasets for rows, t in data["train"] + data["valid"])
-    units = len(datasets) if stage == "bank" else n_train
-    return Plan(stage, units, "relations" if stage == "bank" else "prompts", _merge(traces), sent, returned,
-                extra_memory={"prefix_caches": cache},
-                settings={"n_train": n_train, "n_valid": n_valid, "steps": steps, "batch_size": batch_size,
-                          "eval_every": eval_every, "layer": "search" if layer is None else layer, "jobs": n_jobs,
-                          **({"relations": len(datasets)} if stage == "bank" else {})},
-                splittable=stage == "bank",
-                note="steps are an upper bound (early stopping ends sooner); every chunk's prefix KV cache stays "
-                     "on the server for the whole request (prefix_caches)")
-
-
-# `analogy.METHODS` in its order (tests/test_plan.py keeps the two equal); these mix the bank's vectors per row
-ANALOGY_METHODS = ("cfv", "no_vector", "best_ffv", "icl", "icl_qa", "icl_qa+cfv")
-MIXING_METHODS = frozenset({"cfv", "best_ffv", "icl_qa+cfv"})
-
-
-def plan_analogy(dims: Dims, n_items: int, n_bank: int, prompt_tokens: int, n_choices: int = 4,
-                 n_methods: int = len(ANALOGY_METHODS),
-                 batch_size: int = 48, nbytes: int = 2, passes: list[list[int]] | None = None) -> Plan:
-    """`analogy --remote` (multiple choice, first-token scores): the relation profile (every item's A:B with every
-    bank vector) then, per method, every item's choices; batches of `batch_size` whole prompts, logits at the last
-    token only. `passes` (per pass, each row's prompt length in tokens) replaces the uniform `prompt_tokens` where the
-    prompts are known. Back per pass: a score sum, a count and a match per row, and the CFV weights [items, bank]."""
-    traces: list[Trace] = []
-    if passes is None:  # every row prompt_tokens long: whole batches counted, not listed
-        rows = [n_items * n_bank] + [n_items * n_choices] * n_methods
-        for n in rows:
-            full, rest = divmod(n, batch_size)
-            traces += [Trace(batch_size, prompt_tokens, prompt_tokens, 1, count=full)] if full else []
-            traces += [Trace(rest, prompt_tokens, prompt_tokens, 1)] if rest else []
-        n_tokens = sum(rows) * prompt_tokens
-    else:
-        rows = [len(p) for p in passes]
-        for lengths in passes:
-            traces += [Trace(r, t, t, 1) for r, t in _batches(lengths, batch_size)]
-        n_tokens = sum(sum(p) for p in passes)
-    n_batches = sum(t.count for t in traces)
-    sent = session_bytes("analogy", dims) + n_tokens * 4 + sum(rows) * 8 * 5 + 5 * PAYLOAD_TENSOR_OVERHEAD * n_batches \
-        + sent_bytes(n_bank * dims.d_model, 4)
-    returned = RESULT_OVERHEAD + sum(tensor_bytes(n, 4) + tensor_bytes(n, 8) + tensor_bytes(n, 1) for n in rows) \
-        + tensor_bytes(n_items * n_bank, 4)
-    # rows of the profile (one bank vector each) and of the mixing methods: [rows, bank] @ [bank, d_model] per batch
-    mixed = rows[0] + sum(n for n, method in zip(rows[1:], ANALOGY_METHODS) if method in MIXING_METHODS)
-    return Plan("analogy", n_items, "items", _merge(traces), sent, returned,
-                extra_flops=2 * mixed * n_bank * dims.d_model,
-                settings={"items": n_items, "bank": n_bank, "choices": n_choices, "methods": len(rows) - 1,
-                          "batch_size": batch_size})
 
 
 def _merge(traces: list[Trace]) -> list[Trace]:
@@ -707,10 +514,12 @@ TOKENS_PER_SHOT = 7  # "Q: word\nA: word\n\n" in a Llama-style tokenizer (smollm
 QUERY_TOKENS = 5  # a zero-shot query "Q: word\nA:" (FFV training prompts)
 
 
+N_ANALOGY_METHODS = 6  # `relational.analogy.METHODS` (tests/plan/test_plan.py keeps the two equal)
+
 # The most each option may ask for (the plan of a bigger job is only a bigger number; these keep it quick to make)
 OPTION_LIMITS = {"n_prompts": 100_000, "max_copies": 1_000_000, "steps": 100_000, "n_train": 100_000,
                  "eval_every": 100_000, "relations": 10_000, "items": 100_000, "bank_size": 1_000, "choices": 100,
-                 "methods": len(ANALOGY_METHODS), "positions": 10_000, "n_shots": 10_000, "n_valid": 100_000,
+                 "methods": N_ANALOGY_METHODS, "positions": 10_000, "n_shots": 10_000, "n_valid": 100_000,
                  "prompt_tokens": 10_000_000, "batch_size": 100_000}
 
 
@@ -735,7 +544,7 @@ class StageOptions:
     items: int = 100
     bank_size: int = 10
     choices: int = 4
-    methods: int = len(ANALOGY_METHODS)
+    methods: int = N_ANALOGY_METHODS
 
     def tokens(self, shots: int | None = None) -> int:
         if self.prompt_tokens is not None:
@@ -766,32 +575,3 @@ class StageOptions:
         return self
 
 
-def stage_plan(stage: str, dims: Dims, o: StageOptions) -> tuple[Plan, Any]:
-    """(the stage's plan as one request, `rebuild(units)`: the same stage for fewer units, for splitting)."""
-    o.check()
-    nbytes = DTYPE_BYTES[o.dtype]
-    if stage == "extract":
-        def make(n: int) -> Plan:
-            return plan_extract(dims, n, o.tokens(), o.batch_size or 16, o.positions, nbytes, o.reduce)
-        return make(o.n_prompts), make
-    if stage == "cma":
-        def make(n: int) -> Plan:
-            return plan_cma(dims, n, o.tokens(), nbytes, o.max_copies)
-        return make(o.n_prompts), make
-    if stage == "finetune":
-        if o.layer is not None and not 0 <= o.layer < dims.n_layers:
-            raise UserError(f"--layer {o.layer} out of range: this model has layers 0..{dims.n_layers - 1}")
-        return plan_finetune(dims, o.n_train, o.n_valid, o.tokens(0), o.steps, o.batch_size or 32, o.eval_every,
-                             o.layer, nbytes=nbytes), None
-    if stage == "bank":
-        layer = round(0.4 * dims.n_layers) if o.layer is None else o.layer  # `bank build`'s default
-
-        def make(n: int) -> Plan:
-            return plan_finetune(dims, o.n_train, o.n_valid, o.tokens(0), o.steps, o.batch_size or 32,
-                                 o.eval_every, layer, nbytes=nbytes, relations=n, baseline=True, stage="bank")
-        return make(o.relations), make
-    if stage == "analogy":
-        def make(n: int) -> Plan:
-            return plan_analogy(dims, n, o.bank_size, o.tokens(0), o.choices, o.methods, o.batch_size or 48, nbytes)
-        return make(o.items), make
-    raise UserError(f"unknown stage {stage!r}; use one of {', '.join(STAGES)}")

@@ -41,6 +41,8 @@ from fv_remote.data import MCAnalogy, PromptTemplate
 from fv_remote.core.errors import UserError, require_positive
 from fv_remote.execution import check_shippable, executor_of, run_stage, stage_session
 from fv_remote.execution.stage import Stage, in_process
+from fv_remote.plan.cost import (DTYPE_BYTES, PAYLOAD_TENSOR_OVERHEAD, RESULT_OVERHEAD, Dims, Plan as CostPlan,
+                                  StageOptions, Trace, _batches, _merge, sent_bytes, session_bytes, tensor_bytes)
 from fv_remote.relational.ffv import trace_kwargs
 from fv_remote.models.loading import LoadedModel
 from fv_remote.core.progress import Progress
@@ -390,6 +392,12 @@ class Analogy(Stage[AnalogyPlan, tuple]):
             return _local_scores(*args, plan.progress)
         return analogy_session(*args)
 
+    def cost(self, dims: Dims, o: StageOptions) -> tuple[CostPlan, Any]:
+        def make(n: int) -> CostPlan:
+            return analogy_cost(dims, n, o.bank_size, o.tokens(0), o.choices, o.methods, o.batch_size or 48,
+                                DTYPE_BYTES[o.dtype])
+        return make(o.items), make
+
     def commit(self, plan: AnalogyPlan, outputs: tuple, progress: Any = None) -> tuple:
         return outputs  # (CFV weights [items, bank], {method: row scores}); the result is assembled by the caller
 
@@ -572,3 +580,43 @@ def train_combiner(model: LoadedModel, bank: RelationBank, items: Sequence[MCAna
     comb.meta = {"n_train": len(kept), "n_skipped": len(skipped), "steps": steps, "lr": lr, "l2": l2,
                  "items_per_step": items_per_step, "loss": history}
     return comb
+
+
+# -- the cost model: what the body costs as one request (`fv-remote plan`) ------------------------------
+
+
+
+MIXING_METHODS = frozenset({*CFV_METHODS, "best_ffv"})  # these mix the bank's vectors per row
+
+
+def analogy_cost(dims: Dims, n_items: int, n_bank: int, prompt_tokens: int, n_choices: int = 4,
+                 n_methods: int = len(METHODS),
+                 batch_size: int = 48, nbytes: int = 2, passes: list[list[int]] | None = None) -> CostPlan:
+    """`analogy --remote` (multiple choice, first-token scores): the relation profile (every item's A:B with every
+    bank vector) then, per method, every item's choices; batches of `batch_size` whole prompts, logits at the last
+    token only. `passes` (per pass, each row's prompt length in tokens) replaces the uniform `prompt_tokens` where the
+    prompts are known. Back per pass: a score sum, a count and a match per row, and the CFV weights [items, bank]."""
+    traces: list[Trace] = []
+    if passes is None:  # every row prompt_tokens long: whole batches counted, not listed
+        rows = [n_items * n_bank] + [n_items * n_choices] * n_methods
+        for n in rows:
+            full, rest = divmod(n, batch_size)
+            traces += [Trace(batch_size, prompt_tokens, prompt_tokens, 1, count=full)] if full else []
+            traces += [Trace(rest, prompt_tokens, prompt_tokens, 1)] if rest else []
+        n_tokens = sum(rows) * prompt_tokens
+    else:
+        rows = [len(p) for p in passes]
+        for lengths in passes:
+            traces += [Trace(r, t, t, 1) for r, t in _batches(lengths, batch_size)]
+        n_tokens = sum(sum(p) for p in passes)
+    n_batches = sum(t.count for t in traces)
+    sent = session_bytes(analogy_session, dims) + n_tokens * 4 + sum(rows) * 8 * 5 \
+        + 5 * PAYLOAD_TENSOR_OVERHEAD * n_batches + sent_bytes(n_bank * dims.d_model, 4)
+    returned = RESULT_OVERHEAD + sum(tensor_bytes(n, 4) + tensor_bytes(n, 8) + tensor_bytes(n, 1) for n in rows) \
+        + tensor_bytes(n_items * n_bank, 4)
+    # rows of the profile (one bank vector each) and of the mixing methods: [rows, bank] @ [bank, d_model] per batch
+    mixed = rows[0] + sum(n for n, method in zip(rows[1:], METHODS) if method in MIXING_METHODS)
+    return CostPlan("analogy", n_items, "items", _merge(traces), sent, returned,
+                extra_flops=2 * mixed * n_bank * dims.d_model,
+                settings={"items": n_items, "bank": n_bank, "choices": n_choices, "methods": len(rows) - 1,
+                          "batch_size": batch_size})

@@ -275,6 +275,17 @@ class Bank(Stage[BankPlan, RelationBank]):
                  plan.n_tasks)
         return bank
 
+    def cost(self, dims: Any, o: Any) -> tuple[Any, Any]:
+        from fv_remote.plan.cost import DTYPE_BYTES
+        from fv_remote.relational.ffv import finetune_cost
+
+        layer = round(0.4 * dims.n_layers) if o.layer is None else o.layer  # `bank build`'s default
+
+        def make(n: int) -> Any:
+            return finetune_cost(dims, o.n_train, o.n_valid, o.tokens(0), o.steps, o.batch_size or 32, o.eval_every,
+                                 layer, nbytes=DTYPE_BYTES[o.dtype], relations=n, baseline=True, stage="bank")
+        return make(o.relations), make
+
     def summary(self, plan: BankPlan, result: RelationBank) -> str:
         return f"bank {plan.path}: {len(result)} relations for {result.model}\nsee `fv-remote bank info {plan.path}`"
 

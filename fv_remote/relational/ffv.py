@@ -18,6 +18,7 @@ take it as is.
 from __future__ import annotations
 
 import copy
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,8 @@ import torch
 from fv_remote.core.errors import UserError, require_positive
 from fv_remote.execution import run_stage
 from fv_remote.execution.stage import Stage, in_process
+from fv_remote.plan.cost import (DTYPE_BYTES, PAYLOAD_TENSOR_OVERHEAD, RESULT_OVERHEAD, Dims, Plan as CostPlan,
+                                  StageOptions, Trace, _batches, _merge, sent_bytes, session_bytes, tensor_bytes)
 from fv_remote.relational.ffv_plan import (Examples, FFVRun, FinetuneResult, FinetuneSettings, SourceInfo,
                                            candidate_layers, initial_plan, quick_settings, trace_kwargs)
 from fv_remote.relational.ffv_session import Plan, ffv_run, run_jobs, source_from_info, source_info
@@ -328,6 +331,12 @@ class Finetune(Stage[FinetunePlan, FFVRun]):
             progress(s.steps, s.steps)
         return run
 
+    def cost(self, dims: Dims, o: StageOptions) -> tuple[CostPlan, Any]:
+        if o.layer is not None and not 0 <= o.layer < dims.n_layers:
+            raise UserError(f"--layer {o.layer} out of range: this model has layers 0..{dims.n_layers - 1}")
+        return finetune_cost(dims, o.n_train, o.n_valid, o.tokens(0), o.steps, o.batch_size or 32, o.eval_every,
+                             o.layer, nbytes=DTYPE_BYTES[o.dtype]), None
+
     def summary(self, plan: FinetunePlan, result: FFVRun) -> str:
         message = f"{plan.task or result.result.ffv.task}: FFV at layer {result.result.ffv.layer}" + \
             (f" saved to {plan.out}" if plan.out else "")
@@ -335,3 +344,82 @@ class Finetune(Stage[FinetunePlan, FFVRun]):
 
 
 FINETUNE = Finetune()
+
+
+# -- the cost model: what the body costs as one request (`fv-remote plan`) ------------------------------
+
+Chunks = list[tuple[int, int]]  # (rows, padded tokens) per chunk of a dataset, in order
+
+
+def _ffv_job_traces(layer: int, steps: int, train: Chunks, valid: Chunks, eval_every: int) -> list[Trace]:
+    """One fine-tuning job of `ffv_session.run_jobs` on the cached-prefix path: the last token of a training chunk
+    per step from the vector's layer up (the layers below skipped; forward + backward), every validation chunk at
+    step 0, every `eval_every` steps and the last step."""
+    evals = (steps // eval_every + 1 + (steps % eval_every != 0)) if valid else 0  # 0, every eval_every, the last
+    n = len(train)  # step s trains on chunk (s - 1) % n
+    out = [Trace(rows, 1, t, 1, first=layer, backward_from=layer, count=steps // n + (i < steps % n))
+           for i, (rows, t) in enumerate(train) if steps // n + (i < steps % n)]
+    out += [Trace(rows, 1, t, 1, first=layer, count=evals) for rows, t in valid]
+    return out
+
+
+def _chunks(n: int, batch_size: int, tokens: int) -> Chunks:
+    return _batches([tokens] * n, batch_size) if n else []
+
+
+def finetune_cost(dims: Dims, n_train: int, n_valid: int, prompt_tokens: int, steps: int = 40, batch_size: int = 32,
+                  eval_every: int = 5, layer: int | None = None, quick_steps: int = 30, nbytes: int = 2,
+                  relations: int = 1, baseline: bool = False, stage: str = "finetune",
+                  datasets: list[dict[str, Chunks]] | None = None) -> CostPlan:
+    """`finetune --remote` (one relation; `layer=None`: the layer search's short runs at `candidate_layers` plus the
+    final run) and `bank build --remote` (`relations` jobs at one layer, each with its zero-shot baseline on whole
+    prompts in batches of 64): `ffv_session.run_jobs` on the cached-prefix path (each chunk's whole prompts once,
+    then the last token per step from the vector's layer up). `datasets` (per relation: "train", "valid", "base"
+    chunks as (rows, padded tokens)) replaces the uniform `prompt_tokens` where the real prompts are known. Back per
+    job: the vector (float32), its history and a few floats."""
+    if datasets is None:
+        uniform = {"train": _chunks(n_train, batch_size, prompt_tokens),
+                   "valid": _chunks(n_valid, batch_size, prompt_tokens),
+                   "base": _chunks(n_valid, 64, prompt_tokens) if baseline else []}
+        datasets = [uniform] * (1 if layer is None else relations)
+    at_layers = candidate_layers(dims.n_layers) if layer is None else [layer]  # the search's, or the one layer
+    traces: list[Trace] = []
+    n_jobs = 0
+    same = Counter(id(data) for data in datasets)  # relations sharing one uniform dataset cost the same
+    for data in {id(d): d for d in datasets}.values():
+        k = same[id(data)]
+        one = [Trace(rows, t, t, 1) for rows, t in data["train"] + data["valid"]]  # each chunk's prompts once
+        if layer is None:
+            for at in at_layers:
+                one += _ffv_job_traces(at, quick_steps, data["train"], data["valid"], quick_steps)
+            at = at_layers[len(at_layers) // 2]  # the final run's layer is decided on the server; costs barely differ
+            n_jobs += k * len(at_layers)
+        else:
+            at = layer
+        one += _ffv_job_traces(at, steps, data["train"], data["valid"], eval_every)
+        one += [Trace(rows, t, t, 1) for rows, t in data.get("base", [])]
+        n_jobs += k
+        traces += [Trace(t.rows, t.tokens, t.keys, t.logits, t.first, t.backward_from, t.count * k) for t in one]
+    # per chunk: ids, mask and positions of the whole prompts and the targets; a cached-prefix chunk (all but the
+    # baseline's) also the last token's ids and positions, views that each ship their whole storage (the last
+    # token's mask is the whole prompts' own)
+    cached = sum(rows * t for data in datasets for rows, t in data["train"] + data["valid"])
+    whole = sum(rows * t for data in datasets for rows, t in data.get("base", []))
+    n_tensors = sum(6 * (len(data["train"]) + len(data["valid"])) + 4 * len(data.get("base", [])) for data in datasets)
+    sent = session_bytes(run_jobs, dims) + 8 * (5 * cached + 3 * whole) + n_tensors * PAYLOAD_TENSOR_OVERHEAD \
+        + n_jobs * (sent_bytes(dims.d_model, 4) + 16 * steps)
+    # per job: the vector, a dict of a few floats and the history (about 30 bytes per step and per validation)
+    returned = RESULT_OVERHEAD + n_jobs * (tensor_bytes(dims.d_model, 4) + 200 + 30 * (steps + steps // eval_every))
+    handoffs = len({at - 1 for at in at_layers if at > 0})  # last-token outputs kept: the layer below each vector's
+    kv_token = 2 * dims.n_layers * dims.n_kv_heads * dims.head_dim
+    cache = nbytes * sum(rows * (kv_token * (t - 1) + handoffs * dims.d_model)
+                         for data in datasets for rows, t in data["train"] + data["valid"])
+    units = len(datasets) if stage == "bank" else n_train
+    return CostPlan(stage, units, "relations" if stage == "bank" else "prompts", _merge(traces), sent, returned,
+                extra_memory={"prefix_caches": cache},
+                settings={"n_train": n_train, "n_valid": n_valid, "steps": steps, "batch_size": batch_size,
+                          "eval_every": eval_every, "layer": "search" if layer is None else layer, "jobs": n_jobs,
+                          **({"relations": len(datasets)} if stage == "bank" else {})},
+                splittable=stage == "bank",
+                note="steps are an upper bound (early stopping ends sooner); every chunk's prefix KV cache stays "
+                     "on the server for the whole request (prefix_caches)")

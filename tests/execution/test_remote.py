@@ -93,12 +93,13 @@ def test_trace_heads_dry_run_matches_local(local_model):
 
 def test_trace_heads_on_loopback_is_one_request_and_matches_local(local_model, remote_model, ndif):
     want = trace_heads(local_model, TEXTS, ANSWERS, positions=(-2, -1))
-    got = trace_heads(remote_model.using(NDIF()), TEXTS, ANSWERS, positions=(-2, -1))
+    executor = NDIF()
+    got = trace_heads(remote_model.using(executor), TEXTS, ANSWERS, positions=(-2, -1))
     _assert_close(want, got)
     assert ndif.n_requests == 1
-    job = ndif.jobs[0]
-    assert job.status == "COMPLETED" and R.last_job.job_id == job.id
-    assert R.last_job.payload_bytes == job.payload_bytes and R.last_job.result_bytes == job.result_bytes
+    job, record = ndif.jobs[0], executor.last  # the executor keeps a record per request it sent
+    assert job.status == "COMPLETED" and record.job_id == job.id and len(executor.records) == 1
+    assert record.payload_bytes == job.payload_bytes and record.result_bytes == job.result_bytes
     SIZES["trace_heads (3 prompts, 2 positions)"] = (job.payload_bytes, job.result_bytes)
 
 

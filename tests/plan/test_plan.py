@@ -14,6 +14,13 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from conftest import TINY_FAMILIES, make_tiny_model, run_cli
 from fv_remote.plan import cost as P
+from fv_remote.stages import stage_plan
+from fv_remote.stages import COSTED
+from fv_remote.relational.ffv import finetune_cost
+from fv_remote.relational.analogy import MIXING_METHODS
+from fv_remote.fv.extract import extract_cost
+from fv_remote.fv.cma import cma_groups
+from fv_remote.fv.cma import cma_cost
 from fv_remote.core.errors import UserError
 
 CONFIGS = Path(__file__).parents[1] / "fixtures" / "configs"
@@ -81,11 +88,11 @@ def test_cma_session_flops(tiny_llama):
     jobs = [(t, 5) for t in PROMPTS]
     dims = P.dims_from_config(tiny_llama.hf.config)
     for max_copies in (1024, 5):  # one group of all 12 heads; three groups (5, 5, 2) starting at layers 0, 1, 2
-        plan = P.plan_cma(dims, 3, lengths(tiny_llama, PROMPTS), nbytes=4, max_copies=max_copies)
+        plan = cma_cost(dims, 3, lengths(tiny_llama, PROMPTS), nbytes=4, max_copies=max_copies)
         got = {}
         flops = counted(lambda: got.setdefault("r", cma_fast_session(tiny_llama, jobs, means, max_copies=max_copies)))
         assert flops == plan.flops(dims)["total"]
-        assert len(P.cma_groups(dims, max_copies)) == (1 if max_copies == 1024 else 3)
+        assert len(cma_groups(dims, max_copies)) == (1 if max_copies == 1024 else 3)
         # bytes: a few dozen floats here, all container overhead; measured on smollm2-135m in RESULTS.md
 
 
@@ -94,7 +101,7 @@ def test_extract_flops_and_returned_bytes(tiny_llama):
 
     batches = [(PROMPTS[:2], [5, 6]), (PROMPTS[2:], [7])]
     dims = P.dims_from_config(tiny_llama.hf.config)
-    plan = P.plan_extract(dims, 3, lengths(tiny_llama, PROMPTS), batch_size=2, n_positions=2, nbytes=4)
+    plan = extract_cost(dims, 3, lengths(tiny_llama, PROMPTS), batch_size=2, n_positions=2, nbytes=4)
     outs = {}
     flops = counted(lambda: outs.setdefault("o", trace_heads_batches(tiny_llama, batches, (-2, -1))))
     assert flops == plan.flops(dims)["total"]
@@ -113,7 +120,7 @@ def test_finetune_session_flops_forward_and_backward(tiny_llama):
     valid = Examples(texts[:2], torch.tensor([3, 4]))
     s = FinetuneSettings(steps=4, batch_size=2, eval_every=2, patience=10)
     dims = P.dims_from_config(tiny_llama.hf.config)
-    plan = P.plan_finetune(dims, 4, 2, t, s.steps, s.batch_size, s.eval_every, layer=1, nbytes=4)
+    plan = finetune_cost(dims, 4, 2, t, s.steps, s.batch_size, s.eval_every, layer=1, nbytes=4)
     v0 = torch.randn(dims.d_model, generator=torch.Generator().manual_seed(0))
     flops = counted(lambda: finetune(tiny_llama, train, valid, v0, 1, s))
     assert flops == plan.flops(dims)["total"]
@@ -122,7 +129,7 @@ def test_finetune_session_flops_forward_and_backward(tiny_llama):
 
 def test_split_fits_and_covers_every_prompt():
     dims = P.dims_from_config(P.load_config("x", str(CONFIGS / "Llama-3.1-405B.json")))
-    plan, rebuild = P.stage_plan("cma", dims, P.StageOptions(n_prompts=100))
+    plan, rebuild = stage_plan("cma", dims, P.StageOptions(n_prompts=100))
     server = P.Server()
     est = P.estimate(plan, dims, server, 2, rebuild)
     assert not est.fits and any("execution" in w for w in est.warnings)
@@ -137,9 +144,9 @@ def test_split_fits_and_covers_every_prompt():
 
 def test_extract_reduction_what_if_shrinks_the_result():
     dims = P.dims_from_config(P.load_config("x", LLAMA70))
-    full = P.plan_extract(dims, 100, 75, nbytes=4)
-    half = P.plan_extract(dims, 100, 75, nbytes=4, reduce="float16")
-    mean = P.plan_extract(dims, 100, 75, nbytes=4, reduce="mean")
+    full = extract_cost(dims, 100, 75, nbytes=4)
+    half = extract_cost(dims, 100, 75, nbytes=4, reduce="float16")
+    mean = extract_cost(dims, 100, 75, nbytes=4, reduce="mean")
     per_prompt = 80 * 64 * 128 * 4  # the issue's 2.6 MB per prompt and position
     assert abs(full.returned_bytes - 100 * per_prompt) < 0.01 * full.returned_bytes
     assert abs(half.returned_bytes - full.returned_bytes / 2) < 0.01 * full.returned_bytes
@@ -188,8 +195,8 @@ def test_plan_needs_no_weights_for_every_supported_family(tiny_tokenizer, tmp_pa
         config = tiny_config(family, 300)
         config.save_pretrained(tmp_path / family)
         dims = P.dims_from_config(P.load_config("x", str(tmp_path / family)))
-        for stage in P.STAGES:
-            plan, _ = P.stage_plan(stage, dims, P.StageOptions(n_prompts=3, n_train=4, n_valid=2, steps=2,
+        for stage in COSTED:
+            plan, _ = stage_plan(stage, dims, P.StageOptions(n_prompts=3, n_train=4, n_valid=2, steps=2,
                                                                 relations=2, items=2, bank_size=2, layer=1))
             assert plan.flops(dims)["total"] > 0
 
@@ -254,7 +261,7 @@ def test_analogy_plan_knows_the_stage_methods():
     added there too."""
     from fv_remote.relational.analogy import METHODS
 
-    assert P.ANALOGY_METHODS == METHODS and P.MIXING_METHODS <= set(METHODS)
+    assert P.N_ANALOGY_METHODS == len(METHODS) and MIXING_METHODS <= set(METHODS)
 
 
 def test_planned_requests_are_what_the_loopback_server_receives(local, remote_model, server, hub_cache, monkeypatch):
@@ -274,11 +281,11 @@ def test_planned_requests_are_what_the_loopback_server_receives(local, remote_mo
     train, valid = Examples(texts, torch.tensor([3, 4, 5, 6])), Examples(texts[:2], torch.tensor([3, 4]))
     s = FinetuneSettings(steps=4, batch_size=2, eval_every=2, patience=10)
     stages = {
-        "extract": (P.plan_extract(dims, 3, lengths(local, PROMPTS), batch_size=2, nbytes=4),
+        "extract": (extract_cost(dims, 3, lengths(local, PROMPTS), batch_size=2, nbytes=4),
                     lambda: trace_heads_batches(remote_model, [(PROMPTS[:2], [5, 6]), (PROMPTS[2:], [7])])),
-        "cma": (P.plan_cma(dims, 3, lengths(local, PROMPTS), nbytes=4),
+        "cma": (cma_cost(dims, 3, lengths(local, PROMPTS), nbytes=4),
                 lambda: cma_fast_session(remote_model.using(NDIF()), [(t, 5) for t in PROMPTS], means)),
-        "finetune": (P.plan_finetune(dims, 4, 2, lengths(local, texts)[0], s.steps, s.batch_size, s.eval_every,
+        "finetune": (finetune_cost(dims, 4, 2, lengths(local, texts)[0], s.steps, s.batch_size, s.eval_every,
                                      layer=1, nbytes=4),
                      lambda: finetune(remote_model.using(NDIF()), train, valid, torch.randn(dims.d_model, generator=gen), 1,
                                              s))}

@@ -163,7 +163,7 @@ def test_helpers_must_be_registered_to_ship(remote_model, ndif):
 
 def _trace_importing_os(model, remote):
     site = model.adapter.head_site(model.lm, 0)
-    with model.lm.trace("Q: up\nA:", **R.trace_options(model, remote)):
+    with model.lm.trace("Q: up\nA:", **R.trace_options(model.using(R.resolve(remote)))):
         import os as forbidden
 
         width = nnsight.save(site.input.shape[-1] + len(forbidden.sep))
@@ -185,7 +185,7 @@ def test_forbidden_module_in_payload_is_refused(remote_model, ndif):
 
     lm = remote_model.lm
     with pytest.raises(UserError, match="subprocess is not whitelisted"):
-        with lm.trace("Q: up\nA:", **R.trace_options(remote_model, True)):
+        with lm.trace("Q: up\nA:", **R.trace_options(remote_model.using(R.NDIF()))):
             out = lm.output.logits.save()
             subprocess.run(["true"])
     assert ndif.n_requests == 1

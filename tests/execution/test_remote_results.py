@@ -67,12 +67,12 @@ def test_a_leftover_saved_value_is_caught(h):
     the job reports them as left bound."""
     import nnsight
 
-    from fv_remote.execution import stage_session
+    from fv_remote.execution import NDIF, stage_session
 
     h.server.reset()
     lm = h.remote.lm
     ids = torch.tensor([[1, 2, 3]])
-    with stage_session(h.remote, True):
+    with stage_session(h.remote.using(NDIF())):
         with lm.trace(input_ids=ids, use_cache=True):
             cache = lm.output.past_key_values.save()
             logits = lm.output.logits[:, -1].save()

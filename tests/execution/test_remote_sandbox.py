@@ -150,7 +150,7 @@ def test_extract_cma_steer_sandboxed(local, remote_model, means_aie, fv, prepare
 
 def _read_weight(model):
     site = model.adapter.head_site(model.lm, 0)
-    with R.stage_session(model, True):
+    with R.stage_session(model.using(R.NDIF())):
         total = site.weight.float().sum().item()
         total = nnsight.save(total)
     return total
@@ -174,7 +174,7 @@ def test_module_call_outside_a_trace_fails_sandboxed(remote_model, ndif):
     """What `project_heads` used to do: call the head site in the session body, where the runner has no weights."""
     site, width = remote_model.adapter.head_site(remote_model.lm, 0), remote_model.adapter.head_width
     with pytest.raises(UserError, match="outside a trace"):
-        with R.stage_session(remote_model, True):
+        with R.stage_session(remote_model.using(R.NDIF())):
             out = site(torch.zeros(1, width)).sum().item()
             out = nnsight.save(out)
     assert ndif.jobs[-1].sandboxed
@@ -185,7 +185,7 @@ def _add_and_backward(model):
     ad, lm = model.adapter, model.lm
     layer, unembed, is_tuple, d = ad.layer(lm, 1), ad.unembed(lm), ad.layer_output_is_tuple, ad.d_model
     ids = torch.tensor([[1, 2, 3, 4]])
-    with R.stage_session(model, True):
+    with R.stage_session(model.using(R.NDIF())):
         vector = torch.zeros(d, requires_grad=True)
         with lm.trace(input_ids=ids):
             add_to_residual(layer, is_tuple, vector)
@@ -210,12 +210,12 @@ def test_ffv_session_refuses_when_sandboxed(remote_model, prepared, ndif):
     """FFV training in one session (`ffv_session.run_jobs`): sandboxed, the vector never gets a gradient, and the
     session says so instead of returning the untrained initial vector (what the real NDIF sandbox led to)."""
     from fv_remote.relational.ffv import FinetuneSettings, examples
-    from fv_remote.relational.ffv_session import Plan
+    from fv_remote.relational.ffv_session import Plan, run_jobs
 
     plan = Plan(remote_model)
     s = FinetuneSettings(steps=2, lr=0.2, batch_size=4, eval_every=2, patience=4, l2=0.0)
     train = plan.data(examples(prepared, "train", 8), s.batch_size)
     plan.job(s, train, None, 1, torch.ones(remote_model.adapter.d_model))
     with pytest.raises(UserError, match="no gradient reached the steering vector"):
-        plan.run(True)
+        run_jobs(remote_model.using(R.NDIF()), plan.datasets, plan.jobs)
     assert ndif.jobs[-1].sandboxed

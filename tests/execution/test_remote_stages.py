@@ -266,7 +266,7 @@ def test_no_wait_extract_then_fetch(local, toy_dir, ndif, tmp_path):
     job_id = ndif.jobs[0].id
     assert f"job {job_id}" in result.output.splitlines()  # its own line: scripts read it (no status line before)
     assert ActivationStore(url).n_complete("toy") == 0  # nothing stored before the fetch
-    assert json.loads((tmp_path / "jobs" / f"{job_id}.json").read_text())["details"]["starts"] == [0, 4]
+    assert json.loads((tmp_path / "jobs" / f"{job_id}.json").read_text())["plan"]["starts"] == [0, 4]
     _wait_done(ndif)
     result = _cli("jobs", "status", job_id)
     assert result.exit_code == 0 and "COMPLETED" in result.output, result.output

@@ -410,7 +410,7 @@ def test_server_error_names_the_job(stack, monkeypatch):
     model = R.load_remote_model(TINY_REPO, cache_dir=str(stack.hub))
     before = len(stack.requests())
     with pytest.raises(UserError) as info:
-        with R.stage_session(model, True):
+        with R.stage_session(model.using(R.NDIF())):
             with model.lm.trace("Q: hot\nA:"):
                 hidden = model.lm.model.layers[0].output
                 broken = nnsight.save(hidden[:, :, 10_000])  # the server's tensor has 64 features

@@ -11,7 +11,7 @@ DEMO_TASKS ?= present-past singular-plural capitalize country-capital
 export HF_HUB_OFFLINE ?= 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup model demo test lint test-fast test-ndif ndif-env test-llamacpp bench clean
+.PHONY: setup model demo test lint test-fast test-ndif ndif-env test-llamacpp bench clean import-graph docs notebooks
 
 setup: $(STAMP)
 
@@ -33,7 +33,7 @@ test: model lint
 	@$(PY) -m pytest -q -m "not ndif"
 
 lint: setup
-	@$(PY) -m ruff check fv_remote cli traces examples
+	@$(PY) -m ruff check fv_remote cli traces examples tools tests/test_import_graph.py tests/test_api_docs.py
 	@$(PY) -m mypy
 
 test-fast: setup
@@ -58,6 +58,19 @@ test-llamacpp: model
 	@test -f $(LLAMACPP_VENV)/.llamacpp-installed
 	@test -f $(DEMO_OUT)/present-past.fv.safetensors || $(FV) run present-past --model $(MODEL) --out $(DEMO_OUT)
 	@$(PY) benchmarks/llamacpp_check.py --fv $(DEMO_OUT)/present-past.fv.safetensors --venv $(LLAMACPP_VENV)
+
+# The subpackages' import graph (docs/import_graph.svg) and its report: longest chain, cycles, imports against the
+# layer order declared in tools/import_graph.py (exit 1 on one that is not allowlisted there). grimp + matplotlib.
+import-graph: setup
+	@$(PY) tools/import_graph.py --out docs/import_graph.svg
+
+# docs/API.md from the docstrings of fv_remote.__all__ (a test checks it is current), and the import graph.
+docs: import-graph
+	@$(PY) tools/api_docs.py --out docs/API.md
+
+# Run examples/*.ipynb top to bottom with nbclient (offline, on smollm2-135m); outputs are not written back.
+notebooks: model
+	@$(PY) tools/run_notebooks.py examples/*.ipynb
 
 bench: model
 	@for b in benchmarks/bench_*.py; do $(PY) $$b || exit 1; done

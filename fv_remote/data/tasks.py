@@ -13,6 +13,9 @@ MAX_PROMPTS = 100_000
 
 @dataclass
 class PreparedTask:
+    """A task prepared for one tokenizer (`prepare_task`): usable pairs, their answer tokens, seeded splits and a
+    prompt factory."""
+
     task: RelationTask
     splits: Splits
     answer_token: dict[str, int]  # answer string -> id of its first token after the query
@@ -49,6 +52,8 @@ class PreparedTask:
 
 def prepare_task(tokenizer, task: RelationTask, seed: int = 0, template: PromptTemplate | None = None,
                  min_pairs: int = 2) -> PreparedTask:
+    """The pairs whose answer has a usable first token under `tokenizer`, split by `seed`; refused with fewer than
+    `min_pairs` (the left-out pairs are in `problems`)."""
     template = template or PromptTemplate()
     kept, ids, problems = resolve_answers(tokenizer, task.pairs, template)
     if len(kept) < min_pairs:

@@ -25,6 +25,8 @@ ProgressFactory = Callable[[str, int], Any]
 
 @dataclass
 class PipelineSettings:
+    """The sizes `run_task` uses for each stage (Todd et al.'s defaults): prompts, shots, top heads, seed."""
+
     n_prompts: int = 100  # clean prompts for the mean activations
     n_cma_prompts: int = 25  # corrupted prompts for the AIE
     n_shots: int = 10

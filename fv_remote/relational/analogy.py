@@ -56,6 +56,9 @@ SCORES = ("first", "mean")
 
 @dataclass
 class AnalogySettings:
+    """How `run_analogies` scores items: multiple choice (`mode`), the relation profile's softmax temperature, the
+    answer score, the CFV's scale, the ICL prompt formats and the bootstrap for the intervals."""
+
     mode: str = "mc"
     temperature: float = 1.0
     score: str = "first"  # "first": log P(first token of D); "mean": mean log-prob over D's tokens

@@ -46,6 +46,8 @@ class BankEntry:
 
 @dataclass
 class RelationBank:
+    """FFVs of one model, one entry per relation, in one safetensors file (`save`/`load`; `build_bank` fills it)."""
+
     model: str
     entries: list[BankEntry] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)

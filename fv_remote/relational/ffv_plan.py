@@ -22,6 +22,8 @@ INITS = ("fv", "zero", "random")
 
 @dataclass
 class FinetuneSettings:
+    """Fine-tuning an FFV: Adam with a cosine schedule, validation every `eval_every` steps and early stopping."""
+
     steps: int = 40  # optimiser steps at most (early stopping may end sooner)
     lr: float = 0.2  # peak Adam learning rate; cosine-decayed to lr * min_lr_ratio
     min_lr_ratio: float = 0.05

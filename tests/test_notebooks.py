@@ -1,0 +1,61 @@
+"""examples/*.ipynb: committed without outputs, the executor chosen on marked lines only, and (integration, ~2 min
+on 2 cores) each runs top to bottom offline on smollm2-135m, as `make notebooks` runs them."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted((ROOT / "examples").glob("*.ipynb"))
+MARK = "remote=:"  # the comment that marks the line choosing an executor (to change when stages lose `remote=`)
+
+
+def _runner():
+    spec = importlib.util.spec_from_file_location("fv_remote_run_notebooks", ROOT / "tools" / "run_notebooks.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _code_cells(path: Path) -> list[str]:
+    import nbformat
+
+    return [c.source for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code"]
+
+
+def test_the_notebooks_are_there():
+    assert {p.name for p in NOTEBOOKS} >= {"quickstart.ipynb", "relational.ipynb", "remote_70b.ipynb"}
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_committed_without_outputs(path):
+    import nbformat
+
+    nb = nbformat.read(path, as_version=4)
+    nbformat.validate(nb)
+    stored = [i for i, c in enumerate(nb.cells) if c.cell_type == "code" and (c.outputs or c.execution_count)]
+    assert not stored, f"{path.name}: cells {stored} hold outputs (clear them: tools/run_notebooks.py --strip)"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_the_executor_is_chosen_on_marked_lines_only(path):
+    uses = re.compile(r"\bremote\s*=(?!=)|[\"']remote[\"']\s*:")
+    for source in _code_cells(path):
+        lines = source.splitlines()
+        for i, line in enumerate(lines):
+            if uses.search(line.split("#")[0]):
+                assert MARK in line or (i and MARK in lines[i - 1]), f"{path.name}: unmarked executor: {line!r}"
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_runs_top_to_bottom(path, tmp_path):
+    seconds = _runner().run(path, keep=tmp_path)
+    print(f"{path.name}: {seconds:.0f} s")

@@ -64,9 +64,11 @@ test-llamacpp: model
 import-graph: setup
 	@$(PY) tools/import_graph.py --out docs/import_graph.svg
 
-# docs/API.md from the docstrings of fv_remote.__all__ (a test checks it is current), and the import graph.
+# docs/API.md from the docstrings of fv_remote.__all__, ARCHITECTURE.md's stage table from the stage registry (tests
+# check both are current), and the import graph.
 docs: import-graph
 	@$(PY) tools/api_docs.py --out docs/API.md
+	@$(PY) tools/stage_table.py
 
 # Run examples/*.ipynb top to bottom with nbclient (offline, on smollm2-135m); outputs are not written back.
 notebooks: model

@@ -8,7 +8,7 @@ import importlib
 import warnings
 from typing import Any
 
-__version__ = "0.1.0"
+from fv_remote.core.version import __version__  # noqa: E402,F401 - the package's version
 
 # transformers 5.2x renamed the forward's `past_key_values` to `cache` and warns on every cached-prefix forward
 # (thousands per CMA run). The old name still works there, and is the only one older releases and NDIF's servers

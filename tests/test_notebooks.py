@@ -1,5 +1,5 @@
-"""examples/*.ipynb: committed without outputs, the executor chosen on marked lines only, and (integration, ~2 min
-on 2 cores) each runs top to bottom offline on smollm2-135m, as `make notebooks` runs them."""
+"""examples/*.ipynb: committed without outputs, no `remote=` argument (the executor travels with the model),
+and (integration, ~2 min on 2 cores) each runs top to bottom offline on smollm2-135m, as `make notebooks` runs them."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "examples").glob("*.ipynb"))
-MARK = "remote=:"  # the comment that marks the line choosing an executor (to change when stages lose `remote=`)
 
 
 def _runner():
@@ -45,13 +44,12 @@ def test_committed_without_outputs(path):
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
-def test_the_executor_is_chosen_on_marked_lines_only(path):
+def test_no_stage_call_takes_a_remote_argument(path):
+    """The executor travels with the model (`model.using(...)`): no notebook passes `remote=` to a stage."""
     uses = re.compile(r"\bremote\s*=(?!=)|[\"']remote[\"']\s*:")
     for source in _code_cells(path):
-        lines = source.splitlines()
-        for i, line in enumerate(lines):
-            if uses.search(line.split("#")[0]):
-                assert MARK in line or (i and MARK in lines[i - 1]), f"{path.name}: unmarked executor: {line!r}"
+        for line in source.splitlines():
+            assert not uses.search(line.split("#")[0]), f"{path.name}: {line!r}"
 
 
 @pytest.mark.integration

@@ -10,6 +10,7 @@ or submitted to NDIF without waiting. One job per module:
 | `shipping` | `fv_remote.traces` shipped by source; `check_shippable` for what a body reads |
 | `backend` | nnsight's RemoteBackend with time limit, one-line errors, size records, submit-only (`JobSubmitted`) |
 | `polling` | one look at a submitted job (`poll_job`) and the values it saved |
+| `messages` | one-line texts of NDIF's errors |
 | `hosted` | weightless local copies of NDIF-hosted models |
 | `service` | NDIF's `/status` (hosted models) and `/env` (version check) |
 """
@@ -18,9 +19,9 @@ from __future__ import annotations
 
 from fv_remote.execution.backend import JobRecord, JobSubmitted, make_backend
 from fv_remote.execution.config import api_key, host, sandboxed, timeout_s
-from fv_remote.execution.executor import (NDIF, DryRun, Executor, Local, Target, executor_of, resolve, run_stage,
-                                          stage_session, trace_options)
-from fv_remote.execution.hosted import load_remote_model, remote_repo_id
+from fv_remote.execution.executor import (NDIF, DryRun, Executor, Local, Target, executor_of, load_remote_model,
+                                          resolve, run_stage, stage_session, trace_options)
+from fv_remote.execution.hosted import remote_repo_id
 from fv_remote.execution.polling import PollResult, poll_job
 from fv_remote.execution.service import ServiceStatus, VersionCheck, check, status
 from fv_remote.execution.shipping import check_shippable, register_traces

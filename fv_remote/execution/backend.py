@@ -10,6 +10,7 @@ from typing import Any
 
 from fv_remote.core.errors import UserError
 from fv_remote.execution.config import api_key, host, sandboxed, timeout_s
+from fv_remote.execution.messages import _detail, _summary
 
 
 @dataclass
@@ -39,24 +40,6 @@ class JobSubmitted(Exception):
         self.model_key = model_key
         self.job: Any = None
         super().__init__(f"submitted NDIF job {record.job_id}")
-
-
-def _summary(description: str) -> str:
-    """The last meaningful line of a server traceback ("ValueError: ..."), for one-line errors."""
-    lines = [line.strip() for line in (description or "").strip().splitlines() if line.strip()]
-    return lines[-1] if lines else "no description"
-
-
-def _detail(body: Any) -> str:
-    """The `detail` of a FastAPI-style JSON error body, else the body as text."""
-    if not body:
-        return ""
-    text = body.decode(errors="replace") if isinstance(body, (bytes, bytearray)) else str(body)
-    try:
-        parsed = json.loads(text)
-    except ValueError:
-        return text.strip()[:200]
-    return str(parsed.get("detail", parsed)) if isinstance(parsed, dict) else str(parsed)
 
 
 def _backend_class() -> type:

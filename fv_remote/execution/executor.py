@@ -146,6 +146,11 @@ def resolve(target: Target) -> Executor:
                     f"got {target!r}")
 
 
+def load_remote_model(repo_id: str, revision: str | None = None, **kwargs: Any) -> LoadedModel:
+    """A weightless local copy of an NDIF-hosted model (`hosted.load_remote_model`), its stages bound to `NDIF()`."""
+    return hosted.load_remote_model(repo_id, revision, **kwargs).using(NDIF())
+
+
 def run_stage(stage: Stage, model: Any, plan: Any, progress: Any = None) -> Any:
     """`stage` on `model`, where the model's executor runs it (see `Executor.run`)."""
     return executor_of(model).run(stage, model, plan, progress)
@@ -175,5 +180,5 @@ def trace_options(model: Any) -> dict[str, Any]:
     return executor_of(model).session_options(model) or {}
 
 
-__all__ = ["NDIF", "DryRun", "Executor", "JobSubmitted", "Local", "Target", "executor_of", "resolve", "run_stage",
-           "stage_session", "trace_options"]
+__all__ = ["NDIF", "DryRun", "Executor", "JobSubmitted", "Local", "Target", "executor_of", "load_remote_model",
+           "resolve", "run_stage", "stage_session", "trace_options"]

@@ -67,14 +67,7 @@ def load_remote_model(repo_id: str, revision: str | None = None, cache_dir: str 
     hf = lm._module
     adapter = Adapter.from_model(hf)
     return LoadedModel(name=repo_id, lm=lm, hf=hf, tokenizer=lm.tokenizer, adapter=adapter, source="ndif",
-                       revision=revision or "", info={"hub_repo": repo_id, "remote": True}, executor=_ndif())
-
-
-def _ndif() -> Any:
-    """A weightless model's stages run on NDIF unless rebound (`model.using(...)`)."""
-    from fv_remote.execution.executor import NDIF
-
-    return NDIF()
+                       revision=revision or "", info={"hub_repo": repo_id, "remote": True})
 
 
 def remote_repo_id(name: str) -> str:

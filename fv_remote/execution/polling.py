@@ -6,8 +6,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from fv_remote.core.errors import UserError
-from fv_remote.execution.backend import _detail, _summary
 from fv_remote.execution.config import api_key, host
+from fv_remote.execution.messages import _detail, _summary
 
 
 @dataclass

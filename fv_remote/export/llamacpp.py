@@ -34,23 +34,12 @@ import numpy as np
 import torch
 
 from fv_remote.core.errors import UserError
-from fv_remote.fv.vectors import FunctionVector
+from fv_remote.fv.vectors import DIRECTIONS_META, FunctionVector, directions
 
 ARCH = "controlvector"
 LAYER_RULE = ("direction.L is added to the output of transformer block L (0-based; Hugging Face model.layers[L], "
               "hidden_states[L+1]), after its MLP's residual add, at every position; fv-remote's layer L is the same "
               "place, so the index is unchanged. llama.cpp has no direction for layer 0.")
-DIRECTIONS_META = "directions"
-
-
-def directions(fv: FunctionVector) -> dict[int, torch.Tensor]:
-    """{layer: vector} of a vector: its own layer, plus any further layers of an imported control vector."""
-    found = {int(fv.layer): fv.vector}
-    extra = fv.meta.get(DIRECTIONS_META) if isinstance(fv.meta, dict) else None
-    if isinstance(extra, dict):
-        for layer, values in extra.items():
-            found[int(layer)] = torch.tensor(values, dtype=torch.float32)
-    return found
 
 
 @dataclass
@@ -175,7 +164,7 @@ def write_control_vector(path: str | Path, export: Export, model: Any, scale: fl
     the scale to use goes in the note and in `fv_remote.scale` (llama.cpp: --control-vector-scaled FILE SCALE)."""
     import gguf
 
-    from fv_remote import __version__
+    from fv_remote.core.version import __version__
 
     check_fits(export, model)
     from fv_remote.core.checks import atomic_save

@@ -23,7 +23,7 @@ from fv_remote.core.errors import UserError, require_positive
 from fv_remote.execution import check_shippable, executor_of, stage_session
 from fv_remote.models.loading import LoadedModel
 from fv_remote.traces.patching import apply_edits, last_token_value, top_probs
-from fv_remote.fv.vectors import FunctionVector
+from fv_remote.fv.vectors import FunctionVector, directions
 
 POSITIONS = ("last", "all")
 
@@ -65,8 +65,6 @@ class Steer:
 
     def describe(self, model: LoadedModel) -> str:
         """e.g. "layer 12, positions all, scale 4" (for tables and messages)."""
-        from fv_remote.export.llamacpp import directions
-
         layers = sorted(directions(self.fv)) if self.layer is None and not self.distributed else []
         if self.distributed:
             where = "distributed over its heads"
@@ -84,8 +82,6 @@ def steer_edits(model: LoadedModel, steer: Steer | None) -> list[tuple]:
     """
     if steer is None:
         return []
-    from fv_remote.export.llamacpp import directions
-
     ad, lm = model.adapter, model.lm
     every = check_positions(steer.positions, "positions") == "all"
     if steer.distributed:

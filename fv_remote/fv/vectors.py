@@ -19,9 +19,9 @@ import torch
 import xarray as xr
 from safetensors.torch import save_file
 
-from fv_remote import __version__
+from fv_remote.core.version import __version__
 from fv_remote.core.errors import UserError
-from fv_remote.execution import executor_of, stage_session
+from fv_remote.execution.executor import executor_of, stage_session
 from fv_remote.models.loading import LoadedModel
 
 Heads = list[tuple[int, int]]
@@ -105,6 +105,9 @@ def head_vectors(model: LoadedModel, means: torch.Tensor, heads: Heads) -> torch
         if session:
             vecs = nnsight.save(vecs)
     return vecs
+
+
+DIRECTIONS_META = "directions"  # meta key of an imported control vector's further layers: {layer: list of floats}
 
 
 @dataclass
@@ -203,3 +206,13 @@ def assemble_function_vector(model: LoadedModel, task: str, means: torch.Tensor,
     info = {"aie": [round(a, 6) for _, _, a in ranked], **(meta or {})}
     return FunctionVector(vector=vecs.sum(0), model=model.model_id, task=task, layer=layer, heads=heads,
                           head_means=head_means, head_vectors=vecs, meta=info)
+
+
+def directions(fv: FunctionVector) -> dict[int, torch.Tensor]:
+    """{layer: vector} of a vector: its own layer, plus any further layers of an imported control vector."""
+    found = {int(fv.layer): fv.vector}
+    extra = fv.meta.get(DIRECTIONS_META) if isinstance(fv.meta, dict) else None
+    if isinstance(extra, dict):
+        for layer, values in extra.items():
+            found[int(layer)] = torch.tensor(values, dtype=torch.float32)
+    return found

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from fv_remote import __version__
+from fv_remote.core.version import __version__
 from fv_remote.core.checks import note_kept
 from fv_remote.data import RelationTask
 from fv_remote.core.errors import UserError, did_you_mean

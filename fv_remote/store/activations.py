@@ -27,7 +27,7 @@ import numpy as np
 import xarray as xr
 import zarr
 
-from fv_remote import __version__
+from fv_remote.core.version import __version__
 from fv_remote.core.checks import note_kept
 from fv_remote.core.errors import UserError, os_error_message
 from fv_remote.store.integrity import BOOKKEEPING, STORE_IDENTITY_KEYS, describe_rows

@@ -38,22 +38,25 @@ def _files(folder: Path) -> list[str]:
 
 # --- 1. a kept result equal to its initialisation ------------------------------------------------------------------
 
-def _finetune(env, out: Path, *extra: str):
-    return invoke("finetune", "-t", env["task"], "-m", env["folder"], "--init", "zero", "--layer", "1",
-                  "--lr", "1e4", "--steps", "4", "--n-train", "8", "--n-valid", "6", "--no-evaluate", "-o", out,
+def _finetune(out: Path, *extra: str):
+    """The issue's case: smollm2-135m from zeros with a learning rate far too large keeps step 0."""
+    return invoke("finetune", "-t", "antonym", "-m", "smollm2-135m", "--init", "zero", "--layer", "9",
+                  "--lr", "1e6", "--steps", "10", "--n-train", "8", "--n-valid", "8", "--no-evaluate", "-o", out,
                   *extra)
 
 
-def test_finetune_that_keeps_its_start_is_refused(env, tmp_path):
+@pytest.mark.integration
+def test_finetune_that_keeps_its_start_is_refused(tmp_path):
     out = tmp_path / "z.ffv.safetensors"
-    line = one_error_line(_finetune(env, out), "starting vector", "--lr", "--allow-unchanged")
+    line = one_error_line(_finetune(out), "starting vector", "--lr", "--allow-unchanged")
     assert "nothing was saved" in line
     assert _files(tmp_path) == []  # neither the FFV nor its loss curve
 
 
-def test_finetune_allow_unchanged_keeps_the_baseline_and_says_so(env, tmp_path):
+@pytest.mark.integration
+def test_finetune_allow_unchanged_keeps_the_baseline_and_says_so(tmp_path):
     out = tmp_path / "z.ffv.safetensors"
-    res = _finetune(env, out, "--allow-unchanged")
+    res = _finetune(out, "--allow-unchanged")
     assert res.code == 0, res.describe()
     assert out.is_file() and "its starting vector" in res.stdout
     from fv_remote.fv.vectors import FunctionVector
@@ -62,13 +65,22 @@ def test_finetune_allow_unchanged_keeps_the_baseline_and_says_so(env, tmp_path):
     assert ffv.meta["unchanged"] is True and float(ffv.vector.abs().max()) == 0.0
 
 
+def test_finetune_within_float_noise_of_its_start_is_refused(env, tmp_path):
+    """A learning rate so small that the kept vector differs from the random start by float noise only."""
+    res = invoke("finetune", "-t", env["task"], "-m", env["folder"], "--init", "random", "--layer", "1",
+                 "--lr", "1e-7", "--steps", "4", "--n-train", "8", "--n-valid", "6", "--no-evaluate", "-o",
+                 tmp_path / "z.ffv.safetensors")
+    one_error_line(res, "starting vector", "--allow-unchanged")
+    assert _files(tmp_path) == []
+
+
 def test_bank_build_refuses_an_unchanged_entry_and_keeps_the_rest(env, tmp_path):
     out = tmp_path / "b.safetensors"
     common = ("bank", "build", "-m", env["folder"], "--layer", "1", "--steps", "4", "--n-train", "8", "--n-valid",
               "6", "--out", out)
     first = invoke(*common, "--data", env["task2"], "--lr", "0.5")
     assert first.code == 0, first.describe()
-    res = invoke(*common, "--data", env["task2"], "--data", env["task"], "--lr", "1e4")
+    res = invoke(*common, "--data", env["task2"], "--data", env["task"], "--lr", "1e-9")
     assert res.code == 0, res.describe()
     assert "toy: skipped" in res.stderr and "starting vector" in res.stderr and "--allow-unchanged" in res.stderr
     from fv_remote.relational.bank import RelationBank

@@ -67,8 +67,8 @@ def export(
     require_finite_option("--temperature", temperature)
     if not str(output).endswith(".gguf"):
         raise UserError(f"--out {output}: a control vector is a .gguf file; name it e.g. {output}.gguf")
-    check_output_path(output, "--out")
-    check_output_path(ex.sidecar_path(output), "--out (its sidecar note)")
+    check_output_path(output, "--out", "gguf")
+    check_output_path(ex.sidecar_path(output), "--out (its sidecar note)", "json")
 
     loaded = load_stage(model, executor(remote))
     if fv_path is not None:
@@ -138,7 +138,7 @@ def import_(
     from fv_remote.export import llamacpp as ex
     from fv_remote.core.checks import atomic_save
 
-    check_output_path(output, "--out")
+    check_output_path(output, "--out", "fv")
     loaded = load_stage(model, executor(remote))
     vec = ex.import_control_vector(path, loaded, task)
     saved = atomic_save(vec.save, output, "vector")

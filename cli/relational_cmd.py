@@ -110,7 +110,7 @@ def finetune(
     require_positive("--n-train", n_train)
     ex = executor(remote, no_wait)
     for flag, path in (("--out", out_path), ("--plot", plot), ("--json", json_path)):
-        check_output_path(path, flag)
+        check_output_path(path, flag, "fv" if flag == "--out" else None)
     settings = _settings(steps, lr, l2, patience, batch_size, seed, allow_unchanged)
     layer_opt = _layer_option(layer)
     source = FunctionVector.load(fv) if fv is not None else None
@@ -258,7 +258,7 @@ def bank_build(
     from fv_remote.data import list_tasks, load_task
 
     ex = executor(remote, no_wait)
-    check_output_path(out_path, "--out")
+    check_output_path(out_path, "--out", "bank")
     settings = _settings(steps, lr, l2, patience, batch_size, seed, allow_unchanged)
     if preset or data_root or semeval or todd or bats:
         if remote or tasks or data or init != "zero":
@@ -379,7 +379,7 @@ def bank_map_cmd(
     from fv_remote.relational.bank import RelationBank
     from fv_remote.relational.bank_map import bank_map, plot_map, plot_recovery
 
-    check_output_path(out_png, "--out")
+    check_output_path(out_png, "--out", "png")
     check_output_path(json_path, "--json")
     require_count("--n-perm", n_perm, MAX_BOOT, "label shufflings; 1000 give a stable p-value")
     bank = RelationBank.load(path)

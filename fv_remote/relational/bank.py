@@ -126,13 +126,14 @@ class RelationBank:
         from fv_remote.core.checks import read_safetensors
 
         path = Path(path)
-        if not path.is_file():
+        if not path.exists():
             raise UserError(f"no relation bank at {path}; build one with `{BUILD_HINT.format(path=path)}`")
         tensors, metadata = read_safetensors(path, "relation-bank")
         if metadata.get("format") != FORMAT or "vectors" not in tensors:
-            hint = " (it looks like a single vector: use it with --fv, or add it to a bank)" \
-                if "vector" in tensors else ""
-            raise UserError(f"{path} is not a relation bank{hint}")
+            from fv_remote.core.kinds import wrong_kind
+
+            raise wrong_kind(path, "a relation bank", "add a single vector to a bank with `fv-remote bank build`"
+                             if "vector" in tensors else "")
         try:
             names = json.loads(metadata.get("names", "[]"))
             metas = json.loads(metadata.get("entries", "[]"))

@@ -94,6 +94,10 @@ def export(
     if evaluation is not None:
         if at_layer is None:
             raise UserError("--evaluation goes with --fv (an evaluation of that file)")
+        from fv_remote.core.kinds import kind_of, wrong_kind
+
+        if kind_of(evaluation) not in ("json", "text"):
+            raise wrong_kind(evaluation, "an `fv-remote evaluate --json` file")
         scale, scale_source = ex.scale_from_evaluation(evaluation, fv_path, at_layer)
     elif scale is not None:
         scale_source = "given with --scale"

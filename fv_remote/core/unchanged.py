@@ -63,3 +63,21 @@ def combiner_unchanged(comb: Any) -> bool:
     n = comb.weight.shape[0]
     return bool(torch.allclose(comb.weight.float(), torch.eye(n), rtol=RTOL, atol=ATOL)
                 and torch.allclose(comb.bias.float(), torch.zeros(n), rtol=RTOL, atol=ATOL))
+
+
+def weight_norms(module: Any) -> list[float]:
+    """Every trainable parameter's norm: a cheap fingerprint (no copy of the weights) to tell whether training
+    changed a model at all."""
+    return [float(p.detach().float().norm()) for p in module.parameters()]
+
+
+def check_model_trained(before: list[float], after: list[float], losses: list[float], lr: float,
+                        allow: bool = False) -> None:
+    """A fully fine-tuned model must have finite losses and weights that moved (graft train)."""
+    if not all(math.isfinite(x) for x in losses) or not all(math.isfinite(x) for x in after):
+        raise UserError(f"fine-tuning diverged (a loss or a weight is not finite): lower --lr (now {lr:g}); "
+                        "nothing was saved")
+    same = all(abs(a - b) <= ATOL + RTOL * abs(b) for a, b in zip(after, before))
+    if same and not allow:
+        raise UserError(f"the fine-tuned model equals the base model within float noise: training did not change "
+                        f"it; try a larger --lr (now {lr:g}) or more --epochs; {ALLOW} keeps it; nothing was saved")

@@ -197,3 +197,27 @@ def test_analogy_group_by_pools_tiny_groups_and_gives_one_item_groups_no_interva
     groups = json.loads((tmp_path / "b.json").read_text())["by_group"]
     assert len(groups) == 6 and all(g["n"] == 1 and g["ci95"] is None for g in groups.values())
     assert "[1.00, 1.00]" not in res.stdout and "[0.00, 0.00]" not in res.stdout
+
+
+# --- 5. the same patterns elsewhere -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("lr", ["1e-30", "inf"])
+def test_graft_train_refuses_a_model_training_left_unchanged_or_broke(env, tmp_path, lr):
+    out = tmp_path / "g"
+    res = invoke("graft", "train", "-m", env["folder"], "--out", out, "--n-subjects", "2", "--epochs", "1",
+                 "--lr", lr)
+    one_error_line(res, "--lr")
+    assert not out.exists()
+
+
+def test_kind_of_names_what_a_path_is(env, tmp_path):
+    from fv_remote.core.kinds import kind_of
+    from fv_remote.relational.combiner import Combiner
+
+    Combiner.identity(["a"]).save(tmp_path / "c.safetensors")
+    (tmp_path / "n.txt").write_text("hello")
+    (tmp_path / "e.json").write_text("{}")
+    assert kind_of(env["bank"]) == "bank" and kind_of(tmp_path / "c.safetensors") == "combiner"
+    assert kind_of(tmp_path / "n.txt") == "text" and kind_of(tmp_path / "e.json") == "json"
+    assert kind_of(env["folder"]) == "model" and kind_of(tmp_path / "none") == "missing"
+    assert kind_of(tmp_path) == "folder"

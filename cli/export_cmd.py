@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from fv_remote.core.checks import check_output_path, require_finite_option
+from fv_remote.core.checks import check_output_path, check_scale, require_finite_option
 from fv_remote.cli.app import app
 from fv_remote.cli.common import console, executor, load_stage, out
 from fv_remote.core.errors import UserError
@@ -63,7 +63,7 @@ def export(
         raise UserError("--cfv computes the weights with the model's forward passes, which run locally only; use "
                         "--weights with --remote")
     if scale is not None:
-        require_finite_option("--scale", scale)
+        check_scale(scale)  # llama.cpp stores it as float32: 1e308 does not fit
     require_finite_option("--temperature", temperature)
     if not str(output).endswith(".gguf"):
         raise UserError(f"--out {output}: a control vector is a .gguf file; name it e.g. {output}.gguf")
@@ -99,6 +99,7 @@ def export(
         if kind_of(evaluation) not in ("json", "text"):
             raise wrong_kind(evaluation, "an `fv-remote evaluate --json` file")
         scale, scale_source = ex.scale_from_evaluation(evaluation, fv_path, at_layer)
+        check_scale(scale, f"--evaluation {evaluation}: its scale")
     elif scale is not None:
         scale_source = "given with --scale"
     else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import Optional
 
 import typer
@@ -50,8 +51,16 @@ def show_plan(stage: str, model: str, config: Optional[str], options, server, as
 
 def server_options(tflops: float, trace_overhead: float, request_overhead: float, bandwidth_mb: float,
                    limit: float, max_result_mb: float, max_request_mb: float, memory_gb: float):
+    from fv_remote.core.errors import UserError
     from fv_remote.plan.cost import Server
 
+    for flag, value in (("--tflops", tflops), ("--trace-overhead", trace_overhead),
+                        ("--request-overhead", request_overhead), ("--bandwidth", bandwidth_mb), ("--limit", limit),
+                        ("--max-result-mb", max_result_mb), ("--max-request-mb", max_request_mb),
+                        ("--memory-gb", memory_gb)):  # before int(value * 2**30): inf/nan would be a traceback
+        if not (math.isfinite(value) and value >= 0) or (value == 0 and flag not in ("--trace-overhead",
+                                                                                      "--request-overhead")):
+            raise UserError(f"{flag} must be a positive number, got {value:g}")
     return Server(throughput=tflops * 1e12, trace_overhead_s=trace_overhead, request_overhead_s=request_overhead,
                   bandwidth=bandwidth_mb * 1e6, execution_limit_s=limit, max_result_bytes=int(max_result_mb * 2**20),
                   max_payload_bytes=int(max_request_mb * 2**20), memory_limit_bytes=int(memory_gb * 2**30)).check()

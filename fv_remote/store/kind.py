@@ -2,7 +2,8 @@
 notes used to answer "nothing to repair; intact", `extract` would write Zarr groups among someone's files.
 
 A store is a folder holding a root `zarr.json`, the metadata backup `.fv-remote/manifest.json`, or a task group's
-`zarr.json` one level down (a store whose root document was lost is still one: `store repair` restores it).
+`zarr.json` one level down (a store whose root document was lost is still one: `store repair` restores it; a
+folder that merely holds stores is not).
 Only the folder's own listing and a few named files are looked at, so a wrong path (a home folder) costs nothing.
 """
 
@@ -33,9 +34,24 @@ def _has_markers(files) -> bool:
     if any(fs.exists(files.path(m)) for m in MARKERS):
         return True
     for entry in fs.ls(files.root, detail=True):
-        if entry.get("type") == "directory" and fs.exists(f"{entry['name'].rstrip('/')}/zarr.json"):
+        child = str(entry["name"]).rstrip("/")
+        if entry.get("type") == "directory" and fs.exists(f"{child}/zarr.json") and _task_group(fs, child):
             return True
     return False
+
+
+def _task_group(fs, child: str) -> bool:
+    """A Zarr group one level down is a task group (so the folder is a store that lost its root document) unless
+    it is a store of its own: its root holds the store identity or the metadata backup."""
+    import json
+
+    if fs.exists(f"{child}/.fv-remote/manifest.json"):
+        return False
+    try:
+        attrs = json.loads(fs.cat_file(f"{child}/zarr.json")).get("attributes") or {}
+    except (OSError, ValueError, AttributeError):
+        return True  # damaged: only a store's task groups are looked for here
+    return "store_identity" not in attrs
 
 
 def require_store(url: str, writing: bool = False) -> None:

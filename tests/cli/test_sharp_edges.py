@@ -29,7 +29,12 @@ def env(tmp_path_factory):
     bank = root / "bank.safetensors"
     RelationBank(folder, [BankEntry("toy", torch.randn(64, generator=gen), 1, {"category": "x"}),
                           BankEntry("other", torch.randn(64, generator=gen), 2, {})]).save(bank)
-    return {"root": root, "folder": folder, "task": str(task), "task2": str(other), "bank": str(bank)}
+    from fv_remote.fv.vectors import FunctionVector
+
+    fv = root / "toy.fv.safetensors"
+    FunctionVector(torch.randn(64, generator=gen), model=folder, task=str(task), layer=1, heads=[]).save(fv)
+    return {"root": root, "folder": folder, "task": str(task), "task2": str(other), "bank": str(bank),
+            "fv": str(fv)}
 
 
 def _files(folder: Path) -> list[str]:
@@ -221,3 +226,20 @@ def test_kind_of_names_what_a_path_is(env, tmp_path):
     assert kind_of(tmp_path / "n.txt") == "text" and kind_of(tmp_path / "e.json") == "json"
     assert kind_of(env["folder"]) == "model" and kind_of(tmp_path / "none") == "missing"
     assert kind_of(tmp_path) == "folder"
+
+
+def test_finetune_negative_layer_is_refused_not_a_traceback(env, tmp_path):
+    """Found by the fuzz: --layer -1 reached the session body, where -1 means "the layer search's best"."""
+    res = invoke("finetune", "-t", env["task"], "-m", env["folder"], "--init", "zero", "--layer", "-1",
+                 "--steps", "2", "--n-train", "6", "--n-valid", "4", "--no-evaluate", "-o", tmp_path / "f.ffv")
+    one_error_line(res, "layer -1")
+    assert _files(tmp_path) == []
+
+
+def test_export_and_plan_refuse_numbers_that_do_not_fit(env, tmp_path):
+    """Found by the fuzz: export --scale 1e308 (float32 in the GGUF) and plan --memory-gb inf were tracebacks."""
+    one_error_line(invoke("export", "--fv", env["fv"], "-m", env["folder"], "--scale", "1e308", "--out",
+                          tmp_path / "x.gguf"), "--scale")
+    one_error_line(invoke("plan", "--stage", "cma", "--memory-gb", "inf"), "--memory-gb")
+    one_error_line(invoke("plan", "--stage", "cma", "--tflops", "nan"), "--tflops")
+    assert _files(tmp_path) == []

@@ -34,7 +34,8 @@ TASKS = [RelationTask("toy", PAIRS), RelationTask("rev", [(b, a) for a, b in PAI
 ITEMS = [MCAnalogy(("hot", "cold"), [("up", "down"), ("big", "dog"), ("the", "fox")], 0, "toy"),
          MCAnalogy(("big", "small"), [("quick", "lazy"), ("up", "down")], 1, "toy"),
          MCAnalogy(("the", "quick"), [("brown", "fox"), ("lazy", "dog"), ("over", "the")], 2, "rev")]
-SETTINGS = FinetuneSettings(steps=8, lr=0.2, batch_size=4, eval_every=2, patience=4, l2=0.01)
+SETTINGS = FinetuneSettings(steps=8, lr=0.2, batch_size=4, eval_every=2, patience=4, l2=0.01,
+                            allow_unchanged=True)  # tiny random models seldom beat their start: remote == local is tested, not learning (issue 26)
 SIZES: dict[str, tuple[int, int]] = {}  # stage -> (payload bytes, result bytes)
 TOL = 1e-4
 
@@ -191,7 +192,7 @@ def test_cli_relational_remote(local, bank, ndif, tmp_path):
     (data_dir / "toy.json").write_text(json.dumps([{"input": a, "output": b} for a, b in PAIRS]))
     ffv_path = tmp_path / "toy.ffv.safetensors"
     args = ("--task", "toy", "--data-dir", str(data_dir), "--init", "zero", "--layer", "1", "--n-train", "8",
-            "--n-valid", "6", "--steps", "4", "--batch-size", "4", "--no-evaluate", "--model", REPO)
+            "--n-valid", "6", "--steps", "4", "--batch-size", "4", "--no-evaluate", "--model", REPO, "--allow-unchanged")
     result = _cli("finetune", *args, "--out", str(ffv_path), "--remote")
     assert result.exit_code == 0, result.output
     _requests(ndif, "CLI finetune --remote (4 steps)")

@@ -233,6 +233,11 @@ def _load_vector(path: Path, loaded):
     fv.check_model(loaded)
     check_vector_fits(fv, loaded, path)
     require_finite_vector(fv, path)  # a NaN vector would steer into a table of nan
+    from fv_remote.core.unchanged import zero_vector_note
+
+    note = zero_vector_note(fv, path)
+    if note:
+        console.print(f"[yellow]note: {note}[/]", markup=True, soft_wrap=True)
     return fv
 
 

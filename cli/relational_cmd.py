@@ -439,6 +439,9 @@ def decode(
             vec = FunctionVector.load(path)
         vec.check_model(loaded)
         require_finite(vec.vector, f"{spec}: the vector", "it decodes to nothing; fit or fine-tune it again")
+        if vec.vector.numel() and not bool(vec.vector.any()):
+            raise UserError(f"{spec}: the vector is all zeros (an FFV kept at its zero start?): every token ties, so "
+                            "its top tokens would be an arbitrary order; decode a trained vector")
         named.append((f"{vec.kind.upper()} {vec.task} L{vec.layer}" if vec.task else Path(path).name, vec))
     word_list = [w.strip() for w in words.split(",") if w.strip()] if words else []
     if not word_list:

@@ -81,3 +81,13 @@ def check_model_trained(before: list[float], after: list[float], losses: list[fl
     if same and not allow:
         raise UserError(f"the fine-tuned model equals the base model within float noise: training did not change "
                         f"it; try a larger --lr (now {lr:g}) or more --epochs; {ALLOW} keeps it; nothing was saved")
+
+
+def zero_vector_note(vec: Any, path: Any) -> str | None:
+    """A note for a vector that is all zeros (an FFV kept at its zero start on purpose): adding it changes nothing,
+    so every "with the vector" number equals the one without."""
+    v = vec.vector
+    if v.numel() and not bool(v.any()) and (getattr(vec, "head_means", None) is None or not bool(vec.head_means.any())):
+        return (f"{path} is all zeros (meta: unchanged={vec.meta.get('unchanged')}): steering with it changes "
+                "nothing, so its columns equal the ones without it")
+    return None

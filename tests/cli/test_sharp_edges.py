@@ -243,3 +243,13 @@ def test_export_and_plan_refuse_numbers_that_do_not_fit(env, tmp_path):
     one_error_line(invoke("plan", "--stage", "cma", "--memory-gb", "inf"), "--memory-gb")
     one_error_line(invoke("plan", "--stage", "cma", "--tflops", "nan"), "--tflops")
     assert _files(tmp_path) == []
+
+
+def test_zero_vector_is_refused_by_decode_and_noted_by_steer(env, tmp_path):
+    from fv_remote.fv.vectors import FunctionVector
+
+    zero = FunctionVector(torch.zeros(64), model=env["folder"], task="toy", layer=1, heads=[], kind="ffv",
+                          meta={"unchanged": True}).save(tmp_path / "z.ffv.safetensors")
+    one_error_line(invoke("decode", zero, "-m", env["folder"], "--top-k", "3"), "all zeros")
+    res = invoke("steer", "--fv", zero, "-m", env["folder"], "--prompt", "Q: hot\nA:")
+    assert res.code == 0 and "all zeros" in res.stderr, res.describe()

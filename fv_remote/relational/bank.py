@@ -237,8 +237,13 @@ def store_remote_bank(saved: dict, details: dict, on_task: Callable[[str, str], 
     bank.settings = details["bank_settings"]
     s = FinetuneSettings(**details["settings"])
     for entry, out in zip(details["entries"], outs):
-        ffv = to_result(model_id, out, s, entry["name"], details["init"], source_from_info(entry["source_fv"]),
-                        int(entry["n_train"]), int(entry["n_valid"]), int(entry["n_batches"])).ffv
+        try:
+            ffv = to_result(model_id, out, s, entry["name"], details["init"], source_from_info(entry["source_fv"]),
+                            int(entry["n_train"]), int(entry["n_valid"]), int(entry["n_batches"])).ffv
+        except UserError as exc:  # diverged, never moved or its own start: skip the relation, keep the others
+            if on_task:
+                on_task(entry["name"], f"skipped: {exc}")
+            continue
         _add(bank, path, entry, ffv, out["baseline_acc"], on_task, progress, int(entry["index"]),
              int(details["n_tasks"]))
     return bank.require_entries(path)

@@ -191,9 +191,15 @@ def _commit_bank(job: dict[str, Any], saved: dict[str, Any], progress: Any = Non
     from fv_remote.relational.bank import store_remote_bank
 
     details = job["details"]
-    bank = store_remote_bank(saved, details, progress=progress)
-    return bank, (f"bank {details['path']}: {len(bank)} relations for {bank.model}\n"
-                  f"see `fv-remote bank info {details['path']}`")
+    skipped: list[str] = []  # refused relations (diverged, never moved, their own start): said, not dropped silently
+
+    def note(name: str, status: str) -> None:
+        if status.startswith("skipped"):
+            skipped.append(f"{name}: {status}")
+
+    bank = store_remote_bank(saved, details, on_task=note, progress=progress)
+    return bank, "\n".join([f"bank {details['path']}: {len(bank)} relations for {bank.model}", *skipped,
+                            f"see `fv-remote bank info {details['path']}`"])
 
 
 # Stage name (the job file's "stage") -> how its results are stored. Library code only: the CLI adds reporters.

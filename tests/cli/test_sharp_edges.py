@@ -253,3 +253,27 @@ def test_zero_vector_is_refused_by_decode_and_noted_by_steer(env, tmp_path):
     one_error_line(invoke("decode", zero, "-m", env["folder"], "--top-k", "3"), "all zeros")
     res = invoke("steer", "--fv", zero, "-m", env["folder"], "--prompt", "Q: hot\nA:")
     assert res.code == 0 and "all zeros" in res.stderr, res.describe()
+
+
+def test_no_wait_bank_fetch_reports_an_unchanged_relation_and_writes_the_rest(tmp_path):
+    """`jobs fetch` of a bank job: one relation kept its start (step 0), the other trained; the first is said, the
+    second written (before: a refused relation stopped the whole fetch)."""
+    from fv_remote.execution.jobs import _commit_bank
+    from fv_remote.relational.bank import RelationBank
+    from fv_remote.relational.ffv import FinetuneSettings
+
+    def out(kept: float, best_step: int) -> dict:
+        return {"layer": 1, "vector": torch.full((8,), kept), "history": {"step": [1, 2], "train_loss": [1.0, 0.9],
+                "lr": [0.1, 0.1], "eval_step": [0, 2], "valid_loss": [1.0, 1.1], "valid_acc": [0.0, 0.0]},
+                "best_step": best_step, "best_loss": 1.0, "best_acc": 0.0, "stopped": False, "init_norm": 0.0,
+                "baseline_acc": 0.0, "moved": 1.0, "kept_moved": float(torch.full((8,), kept).norm())}
+
+    entry = {"category": "", "relation_words": [], "source": "", "labels": {}, "source_fv": None, "n_train": 4,
+             "n_valid": 2, "n_batches": 1}
+    path = tmp_path / "b.safetensors"
+    details = {"path": str(path), "model": "m", "resume": False, "bank_settings": {}, "init": "zero",
+               "settings": FinetuneSettings().as_dict(), "n_tasks": 2, "n_jobs": 2, "result_key": "results",
+               "entries": [{**entry, "name": "same", "index": 0}, {**entry, "name": "moved", "index": 1}]}
+    bank, message = _commit_bank({"details": details}, {"results": [out(0.0, 0), out(0.5, 2)]})
+    assert RelationBank.load(path).names == ["moved"]
+    assert "same: skipped" in message and "starting vector" in message

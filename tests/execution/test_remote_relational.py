@@ -217,7 +217,12 @@ def test_cli_relational_remote(local, bank, ndif, tmp_path):
         batch_size=4, n_boot=20)).accuracy()
     _requests(ndif, "CLI analogy --remote (3 items)")
     ndif.reset()
-    result = _cli("decode", f"{bank_path}:toy", str(ffv_path), "--words", "hot,cold", "--model", REPO, "--remote")
+    # the FFV above kept its zero start (allowed on purpose), and decode refuses an all-zero vector: decode a
+    # random vector of the same file format instead
+    rand = FunctionVector.load(ffv_path)
+    rand.vector = torch.randn(rand.vector.shape, generator=torch.Generator().manual_seed(3))
+    rand_path = rand.save(tmp_path / "rand.ffv.safetensors")
+    result = _cli("decode", f"{bank_path}:toy", str(rand_path), "--words", "hot,cold", "--model", REPO, "--remote")
     assert result.exit_code == 0, result.output
     _requests(ndif, "CLI decode --remote (2 vectors)")
     result = _cli("analogy", "--mc", str(mc), "--bank", str(bank_path), "--train-combiner", str(mc), "--model", REPO,

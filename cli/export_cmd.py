@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from fv_remote.core.checks import check_output_path, require_finite_option
+from fv_remote.core.checks import check_output_path, check_scale, require_finite_option
 from fv_remote.cli.app import app
 from fv_remote.cli.common import console, executor, load_stage, out
 from fv_remote.core.errors import UserError
@@ -63,12 +63,12 @@ def export(
         raise UserError("--cfv computes the weights with the model's forward passes, which run locally only; use "
                         "--weights with --remote")
     if scale is not None:
-        require_finite_option("--scale", scale)
+        check_scale(scale)  # llama.cpp stores it as float32: 1e308 does not fit
     require_finite_option("--temperature", temperature)
     if not str(output).endswith(".gguf"):
         raise UserError(f"--out {output}: a control vector is a .gguf file; name it e.g. {output}.gguf")
-    check_output_path(output, "--out")
-    check_output_path(ex.sidecar_path(output), "--out (its sidecar note)")
+    check_output_path(output, "--out", "gguf")
+    check_output_path(ex.sidecar_path(output), "--out (its sidecar note)", "json")
 
     loaded = load_stage(model, executor(remote))
     if fv_path is not None:
@@ -94,7 +94,12 @@ def export(
     if evaluation is not None:
         if at_layer is None:
             raise UserError("--evaluation goes with --fv (an evaluation of that file)")
+        from fv_remote.core.kinds import kind_of, wrong_kind
+
+        if kind_of(evaluation) not in ("json", "text"):
+            raise wrong_kind(evaluation, "an `fv-remote evaluate --json` file")
         scale, scale_source = ex.scale_from_evaluation(evaluation, fv_path, at_layer)
+        check_scale(scale, f"--evaluation {evaluation}: its scale")
     elif scale is not None:
         scale_source = "given with --scale"
     else:
@@ -138,7 +143,7 @@ def import_(
     from fv_remote.export import llamacpp as ex
     from fv_remote.core.checks import atomic_save
 
-    check_output_path(output, "--out")
+    check_output_path(output, "--out", "fv")
     loaded = load_stage(model, executor(remote))
     vec = ex.import_control_vector(path, loaded, task)
     saved = atomic_save(vec.save, output, "vector")

@@ -72,6 +72,9 @@ def extract(
     from fv_remote.fv.extract import check_reduce
 
     check_reduce(reduce, ex.session)
+    from fv_remote.store.kind import require_store
+
+    require_store(store, writing=True)
     relation = load_task(task, data_dir=data_dir)
     loaded = load_stage(model, ex)
     _note_counts(loaded, relation, n_prompts, n_shots, seed)

@@ -55,6 +55,8 @@ def train_cmd(
                                            help="keep (tied) embeddings / unembedding at their pretrained values"),
     seed: int = typer.Option(0, "--seed"),
     k: int = typer.Option(5, "--k", help="top-k for accuracy"),
+    allow_unchanged: bool = typer.Option(False, "--allow-unchanged", help="save the model even if training left "
+                                         "its weights unchanged"),
 ) -> None:
     """Invent facts, fully fine-tune MODEL on them, save the result; report pretrained vs fine-tuned accuracy."""
     from fv_remote.core.errors import require_positive
@@ -66,6 +68,14 @@ def train_cmd(
     for name, value in (("--n-subjects", n_subjects), ("--epochs", epochs), ("--batch-size", batch_size),
                         ("--k", k)):
         require_positive(name, value)
+    from fv_remote.core.checks import require_finite_option
+    from fv_remote.core.unchanged import check_model_trained, weight_norms
+
+    require_finite_option("--lr", lr)
+    if not lr > 0:
+        from fv_remote.core.errors import UserError
+
+        raise UserError(f"--lr must be positive, got {lr:g}")
     offline_if_local(model)
     target = out_dir or _default_out(model)
     loaded = load_model(model)
@@ -79,8 +89,10 @@ def train_cmd(
     settings = TrainSettings(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, loss_on=loss_on,
                              freeze_embeddings=freeze_embeddings)
     steps = -(-len(dataset.train_sentences()) // batch_size) * epochs
+    start = weight_norms(loaded.hf)
     with progress_bar("fine-tuning", steps) as update:
         report = finetune(loaded.hf, loaded.tokenizer, dataset, settings, progress=update)
+    check_model_trained(start, weight_norms(loaded.hf), report.step_losses, lr, allow_unchanged)
     after = {"heldout": evaluate_model(loaded.hf, loaded.tokenizer, heldout, k),
              "train_phrasings": evaluate_model(loaded.hf, loaded.tokenizer, seen, k)}
     evaluation = {f"{which}_{split}": m.summary() for which, res in (("pretrained", before), ("finetuned", after))

@@ -16,6 +16,7 @@ from fv_remote.cli.common import console, executor, load_stage, out, progress_ba
 from fv_remote.cli.plan_cmd import PLAN_HELP, plan_instead
 from fv_remote.core.errors import UserError, require_positive
 from fv_remote.models.loading import DEFAULT_MODEL
+from fv_remote.store.kind import require_store
 
 MODEL_OPT = typer.Option(DEFAULT_MODEL, "--model", "-m", help="short name, repo id, folder or .gguf")
 DATA_DIR_OPT = typer.Option(None, "--data-dir", help="folder of Todd-format TASK.json files instead of bundled data")
@@ -138,6 +139,7 @@ def cma(
 
         raise UserError(REMOTE_REFUSAL.format(method=method))
     check_output_path(plot, "--plot")
+    require_store(store)
     act_store = ActivationStore(store)
     loaded = load_stage(model, ex)
     prepared = _prepare(loaded, task, data_dir, seed, n_shots)
@@ -192,9 +194,10 @@ def fit(
     from fv_remote.core.plots import layer_sweep_plot
     from fv_remote.store.activations import ActivationStore
 
-    check_output_path(output, "--out")
+    check_output_path(output, "--out", "fv")
     check_output_path(plot, "--plot")
     require_finite_option("--share", share)
+    require_store(store)
     act_store = ActivationStore(store)
     ex = executor(remote)
     loaded = load_stage(model, ex)
@@ -228,6 +231,11 @@ def _load_vector(path: Path, loaded):
     fv.check_model(loaded)
     check_vector_fits(fv, loaded, path)
     require_finite_vector(fv, path)  # a NaN vector would steer into a table of nan
+    from fv_remote.core.unchanged import zero_vector_note
+
+    note = zero_vector_note(fv, path)
+    if note:
+        console.print(f"[yellow]note: {note}[/]", markup=True, soft_wrap=True)
     return fv
 
 
@@ -436,7 +444,7 @@ def run(
     check_output_path(json_path, "--json")
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"--out {out_dir} is a file; give a folder for the FVs, plots and results")
-    check_output_path(out_dir / "results.json", "--out")
+    check_output_path(out_dir / "results.json", "--out", "json")
     relations = [load_task(name, data_dir=data_dir) for name in names]  # fail fast on a bad name
     if n_test is not None:
         require_positive("--n-test", n_test)
@@ -453,6 +461,7 @@ def run(
 
     settings = PipelineSettings(n_prompts=n_prompts, n_cma_prompts=n_cma_prompts, n_shots=n_shots, k=k, seed=seed,
                                 n_test=n_test)
+    require_store(store or str(out_dir / "store.zarr"), writing=True)
     act_store = ActivationStore(store or str(out_dir / "store.zarr"))
     runs = []
     for relation in relations:

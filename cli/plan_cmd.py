@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import Optional
 
 import typer
@@ -16,18 +17,25 @@ _DEFAULT_PROMPTS = {"extract": 100, "cma": 25}
 
 
 def show_plan(stage: str, model: str, config: Optional[str], options, server, as_json: bool = False,
-              strict: bool = False) -> None:
+              strict: bool = False, assume_defaults: bool = False) -> None:
     """Print the plan table and the verdict of `stage` (the `--plan` of the stage commands calls this too)."""
     from fv_remote.plan import cost as P
+    from fv_remote.plan.sizes import check_sizes, size_lines, size_report
     from fv_remote.stages import stage_plan
 
-    dims = P.dims_from_config(P.load_config(model, config))
+    loaded = P.load_config(model, config)
+    sizes = size_report(model, config, loaded)
+    check_sizes(sizes, assume_defaults)
+    dims = P.dims_from_config(loaded)
     built, rebuild = stage_plan(stage, dims, options)
     est = P.estimate(built, dims, server, P.DTYPE_BYTES[options.dtype], rebuild)
     if as_json:
-        out.print_json(json.dumps({"model": model, "dims": dims.as_dict(), "server": vars(server),
+        out.print_json(json.dumps({"model": model, "dims": dims.as_dict(), "sizes": sizes.as_json(),
+                                   "server": vars(server),
                                    "verdict": P.verdict(est, server), **est.as_json()}))
     else:
+        for line in size_lines(sizes):
+            out.print(line, soft_wrap=True, markup=False)
         settings = ", ".join(f"{k} {v}" for k, v in est.settings.items())
         table = Table("quantity", "estimate", title=f"{stage} on {model} ({dims.family}, {dims.n_layers} layers x "
                       f"{dims.n_heads} heads, d_model {dims.d_model}, {options.dtype}): {settings}")
@@ -44,8 +52,16 @@ def show_plan(stage: str, model: str, config: Optional[str], options, server, as
 
 def server_options(tflops: float, trace_overhead: float, request_overhead: float, bandwidth_mb: float,
                    limit: float, max_result_mb: float, max_request_mb: float, memory_gb: float):
+    from fv_remote.core.errors import UserError
     from fv_remote.plan.cost import Server
 
+    for flag, value in (("--tflops", tflops), ("--trace-overhead", trace_overhead),
+                        ("--request-overhead", request_overhead), ("--bandwidth", bandwidth_mb), ("--limit", limit),
+                        ("--max-result-mb", max_result_mb), ("--max-request-mb", max_request_mb),
+                        ("--memory-gb", memory_gb)):  # before int(value * 2**30): inf/nan would be a traceback
+        if not (math.isfinite(value) and value >= 0) or (value == 0 and flag not in ("--trace-overhead",
+                                                                                      "--request-overhead")):
+            raise UserError(f"{flag} must be a positive number, got {value:g}")
     return Server(throughput=tflops * 1e12, trace_overhead_s=trace_overhead, request_overhead_s=request_overhead,
                   bandwidth=bandwidth_mb * 1e6, execution_limit_s=limit, max_result_bytes=int(max_result_mb * 2**20),
                   max_payload_bytes=int(max_request_mb * 2**20), memory_limit_bytes=int(memory_gb * 2**30)).check()
@@ -90,6 +106,9 @@ def plan(
     memory_gb: float = typer.Option(40.0, help="activation memory a request may use on the server, GiB"),
     as_json: bool = typer.Option(False, "--json", help="print the estimate as JSON"),
     strict: bool = typer.Option(False, "--strict", help="exit 1 when the job does not fit as one request"),
+    assume_defaults: bool = typer.Option(False, "--assume-defaults", help="plan even when the config lacks a size "
+                                         "(hidden_size, heads, layers, vocab_size, intermediate_size), with "
+                                         "transformers' default for it; each assumed value is printed"),
 ) -> None:
     """Estimate a remote stage's cost from the model's config and the stage's options, and whether it fits NDIF's
     limits as one request (if not: how to split it). Nothing is downloaded or run."""
@@ -98,6 +117,10 @@ def plan(
     from fv_remote.stages import COSTED
 
     stage = {"bank-build": "bank", "bank build": "bank"}.get(stage, stage)
+    if config and model == DEFAULT_MODEL:  # not the default model's name on another model's sizes
+        from fv_remote.plan.sizes import config_name
+
+        model = config_name(config)
     if stage not in COSTED:
         raise UserError(f"unknown --stage {stage!r}; use one of {', '.join(COSTED)}")
     options = StageOptions(n_prompts=_DEFAULT_PROMPTS.get(stage, 25) if n_prompts is None else n_prompts,
@@ -108,7 +131,7 @@ def plan(
                            choices=choices, methods=methods)
     server = server_options(tflops, trace_overhead, request_overhead, bandwidth, limit, max_result_mb,
                             max_request_mb, memory_gb)
-    show_plan(stage, model, config, options, server, as_json, strict)
+    show_plan(stage, model, config, options, server, as_json, strict, assume_defaults)
 
 
 PLAN_HELP = ("print what this stage would cost on NDIF (FLOPs, memory, bytes, requests, time; `fv-remote plan`) "

@@ -49,14 +49,19 @@ def _pct(x) -> str:
     return "—" if x is None else f"{x:.2f}"
 
 
-def _settings(steps, lr, l2, patience, batch_size, seed):
+ALLOW_UNCHANGED_HELP = ("keep a result equal to its starting vector (e.g. --init zero as a baseline on purpose); "
+                       "without it such a run is refused and nothing is saved")
+
+
+def _settings(steps, lr, l2, patience, batch_size, seed, allow_unchanged=False):
     from fv_remote.relational.ffv import FinetuneSettings
 
     require_finite_option("--lr", lr)
     require_finite_option("--l2", l2)
     require_count("--steps", steps, MAX_STEPS, "optimiser steps")
     require_count("--batch-size", batch_size, MAX_BOOT, "prompts per step")
-    return FinetuneSettings(steps=steps, lr=lr, l2=l2, patience=patience, batch_size=batch_size, seed=seed).check()
+    return FinetuneSettings(steps=steps, lr=lr, l2=l2, patience=patience, batch_size=batch_size, seed=seed,
+                            allow_unchanged=allow_unchanged).check()
 
 
 # --- finetune ---------------------------------------------------------------------------------------------------
@@ -93,6 +98,7 @@ def finetune(
                                  "and return; `fv-remote jobs fetch ID` saves the FFV and loss curve later and "
                                  "prints the `fv-remote evaluate` command that evaluates it (instead of evaluating)"),
     plan: bool = typer.Option(False, "--plan", help=PLAN_HELP + " (the fine-tuning request)"),
+    allow_unchanged: bool = typer.Option(False, "--allow-unchanged", help=ALLOW_UNCHANGED_HELP),
 ) -> None:
     """Fine-tune a function vector (model frozen): FFV = argmin NLL of the answer on zero-shot prompts."""
     from fv_remote.data import load_task
@@ -104,8 +110,8 @@ def finetune(
     require_positive("--n-train", n_train)
     ex = executor(remote, no_wait)
     for flag, path in (("--out", out_path), ("--plot", plot), ("--json", json_path)):
-        check_output_path(path, flag)
-    settings = _settings(steps, lr, l2, patience, batch_size, seed)
+        check_output_path(path, flag, "fv" if flag == "--out" else None)
+    settings = _settings(steps, lr, l2, patience, batch_size, seed, allow_unchanged)
     layer_opt = _layer_option(layer)
     source = FunctionVector.load(fv) if fv is not None else None
     if fv is not None:
@@ -191,6 +197,8 @@ def show_finetune(settings: dict, run) -> None:
               f"{run.n_valid} validation pairs; kept step {res.best_step}"
               + (f" (valid acc {res.best_valid_acc:.2f}, NLL {res.best_valid_loss:.3f})" if run.n_valid else "")
               + ("; stopped early" if res.stopped_early else ""))
+    if ffv.meta.get("unchanged"):
+        out.print("[yellow]note:[/] the kept vector is its starting vector (kept on purpose: --allow-unchanged)")
     moved, start, lr = ffv.meta.get("moved"), ffv.meta.get("init_norm") or 0.0, ffv.meta["settings"]["lr"]
     if moved is not None and start > 0 and moved < SMALL_MOVE * start:
         # Adam steps ~lr per coordinate, so lr is in the residual stream's units, which differ ~60x between models
@@ -237,14 +245,16 @@ def bank_build(
     no_wait: bool = typer.Option(False, "--no-wait", help="with --remote: submit, print the job id and return; "
                                  "`fv-remote jobs fetch ID` writes the bank later"),
     plan: bool = typer.Option(False, "--plan", help=PLAN_HELP),
+    allow_unchanged: bool = typer.Option(False, "--allow-unchanged", help="keep an entry equal to its starting "
+                                         "vector; without it such a relation is reported and left out"),
 ) -> None:
     """Fine-tune an FFV for every relation and store them in one bank file (resumable)."""
     from fv_remote.relational.bank import build_bank
     from fv_remote.data import list_tasks, load_task
 
     ex = executor(remote, no_wait)
-    check_output_path(out_path, "--out")
-    settings = _settings(steps, lr, l2, patience, batch_size, seed)
+    check_output_path(out_path, "--out", "bank")
+    settings = _settings(steps, lr, l2, patience, batch_size, seed, allow_unchanged)
     if preset or data_root or semeval or todd or bats:
         if remote or tasks or data or init != "zero":
             raise UserError("public sources (--preset/--semeval/--todd/--bats) build locally with --init zero, "
@@ -364,7 +374,7 @@ def bank_map_cmd(
     from fv_remote.relational.bank import RelationBank
     from fv_remote.relational.bank_map import bank_map, plot_map, plot_recovery
 
-    check_output_path(out_png, "--out")
+    check_output_path(out_png, "--out", "png")
     check_output_path(json_path, "--json")
     require_count("--n-perm", n_perm, MAX_BOOT, "label shufflings; 1000 give a stable p-value")
     bank = RelationBank.load(path)
@@ -424,6 +434,9 @@ def decode(
             vec = FunctionVector.load(path)
         vec.check_model(loaded)
         require_finite(vec.vector, f"{spec}: the vector", "it decodes to nothing; fit or fine-tune it again")
+        if vec.vector.numel() and not bool(vec.vector.any()):
+            raise UserError(f"{spec}: the vector is all zeros (an FFV kept at its zero start?): every token ties, so "
+                            "its top tokens would be an arbitrary order; decode a trained vector")
         named.append((f"{vec.kind.upper()} {vec.task} L{vec.layer}" if vec.task else Path(path).name, vec))
     word_list = [w.strip() for w in words.split(",") if w.strip()] if words else []
     if not word_list:
@@ -540,6 +553,9 @@ def analogy(
                                                       "field or extra CSV column"),
     methods: Optional[str] = typer.Option(None, help="comma-separated methods to score (cfv always; default all: "
                                                      "cfv,no_vector,best_ffv,icl,icl_qa,icl_qa+cfv)"),
+    min_group: int = typer.Option(10, help="groups with fewer items are pooled into one 'other' row; without "
+                                           "--group-by a per-relation table is shown only when every relation has "
+                                           "at least this many items"),
     bank_sources: Optional[str] = typer.Option(None, help="use only the bank entries from these sources (e.g. "
                                                           "semeval2012,todd: leave out the relations of the set "
                                                           "being tested)"),
@@ -552,7 +568,8 @@ def analogy(
     """Analogies (A is to B as C is to ?) with composite FVs, against no vector, the best single FFV and ICL."""
     import random
 
-    from fv_remote.relational.analogy import METHODS, AnalogySettings, Combiner, group_keys, run_analogies
+    from fv_remote.core.unchanged import combiner_unchanged
+    from fv_remote.relational.analogy import METHODS, AnalogySettings, Combiner, group_keys, real_groups, run_analogies
     from fv_remote.relational.analogy import train_combiner as fit_combiner
     from fv_remote.relational.bank_sources import select_sources
     from fv_remote.relational.bank import RelationBank
@@ -569,6 +586,7 @@ def analogy(
     check_output_path(save_combiner, "--save-combiner")
     require_count("--n-boot", n_boot, MAX_BOOT, "bootstrap resamples; 1000 give a stable interval")
     require_count("--combiner-steps", combiner_steps, MAX_STEPS, "optimiser steps")
+    require_positive("--min-group", min_group)
     check_scale(scale)
     require_finite_option("--temperature", temperature)
     require_finite_option("--combiner-lr", combiner_lr)
@@ -613,10 +631,24 @@ def analogy(
             atomic_save(comb.save, save_combiner, "combiner")
             console.print(f"saved combiner to {save_combiner}")
         comb.meta["path"] = str(save_combiner or "(trained, not saved)")
+    if comb is not None and combiner_unchanged(comb):
+        comb.meta["unchanged"] = True
+        console.print("[yellow]note: the combiner is its starting map (identity weight, zero bias): its CFV is the "
+                      "plain softmax CFV" + (" (training kept its start: try a larger --combiner-lr or more "
+                                             "--combiner-steps)" if train_combiner else "") + "[/]")
     with progress_bar(f"analogies ({mode})", 6) as update:
         result = run_analogies(loaded, bank, items, settings, comb, methods=chosen, progress=update)
+    result.min_group = min_group
     if group_by is not None:
         result.group_by = group_by
+    else:  # unasked: only when the items' relations form real groups (ARCHITECTURE.md, issue 26)
+        result.group_by = "relation" if real_groups(result.items, "relation", min_group) else None
+        relations = {it.relation for it in result.items if it.relation}
+        if result.group_by is None and len(relations) > 1:
+            small = sum(1 for r in relations if sum(it.relation == r for it in result.items) < min_group)
+            console.print(f"no per-relation table: the items' relations (JSONL prefix) form {len(relations)} groups, "
+                          f"{small} of them under {min_group} items; --group-by relation shows it (groups under "
+                          "--min-group pooled as 'other')")
     for item, reason in result.skipped[:10]:
         console.print(f"[yellow]skipped {item.stem[0]}:{item.stem[1]}: {reason}[/]")
     if result.n_skipped > 10:
@@ -638,11 +670,22 @@ def analogy(
     if result.group_by:
         _group_table(result)
     if json_path:
-        _write_json(result.as_json(), json_path)
+        data = result.as_json()
+        if comb is not None:
+            data["combiner_unchanged"] = bool(comb.meta.get("unchanged", False))
+        _write_json(data, json_path)
+
+
+def _ci(ci, signed: bool = False) -> str:
+    if ci is None:
+        return "—"
+    return f"[{ci[0]:+.2f}, {ci[1]:+.2f}]" if signed else f"[{ci[0]:.2f}, {ci[1]:.2f}]"
 
 
 def _group_table(result) -> None:
-    groups = result.by_group(result.group_by)
+    from fv_remote.relational.analogy import OTHER
+
+    groups = result.by_group(result.group_by, result.min_group)
     methods = list(result.correct)
     table = Table(title=f"accuracy by {result.group_by} (95% bootstrap CI)", title_justify="left")
     table.add_column(result.group_by)
@@ -652,7 +695,10 @@ def _group_table(result) -> None:
     table.add_column("cfv − no vector", justify="right")
     for name, g in groups.items():
         gain = g["gain"].get("cfv_minus_no_vector")
-        table.add_row(Text(name), str(g["n"]),
-                      *[f"{g['accuracy'][m]:.3f} [{g['ci95'][m][0]:.2f}, {g['ci95'][m][1]:.2f}]" for m in methods],
-                      f"{gain['mean']:+.3f} [{gain['ci95'][0]:+.2f}, {gain['ci95'][1]:+.2f}]" if gain else "—")
+        label = f"{OTHER} ({g['pooled']} groups under {result.min_group} items, pooled)" if "pooled" in g else name
+        table.add_row(Text(label), str(g["n"]),
+                      *[f"{g['accuracy'][m]:.3f} {_ci(g['ci95'] and g['ci95'][m])}" for m in methods],
+                      f"{gain['mean']:+.3f} {_ci(gain['ci95'], True)}" if gain else "—")
     out.print(table)
+    if any(g["n"] < 2 for g in groups.values()):
+        out.print("— : no interval for a group of one item")

@@ -12,6 +12,7 @@ from fv_remote.cli.app import app
 from fv_remote.cli.common import console, out
 from fv_remote.core.errors import UserError
 from fv_remote.store.activations import ActivationStore
+from fv_remote.store.kind import require_store
 
 store_app = typer.Typer(help="Inspect, verify and repair activation stores.", no_args_is_help=True)
 app.add_typer(store_app, name="store")
@@ -30,6 +31,7 @@ def _quick_problems(path: str) -> list:
 def info(path: str = typer.Argument(..., help="store path or fsspec URL"),
          as_json: bool = typer.Option(False, "--json", help="print the full summary as JSON")) -> None:
     """Tasks, variables with their dims and shapes, and provenance of each group (damage is flagged)."""
+    require_store(path)
     store = ActivationStore(path)
     store._root()  # a missing store, a plain file or a damaged root: one error line
     problems = _quick_problems(path)
@@ -69,6 +71,7 @@ def verify(path: str = typer.Argument(..., help="store path or fsspec URL"),
     Exit 0 when intact, 2 when damaged (each problem names the task and the prompt range)."""
     from fv_remote.store.integrity import scan
 
+    require_store(path)
     result = scan(path, full=True)
     n_groups = len(result.groups)
     if as_json:
@@ -94,6 +97,7 @@ def repair(path: str = typer.Argument(..., help="store path or fsspec URL")) -> 
     first damaged one on: a rerun of the stage redoes them), remove debris. Says what it dropped."""
     from fv_remote.store.integrity import repair as run_repair
 
+    require_store(path)  # before the writer lock, which would create the folder
     store = ActivationStore(path)
     report = run_repair(store)
     for action in report.actions:

@@ -44,8 +44,12 @@ def reset_kept() -> None:
 # --- outputs -----------------------------------------------------------------------------------------------------
 
 
-def check_output_path(path: str | Path | None, flag: str) -> Path | None:
-    """Refuse an output path that cannot be written as a file: an existing folder, or a file in the way above it."""
+OUTPUT_KINDS = {"--json": "json", "--plot": "png", "--save-combiner": "combiner"}
+
+
+def check_output_path(path: str | Path | None, flag: str, kind: str | None = None) -> Path | None:
+    """Refuse an output path that cannot be written as a file: an existing folder, or a file in the way above it;
+    and one holding another kind of fv-remote file than `kind` (`core.kinds`; from the flag for --json/--plot)."""
     if path is None:
         return None
     path = Path(path)
@@ -58,6 +62,11 @@ def check_output_path(path: str | Path | None, flag: str) -> Path | None:
         parent = parent.parent
     if parent.exists() and not parent.is_dir():
         raise UserError(f"{flag} {path}: {parent} is a file, not a folder")
+    kind = kind or OUTPUT_KINDS.get(flag)
+    if kind:
+        from fv_remote.core.kinds import check_output_kind
+
+        check_output_kind(path, flag, kind)
     return path
 
 
@@ -92,6 +101,10 @@ def read_safetensors(path: str | Path, what: str) -> tuple[dict[str, Any], dict[
     """(tensors, metadata) of a safetensors file; a missing or unparsable one is a UserError naming `what`."""
     from safetensors import safe_open
 
+    if Path(path).is_dir():
+        from fv_remote.core.kinds import wrong_kind
+
+        raise wrong_kind(path, f"a {what} file")
     if not Path(path).is_file():
         raise UserError(f"{what} file not found: {path}")
     try:

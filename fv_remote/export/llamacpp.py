@@ -253,7 +253,11 @@ def read_control_vector(path: str | Path) -> ControlVectorFile:
     one size); every problem is one UserError naming the file."""
     import gguf
 
+    from fv_remote.core.kinds import kind_of, wrong_kind
+
     path = Path(path)
+    if path.exists() and kind_of(path) not in ("gguf", "binary", "text"):
+        raise wrong_kind(path, "a GGUF control vector")
     if not path.is_file():
         raise UserError(f"control vector file not found: {path}")
     try:

@@ -148,7 +148,9 @@ class FunctionVector:
 
         tensors, metadata = read_safetensors(path, "function-vector")
         if "vector" not in tensors or "model" not in metadata:
-            raise UserError(f"{path} is not a function-vector file (no 'vector' tensor or model metadata)")
+            from fv_remote.core.kinds import wrong_kind
+
+            raise wrong_kind(path, "a function-vector file (no 'vector' tensor or model metadata)")
         try:
             heads = [(int(h[0]), int(h[1])) for h in tensors["heads"].tolist()] if "heads" in tensors else []
             vec = cls(vector=tensors["vector"], model=metadata["model"], task=metadata.get("task", ""),

@@ -175,6 +175,7 @@ class AnalogyResult:
     settings: AnalogySettings
     combiner: str | None = None
     group_by: str | None = None  # the item field `as_json` reports `by_group` for
+    min_group: int = 1  # groups smaller than this are pooled into "other" in `as_json`'s `by_group`
 
     def accuracy(self) -> dict[str, float]:
         return {m: float(v.mean()) if len(v) else float("nan") for m, v in self.correct.items()}
@@ -187,15 +188,26 @@ class AnalogyResult:
         no_vector's)."""
         return _paired_gains(self.correct, self.settings)
 
-    def by_group(self, key: str = "relation") -> dict[str, dict[str, Any]]:
+    def by_group(self, key: str = "relation", min_size: int = 1) -> dict[str, dict[str, Any]]:
         """Per value of the items' field `key`: n, accuracy and bootstrap 95% CI per method, and the paired gains
-        (as `gains`) within the group. Items without the field fall in "(none)"."""
+        (as `gains`) within the group. Items without the field fall in "(none)". Groups under `min_size` items are
+        pooled into one "other" group (`pooled`: how many); a group of one item gets no interval (None)."""
         out = {}
-        for name, idx in self._groups(key):
+        groups = self._groups(key)
+        small = [idx for _, idx in groups if len(idx) < min_size]
+        kept = [(name, idx) for name, idx in groups if len(idx) >= min_size]
+        if small:
+            kept.append((OTHER, sorted(i for idx in small for i in idx)))
+        for name, idx in kept:
             sub = {m: v[idx] for m, v in self.correct.items()}
+            one = len(idx) < 2  # a bootstrap of one value is that value: no interval
+            gains = _paired_gains(sub, self.settings)
             out[name] = {"n": len(idx), "accuracy": {m: float(v.mean()) for m, v in sub.items()},
-                         "ci95": {m: bootstrap_ci(v, self.settings.n_boot, self.settings.seed) for m, v in sub.items()},
-                         "gain": _paired_gains(sub, self.settings)}
+                         "ci95": None if one else {m: bootstrap_ci(v, self.settings.n_boot, self.settings.seed)
+                                                   for m, v in sub.items()},
+                         "gain": {k: {**g, "ci95": None} for k, g in gains.items()} if one else gains}
+            if name == OTHER and small:
+                out[name]["pooled"] = len(small)
         return out
 
     def by_relation(self) -> dict[str, dict[str, float]]:
@@ -216,7 +228,8 @@ class AnalogyResult:
                 "ci95": self.ci95(), "gain": self.gains(), "mode": self.settings.mode,
                 "settings": self.settings.as_dict(), "combiner": self.combiner, "bank": self.bank_names,
                 "by_relation": self.by_relation(), "group_by": self.group_by,
-                "by_group": self.by_group(self.group_by) if self.group_by else None,
+                "by_group": self.by_group(self.group_by, self.min_group) if self.group_by else None,
+                "min_group": self.min_group if self.group_by else None,
                 "skipped": [{"stem": list(it.stem), "reason": why} for it, why in self.skipped]}
 
 
@@ -229,6 +242,22 @@ def _paired_gains(correct: dict[str, np.ndarray], s: AnalogySettings) -> dict[st
         out[f"{a}_minus_{b}"] = {"mean": float(diff.mean()) if len(diff) else float("nan"),
                                  "ci95": bootstrap_ci(diff, s.n_boot, s.seed)}
     return out
+
+
+OTHER = "other"
+MIN_GROUP = 10  # items: smaller groups are pooled as "other" (a 95% interval on a handful of 0/1 values spans ~all)
+
+
+def real_groups(items: Sequence[MCAnalogy], key: str, min_size: int = MIN_GROUP) -> bool:
+    """Whether grouping by `key` unasked is worth a table: at least two groups, every one of at least `min_size`
+    items (e.g. BATS's relations with ~50 items each; not per-item source ids in the JSONL prefix)."""
+    sizes: dict[str, int] = {}
+    for item in items:
+        value = _group_of(item, key)
+        if not value:
+            return False
+        sizes[value] = sizes.get(value, 0) + 1
+    return len(sizes) >= 2 and min(sizes.values()) >= min_size
 
 
 def _group_of(item: MCAnalogy, key: str) -> str:
@@ -305,7 +334,7 @@ def run_analogies(model: LoadedModel, bank: RelationBank, items: Sequence[MCAnal
     correct = {m: _hits(kept, scores[m], s.mode) for m in methods}
     return AnalogyResult(len(kept), len(skipped), chance, correct, weights, bank.names, kept, skipped, s,
                          combiner.meta.get("path") if combiner else None,
-                         "relation" if any(it.relation for it in kept) else None)
+                         "relation" if real_groups(kept, "relation", MIN_GROUP) else None, MIN_GROUP)
 
 
 def _method_rows(kept: Sequence[MCAnalogy], s: AnalogySettings,

@@ -129,13 +129,14 @@ class RelationBank:
         from fv_remote.core.checks import read_safetensors
 
         path = Path(path)
-        if not path.is_file():
+        if not path.exists():
             raise UserError(f"no relation bank at {path}; build one with `{BUILD_HINT.format(path=path)}`")
         tensors, metadata = read_safetensors(path, "relation-bank")
         if metadata.get("format") != FORMAT or "vectors" not in tensors:
-            hint = " (it looks like a single vector: use it with --fv, or add it to a bank)" \
-                if "vector" in tensors else ""
-            raise UserError(f"{path} is not a relation bank{hint}")
+            from fv_remote.core.kinds import wrong_kind
+
+            raise wrong_kind(path, "a relation bank", "add a single vector to a bank with `fv-remote bank build`"
+                             if "vector" in tensors else "")
         try:
             names = json.loads(metadata.get("names", "[]"))
             metas = json.loads(metadata.get("entries", "[]"))
@@ -235,6 +236,7 @@ class BankPlan:
     work: Any = in_process()  # ffv_session.Plan: the jobs and their data as tensors
     bank: Any = in_process()  # this build's RelationBank (a fetched job reads the file)
     on_task: Any = in_process()
+    refused: Any = in_process()  # "name: why" of the relations the commit refused (set by it; `summary` lists them)
 
 
 class Bank(Stage[BankPlan, RelationBank]):
@@ -265,11 +267,13 @@ class Bank(Stage[BankPlan, RelationBank]):
                                 f"{plan.model!r}; nothing written")
             bank.settings = plan.bank_settings
         s = FinetuneSettings(**plan.settings)
+        plan.refused = []
         for entry, out in zip(plan.entries, outputs):
             try:
                 ffv = to_result(plan.model, out, s, entry["name"], plan.init, source_from_info(entry["source_fv"]),
                                 int(entry["n_train"]), int(entry["n_valid"]), int(entry["n_batches"])).ffv
-            except UserError as exc:  # diverged or never moved: skip the relation, keep the others
+            except UserError as exc:  # diverged, never moved or its own start: skip the relation, keep the others
+                plan.refused.append(f"{entry['name']}: skipped: {exc}")  # said, not dropped silently
                 if plan.on_task:
                     plan.on_task(entry["name"], f"skipped: {exc}")
                 continue
@@ -289,7 +293,8 @@ class Bank(Stage[BankPlan, RelationBank]):
         return make(o.relations), make
 
     def summary(self, plan: BankPlan, result: RelationBank) -> str:
-        return f"bank {plan.path}: {len(result)} relations for {result.model}\nsee `fv-remote bank info {plan.path}`"
+        return "\n".join([f"bank {plan.path}: {len(result)} relations for {result.model}", *(plan.refused or []),
+                          f"see `fv-remote bank info {plan.path}`"])
 
 
 BANK = Bank()

@@ -53,6 +53,8 @@ class Combiner:
 
         t, md = read_safetensors(path, "combiner")
         if md.get("format") != "fv-remote-combiner":
-            raise UserError(f"{path} is not a combiner file (save one with `fv-remote analogy --train-combiner`)")
+            from fv_remote.core.kinds import wrong_kind
+
+            raise wrong_kind(path, "a combiner file", "save one with `fv-remote analogy --train-combiner`")
         return cls(t["weight"], t["bias"], json.loads(md["names"]), float(md["temperature"]),
                    json.loads(md.get("meta", "{}")))

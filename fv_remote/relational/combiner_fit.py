@@ -126,6 +126,7 @@ def fit_combiner(model: LoadedModel, bank: RelationBank, train: Sequence[MCAnalo
                     break
     comb.weight, comb.bias = best[0], best[1]
     comb.meta = {"n_train": len(train), "n_held": len(held), "best_step": best[2], "held_acc": best_acc,
+                 "unchanged": best[2] == 0,  # the identity map won on the held-aside items: the plain softmax CFV
                  "lr": lr, "l2": l2, "items_per_step": items_per_step, "eval_every": eval_every,
                  "patience": patience, "history": history}
     return comb

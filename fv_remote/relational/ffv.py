@@ -259,6 +259,8 @@ def train_ffv(model: LoadedModel, prepared: PreparedTask, fv: FunctionVector | N
     if layer is None:
         assert fv is not None  # refused above otherwise
         layer = fv.layer
+    if layer != "auto":  # -1 would be the session body's "best layer of the search" (issue 26's fuzz found it)
+        layer = model.adapter.check_layer(int(layer))
     vector, scale_texts = initial_plan(model, init, fv, train.texts, s.seed)
     plan = Plan(model)
     train_i = plan.data(train, s.batch_size, s.seed, s.fast)

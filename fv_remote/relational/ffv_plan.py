@@ -33,6 +33,7 @@ class FinetuneSettings:
     patience: int = 15  # steps without a better validation loss before stopping
     seed: int = 0
     fast: bool = True  # each chunk's prefix cached once, its last tokens fed per step (exact)
+    allow_unchanged: bool = False  # keep a result equal to its starting vector (a baseline on purpose; issue 26)
 
     def check(self) -> "FinetuneSettings":
         require_positive("steps", self.steps)
@@ -132,13 +133,20 @@ def finetune_result(model_id: str, best: torch.Tensor, layer: int, history: dict
     """The FFV (metadata included) and its training record, from a local or a remote run.
 
     Refuses (UserError) a run whose losses or vector are not finite, or whose optimiser never moved the vector
-    (`extra["moved"]`: the norm of final - initial vector): saving such a vector would be a silent wrong result.
+    (`extra["moved"]`: the norm of final - initial vector), or whose kept vector is its starting vector within float
+    noise (`extra["kept_moved"]`; unless `s.allow_unchanged`): saving such a vector would be a silent wrong result.
     """
     check_trained(history, best, extra.get("moved"), s.steps, task)
+    from fv_remote.core.unchanged import check_ffv_kept
+
+    unchanged = check_ffv_kept(task, {"best_step": best_step, "kept_moved": extra.get("kept_moved"),
+                                      "init_norm": init_norm, "history": history}, best.numel(),
+                               int(extra.get("n_valid") or 0), s.lr, s.steps, s.allow_unchanged)
     meta: dict[str, Any] = {
         "init": init, "settings": s.as_dict(), "n_train": extra.pop("n_train"), "n_valid": extra.pop("n_valid"),
         "best_step": best_step, "best_valid_loss": best_loss, "best_valid_acc": best_acc,
-        "stopped_early": stopped, "init_norm": init_norm, "norm": float(best.norm()), **extra,
+        "stopped_early": stopped, "init_norm": init_norm, "norm": float(best.norm()), "unchanged": unchanged,
+        **extra,
     }
     if source is not None:
         meta["source"] = {"task": source.task, "layer": source.layer, "kind": source.kind,

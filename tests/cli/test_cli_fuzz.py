@@ -562,3 +562,150 @@ def test_fuzz_options(env, tmp_path_factory, case):
     SLOW.append((time.monotonic() - started, " ".join(args)[-160:]))
     check(result, f"options/{case[0] if case[0] != 'data' else 'data-show'}", " ".join(map(str, case)),
           outputs + tuple((folder / "OUT").rglob("*.json")))
+
+
+# --- issue 26: the commands added since, and extreme numbers ---------------------------------------------------------
+
+EXTREME_INTS = st.sampled_from(["0", "-1", "-7", "1", "2", str(10 ** 7), str(2 ** 63)])
+EXTREME_FLOATS = st.sampled_from(["0", "-1", "-0.0", "1e-300", "0.5", "3", "1e6", "1e308", "nan", "inf", "-inf"])
+METHOD_LISTS = st.lists(st.sampled_from(["cfv", "no_vector", "best_ffv", "icl", "icl_qa", "icl_qa+cfv", "x", ""]),
+                        max_size=4).map(",".join)
+
+
+def _one_extreme(draw, normal: dict[str, str], floats_: dict) -> tuple[str, ...]:
+    """The options with ordinary values except (mostly) one, which gets an extreme value: 0, negative, huge, nan,
+    inf (integer options: 0, -1, -7, 10**7, 2**63) — one at a time, so the case reaches what that value does."""
+    values = dict(normal)
+    flag = draw(st.sampled_from([None, *normal]))
+    if flag is not None:
+        values[flag] = draw(floats_.get(flag, EXTREME_INTS))
+    return tuple(x for item in values.items() for x in item)
+
+
+@st.composite
+def new_command_cases(draw):
+    """export, import, plan, bank map, analogy's grouping options, finetune and bank build with extreme numbers."""
+    e = _FIXTURE_ENV[0]
+    command = draw(st.sampled_from(["export", "export-bank", "import", "plan", "bank-map", "analogy", "finetune",
+                                    "bank-build"]))
+    if command == "export":
+        return ("export", "--fv", e["fv"], "-m", e["folder"], "--scale", draw(EXTREME_FLOATS | floats), "--out",
+                draw(st.sampled_from(["OUT/x.gguf", "OUT", e["bank"]])))
+    if command == "export-bank":
+        pick = draw(st.sampled_from([("--entry", draw(st.sampled_from(["toy", "other", "nope", ""]))),
+                                     ("--cfv", draw(st.sampled_from(["hot:cold", "hot", ":", "a:b:c"]))),
+                                     ("--weights", draw(st.sampled_from(["toy=0.5", "toy=nan", "toy=inf,other=1",
+                                                                         "x=1", "toy", "toy=-1e308"])))]))
+        return ("export", "--bank", e["bank"], *pick, "-m", e["folder"], "--out", "OUT/b.gguf")
+    if command == "import":
+        return ("import", draw(st.sampled_from([e["gguf"], e["bank"], e["fv"], e["task"], e["root"], "OUT/none"])),
+                "-m", e["folder"], "--out", draw(st.sampled_from(["OUT/i.fv.safetensors", e["bank"]])))
+    if command == "plan":
+        stage = draw(st.sampled_from(["extract", "cma", "finetune", "bank", "analogy", "nope"]))
+        return ("plan", "--stage", stage, "--config", draw(st.sampled_from(["CONFIG", e["folder"]])),
+                *_one_extreme(draw, {"--n-prompts": "4", "--steps": "5", "--n-train": "8", "--items": "10",
+                                     "--relations": "3", "--tflops": "100", "--limit": "3600", "--bandwidth": "50",
+                                     "--memory-gb": "40"},
+                              {k: EXTREME_FLOATS for k in ("--tflops", "--limit", "--bandwidth", "--memory-gb")}),
+                *draw(st.sampled_from([(), ("--json",), ("--assume-defaults",)])))
+    if command == "bank-map":
+        return ("bank", "map", draw(st.sampled_from([e["bank"], e["fv"], e["root"]])), "--out", "OUT/m.png",
+                "--n-perm", draw(EXTREME_INTS), "--linkage", draw(st.sampled_from(["ward", "average", "single",
+                                                                                    "median", ""])),
+                "--label", draw(st.sampled_from(["class", "category", "", "x"])), "--json", "OUT/m.json")
+    if command == "analogy":
+        return ("analogy", "--mc", draw(st.sampled_from([e["mc"], e["mc_prefix"]])), "--bank", e["bank"], "-m",
+                e["folder"], "--n-boot", draw(st.sampled_from(["10", "0", "-1"])),
+                *draw(st.sampled_from([(), ("--group-by", draw(st.sampled_from(["relation", "family", "prefix",
+                                                                                "source", "", "x"])))])),
+                *draw(st.sampled_from([(), ("--methods", draw(METHOD_LISTS))])),
+                *draw(st.sampled_from([(), ("--bank-sources", draw(st.sampled_from(["todd", "bats,todd", "", ","])))])),
+                *_one_extreme(draw, {"--min-group": "10", "--scale": "1", "--temperature": "1"},
+                              {"--scale": EXTREME_FLOATS, "--temperature": EXTREME_FLOATS}), "--json", "OUT/a.json")
+    numbers = _one_extreme(draw, {"--lr": "0.5", "--l2": "0", "--steps": "2", "--patience": "15",
+                                  "--batch-size": "4", "--n-train": "6", "--n-valid": "4", "--seed": "0"},
+                           {"--lr": EXTREME_FLOATS, "--l2": EXTREME_FLOATS})
+    if command == "finetune":
+        return ("finetune", "-t", e["task"], "-m", e["folder"], "--init", draw(st.sampled_from(["zero", "random"])),
+                "--layer", draw(st.sampled_from(["1", "0", "-1", "99", "auto"])), *numbers, "--no-evaluate", "-o",
+                "OUT/f.ffv.safetensors")
+    return ("bank", "build", "--data", e["task"], "-m", e["folder"], "--layer",
+            draw(st.sampled_from(["1", "0", "-1", "99"])), *numbers, "--out", "OUT/bank.safetensors")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _issue26_inputs(env):
+    """A JSONL whose prefix is a per-item source id (public analogy sets) and a config.json to plan from."""
+    root = env["root"]
+    mc = root / "mc_prefix.jsonl"
+    mc.write_text("\n".join(json.dumps({"stem": [a, b], "choice": [[c, d], [d, c]], "answer": 0, "prefix": f"id{i}"})
+                            for i, (a, b, c, d) in enumerate(zip(WORDS, WORDS[1:], WORDS[2:], WORDS[3:]))) + "\n")
+    env["mc_prefix"] = str(mc)
+    env["config"] = str(Path(env["folder"]) / "config.json")
+    yield
+
+
+@settings(FUZZ, max_examples=160)
+@given(case=new_command_cases(), config=st.one_of(st.none(), st.just(0).flatmap(
+    lambda _: mutated(Path(_FIXTURE_ENV[0]["config"]).read_bytes())),
+    st.dictionaries(st.sampled_from(["model_type", "hidden_size", "num_attention_heads", "num_hidden_layers",
+                                     "vocab_size", "intermediate_size"]),
+                    st.one_of(st.sampled_from(["llama", "gpt2", "nope"]), st.integers(-2, 64)), max_size=6).map(
+        json.dumps)))
+def test_fuzz_new_commands(env, tmp_path_factory, case, config):
+    folder = tmp_path_factory.mktemp("new")
+    (folder / "OUT").mkdir()
+    args = []
+    for a in case:
+        a = str(a)
+        if a == "CONFIG":
+            a = str(write(folder / "config.json", config) if config is not None else env["config"])
+        elif a.startswith("OUT"):
+            a = str(folder / a)
+        args.append(a)
+    bank_before = Path(env["bank"]).read_bytes()
+    started = time.monotonic()
+    result = invoke(*args, cwd=folder)
+    SLOW.append((time.monotonic() - started, " ".join(args)[-160:]))
+    kind = "new/" + (case[0] if case[0] not in ("bank", "export") else "-".join(case[:2]) if case[0] == "bank"
+                     else ("export-bank" if "--bank" in case else "export"))
+    check(result, kind, " ".join(map(str, case)) + (config or "" if isinstance(config, str) else ""),
+          tuple((folder / "OUT").rglob("*.json")))
+    assert Path(env["bank"]).read_bytes() == bank_before, "an output path holding the bank overwrote it"
+    if result.code != 0:
+        return
+    if case[0] == "finetune":  # a kept FFV is finite and not its own start (no --allow-unchanged here)
+        from fv_remote.fv.vectors import FunctionVector
+
+        ffv = FunctionVector.load(folder / "OUT/f.ffv.safetensors")
+        assert torch.isfinite(ffv.vector).all() and ffv.meta.get("unchanged") is False, result.describe()
+    if case[0] == "analogy":
+        data = json.loads((folder / "OUT/a.json").read_text())
+        assert "accuracy by" not in result.stdout or data["group_by"], "a per-group table nobody asked for"
+        for g in (data["by_group"] or {}).values():
+            assert (g["ci95"] is None) == (g["n"] < 2), "an interval on a group of one item"
+    if case[0] == "plan" and "--config" in case and config is not None:
+        assert "read from the config" in result.stdout or "--json" in case, result.describe()
+
+
+@settings(FUZZ, max_examples=20)
+@given(target=st.sampled_from(["bank", "fv", "text", "empty", "missing", "notes", "model", "store"]),
+       command=st.sampled_from(["verify", "repair", "info"]))
+def test_fuzz_store_paths(env, tmp_path_factory, target, command):
+    """`store verify/repair/info` on every kind of path: only a store is ever reported intact, and a path that is
+    not a store is left exactly as it was (nothing created)."""
+    folder = tmp_path_factory.mktemp("paths")
+    paths = {"bank": env["bank"], "fv": env["fv"], "text": write(folder / "n.txt", "hello"),
+             "empty": folder / "empty", "missing": folder / "missing.zarr", "notes": folder / "notes",
+             "model": env["folder"], "store": folder / "s.zarr"}
+    (folder / "empty").mkdir()
+    (folder / "notes").mkdir()
+    write(folder / "notes" / "a.md", "x")
+    shutil.copytree(env["store"], folder / "s.zarr")
+    before = sorted(p.name for p in folder.rglob("*"))
+    result = check(invoke("store", command, paths[target]), f"new/store-{command}-paths")
+    if target != "store":
+        assert result.code == 2, f"store {command} accepted a {target}\n{result.describe()}"
+        assert sorted(p.name for p in folder.rglob("*")) == before
+    else:
+        assert result.code == 0, result.describe()

@@ -36,7 +36,8 @@ WORDS = ["hot", "cold", "up", "down", "big", "small", "the", "quick", "brown", "
 PAIRS = [(a, b) for a in WORDS for b in WORDS if a != b][:60]
 TASKS = [RelationTask("toy", PAIRS), RelationTask("rev", [(b, a) for a, b in PAIRS]),
          RelationTask("few", PAIRS[:3])]  # too few pairs: skipped before submission
-SETTINGS = FinetuneSettings(steps=6, lr=0.2, batch_size=4, eval_every=2, patience=4, l2=0.01)
+SETTINGS = FinetuneSettings(steps=6, lr=0.2, batch_size=4, eval_every=2, patience=4, l2=0.01,
+                            allow_unchanged=True)  # tiny random models seldom beat their start: remote == local is tested, not learning (issue 26)
 TOL = 1e-4
 
 
@@ -208,7 +209,7 @@ def test_cli_finetune_no_wait_then_jobs_fetch(local, ndif, tmp_path):
                         model=local.model_id, task="toy", layer=1, heads=[(1, 0), (0, 1)])
     fv_path = fv.save(tmp_path / "toy.fv.safetensors")
     args = ("--task", "toy", "--data-dir", str(data_dir), "--fv", str(fv_path), "--n-train", "8", "--n-valid", "6",
-            "--steps", "4", "--batch-size", "4", "--model", REPO, "--remote")
+            "--steps", "4", "--batch-size", "4", "--model", REPO, "--allow-unchanged", "--remote")
     want_path, got_path = tmp_path / "blocking.ffv.safetensors", tmp_path / "later.ffv.safetensors"
     result = _cli("finetune", *args, "--no-evaluate", "--out", str(want_path))
     assert result.exit_code == 0, result.output

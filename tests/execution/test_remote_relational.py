@@ -35,7 +35,8 @@ TASKS = [RelationTask("toy", PAIRS), RelationTask("rev", [(b, a) for a, b in PAI
 ITEMS = [MCAnalogy(("hot", "cold"), [("up", "down"), ("big", "dog"), ("the", "fox")], 0, "toy"),
          MCAnalogy(("big", "small"), [("quick", "lazy"), ("up", "down")], 1, "toy"),
          MCAnalogy(("the", "quick"), [("brown", "fox"), ("lazy", "dog"), ("over", "the")], 2, "rev")]
-SETTINGS = FinetuneSettings(steps=8, lr=0.2, batch_size=4, eval_every=2, patience=4, l2=0.01)
+SETTINGS = FinetuneSettings(steps=8, lr=0.2, batch_size=4, eval_every=2, patience=4, l2=0.01,
+                            allow_unchanged=True)  # tiny random models seldom beat their start: remote == local is tested, not learning (issue 26)
 SIZES: dict[str, tuple[int, int]] = {}  # stage -> (payload bytes, result bytes)
 TOL = 1e-4
 
@@ -191,7 +192,7 @@ def test_cli_relational_remote(local, bank, ndif, tmp_path):
     (data_dir / "toy.json").write_text(json.dumps([{"input": a, "output": b} for a, b in PAIRS]))
     ffv_path = tmp_path / "toy.ffv.safetensors"
     args = ("--task", "toy", "--data-dir", str(data_dir), "--init", "zero", "--layer", "1", "--n-train", "8",
-            "--n-valid", "6", "--steps", "4", "--batch-size", "4", "--no-evaluate", "--model", REPO)
+            "--n-valid", "6", "--steps", "4", "--batch-size", "4", "--no-evaluate", "--model", REPO, "--allow-unchanged")
     result = _cli("finetune", *args, "--out", str(ffv_path), "--remote")
     assert result.exit_code == 0, result.output
     _requests(ndif, "CLI finetune --remote (4 steps)")
@@ -216,7 +217,12 @@ def test_cli_relational_remote(local, bank, ndif, tmp_path):
         batch_size=4, n_boot=20)).accuracy()
     _requests(ndif, "CLI analogy --remote (3 items)")
     ndif.reset()
-    result = _cli("decode", f"{bank_path}:toy", str(ffv_path), "--words", "hot,cold", "--model", REPO, "--remote")
+    # the FFV above kept its zero start (allowed on purpose), and decode refuses an all-zero vector: decode a
+    # random vector of the same file format instead
+    rand = FunctionVector.load(ffv_path)
+    rand.vector = torch.randn(rand.vector.shape, generator=torch.Generator().manual_seed(3))
+    rand_path = rand.save(tmp_path / "rand.ffv.safetensors")
+    result = _cli("decode", f"{bank_path}:toy", str(rand_path), "--words", "hot,cold", "--model", REPO, "--remote")
     assert result.exit_code == 0, result.output
     _requests(ndif, "CLI decode --remote (2 vectors)")
     result = _cli("analogy", "--mc", str(mc), "--bank", str(bank_path), "--train-combiner", str(mc), "--model", REPO,

@@ -178,7 +178,7 @@ def test_cli_plan_json_split_and_strict():
     (["--stage", "cma", "--config", "/nonexistent/config.json"], "no such config file"),
     (["--stage", "cma", "--n-prompts", "0"], "--n-prompts must be at least 1"),
     (["--stage", "extract", "--dtype", "int3"], "unknown --dtype"),
-    (["--stage", "cma", "--tflops", "0"], "throughput must be a positive number"),
+    (["--stage", "cma", "--tflops", "0"], "--tflops must be a positive number"),
     (["--stage", "cma", "--model", "nobody/no-such-model"], "pass --config"),
 ])
 def test_cli_plan_user_errors_are_one_line(args, needle):

@@ -64,7 +64,8 @@ def test_cached_prefix_training_is_exact(family, tiny_tokenizer):
     v0 = 0.3 * torch.randn(model.adapter.d_model, generator=torch.Generator().manual_seed(1))
     for layer in (0, 2):
         runs = [finetune(model, train, valid, v0, layer, FinetuneSettings(steps=4, lr=0.5, eval_every=2,
-                                                                          batch_size=4, fast=fast))
+                                                                          batch_size=4, fast=fast,
+                                                                          allow_unchanged=True))
                 for fast in (True, False)]
         fast, full = (r.history for r in runs)
         assert fast["train_loss"] == pytest.approx(full["train_loss"], abs=1e-5)
@@ -74,9 +75,11 @@ def test_cached_prefix_training_is_exact(family, tiny_tokenizer):
 
 def test_finetune_lowers_loss_and_saves_like_an_fv(llama, prepared, tmp_path):
     train, valid = examples(prepared, "train", 8), examples(prepared, "valid")
-    settings = FinetuneSettings(steps=8, lr=1.0, eval_every=4, patience=50)
+    # a random tiny model seldom beats the zero vector on 2 validation pairs: keep the start on purpose (issue 26)
+    settings = FinetuneSettings(steps=8, lr=1.0, eval_every=4, patience=50, allow_unchanged=True)
     res = finetune(llama, train, valid, torch.zeros(llama.adapter.d_model), 1, settings, task="opposites",
                    init="zero")
+    assert res.ffv.meta["unchanged"] == (res.best_step == 0)  # step 0 kept = the zero start, and says so
     hist = res.history
     # a random tiny model has near-uniform outputs (NLL ~ log 306 = 5.7): a drop of 0.2 nats is a real effect
     assert hist["train_loss"][-1] < hist["train_loss"][0] - 0.2
@@ -116,7 +119,7 @@ def test_train_ffv_from_fv_with_auto_layer(llama, prepared):
     fv = FunctionVector(vector=torch.randn(llama.adapter.d_model), model=llama.model_id, task="opposites", layer=2,
                         heads=[(2, 1)])
     run = train_ffv(llama, prepared, fv, init="fv", layer="auto", n_train=6, n_valid=4,
-                    settings=FinetuneSettings(steps=3, lr=0.2), quick_steps=2)
+                    settings=FinetuneSettings(steps=3, lr=0.2, allow_unchanged=True), quick_steps=2)
     assert set(run.layer_search) == set(candidate_layers(3, 2))
     assert run.result.ffv.layer == best_ffv_layer(run.layer_search)
     assert run.result.ffv.meta["source"]["layer"] == 2 and run.result.ffv.heads == [(2, 1)]

@@ -47,7 +47,10 @@ def llama(tiny_tokenizer):
 def bank_path(llama, tmp_path_factory):
     path = tmp_path_factory.mktemp("bank") / "bank.safetensors"
     tasks = [load_task(FIX / "opposites.json"), load_task(FIX / "echo.json")]
-    build_bank(llama, tasks, path, layer=1, n_train=6, n_valid=4, settings=FinetuneSettings(steps=3, lr=0.5))
+    # a random tiny model seldom beats its start on 4 validation pairs; the bank's plumbing is what is tested here,
+    # so such entries are kept on purpose (issue 26 refuses them otherwise)
+    build_bank(llama, tasks, path, layer=1, n_train=6, n_valid=4,
+               settings=FinetuneSettings(steps=3, lr=0.5, allow_unchanged=True))
     return path
 
 

@@ -43,8 +43,10 @@ def labelled_bank(llama, tmp_path_factory):
     few.labels = {"source": "todd", "class": "x", "subcategory": "tiny"}
     few.name = "todd:tiny"
     coll = Collection([_labelled("opposites", "semeval2012", "CONTRAST"), few, _labelled("echo", "bats", "copy")])
+    # a random tiny model seldom beats its start on 4 validation pairs in 2 steps (issue 26 refuses such entries);
+    # what is tested here is the labels and the report, so those entries are kept on purpose
     bank, report = build_from_sources(llama, coll, path, layer=1, n_train=20, min_train=4, n_valid=4,
-                                      settings=FinetuneSettings(steps=2, lr=0.5))
+                                      settings=FinetuneSettings(steps=2, lr=0.5, allow_unchanged=True))
     return path, bank, report
 
 
@@ -96,7 +98,7 @@ def test_resumed_build_keeps_times(llama, labelled_bank):
     path, _, first = labelled_bank
     coll = Collection([_labelled("opposites", "semeval2012", "CONTRAST"), _labelled("echo", "bats", "copy")])
     _, again = build_from_sources(llama, coll, path, layer=1, n_train=20, min_train=4, n_valid=4,
-                                  settings=FinetuneSettings(steps=2, lr=0.5))
+                                  settings=FinetuneSettings(steps=2, lr=0.5, allow_unchanged=True))
     assert again["train_s"] == first["train_s"] and len(again["wall_s_runs"]) == 2
 
 
@@ -125,7 +127,8 @@ def test_by_group_and_icl_qa_plus_cfv(llama, labelled_bank):
     _, bank, _ = labelled_bank
     items = read_mc_analogies(FIX / "mc.jsonl")
     res = run_analogies(llama, bank, items, AnalogySettings(n_boot=200))
-    assert res.group_by == "relation"
+    assert res.group_by is None  # three items, three relations: no groups worth a table unasked (issue 26)
+    res.group_by = "relation"
     groups = res.by_group("family")
     assert sum(g["n"] for g in groups.values()) == res.n == 3
     idx = [i for i, it in enumerate(res.items) if it.groups["family"] == "4_Lexicographic_semantics"]
@@ -133,9 +136,14 @@ def test_by_group_and_icl_qa_plus_cfv(llama, labelled_bank):
     for m, v in res.correct.items():
         assert lex["accuracy"][m] == pytest.approx(v[idx].mean())
         assert lex["ci95"][m] == bootstrap_ci(v[idx], 200, 0)
+    assert all((g["ci95"] is None) == (g["n"] < 2) for g in groups.values())  # a group of one: no interval
+    pooled = res.by_group("family", min_size=100)
+    assert list(pooled) == ["other"] and pooled["other"]["pooled"] == len(groups) and pooled["other"]["n"] == 3
+    for m, v in res.correct.items():
+        assert pooled["other"]["ci95"][m] == bootstrap_ci(v, 200, 0)
     assert "cfv_minus_no_vector" in lex["gain"] and "icl_qa+cfv_minus_icl_qa" in res.gains()
     data = res.as_json()
-    assert data["by_group"].keys() == res.by_group("relation").keys()
+    assert data["by_group"].keys() == res.by_group("relation", res.min_group).keys() == {"other"}
     json.dumps(data)
     # the CFV on top of the one-shot prompt: nothing added at scale 0, so exactly the one-shot prompt's hits
     zero = run_analogies(llama, bank, items, AnalogySettings(n_boot=10, scale=0.0),

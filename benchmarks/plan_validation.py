@@ -151,7 +151,7 @@ def stage_finetune(s: Setup):
 
 
 def stage_bank(s: Setup):
-    from fv_remote.relational.bank import build_bank
+    from fv_remote.relational.bank_build import build_bank
     from fv_remote.relational.ffv import FinetuneSettings, examples
 
     st = FinetuneSettings(**SETTINGS)

@@ -8,13 +8,7 @@ import typer
 
 from fv_remote.core.errors import UserError
 
-app = typer.Typer(
-    name="fv-remote",
-    help="Function vectors in language models: trace heads, rank them, build and steer with FVs.",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    add_completion=False,
-)
+from fv_remote.cli.root import app  # noqa: E402 - the root app, re-exported for `fv_remote.cli.app:app`
 
 
 def _register() -> None:
@@ -23,7 +17,7 @@ def _register() -> None:
     from fv_remote.cli import remote_cmd  # noqa: F401
     from fv_remote.cli import jobs_cmd  # noqa: F401
     from fv_remote.cli import graft_cmd  # noqa: F401
-    from fv_remote.cli import relational_cmd  # noqa: F401
+    from fv_remote.cli import align_cmd, analogy_cmd, bank_cmd, decode_cmd, finetune_cmd  # noqa: F401
     from fv_remote.cli import export_cmd  # noqa: F401
     from fv_remote.cli import plan_cmd  # noqa: F401
 

@@ -6,10 +6,14 @@ import os
 import sys
 import time
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional
 
 import typer
 from rich.console import Console
+
+from fv_remote.core.checks import MAX_BOOT, MAX_STEPS, json_text, require_count, require_finite_option, write_output
+from fv_remote.core.errors import UserError
 
 if TYPE_CHECKING:
     from fv_remote.execution import Executor
@@ -59,11 +63,19 @@ def submits(report: dict):
     try:
         yield
     except JobSubmitted as submitted:
-        from fv_remote.cli.jobs_cmd import show_submitted
-
         submitted.job.note(**report)
         show_submitted(submitted)
         raise typer.Exit(0) from None
+
+
+def show_submitted(submitted) -> None:
+    """After a --no-wait submission (its job file written): the file, the id and what to run next."""
+    job, path = submitted, submitted.job.path
+    job_id = job.record.job_id
+    console.print(f"submitted to NDIF ({job.record.payload_bytes:,} bytes); job file {path}")
+    out.print(f"job {job_id}")
+    out.print(f"check: fv-remote jobs status {job_id}; get the results: fv-remote jobs fetch {job_id}")
+
 
 
 @contextmanager
@@ -92,3 +104,63 @@ def progress_bar(description: str, total: int):
             bar.update(task_id, completed=done, total=total_)
 
         yield update
+
+
+# --- pieces shared by the relational commands (finetune, bank, decode, align, analogy) ---
+
+DEFAULT_BANK = "out/bank.safetensors"
+
+def _remote_opt(what: str):
+    return typer.Option(False, "--remote", help=f"run on NDIF: {what} (--model is a Hub repo id; short names map "
+                        "to their original repo)")
+
+
+def _layer_option(text: Optional[str]):
+    if text is None or text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise UserError(f"--layer takes a layer index or 'auto', got {text!r}") from None
+
+
+def _write_json(data: dict, path: Path) -> None:
+    """Atomically; a failed write puts the results in a fallback file and the error says where."""
+    write_output(path, json_text(data))
+    console.print(f"wrote {path}")
+
+
+def _pct(x) -> str:
+    return "—" if x is None else f"{x:.2f}"
+
+
+ALLOW_UNCHANGED_HELP = ("keep a result equal to its starting vector (e.g. --init zero as a baseline on purpose); "
+                       "without it such a run is refused and nothing is saved")
+
+
+def _settings(steps, lr, l2, patience, batch_size, seed, allow_unchanged=False):
+    from fv_remote.relational.ffv import FinetuneSettings
+
+    require_finite_option("--lr", lr)
+    require_finite_option("--l2", l2)
+    require_count("--steps", steps, MAX_STEPS, "optimiser steps")
+    require_count("--batch-size", batch_size, MAX_BOOT, "prompts per step")
+    return FinetuneSettings(steps=steps, lr=lr, l2=l2, patience=patience, batch_size=batch_size, seed=seed,
+                            allow_unchanged=allow_unchanged).check()
+
+
+def load_vector(path: Path, loaded):
+    """An FV/FFV file for this model, checked (model, width, finite); a note for an all-zero vector."""
+    from fv_remote.core.checks import check_vector_fits, require_finite_vector
+    from fv_remote.fv.vectors import FunctionVector
+
+    fv = FunctionVector.load(path)
+    fv.check_model(loaded)
+    check_vector_fits(fv, loaded, path)
+    require_finite_vector(fv, path)  # a NaN vector would steer into a table of nan
+    from fv_remote.core.unchanged import zero_vector_note
+
+    note = zero_vector_note(fv, path)
+    if note:
+        console.print(f"[yellow]note: {note}[/]", markup=True, soft_wrap=True)
+    return fv

@@ -11,7 +11,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from fv_remote.cli.app import app
+from fv_remote.cli.root import app
 from fv_remote.data import build_prompts, list_tasks, load_task
 from fv_remote.core.errors import require_positive
 from fv_remote.models.loading import DEFAULT_MODEL

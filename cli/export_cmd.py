@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from fv_remote.core.checks import check_output_path, check_scale, require_finite_option
-from fv_remote.cli.app import app
+from fv_remote.cli.root import app
 from fv_remote.cli.common import console, executor, load_stage, out
 from fv_remote.core.errors import UserError
 from fv_remote.models.loading import DEFAULT_MODEL
@@ -72,7 +72,7 @@ def export(
 
     loaded = load_stage(model, executor(remote))
     if fv_path is not None:
-        from fv_remote.cli.pipeline_cmd import _load_vector
+        from fv_remote.cli.common import load_vector as _load_vector
 
         vec = _load_vector(fv_path, loaded)
         if layer is not None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from fv_remote.cli.app import app
+from fv_remote.cli.root import app
 from fv_remote.cli.common import console, executor, load_stage, out, progress_bar, submits
 from fv_remote.cli.plan_cmd import PLAN_HELP, plan_instead
 from fv_remote.models.loading import DEFAULT_MODEL

@@ -12,7 +12,7 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from fv_remote.cli.app import app
+from fv_remote.cli.root import app
 from fv_remote.cli.common import console, offline_if_local, out, progress_bar
 from fv_remote.models.loading import DEFAULT_MODEL
 

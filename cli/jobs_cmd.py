@@ -5,36 +5,11 @@ from __future__ import annotations
 import typer
 from rich.table import Table
 
-from fv_remote.cli.app import app
+from fv_remote.cli.root import app
 from fv_remote.cli.common import out
 
 jobs_app = typer.Typer(help="NDIF jobs submitted with --no-wait: status, fetch, list.", no_args_is_help=True)
 app.add_typer(jobs_app, name="jobs")
-
-
-def show_submitted(submitted) -> None:
-    """After a --no-wait submission (its job file written): the file, the id and what to run next."""
-    from fv_remote.cli.common import console
-
-    job, path = submitted, submitted.job.path
-    job_id = job.record.job_id
-    console.print(f"submitted to NDIF ({job.record.payload_bytes:,} bytes); job file {path}")
-    out.print(f"job {job_id}")
-    out.print(f"check: fv-remote jobs status {job_id}; get the results: fv-remote jobs fetch {job_id}")
-
-
-def _register_reporters() -> None:
-    """`jobs fetch` prints what the blocking command prints; storing the results is the library's (`COMMITS`)."""
-    from fv_remote.cli.pipeline_cmd import show_cma, show_evaluation
-    from fv_remote.cli.relational_cmd import show_finetune
-    from fv_remote.execution.jobs import register_reporter
-
-    register_reporter("cma", show_cma)
-    register_reporter("evaluate", lambda report, result: show_evaluation(report, (result.scores, result.curve)))
-    register_reporter("finetune", show_finetune)
-
-
-_register_reporters()
 
 
 @jobs_app.command("status")

@@ -7,7 +7,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from fv_remote.models import loading as M
-from fv_remote.cli.app import app
+from fv_remote.cli.root import app
 from fv_remote.cli.common import console, offline_if_local, out
 
 models_app = typer.Typer(help="List, fetch and describe models.", no_args_is_help=True)

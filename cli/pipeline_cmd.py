@@ -11,8 +11,9 @@ from rich.table import Table
 
 from fv_remote.core.checks import (atomic_save, check_output_path, check_prompt_lengths, check_scale,
                                    require_finite_option, require_finite_vector)
-from fv_remote.cli.app import app
-from fv_remote.cli.common import console, executor, load_stage, out, progress_bar, submits
+from fv_remote.cli.root import app
+from fv_remote.execution.jobs import register_reporter
+from fv_remote.cli.common import load_vector as _load_vector, console, executor, load_stage, out, progress_bar, submits
 from fv_remote.cli.plan_cmd import PLAN_HELP, plan_instead
 from fv_remote.core.errors import UserError, require_positive
 from fv_remote.models.loading import DEFAULT_MODEL
@@ -221,22 +222,6 @@ def fit(
     heads = ", ".join(f"({a},{b})" for a, b in fv.heads)
     out.print(f"FV for {prepared.name}: {len(fv.heads)} heads [{heads}], layer {fv.layer}, "
               f"norm {float(fv.vector.norm()):.3f} -> {path}")
-
-
-def _load_vector(path: Path, loaded):
-    from fv_remote.core.checks import check_vector_fits
-    from fv_remote.fv.vectors import FunctionVector
-
-    fv = FunctionVector.load(path)
-    fv.check_model(loaded)
-    check_vector_fits(fv, loaded, path)
-    require_finite_vector(fv, path)  # a NaN vector would steer into a table of nan
-    from fv_remote.core.unchanged import zero_vector_note
-
-    note = zero_vector_note(fv, path)
-    if note:
-        console.print(f"[yellow]note: {note}[/]", markup=True, soft_wrap=True)
-    return fv
 
 
 @app.command()
@@ -478,3 +463,8 @@ def run(
     write_json(data, json_path or out_dir / "results.json")
     out.print(f"results: {json_path or out_dir / 'results.json'}; layer sweep: {png}; AIE heatmaps: "
               f"{out_dir}/<task>_aie.png")
+
+
+# `jobs fetch` prints what the blocking commands print (storing the results is the stage's commit).
+register_reporter("cma", show_cma)
+register_reporter("evaluate", lambda report, result: show_evaluation(report, (result.scores, result.curve)))

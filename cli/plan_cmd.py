@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from fv_remote.cli.app import app
+from fv_remote.cli.root import app
 from fv_remote.cli.common import out
 from fv_remote.models.loading import DEFAULT_MODEL
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 from rich.table import Table
 
-from fv_remote.cli.app import app
+from fv_remote.cli.root import app
 from fv_remote.cli.common import out
 
 remote_app = typer.Typer(help="NDIF (remote execution): hosted models and version check.", no_args_is_help=True)

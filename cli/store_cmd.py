@@ -8,7 +8,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from fv_remote.cli.app import app
+from fv_remote.cli.root import app
 from fv_remote.cli.common import console, out
 from fv_remote.core.errors import UserError
 from fv_remote.store.activations import ActivationStore

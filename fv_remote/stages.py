@@ -15,7 +15,7 @@ from fv_remote.fv.cma import CMA_STAGE
 from fv_remote.fv.evaluate import EVALUATE, FIT
 from fv_remote.fv.extract import EXTRACT
 from fv_remote.relational.analogy import ANALOGY
-from fv_remote.relational.bank import BANK
+from fv_remote.relational.bank_build import BANK
 from fv_remote.relational.decode import DECODE
 from fv_remote.relational.ffv import FINETUNE
 

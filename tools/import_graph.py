@@ -53,12 +53,7 @@ LAYERS = [
 # Known violations, kept until the code changes (issue 23). Each entry is (importer, imported) between modules.
 KNOWN_UPWARD: dict[tuple[str, str], str] = {}
 # Known module cycles, as the imports that close them (fnmatch patterns): with these cut the graph has no cycle.
-KNOWN_CYCLE_IMPORTS: dict[tuple[str, str], str] = {
-    # The CLI's registration: app.main imports every command module, which attach themselves to `app`.
-    ("fv_remote.cli.app", "fv_remote.cli.*_cmd"): "cli.app registers the command modules",
-    # cli.common lazily imports jobs_cmd (to print a submitted job); jobs_cmd uses common's helpers.
-    ("fv_remote.cli.common", "fv_remote.cli.jobs_cmd"): "common.submits prints the job via jobs_cmd",
-}
+KNOWN_CYCLE_IMPORTS: dict[tuple[str, str], str] = {}
 
 
 @dataclass(frozen=True)

@@ -39,12 +39,48 @@ def _safetensors_header(path: Path) -> dict | None:
     return header if isinstance(header, dict) else None
 
 
+STORE_MARKERS = ("zarr.json", ".fv-remote/manifest.json")
+
+
+def is_store(url: str) -> bool:
+    """A folder holding a root `zarr.json`, the metadata backup `.fv-remote/manifest.json`, or a task group's
+    `zarr.json` one level down (a store whose root document was lost is still one; a folder of stores is not)."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(str(url))
+    root = root.rstrip("/")
+    if not fs.exists(root) or fs.isfile(root):
+        return False
+    return has_store_markers(fs, root)
+
+
+def has_store_markers(fs, root: str) -> bool:
+    """Only the folder's own listing and a few named files are looked at: a wrong path (a home folder) costs nothing."""
+    if any(fs.exists(f"{root}/{m}") for m in STORE_MARKERS):
+        return True
+    for entry in fs.ls(root, detail=True):
+        child = str(entry["name"]).rstrip("/")
+        if entry.get("type") == "directory" and fs.exists(f"{child}/zarr.json") and _task_group(fs, child):
+            return True
+    return False
+
+
+def _task_group(fs, child: str) -> bool:
+    """A Zarr group one level down is a task group (so the folder is a store that lost its root document) unless
+    it is a store of its own: its root holds the store identity or the metadata backup."""
+    if fs.exists(f"{child}/.fv-remote/manifest.json"):
+        return False
+    try:
+        attrs = json.loads(fs.cat_file(f"{child}/zarr.json")).get("attributes") or {}
+    except (OSError, ValueError, AttributeError):
+        return True  # damaged: only a store's task groups are looked for here
+    return "store_identity" not in attrs
+
+
 def kind_of(path: str | Path) -> str:
     """One of NAMES' keys."""
     path = Path(path)
     if path.is_dir():
-        from fv_remote.store.kind import is_store
-
         if is_store(str(path)):
             return "store"
         return "model" if (path / "config.json").is_file() else "folder"

@@ -17,7 +17,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from fv_remote.relational.bank import RelationBank, build_bank
+from fv_remote.relational.bank import RelationBank
+from fv_remote.relational.bank_build import build_bank
 from fv_remote.core.checks import write_output
 from fv_remote.data.sources import Collection, Unusable
 from fv_remote.core.errors import UserError

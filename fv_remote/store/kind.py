@@ -12,59 +12,21 @@ from __future__ import annotations
 import posixpath
 
 from fv_remote.core.errors import UserError
-
-MARKERS = ("zarr.json", ".fv-remote/manifest.json")
-
-
-def _files(url: str):
-    from fv_remote.store.integrity import Files
-
-    return Files(url)
-
-
-def is_store(url: str) -> bool:
-    files = _files(url)
-    if not files.exists() or files.isfile():
-        return False
-    return _has_markers(files)
-
-
-def _has_markers(files) -> bool:
-    fs = files.fs
-    if any(fs.exists(files.path(m)) for m in MARKERS):
-        return True
-    for entry in fs.ls(files.root, detail=True):
-        child = str(entry["name"]).rstrip("/")
-        if entry.get("type") == "directory" and fs.exists(f"{child}/zarr.json") and _task_group(fs, child):
-            return True
-    return False
-
-
-def _task_group(fs, child: str) -> bool:
-    """A Zarr group one level down is a task group (so the folder is a store that lost its root document) unless
-    it is a store of its own: its root holds the store identity or the metadata backup."""
-    import json
-
-    if fs.exists(f"{child}/.fv-remote/manifest.json"):
-        return False
-    try:
-        attrs = json.loads(fs.cat_file(f"{child}/zarr.json")).get("attributes") or {}
-    except (OSError, ValueError, AttributeError):
-        return True  # damaged: only a store's task groups are looked for here
-    return "store_identity" not in attrs
-
+from fv_remote.core.kinds import has_store_markers, is_store  # noqa: F401 - is_store: this module's API too
 
 def require_store(url: str, writing: bool = False) -> None:
     """Refuse a path that is not an activation store with one line naming what is there instead. `writing`
     (extract, run): a path that does not exist yet or an empty folder is fine (the store is created there)."""
-    files = _files(url)
+    from fv_remote.store.integrity import Files
+
+    files = Files(url)
     if not files.exists():
         if writing:
             return
         raise UserError(f"no activation store at {url}; create one with `fv-remote extract --store {url}`")
     if files.isfile():
         raise UserError(f"{url} is a file, not an activation store (a Zarr folder); give the store's folder")
-    if _has_markers(files):
+    if has_store_markers(files.fs, files.root):
         return
     names = sorted(posixpath.basename(str(p).rstrip("/")) for p in files.fs.ls(files.root, detail=False))
     if not names:

@@ -190,7 +190,8 @@ def test_sigint_says_what_was_kept(env, tmp_path):
 
 
 def test_bank_build_never_stores_a_diverged_vector(tmp_path):
-    from fv_remote.relational.bank import RelationBank, _add
+    from fv_remote.relational.bank import RelationBank
+    from fv_remote.relational.bank_build import _add
     from fv_remote.fv.vectors import FunctionVector
 
     bank, seen = RelationBank("m"), []

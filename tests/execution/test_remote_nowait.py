@@ -21,7 +21,8 @@ from typer.testing import CliRunner
 from support.remote_fixtures import hosted_model_fixtures, point_client_at
 
 from fv_remote import execution as R
-from fv_remote.relational.bank import RelationBank, build_bank
+from fv_remote.relational.bank import RelationBank
+from fv_remote.relational.bank_build import build_bank
 from fv_remote.data import RelationTask
 from fv_remote.core.errors import UserError
 from fv_remote.relational.ffv import FinetuneSettings, train_ffv

@@ -18,7 +18,8 @@ from typer.testing import CliRunner
 from support.remote_fixtures import assert_same_decoding, hosted_model_fixtures, point_client_at
 
 from fv_remote.relational.analogy import AnalogySettings, Combiner, run_analogies
-from fv_remote.relational.bank import RelationBank, build_bank
+from fv_remote.relational.bank import RelationBank
+from fv_remote.relational.bank_build import build_bank
 from fv_remote.data import MCAnalogy, RelationTask
 from fv_remote.relational.decode import decode_many
 from fv_remote.core.errors import UserError
@@ -197,10 +198,10 @@ def test_cli_relational_remote(local, bank, ndif, tmp_path):
     assert result.exit_code == 0, result.output
     _requests(ndif, "CLI finetune --remote (4 steps)")
     local_path = tmp_path / "local.ffv.safetensors"
-    from fv_remote.cli import relational_cmd
+    from fv_remote.cli import finetune_cmd
 
     with pytest.MonkeyPatch.context() as mp:  # the local run uses the same tiny model
-        mp.setattr(relational_cmd, "load_stage", lambda model, remote=False: local)
+        mp.setattr(finetune_cmd, "load_stage", lambda model, remote=False: local)
         assert _cli("finetune", *args, "--out", str(local_path)).exit_code == 0
     torch.testing.assert_close(FunctionVector.load(ffv_path).vector, FunctionVector.load(local_path).vector,
                                atol=TOL, rtol=0)

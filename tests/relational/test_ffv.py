@@ -161,11 +161,11 @@ def test_cli_notes_a_learning_rate_too_small_for_the_stream(llama, tmp_path, mon
     """A vector that barely moved (lr far below the vector's scale: Gemma at smollm2's lr) is saved with a note."""
     from typer.testing import CliRunner
 
-    from fv_remote.cli import relational_cmd
+    from fv_remote.cli import finetune_cmd
     from fv_remote.cli.app import _register, app
 
     _register()
-    monkeypatch.setattr(relational_cmd, "load_stage", lambda *args, **kwargs: llama)
+    monkeypatch.setattr(finetune_cmd, "load_stage", lambda *args, **kwargs: llama)
     d = llama.adapter.d_model
     big = FunctionVector(vector=torch.randn(d, generator=torch.Generator().manual_seed(0)) * 500,
                          model=llama.model_id, task="opposites", layer=1)

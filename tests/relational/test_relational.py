@@ -26,7 +26,8 @@ from fv_remote.relational.analogy import (
     run_analogies,
     train_combiner,
 )
-from fv_remote.relational.bank import BankEntry, RelationBank, build_bank, info
+from fv_remote.relational.bank import BankEntry, RelationBank, info
+from fv_remote.relational.bank_build import build_bank
 from fv_remote.data import load_task, read_analogy_csv, read_mc_analogies
 from fv_remote.relational.decode import decode, project
 from fv_remote.core.errors import UserError

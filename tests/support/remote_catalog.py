@@ -227,7 +227,7 @@ def _finetune(h: Harness, remote: Any) -> Any:
 
 
 def _bank(h: Harness, remote: Any) -> Any:
-    from fv_remote.relational.bank import build_bank
+    from fv_remote.relational.bank_build import build_bank
     from fv_remote.relational.ffv import FinetuneSettings
 
     path = h.workdir / f"bank-{bool(remote)}-{len(h.extra)}.safetensors"

@@ -274,7 +274,7 @@ def steer(
     prepared = _prepare(loaded, task, data_dir, seed)
     prompts = prepared.prompts("test", len(prepared.splits.test), kind="zero_shot", n_shots=0, seed_offset=2)
     texts, ids = [p.text for p in prompts], prepared.ids(prompts)
-    before, after = score_conditions(loaded, [Condition(texts, None, ids), Condition(texts, st, ids)], remote)
+    before, after = score_conditions(loaded, [Condition(texts, None, ids), Condition(texts, st, ids)])
     out.print(f"{prepared.name}: zero-shot accuracy {before:.2f} -> {after:.2f} with the {vec.kind.upper()} "
               f"({where}) on {len(texts)} test pairs")
 

@@ -200,3 +200,19 @@ def test_bank_build_never_stores_a_diverged_vector(tmp_path):
     _add(bank, path, {"name": "t", "category": "", "relation_words": [], "source": ""}, nan, None,
          lambda name, status: seen.append(status), None, 0, 1)
     assert len(bank) == 0 and not path.exists() and seen[0].startswith("skipped: training diverged")
+
+
+def test_each_steering_command_runs_end_to_end(env, tmp_path):
+    """Every way of scoring or generating with a vector runs to its table (test-ndif found `steer --task` calling
+    the scorer with an argument it no longer takes: only a run of the command catches that)."""
+    fv, m = ("--fv", env["good"]), ("-m", env["folder"])
+    runs = {"steer --prompt": ("steer", *fv, *m, "--prompt", "Q: hot\nA:"),
+            "steer --task": ("steer", *fv, *m, "--task", env["data"]),
+            "generate": ("generate", *fv, *m, "--prompt", "Q: hot\nA:", "--max-new-tokens", "3"),
+            "evaluate --sweep": ("evaluate", *fv, *m, "-t", env["data"], "--n-test", "3", "--n-shots", "2", "--sweep",
+                                 "--json", str(tmp_path / "e.json"), "--plot", str(tmp_path / "s.png"))}
+    for name, args in runs.items():
+        result = invoke(*args)
+        assert result.code == 0 and not result.traceback, f"{name}: {result.describe()}"
+    data = json.loads((tmp_path / "e.json").read_text())
+    assert set(data["sweep"]) == {"0", "1", "2"} and (tmp_path / "s.png").is_file()

@@ -258,8 +258,9 @@ def test_zero_vector_is_refused_by_decode_and_noted_by_steer(env, tmp_path):
 def test_no_wait_bank_fetch_reports_an_unchanged_relation_and_writes_the_rest(tmp_path):
     """`jobs fetch` of a bank job: one relation kept its start (step 0), the other trained; the first is said, the
     second written (before: a refused relation stopped the whole fetch)."""
-    from fv_remote.execution.jobs import _commit_bank
+    from fv_remote.execution.stage import plan_from_json
     from fv_remote.relational.bank import RelationBank
+    from fv_remote.relational.bank_build import BANK, BankPlan
     from fv_remote.relational.ffv import FinetuneSettings
 
     def out(kept: float, best_step: int) -> dict:
@@ -271,9 +272,12 @@ def test_no_wait_bank_fetch_reports_an_unchanged_relation_and_writes_the_rest(tm
     entry = {"category": "", "relation_words": [], "source": "", "labels": {}, "source_fv": None, "n_train": 4,
              "n_valid": 2, "n_batches": 1}
     path = tmp_path / "b.safetensors"
-    details = {"path": str(path), "model": "m", "resume": False, "bank_settings": {}, "init": "zero",
-               "settings": FinetuneSettings().as_dict(), "n_tasks": 2, "n_jobs": 2, "result_key": "results",
-               "entries": [{**entry, "name": "same", "index": 0}, {**entry, "name": "moved", "index": 1}]}
-    bank, message = _commit_bank({"details": details}, {"results": [out(0.0, 0), out(0.5, 2)]})
+    plan = plan_from_json(BankPlan, {  # as a fetched job reads it back from its job file
+        "path": str(path), "model": "m", "resume": False, "bank_settings": {}, "init": "zero",
+        "settings": FinetuneSettings().as_dict(), "n_tasks": 2, "n_jobs": 2,
+        "entries": [{**entry, "name": "same", "index": 0}, {**entry, "name": "moved", "index": 1}]})
+    outputs = BANK.outputs_from_saved(plan, {"results": [out(0.0, 0), out(0.5, 2)]})
+    bank = BANK.commit(plan, outputs)
+    message = BANK.summary(plan, bank)
     assert RelationBank.load(path).names == ["moved"]
     assert "same: skipped" in message and "starting vector" in message

@@ -186,6 +186,16 @@ class LoadedModel:
     def model_id(self) -> str:
         return self.info.get("hub_repo") or self.name
 
+    @property
+    def device(self) -> Any:
+        """Where inputs go: the device of the input embeddings (with a device map, where the first block runs;
+        an offloaded embedding's weights sit on `meta` between forwards, so then the CPU). Plain-PyTorch code on
+        `hf` (LRP, references) puts its inputs there; nnsight traces move them themselves."""
+        import torch
+
+        device = self.hf.get_input_embeddings().weight.device
+        return torch.device("cpu") if device.type == "meta" else device
+
     def using(self, executor: Any) -> LoadedModel:
         """The same model (same weights, tokenizer, adapter) with its stages run by `executor`, an
         `fv_remote.execution.Executor`: `Local()`, `DryRun()`, `NDIF()` or `NDIF(wait=False)`."""

@@ -81,7 +81,8 @@ class Plan:
         # The trained vector and its Adam state are float32 whatever the model's dtype, on the device where the
         # model's inputs go (the CPU for a weightless remote copy); `add_to_residual` casts it at the add site.
         self.jobs.append({"train": train, "valid": valid, "layer": int(layer), "search": list(search),
-                          "init": init.detach().to(device=_vector_device(self.model), dtype=torch.float32).clone(), "scale_texts": scale_texts, "baseline": baseline,
+                          "init": init.detach().to(device=_vector_device(self.model), dtype=torch.float32).clone(),
+                          "scale_texts": scale_texts, "baseline": baseline,
                           "steps": s.steps, "lrs": [s.lr * cosine_factor(s, i) for i in range(s.steps)],
                           "l2": s.l2, "eval_every": s.eval_every, "patience": s.patience})
         return len(self.jobs) - 1
@@ -211,7 +212,8 @@ def run_jobs(model: LoadedModel, datasets: list[list[dict]], jobs: list[dict]) -
                             "best_loss": best_loss, "best_acc": best_acc, "stopped": stopped,
                             "init_norm": float(v0.norm()), "baseline_acc": base_acc,
                             "moved": float((vector.detach() - v0).norm())})
-        cache = cached = states = kv = loss = hits = norm = vec = logits = targets = v0 = vector = best = feed = chunk = None  # type: ignore[assignment]  # session unbinds locals
+        cache = cached = states = kv = loss = hits = norm = vec = logits = v0 = vector = best = feed = chunk = None  # type: ignore[assignment]  # session unbinds locals
+        targets = None
         job = row = data = items = sums = hist = opt = caches = replace = h = None  # type: ignore[assignment]  # unbind
         if session:
             results = nnsight.save(results)

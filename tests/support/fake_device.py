@@ -145,7 +145,12 @@ class OnDevice(torch.Tensor):
         target = kwargs.get("device")
         if _on_fake(target):
             kwargs = {**kwargs, "device": CPU}
-        out = func(*tree_map(_unwrap, args), **tree_map(_unwrap, kwargs))
+        plain = tree_map(_unwrap, args)
+        if func is torch.ops.aten.histc.default and not plain[0].is_floating_point():
+            # CUDA's histc takes integers (transformers' MoE counts experts with it off the CPU); the CPU's does not
+            out = func(plain[0].float(), *plain[1:], **kwargs).to(plain[0].dtype)
+        else:
+            out = func(*plain, **tree_map(_unwrap, kwargs))
         if any(r.alias_info is not None and r.alias_info.is_write for r in func._schema.returns):
             return args[0]  # in-place: the wrapper already shows its element's new values
         if target is None or _on_fake(target):

@@ -18,15 +18,20 @@
 # A benchmark that fails prints a JSON line with "error" and the script goes on; its exit status is the number of
 # failures. The torch in .venv must be a CUDA build for cuda (`make setup` installs the CPU wheel).
 #
-# Status: written and run on the CPU path only (GPU_DEVICE=cpu GPU_SMALL=1); it has NOT run on a GPU yet. The stage
-# code builds its small index/mask tensors on the CPU; a device mismatch shows as an "error" line naming it.
+#   GPU_SPLIT    1 (default): also run bench_cma and bench_dtype with the model split by accelerate (device_map
+#                "balanced" over the visible GPUs, or, with one GPU, half the blocks offloaded to the CPU), and
+#                print `fv-remote plan --local` for the 8B/70B fixtures against this machine's GPUs.
+#
+# Status: written and run on the CPU path only (GPU_DEVICE=cpu GPU_SMALL=1); it has NOT run on a GPU yet (issue 24:
+# no GPU was lent). Every stage runs device-correct on a fake second device in `make test`
+# (tests/models/test_placement_devices.py); a device mismatch on a real GPU shows as an "error" line naming it.
 set -u
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 DEVICE=${GPU_DEVICE:-cuda}
 MODELS=${GPU_MODELS:-"smollm2-135m gemma3-270m"}
 DTYPES=${GPU_DTYPES:-"float32 bfloat16"}
-BENCHES=${GPU_BENCHES:-"bench_cma bench_attribution bench_tracing bench_ffv bench_heads"}
+BENCHES=${GPU_BENCHES:-"bench_cma bench_attribution bench_tracing bench_ffv bench_heads bench_dtype"}
 LIMIT=${GPU_TIMEOUT:-600}
 export HF_HUB_OFFLINE=1 BENCH_OUT=${BENCH_OUT:-out/bench-gpu} PYTHONUNBUFFERED=1
 if [ "${GPU_SMALL:-0}" = 1 ]; then
@@ -66,4 +71,32 @@ for model in $MODELS; do
     done
   done
 done
+if [ "${GPU_SPLIT:-1}" = 1 ]; then
+  # accelerate's device map: over the GPUs when there are several, else the first half of the blocks on the GPU and
+  # the rest offloaded to the CPU (what a model larger than one card does); same JSON lines, "device_map" added.
+  n_gpus=$("$PY" -c "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)")
+  model=${MODELS%% *}
+  if [ "$n_gpus" -gt 1 ]; then
+    map=balanced
+  else
+    map=$("$PY" benchmarks/split_map.py "$model" "$DEVICE")
+  fi
+  for bench in bench_cma bench_dtype; do
+    line=$(BENCH_MODEL=$model FV_REMOTE_DEVICE_MAP=$map timeout "$LIMIT" "$PY" "benchmarks/$bench.py" \
+           --device "$DEVICE" --dtype bfloat16 2> >(tail -n 3 >&2))
+    status=$?
+    if [ $status -ne 0 ] || [ -z "$line" ]; then
+      failures=$((failures + 1))
+      echo "{\"bench\": \"${bench#bench_}\", \"model\": \"$model\", \"device_map\": \"split\", \"error\": \"exit $status\"}"
+    else
+      echo "$line" | "$PY" -c "import json, sys; r = json.loads(sys.stdin.read().strip().splitlines()[-1]); r['device_map'] = sys.argv[1]; print(json.dumps(r))" "$( [ "$map" = balanced ] && echo balanced || echo gpu+cpu-offload)"
+    fi
+  done
+  for size in 8B 70B; do
+    "$PY" -c "from fv_remote.cli.app import main; main()" plan --local --device "$DEVICE" \
+      --devices "$(( n_gpus > 0 ? n_gpus : 1 ))" --stage cma --n-prompts 25 --dtype bfloat16 \
+      -m "meta-llama/Llama-3.1-$size" --config "tests/fixtures/configs/Llama-3.1-$size.json" --json 2>/dev/null \
+      | "$PY" -c "import json, sys; print(json.dumps(json.loads(sys.stdin.read())))"
+  done
+fi
 exit $failures

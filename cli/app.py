@@ -11,6 +11,28 @@ from fv_remote.core.errors import UserError
 from fv_remote.cli.root import app  # noqa: E402 - the root app, re-exported for `fv_remote.cli.app:app`
 
 
+@app.callback()
+def _options(
+    device: str = typer.Option(None, "--device", envvar="FV_REMOTE_DEVICE", show_envvar=True,
+                               help="where local models run: cpu, cuda, cuda:N, mps [default: cuda when available, "
+                                    "else cpu]"),
+    dtype: str = typer.Option(None, "--dtype", envvar="FV_REMOTE_DTYPE", show_envvar=True,
+                              help="float32 (default), bfloat16, float16, or auto (the checkpoint's own)"),
+    device_map: str = typer.Option(None, "--device-map", envvar="FV_REMOTE_DEVICE_MAP", show_envvar=True,
+                                   help="spread a model over devices (accelerate): auto, balanced, sequential, or "
+                                        "a JSON object {module: GPU index | \"cpu\" | \"disk\"}"),
+    offload_folder: str = typer.Option(None, "--offload-folder", envvar="FV_REMOTE_OFFLOAD", show_envvar=True,
+                                       help="where a device map's \"disk\" blocks go [default: the model cache]"),
+) -> None:
+    """Function vectors in language models: trace heads, rank them, build and steer with FVs.
+
+    The placement options go before the command (`fv-remote --device cuda --dtype bfloat16 extract ...`) and apply
+    to every local model the command loads."""
+    from fv_remote.cli.common import set_placement
+
+    set_placement(device, dtype, device_map, offload_folder)
+
+
 def _register() -> None:
     # Sub-commands live in their own modules; importing them attaches them to `app`.
     from fv_remote.cli import data_cmd, extract_cmd, models_cmd, pipeline_cmd, store_cmd  # noqa: F401

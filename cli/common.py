@@ -17,6 +17,7 @@ from fv_remote.core.errors import UserError
 
 if TYPE_CHECKING:
     from fv_remote.execution import Executor
+    from fv_remote.models.placement import Placement
     from fv_remote.models.loading import LoadedModel
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -36,15 +37,37 @@ def offline_if_local(model: str) -> None:
     hf_logging.disable_progress_bar()  # our own progress bars are enough on the terminal
 
 
+_PLACEMENT: dict[str, Placement] = {}
+
+
+def set_placement(device: str | None = None, dtype: str | None = None, device_map: str | None = None,
+                  offload_folder: str | None = None) -> Placement:
+    """The app-level `--device/--dtype/--device-map/--offload-folder` options (cli/app.py's callback), over the
+    FV_REMOTE_DEVICE/_DTYPE/_DEVICE_MAP/_OFFLOAD environment variables: checked here, before any command runs."""
+    from fv_remote.models.placement import Placement as _Placement
+
+    chosen = _Placement.from_env(device=device, dtype=dtype, device_map=device_map, offload_folder=offload_folder)
+    _PLACEMENT["current"] = chosen
+    return chosen
+
+
+def placement() -> Placement:
+    """Where local commands load models (set once per invocation by the app's options)."""
+    from fv_remote.models.placement import Placement as _Placement
+
+    return _PLACEMENT.get("current") or _Placement.from_env()
+
+
 def executor(remote: bool, no_wait: bool = False) -> Executor:
-    """The executor a command's `--remote` / `--no-wait` flags name: the one place the CLI interprets them."""
+    """The executor a command's `--remote` / `--no-wait` flags name: the one place the CLI interprets them. A local
+    one carries the app's placement (`fv-remote --device cuda --dtype bfloat16 CMD ...`)."""
     from fv_remote.execution import NDIF, Local
 
     if no_wait and not remote:
         from fv_remote.core.errors import UserError
 
         raise UserError("--no-wait needs --remote (only NDIF jobs can be fetched later)")
-    return NDIF(wait=not no_wait) if remote else Local()
+    return NDIF(wait=not no_wait) if remote else Local(placement=placement())
 
 
 def load_stage(model: str, ex: Executor) -> LoadedModel:

@@ -13,7 +13,7 @@ from rich.table import Table
 from rich.text import Text
 
 from fv_remote.cli.root import app
-from fv_remote.cli.common import console, offline_if_local, out, progress_bar
+from fv_remote.cli.common import console, offline_if_local, out, placement, progress_bar
 from fv_remote.models.loading import DEFAULT_MODEL
 
 graft_app = typer.Typer(
@@ -78,7 +78,7 @@ def train_cmd(
         raise UserError(f"--lr must be positive, got {lr:g}")
     offline_if_local(model)
     target = out_dir or _default_out(model)
-    loaded = load_model(model)
+    loaded = load_model(model, placement())
     dataset = make_dataset(n_subjects, [r.strip() for r in relations.split(",") if r.strip()], seed=seed,
                            tokenizer=loaded.tokenizer)
     heldout, seen = dataset.eval_prompts("heldout"), dataset.eval_prompts("train")

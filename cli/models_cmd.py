@@ -8,7 +8,7 @@ from rich.table import Table
 
 from fv_remote.models import loading as M
 from fv_remote.cli.root import app
-from fv_remote.cli.common import console, offline_if_local, out
+from fv_remote.cli.common import console, offline_if_local, out, placement
 
 models_app = typer.Typer(help="List, fetch and describe models.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
@@ -39,12 +39,21 @@ def pull(name: str = typer.Argument(M.DEFAULT_MODEL, help="short model name"),
 
 @models_app.command("info")
 def info(name: str = typer.Argument(M.DEFAULT_MODEL, help="short name, repo id, folder or .gguf")) -> None:
-    """Layers, heads, head_dim, d_model, vocabulary, family, where the post-attention norm is, cache location."""
+    """Layers, heads, head_dim, d_model, vocabulary, family, where the post-attention norm is, cache location, and
+    where each block lives with the memory it takes (`fv-remote --device cuda --dtype bfloat16 models info`)."""
     offline_if_local(name)
     table = Table("property", "value")
-    for key, value in M.describe(name).items():
+    described = M.describe(name, placement())
+    blocks = described.pop("blocks")
+    for key, value in described.items():
         table.add_row(key, escape(str(value)))  # paths like layers[i] are not rich markup
     out.print(table)
+    where = Table("block", "device", "weights")
+    for row in blocks:
+        where.add_row(escape(row["block"]), row["device"], f"{row['bytes'] / 2**20:.1f} MiB")
+    total = sum(row["bytes"] for row in blocks)
+    where.add_row("total", "", f"{total / 2**20:.1f} MiB")
+    out.print(where)
 
 
 @models_app.command("families")

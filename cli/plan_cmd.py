@@ -96,8 +96,10 @@ def plan(
     bank_size: int = typer.Option(10, help="analogy: relations in the bank"),
     choices: int = typer.Option(4, help="analogy: choices per item"),
     methods: int = typer.Option(6, help="analogy: methods scored (all six of `analogy`)"),
-    tflops: float = typer.Option(100.0, help="achieved TFLOP/s on the server"),
-    trace_overhead: float = typer.Option(0.05, help="seconds per forward on top of its FLOPs"),
+    tflops: Optional[float] = typer.Option(None, help="achieved TFLOP/s on the server [default: 100; with --local: "
+                                           "measured now on a CPU, 100 on a GPU]"),
+    trace_overhead: Optional[float] = typer.Option(None, help="seconds per forward on top of its FLOPs [default: "
+                                                   "0.05 on NDIF, 0.005 with --local]"),
     request_overhead: float = typer.Option(10.0, help="seconds per request (queue, set-up)"),
     bandwidth: float = typer.Option(50.0, help="MB/s between client and server"),
     limit: float = typer.Option(3600.0, help="the server's execution limit per request, seconds"),
@@ -109,6 +111,13 @@ def plan(
     assume_defaults: bool = typer.Option(False, "--assume-defaults", help="plan even when the config lacks a size "
                                          "(hidden_size, heads, layers, vocab_size, intermediate_size), with "
                                          "transformers' default for it; each assumed value is printed"),
+    local: bool = typer.Option(False, "--local", help="on your own device(s) instead of NDIF: weights + activations "
+                               "per device, and the time (see --device, --memory, --devices)"),
+    device: str = typer.Option("cuda", "--device", help="with --local: cpu, cuda, cuda:N, mps"),
+    memory: Optional[str] = typer.Option(None, "--memory", help="with --local: memory per device, e.g. 80GiB "
+                                         "[default: this machine's free memory on --device]"),
+    devices: int = typer.Option(1, "--devices", help="with --local: devices the model is spread over (device_map "
+                                "auto)"),
 ) -> None:
     """Estimate a remote stage's cost from the model's config and the stage's options, and whether it fits NDIF's
     limits as one request (if not: how to split it). Nothing is downloaded or run."""
@@ -129,9 +138,49 @@ def plan(
                            reduce=reduce, max_copies=max_copies, steps=steps, n_train=n_train, n_valid=n_valid,
                            eval_every=eval_every, layer=layer, relations=relations, items=items, bank_size=bank_size,
                            choices=choices, methods=methods)
-    server = server_options(tflops, trace_overhead, request_overhead, bandwidth, limit, max_result_mb,
-                            max_request_mb, memory_gb)
+    if local:
+        show_local(stage, model, config, options, device, memory, devices, tflops, trace_overhead, as_json, strict)
+        return
+    server = server_options(100.0 if tflops is None else tflops, 0.05 if trace_overhead is None else trace_overhead,
+                            request_overhead, bandwidth, limit, max_result_mb, max_request_mb, memory_gb)
     show_plan(stage, model, config, options, server, as_json, strict, assume_defaults)
+
+
+def show_local(stage: str, model: str, config: Optional[str], options, device: str, memory: Optional[str],
+               devices: int, tflops: Optional[float], trace_overhead: Optional[float], as_json: bool,
+               strict: bool) -> None:
+    """`plan --local`: will the stage fit on these devices, and how long (fv_remote.plan.local)."""
+    from fv_remote.core.errors import UserError
+    from fv_remote.models.placement import Placement, available_memory, parse_memory
+    from fv_remote.plan import cost as P
+    from fv_remote.plan import local as LP
+    from fv_remote.stages import stage_plan
+
+    device = Placement(device=device).device or "cuda"
+    if devices < 1:
+        raise UserError(f"--devices must be at least 1, got {devices}")
+    if memory is None:
+        have = available_memory(Placement(device=device).resolved_device())
+        if have is None:
+            raise UserError(f"give --memory: the free memory of {device} is not known here")
+        per_device = have
+    else:
+        per_device = parse_memory(memory)
+    dims = P.dims_from_config(P.load_config(model, config))
+    built, _ = stage_plan(stage, dims, options)
+    est = LP.local_estimate(built, dims, options.dtype, device, per_device, devices, tflops, trace_overhead)
+    if as_json:
+        out.print_json(json.dumps({"model": model, "stage": stage, "dims": dims.as_dict(), **est.as_json(),
+                                   "verdict": LP.verdict(est)}))
+    else:
+        table = Table("quantity", "estimate", title=f"{stage} on {model} locally ({dims.n_layers} layers, "
+                      f"{dims.params / 1e9:.2f} B parameters, {options.dtype}, {device})")
+        for name, value in LP.rows(est):
+            table.add_row(name, value)
+        out.print(table)
+        out.print(f"[{'green' if est.fits else 'yellow'}]verdict: {LP.verdict(est)}[/]", soft_wrap=True)
+    if strict and not est.fits:
+        raise typer.Exit(1)
 
 
 PLAN_HELP = ("print what this stage would cost on NDIF (FLOPs, memory, bytes, requests, time; `fv-remote plan`) "

@@ -9,6 +9,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a Hub lookup here hangs rather t
 import pytest
 import torch
 
+from support.fake_device import register as _register_fake_device
+
+_register_fake_device()  # before any backward of the process (autograd sizes its device queues once)
+
 TINY_SIZES = dict(n_layers=3, n_heads=4, d_model=64)
 
 

@@ -25,5 +25,5 @@ def head_attribution(sites, first_layer, metric, means, n_heads: int, head_dim: 
         for layer in range(len(live) - 1, -1, -1):
             grads[layer] = live[layer].grad[0, -1].detach().view(n_heads, head_dim)
     grad = torch.stack(grads)
-    scores = (grad * (means.to(grad.dtype) - acts)).sum(-1)
+    scores = (grad * (means.to(device=grad.device, dtype=grad.dtype) - acts)).sum(-1)
     return scores, acts, value.detach()

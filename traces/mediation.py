@@ -16,32 +16,33 @@ def patch_rows(site, rows, heads, values, n_heads: int, head_dim: int):
     """In the batch at `site`, set head `heads[i]` of row `rows[i]` to `values[i]` at the last token (one op)."""
     z = site.input
     last = z[:, -1].view(z.shape[0], n_heads, head_dim)  # a view: writes reach the model
-    last[rows, heads] = values.to(last.dtype)
+    last[rows, heads] = values.to(device=last.device, dtype=last.dtype)
 
 
 def patch_positions(site, positions, heads, values, n_heads: int, head_dim: int):
     """In batch row 0 at `site`, set head `heads[i]` at sequence position `positions[i]` to `values[i]` (one op)."""
     z = site.input
     grid = z[0].view(z.shape[1], n_heads, head_dim)  # a view: writes reach the model
-    grid[positions, heads] = values.to(grid.dtype)
+    grid[positions, heads] = values.to(device=grid.device, dtype=grid.dtype)
 
 
-def copies_mask(n_cached: int, n_copies: int, dtype, hide=None):
-    """4D mask [1, 1, R, n_cached + R]: copy r sees the cached keys (except index `hide`, if given) and itself.
+def copies_mask(n_cached: int, n_copies: int, dtype, hide=None, device=None):
+    """4D mask [1, 1, R, n_cached + R] on `device`: copy r sees the cached keys (except index `hide`, if given) and
+    itself.
 
     dtype torch.bool gives True = attend (SDPA); a float dtype gives an additive mask (0 / most negative), which
     every attention implementation accepts (eager adds it to the scores).
     """
-    allowed = torch.zeros(n_copies, n_cached + n_copies, dtype=torch.bool)
+    allowed = torch.zeros(n_copies, n_cached + n_copies, dtype=torch.bool, device=device)
     allowed[:, :n_cached] = True
     if hide is not None:
         allowed[:, hide] = False
-    idx = torch.arange(n_copies)
+    idx = torch.arange(n_copies, device=device)
     allowed[idx, n_cached + idx] = True
     allowed = allowed.view(1, 1, n_copies, n_cached + n_copies)
     if dtype == torch.bool:
         return allowed
-    mask = torch.zeros(allowed.shape, dtype=dtype)
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
     return mask.masked_fill(~allowed, torch.finfo(dtype).min)
 
 

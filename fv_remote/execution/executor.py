@@ -82,11 +82,20 @@ class Executor:
         return f"{type(self).__name__}()"
 
 
+@dataclass(repr=True)
 class Local(Executor):
-    """Plain local code: the body's traces run one by one in this process."""
+    """Plain local code: the body's traces run one by one in this process. `placement` (device, dtype, device map;
+    `fv_remote.models.placement.Placement`) says where `load_model` puts the weights; None: `Placement.from_env()`
+    (float32, on the GPU when CUDA is available, else the CPU)."""
 
-    name = "local"
-    local_fast_paths = True
+    placement: Any = None
+    name: ClassVar[str] = "local"
+    local_fast_paths: ClassVar[bool] = True
+
+    def load_model(self, name: str) -> LoadedModel:
+        from fv_remote.models.loading import load_model
+
+        return load_model(name, self.placement).using(self)
 
 
 class DryRun(Executor):

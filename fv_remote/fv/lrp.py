@@ -125,8 +125,8 @@ def _prefix_inputs(model: LoadedModel, ids: torch.Tensor) -> dict:
         raise UserError("LRP head scores need prompts of at least two tokens")
     with torch.no_grad():
         cache = model.hf(input_ids=ids[:, :-1], use_cache=True).past_key_values
-    return dict(past_key_values=cache, attention_mask=torch.ones(1, n_tokens, dtype=torch.long),
-                position_ids=torch.full((1, 1), n_tokens - 1, dtype=torch.long), use_cache=True)
+    return dict(past_key_values=cache, attention_mask=torch.ones(1, n_tokens, dtype=torch.long, device=ids.device),
+                position_ids=torch.full((1, 1), n_tokens - 1, dtype=torch.long, device=ids.device), use_cache=True)
 
 
 def lrp_prompt(model: LoadedModel, text: str, answer_id: int, means: torch.Tensor | None = None
@@ -135,7 +135,7 @@ def lrp_prompt(model: LoadedModel, text: str, answer_id: int, means: torch.Tenso
 
     `means` is unused (the signature of `fv_remote.fv.cma.PromptScorer`)."""
     ad, hf = model.adapter, model.hf
-    ids = model.tokenizer(text, return_tensors="pt").input_ids
+    ids = model.tokenizer(text, return_tensors="pt").input_ids.to(model.device)
     inputs = _prefix_inputs(model, ids)
     outputs: list[torch.Tensor] = []
     hooks = [ad.head_site(hf, layer).register_forward_pre_hook(lambda _m, args: outputs.append(args[0]))
@@ -150,7 +150,7 @@ def lrp_prompt(model: LoadedModel, text: str, answer_id: int, means: torch.Tenso
             hook.remove()
     relevance = torch.stack([(z[0, -1] * g[0, -1]).view(ad.n_heads, ad.head_dim).sum(-1)
                              for z, g in zip(outputs, grads)])
-    return float(logit.detach()), relevance.detach().float().reshape(-1)
+    return float(logit.detach()), relevance.detach().float().reshape(-1).cpu()
 
 
 def demo_end(text: str, separator: str) -> int:
@@ -169,7 +169,7 @@ def lrp_attention_prompt(model: LoadedModel, text: str, answer_id: int, demo_cha
     the tokens that end within the first `demo_chars` characters of `text`."""
     ad, hf = model.adapter, model.hf
     enc = model.tokenizer(text, return_tensors="pt", return_offsets_mapping=True)
-    ids = enc.input_ids
+    ids = enc.input_ids.to(model.device)
     demo = torch.tensor([end <= demo_chars and end > start for start, end in enc.offset_mapping[0].tolist()])
     if not demo.any():
         raise UserError("no demonstration tokens found in the prompt")
@@ -190,21 +190,21 @@ def lrp_attention_prompt(model: LoadedModel, text: str, answer_id: int, demo_cha
         hf.set_attn_implementation(previous)
         for hook in hooks:
             hook.remove()
-    keys = demo[: weights[0].shape[-1]]
+    keys = demo[: weights[0].shape[-1]].to(weights[0].device)
     scores = torch.stack([(a[0, :, -1] * g[0, :, -1]).clamp(min=0)[:, keys].sum(-1) for a, g in zip(weights, grads)])
-    return float(logit.detach()), scores.detach().float().reshape(-1)
+    return float(logit.detach()), scores.detach().float().reshape(-1).cpu()
 
 
 def embedding_relevance(model: LoadedModel, text: str, answer_id: int) -> tuple[float, torch.Tensor]:
     """(answer logit at the last token, AttnLRP relevance of each input token [T]) for the whole prompt, no prefix
     cache: the quantity lxt's conservation is about (its sum is the logit less what the softmaxes absorb)."""
     hf = model.hf
-    ids = model.tokenizer(text, return_tensors="pt").input_ids
+    ids = model.tokenizer(text, return_tensors="pt").input_ids.to(model.device)
     with attnlrp_rules(model), torch.enable_grad():
         embeds = hf.get_input_embeddings()(ids).detach().requires_grad_(True)
         logit = hf(inputs_embeds=embeds, use_cache=False).logits[0, -1, answer_id]
         (grad,) = torch.autograd.grad(logit, [embeds])
-    return float(logit.detach()), (embeds * grad)[0].sum(-1).detach()
+    return float(logit.detach()), (embeds * grad)[0].sum(-1).detach().cpu()
 
 
 def prompt_scorer(model: LoadedModel, prepared, method: str):

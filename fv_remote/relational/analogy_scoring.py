@@ -52,16 +52,16 @@ def _run_batch(model: LoadedModel, texts: list[str], additions: dict[int, torch.
     with lm.trace(texts, **kwargs):
         for layer in sorted(adds):
             hidden = layer_hidden(ad.layer(lm, layer), ad.layer_output_is_tuple)
-            vec = adds[layer].to(hidden.dtype)
+            vec = adds[layer].to(device=hidden.device, dtype=hidden.dtype)
             if positions is None:
                 hidden[:, -1] += vec
             else:
-                hidden[rows, hidden.shape[1] + positions] += vec
+                hidden[rows.to(hidden.device), hidden.shape[1] + positions.to(hidden.device)] += vec
         logits = ad.unembed(lm).output
         if read is None:
             picked = logits[:, -1].float()
         else:
-            picked = logits[rows.view(-1, 1), logits.shape[1] + read].float()
+            picked = logits[rows.view(-1, 1).to(logits.device), logits.shape[1] + read.to(logits.device)].float()
         picked.save()
     return picked
 
@@ -89,7 +89,7 @@ def _run_fast(model: LoadedModel, prefix, additions: dict[int, torch.Tensor] | N
             ad.layer(lm, skipped).skip(replacement)
         for layer in sorted(adds):
             hidden = layer_hidden(ad.layer(lm, layer), ad.layer_output_is_tuple)
-            hidden[:, -1] += adds[layer].to(hidden.dtype)
+            hidden[:, -1] += adds[layer].to(device=hidden.device, dtype=hidden.dtype)
         picked = ad.unembed(lm).output[:, -1].float()
         picked.save()
     return picked
@@ -126,8 +126,8 @@ def first_token_logprobs(model: LoadedModel, prompts: Sequence[str], targets: Se
                 fast, logits = False, None
         if logits is None:
             logits = _run_batch(model, chunk, adds, None, None)
-        tgt = torch.as_tensor(list(targets[start:stop]), dtype=torch.long)
-        out.append(torch.log_softmax(logits, -1).gather(1, tgt.view(-1, 1)).squeeze(1))
+        tgt = torch.as_tensor(list(targets[start:stop]), dtype=torch.long, device=logits.device)
+        out.append(torch.log_softmax(logits, -1).gather(1, tgt.view(-1, 1)).squeeze(1).cpu())  # differentiable
         if progress:
             progress(stop, n)
     return torch.cat(out) if out else torch.empty(0)
@@ -153,9 +153,9 @@ def continuation_scores(model: LoadedModel, prompts: Sequence[str], conts: Seque
         logits = _run_batch(model, texts, adds, positions, read)
         logp = torch.log_softmax(logits, -1)
         for r, ids in enumerate(cont_ids):
-            target = torch.tensor(ids)
+            target = torch.tensor(ids, device=logp.device)
             lp = logp[r, :len(ids)].gather(1, target.view(-1, 1)).squeeze(1)
-            sums.append(lp.sum())
+            sums.append(lp.sum().cpu())
             counts.append(len(ids))
             matches.append(bool((logits[r, :len(ids)].argmax(-1) == target).all()))
     return torch.stack(sums), torch.tensor(counts), torch.tensor(matches)

@@ -65,8 +65,9 @@ def _trace_loss(model: LoadedModel, texts: list[str], targets: torch.Tensor, vec
     with lm.trace(texts, **trace_kwargs(model)):
         add_to_residual(ad.layer(lm, layer), ad.layer_output_is_tuple, vector)
         logits = ad.unembed(lm).output[:, -1].float()
-        loss = torch.nn.functional.cross_entropy(logits, targets)
-        hits = (logits.argmax(-1) == targets).sum()
+        on_device = targets.to(logits.device)
+        loss = torch.nn.functional.cross_entropy(logits, on_device)
+        hits = (logits.argmax(-1) == on_device).sum()
         loss.save()  # type: ignore[attr-defined]  # nnsight proxy .save()
         hits.save()
     return loss, hits
@@ -95,9 +96,10 @@ class Prefix:
     def select(self, rows: torch.Tensor) -> "Prefix":
         """Rows by index (repeats allowed: several vectors on one prompt share its prefix)."""
         cache = copy.deepcopy(self.cache)
-        cache.batch_select_indices(rows)
+        on_device = rows.to(self.hidden[0].device) if self.hidden else rows  # the cache and states live there
+        cache.batch_select_indices(on_device)
         return Prefix(self.last_ids[rows], self.mask[rows], self.position[rows], cache,
-                      [h[rows] for h in self.hidden], self.targets[rows])
+                      [h[on_device] for h in self.hidden], self.targets[rows])
 
 
 def build_prefix(model: LoadedModel, texts: list[str], targets: torch.Tensor) -> Prefix:

@@ -78,12 +78,20 @@ class Plan:
             raise UserError(f"initial vector has shape {tuple(init.shape)}, the model needs ({d},)")
         if layer >= 0:
             layer = self.model.adapter.check_layer(layer)
+        # The trained vector and its Adam state are float32 whatever the model's dtype, on the device where the
+        # model's inputs go (the CPU for a weightless remote copy); `add_to_residual` casts it at the add site.
         self.jobs.append({"train": train, "valid": valid, "layer": int(layer), "search": list(search),
-                          "init": init.detach().float().clone(), "scale_texts": scale_texts, "baseline": baseline,
+                          "init": init.detach().to(device=_vector_device(self.model), dtype=torch.float32).clone(),
+                          "scale_texts": scale_texts, "baseline": baseline,
                           "steps": s.steps, "lrs": [s.lr * cosine_factor(s, i) for i in range(s.steps)],
                           "l2": s.l2, "eval_every": s.eval_every, "patience": s.patience})
         return len(self.jobs) - 1
 
+
+
+def _vector_device(model: LoadedModel) -> torch.device:
+    device = getattr(model, "device", None)
+    return device if isinstance(device, torch.device) and not executor_of(model).ndif else torch.device("cpu")
 
 
 def run_jobs(model: LoadedModel, datasets: list[list[dict]], jobs: list[dict]) -> list[dict]:
@@ -160,8 +168,9 @@ def run_jobs(model: LoadedModel, datasets: list[list[dict]], jobs: list[dict]) -
                             layers[below].skip(cached[1][layer - 1])
                         add_to_residual(layers[layer], is_tuple, vec)
                         logits = unembed.output[:, -1].float()
-                        loss = torch.nn.functional.cross_entropy(logits, chunk["targets"]).save()  # type: ignore[attr-defined]  # nnsight proxy .save()
-                        hits = (logits.argmax(-1) == chunk["targets"]).sum().save()
+                        targets = chunk["targets"].to(logits.device)
+                        loss = torch.nn.functional.cross_entropy(logits, targets).save()  # type: ignore[attr-defined]  # nnsight proxy .save()
+                        hits = (logits.argmax(-1) == targets).sum().save()
                     if cached is not None:  # drop the fed last token again (no_grad: keep this step's graph out)
                         with torch.no_grad():
                             for kv in cached[0].layers:
@@ -205,6 +214,7 @@ def run_jobs(model: LoadedModel, datasets: list[list[dict]], jobs: list[dict]) -
                             "init_norm": float(v0.norm()), "baseline_acc": base_acc,
                             "moved": float((vector.detach() - v0).norm()), "kept_moved": float((best - v0).norm())})
         cache = cached = states = kv = loss = hits = norm = vec = logits = v0 = vector = best = feed = chunk = None  # type: ignore[assignment]  # session unbinds locals
+        targets = None
         job = row = data = items = sums = hist = opt = caches = replace = h = None  # type: ignore[assignment]  # unbind
         if session:
             results = nnsight.save(results)

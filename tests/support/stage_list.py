@@ -32,7 +32,8 @@ def run_stages(model: Any, folder: Path, family: str = "", upto: str = "analogy"
     from fv_remote.fv.extract import extract, mean_heads_tensor
     from fv_remote.fv.steering import Steer, generate_many, last_logits, top1_accuracy
     from fv_remote.relational.analogy import AnalogySettings, relation_profile, run_analogies
-    from fv_remote.relational.bank import RelationBank, build_bank
+    from fv_remote.relational.bank import RelationBank
+    from fv_remote.relational.bank_build import build_bank
     from fv_remote.relational.decode import decode_many
     from fv_remote.relational.ffv import FinetuneSettings, train_ffv
     from fv_remote.store.activations import ActivationStore

@@ -70,13 +70,14 @@ def run_stages(model: Any, folder: Path, family: str = "", upto: str = "analogy"
     ev = evaluate(model, prepared, fv, n_test=4, n_shots=3, sweep=True, sweep_batch_size=4)
     sc = ev.scores
     out["evaluate"] = _np([sc.zero_shot, sc.zero_shot_fv, sc.shuffled, sc.shuffled_fv, sc.icl, sc.layer])
-    settings = FinetuneSettings(steps=3, lr=0.5, eval_every=2)
+    # tiny random models seldom beat their start: keep it on purpose (the numbers across devices are the point)
+    settings = FinetuneSettings(steps=3, lr=0.5, eval_every=2, allow_unchanged=True)
     run = train_ffv(model, prepared, fv, init="fv", layer=1, n_train=4, n_valid=4, settings=settings)
     out["finetune.vector"] = _np(run.result.ffv.vector)
     out["finetune.loss"] = _np(run.result.history["train_loss"])
     bank_path = folder / "bank.safetensors"
     build_bank(model, [load_task(FIX / "opposites.json"), load_task(FIX / "echo.json")], bank_path, layer=1,
-               n_train=4, n_valid=4, settings=FinetuneSettings(steps=2, lr=0.5))
+               n_train=4, n_valid=4, settings=FinetuneSettings(steps=2, lr=0.5, allow_unchanged=True))
     bank = RelationBank.load(bank_path)
     out["bank.vectors"] = _np(bank.vectors)
     decoded = decode_many(model, [("fv", fv.vector), ("ffv", run.result.ffv.vector)], words=["cold", "dog"], k=5)

@@ -6,25 +6,13 @@ shrink)."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 
-TOOL = Path(__file__).resolve().parents[1] / "tools" / "import_graph.py"
+from support.tools import load_tool
 
 
-def _load_tool():
-    spec = importlib.util.spec_from_file_location("fv_remote_import_graph", TOOL)
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-ig = _load_tool()
+ig = load_tool("import_graph")
 
 
 @pytest.fixture(scope="module")

@@ -3,24 +3,19 @@ and (integration, ~2 min on 2 cores) each runs top to bottom offline on smollm2-
 
 from __future__ import annotations
 
-import importlib.util
 import re
-import sys
 from pathlib import Path
 
 import pytest
+
+from support.tools import load_tool
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "examples").glob("*.ipynb"))
 
 
 def _runner():
-    spec = importlib.util.spec_from_file_location("fv_remote_run_notebooks", ROOT / "tools" / "run_notebooks.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("run_notebooks")
 
 
 def _code_cells(path: Path) -> list[str]:

@@ -15,7 +15,7 @@ app.add_typer(jobs_app, name="jobs")
 @jobs_app.command("status")
 def status(job_id: str = typer.Argument(..., help="the id `--no-wait` printed")) -> None:
     """The job's state on NDIF (RECEIVED, QUEUED, RUNNING, COMPLETED) or FETCHED once stored."""
-    from fv_remote.stages import job_status
+    from fv_remote.execution.jobs import job_status
 
     job, state = job_status(job_id)
     out.print(f"job {job_id} ({job.get('stage')}, {job.get('model', '')}): {state}")

@@ -34,16 +34,6 @@ def fetch_job(job_id: str, progress: Any = None) -> tuple[str, str]:
     return load_job(job_id).fetch(progress)
 
 
-def job_status(job_id: str) -> tuple[dict[str, Any], str]:
-    """(job file, current server status); a job already fetched reports FETCHED without asking the server."""
-    from fv_remote.execution.jobs import load_job as read_job_file
-
-    data = read_job_file(job_id)
-    if data.get("state") == "fetched":
-        return data, "FETCHED"
-    return data, load_job(job_id).status()
-
-
 def has_cost(stage: Stage) -> bool:
     return type(stage).cost is not Stage.cost
 

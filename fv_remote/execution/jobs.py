@@ -92,6 +92,13 @@ def _poll(job: dict[str, Any]) -> PollResult:
                     at=job.get("host") or None)
 
 
+def job_status(job_id: str) -> tuple[dict[str, Any], str]:
+    """(job file, current server status); a job already fetched reports FETCHED without asking the server. Polling
+    needs no stage, so any job file (of this version or another) can be asked about."""
+    data = load_job(job_id)
+    return data, "FETCHED" if data.get("state") == "fetched" else _poll(data).status
+
+
 Reporter = Callable[[dict[str, Any], Any], None]
 REPORTERS: dict[str, Reporter] = {}  # stage name -> what the CLI prints after a fetch (the library prints nothing)
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from fv_remote.baselines.fit import VECTOR_FIT
+from fv_remote.baselines.residuals import RESIDUALS
 from fv_remote.execution.jobs import Job
 from fv_remote.execution.stage import Stage
 from fv_remote.fv.cma import CMA_STAGE
@@ -20,7 +22,8 @@ from fv_remote.relational.decode import DECODE
 from fv_remote.relational.ffv import FINETUNE
 
 STAGES: dict[str, Stage] = {stage.name: stage for stage in
-                            (EXTRACT, CMA_STAGE, FIT, EVALUATE, FINETUNE, BANK, DECODE, ANALOGY)}
+                            (EXTRACT, CMA_STAGE, FIT, EVALUATE, FINETUNE, BANK, DECODE, ANALOGY,
+                                                      RESIDUALS, VECTOR_FIT)}
 
 
 def load_job(job_id: str) -> Job:

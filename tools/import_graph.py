@@ -42,7 +42,7 @@ LAYERS = [
     "cli",                     # the Typer app: options -> library calls, tables, progress
     "stages",                  # the stage registry (fv_remote.stages): every stage, registered once; job fetch
     "grafting | export",       # weight grafting (local) | llama.cpp control vectors from FVs, FFVs, CFVs, banks
-    "relational",              # FFVs, banks, decoding, alignment, analogies
+    "relational | baselines",  # FFVs, banks, decoding, alignment, analogies | task vectors, ICV, mean-diff, PCA
     "fv",                      # head stages (extract, CMA, scores), vectors, steering, evaluation, the pipeline
     "plan",                    # what the stages' cost models share: sizes from a config, forwards, limits, verdict
     "execution",               # where a stage runs: Stage, executors (Local, DryRun, NDIF), no-wait jobs

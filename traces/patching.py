@@ -27,6 +27,20 @@ def add_to_residual(layer, output_is_tuple: bool, vector, position: int = -1, sc
     hidden[:, position] += scale * vector.to(device=hidden.device, dtype=hidden.dtype)
 
 
+def set_residual(layer, output_is_tuple: bool, vector, position: int = -1):
+    """Replace a block's output at `position` with `vector` ([d_model]) in every row: a task vector is patched in
+    (Hendel et al. 2023), not added."""
+    hidden = layer_hidden(layer, output_is_tuple)
+    hidden[:, position] = vector.to(device=hidden.device, dtype=hidden.dtype)
+
+
+def read_residuals(layers, output_is_tuple: bool, position: int = -1):
+    """The residual stream (each block's output) at `position` for `layers` (in forward order) -> [B, L, d_model],
+    float32 copies."""
+    return torch.stack([layer_hidden(layer, output_is_tuple)[:, position].detach().float() for layer in layers],
+                       dim=1)
+
+
 def add_to_head(site, head: int, head_dim: int, value, position: int = -1):
     """Add `value` to one head's output at `position` (distributed function vectors)."""
     z = site.input
@@ -55,10 +69,14 @@ def apply_edits(edits):
     ("residual", layer, output_is_tuple, vector, scale) -> `add_to_residual`;
     ("head", site, head, head_dim, value) -> `add_to_head`;
     ("residual_all", layer, output_is_tuple, vector, scale) -> `add_to_residual_everywhere`;
-    ("head_all", site, head, head_dim, value) -> `add_to_head_everywhere`. An empty plan leaves the forward pass alone.
+    ("head_all", site, head, head_dim, value) -> `add_to_head_everywhere`;
+    ("set_residual", layer, output_is_tuple, vector, scale) -> `set_residual` (scale unused: a patch is a patch).
+    An empty plan leaves the forward pass alone.
     """
     for edit in edits:
-        if edit[0] == "residual":
+        if edit[0] == "set_residual":
+            set_residual(edit[1], edit[2], edit[3])
+        elif edit[0] == "residual":
             add_to_residual(edit[1], edit[2], edit[3], scale=edit[4])
         elif edit[0] == "residual_all":
             add_to_residual_everywhere(edit[1], edit[2], edit[3], scale=edit[4])

@@ -91,6 +91,18 @@ def from_vector(fv: FunctionVector, source: str, layer: int | None = None, distr
                 "layer's block output: an approximation of distributed steering, which adds inside the block, "
                 "before its MLP")
         return Export(dict(sorted(sums.items())), fv.kind, fv.task, source, approximation=note)
+    if fv.apply == "replace":  # a task vector: llama.cpp only adds, so export what the patch adds on average
+        if fv.base is None:
+            raise UserError(f"{what} is patched in (replaces the residual stream) and records no mean zero-shot "
+                            f"residual to turn it into an addition; rebuild it with `fv-remote fit --method "
+                            f"task-vector`")
+        if layer is not None and layer != fv.layer:
+            raise UserError(f"{what} is the residual stream of layer {fv.layer}; --layer does not apply")
+        _refuse_layer0([fv.layer], what)
+        note = ("a task vector replaces the last token's residual stream; a control vector can only add, so this is "
+                "its additive equivalent on average (vector minus the mean zero-shot residual at its layer, i.e. "
+                "the mean difference), added at every position")
+        return Export({int(fv.layer): (fv.vector - fv.base).float()}, fv.kind, fv.task, source, approximation=note)
     dirs = directions(fv)
     if layer is not None:
         if len(dirs) > 1 and layer != fv.layer:

@@ -49,8 +49,9 @@ class TaskScores:
         return row
 
 
-def _sweep_prompts(model: LoadedModel, prepared: PreparedTask, split: str, layers: list[int] | None,
+def sweep_prompts(model: LoadedModel, prepared: PreparedTask, split: str, layers: list[int] | None,
                    n_prompts: int | None) -> tuple[list[int], list[str], list[int]]:
+    """(the layers, checked; all when None), zero-shot prompt texts of `split` (at most 50 by default), answer ids."""
     layers = list(range(model.adapter.n_layers)) if layers is None else [model.adapter.check_layer(x) for x in layers]
     pairs = getattr(prepared.splits, split)
     prompts = prepared.prompts(split, n_prompts or min(len(pairs), SWEEP_PROMPTS), kind="zero_shot", n_shots=0)
@@ -61,7 +62,7 @@ def sweep_conditions(model: LoadedModel, prepared: PreparedTask, fv: FunctionVec
                      layers: list[int] | None = None, n_prompts: int | None = None, scale: float = 1.0,
                      batch_size: int = 32, positions: str = "last") -> dict[int, Condition]:
     """The layer sweep's scoring conditions, {layer: Condition} (to score together with others in one request)."""
-    layers, texts, ids = _sweep_prompts(model, prepared, split, layers, n_prompts)
+    layers, texts, ids = sweep_prompts(model, prepared, split, layers, n_prompts)
     return {layer: Condition(texts, Steer(fv, layer=layer, scale=scale, positions=positions), ids, batch_size)
             for layer in layers}
 
@@ -99,7 +100,7 @@ def scale_sweep_conditions(model: LoadedModel, prepared: PreparedTask, fv: Funct
     """{scale: Condition}: zero-shot prompts of `split` with the vector at each scale (at its layer, `positions`)."""
     if not scales:
         raise UserError("no scales to sweep")
-    _, texts, ids = _sweep_prompts(model, prepared, split, [], n_prompts)
+    _, texts, ids = sweep_prompts(model, prepared, split, [], n_prompts)
     return {float(s): Condition(texts, Steer(fv, layer=layer, scale=float(s), distributed=distributed,
                                              positions=positions), ids, batch_size) for s in scales}
 
@@ -171,6 +172,19 @@ def _scores(task: str, n: int, layer: int, acc: dict[str, float], positions: str
                       extra={**{k: v for k, v in acc.items() if k not in main}, **how})
 
 
+def score_batches(model: LoadedModel, work: list, owners: list[int], n_conditions: int,
+                  progress: Progress | None = None) -> list:
+    """Top-1 ids per batch of `work` (`condition_work`): one session on a session executor; locally condition by
+    condition, so that `progress` moves."""
+    if executor_of(model).session or progress is None:
+        return last_token_body(model, work, top1=True)
+    outs: list = []
+    for index in range(n_conditions):
+        outs += last_token_body(model, [w for w, i in zip(work, owners) if i == index], top1=True)
+        progress(index + 1, n_conditions)
+    return outs
+
+
 @dataclass
 class EvaluatePlan:
     """The scoring conditions of an evaluation (test columns, then the optional validation layer sweep) as batches,
@@ -207,13 +221,7 @@ class Evaluate(Stage[EvaluatePlan, Evaluation]):
     result_key = "outs"
 
     def body(self, model: LoadedModel, plan: EvaluatePlan) -> list:
-        if executor_of(model).session or plan.progress is None:
-            return last_token_body(model, plan.work, top1=True)
-        outs: list = []  # locally condition by condition, so that a progress bar moves
-        for index in range(len(plan.answer_ids)):
-            outs += last_token_body(model, [w for w, i in zip(plan.work, plan.owners) if i == index], top1=True)
-            plan.progress(index + 1, len(plan.answer_ids))
-        return outs
+        return score_batches(model, plan.work, plan.owners, len(plan.answer_ids), plan.progress)
 
     def commit(self, plan: EvaluatePlan, outputs: list, progress: Progress | None = None) -> Evaluation:
         acc = accuracies(outputs, plan.owners, plan.answer_ids)
@@ -371,7 +379,7 @@ def fit_function_vector(model: LoadedModel, prepared: PreparedTask, means: torch
     texts: list[str] = []
     ids: list[int] = []
     if layer is None and sweep:
-        layers, texts, ids = _sweep_prompts(model, prepared, "valid", None, n_prompts)
+        layers, texts, ids = sweep_prompts(model, prepared, "valid", None, n_prompts)
     plan = FitPlan(prepared.name, [(int(a), int(b), float(s)) for a, b, s in ranked], layer, layers, batch_size,
                    texts, ids, meta, means, model)
     return run_stage(FIT, model, plan, progress)

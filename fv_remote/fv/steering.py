@@ -46,7 +46,8 @@ def default_positions(fv: FunctionVector) -> str:
 @dataclass
 class Steer:
     """What to add: `vector` at `layer` (times `scale`), or with distributed=True each head's mean in its slot;
-    `positions` "last" (the prompt's last token) or "all" (every position, generated tokens included).
+    `positions` "last" (the prompt's last token) or "all" (every position, generated tokens included). A vector
+    whose `apply` is "replace" (a task vector) is patched in at the last token instead of added.
 
     A multi-layer control vector (`export.llamacpp.import_control_vector`) adds each layer's direction at its own
     layer; `layer` then must be None (or its first layer)."""
@@ -95,6 +96,15 @@ def steer_edits(model: LoadedModel, steer: Steer | None) -> list[tuple]:
             edits.append(("head_all" if every else "head", ad.head_site(lm, layer), head, ad.head_dim,
                           steer.scale * steer.fv.head_means[i]))
         return edits
+    if steer.fv.apply == "replace":  # a task vector: patched in at the last token (Hendel et al. 2023)
+        if every:
+            raise UserError(f"this {steer.fv.kind.upper()} replaces the last token's residual stream; --positions all "
+                            "does not apply (use positions last)")
+        if steer.scale != 1:
+            raise UserError(f"this {steer.fv.kind.upper()} replaces the residual stream instead of adding to it; "
+                            f"a scale ({steer.scale:g}) does not apply (use 1)")
+        return [("set_residual", ad.layer(lm, steer.resolved_layer(model)), ad.layer_output_is_tuple,
+                 steer.fv.vector, 1.0)]
     kind = "residual_all" if every else "residual"
     by_layer = directions(steer.fv)
     if len(by_layer) > 1:  # an imported multi-layer control vector: each direction at its own layer

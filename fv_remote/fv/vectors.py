@@ -107,6 +107,7 @@ def head_vectors(model: LoadedModel, means: torch.Tensor, heads: Heads) -> torch
     return vecs
 
 
+APPLY_META = "apply"  # meta key: "replace" for a vector patched in at the last token (task vectors), else add
 DIRECTIONS_META = "directions"  # meta key of an imported control vector's further layers: {layer: list of floats}
 
 
@@ -123,6 +124,15 @@ class FunctionVector:
     head_vectors: torch.Tensor | None = None  # [k, d_model]
     kind: str = "fv"
     meta: dict[str, Any] = field(default_factory=dict)
+    # A vector that is patched in (meta["apply"] == "replace": task vectors) records the mean zero-shot residual at
+    # its layer: what replacing takes away on average, so `vector - base` is its additive equivalent (export).
+    base: torch.Tensor | None = None
+
+    @property
+    def apply(self) -> str:
+        """How steering uses the vector: "add" (FVs, FFVs, ICV, mean-diff, PCA) or "replace" (task vectors)."""
+        value = self.meta.get(APPLY_META) if isinstance(self.meta, dict) else None
+        return "replace" if value == "replace" else "add"
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -130,7 +140,7 @@ class FunctionVector:
         tensors = {"vector": self.vector.detach().float().contiguous().cpu()}
         if self.heads:
             tensors["heads"] = torch.tensor(self.heads, dtype=torch.int64)
-        for name in ("head_means", "head_vectors"):
+        for name in ("head_means", "head_vectors", "base"):
             value = getattr(self, name)
             if value is not None:
                 tensors[name] = value.detach().float().contiguous().cpu()
@@ -156,7 +166,7 @@ class FunctionVector:
             vec = cls(vector=tensors["vector"], model=metadata["model"], task=metadata.get("task", ""),
                       layer=int(metadata.get("layer", 0)), heads=heads, head_means=tensors.get("head_means"),
                       head_vectors=tensors.get("head_vectors"), kind=metadata.get("kind", "fv"),
-                      meta=json.loads(metadata.get("meta", "{}")))
+                      meta=json.loads(metadata.get("meta", "{}")), base=tensors.get("base"))
         except (ValueError, TypeError, KeyError, IndexError, RuntimeError, AttributeError) as exc:
             raise UserError(f"{path} is not a valid function-vector file ({type(exc).__name__}: {exc})") from None
         k, v, means, per_head = len(heads), vec.vector, vec.head_means, vec.head_vectors
@@ -171,6 +181,8 @@ class FunctionVector:
             problem = f"head_means has shape {list(means.shape)} for {k} heads"
         elif per_head is not None and (per_head.ndim != 2 or per_head.shape[0] != k or per_head.shape[1] != v.shape[0]):
             problem = f"head_vectors has shape {list(per_head.shape)} for {k} heads"
+        elif vec.base is not None and vec.base.shape != v.shape:
+            problem = f"base has shape {list(vec.base.shape)}, the vector {list(v.shape)}"
         if problem:
             raise UserError(f"{path} is not a valid function-vector file: {problem}")
         return vec
@@ -216,5 +228,6 @@ def directions(fv: FunctionVector) -> dict[int, torch.Tensor]:
     extra = fv.meta.get(DIRECTIONS_META) if isinstance(fv.meta, dict) else None
     if isinstance(extra, dict):
         for layer, values in extra.items():
-            found[int(layer)] = torch.tensor(values, dtype=torch.float32)
+            found[int(layer)] = values.float() if isinstance(values, torch.Tensor) else \
+                torch.tensor(values, dtype=torch.float32)
     return found

@@ -42,6 +42,7 @@ def _register() -> None:
     from fv_remote.cli import align_cmd, analogy_cmd, bank_cmd, decode_cmd, finetune_cmd  # noqa: F401
     from fv_remote.cli import export_cmd  # noqa: F401
     from fv_remote.cli import plan_cmd  # noqa: F401
+    from fv_remote.cli import residuals_cmd  # noqa: F401
 
 
 def _fail(message: str, code: int = 2) -> None:

@@ -35,15 +35,15 @@ def _positions(value: str | None, vec) -> str:
     return default_positions(vec) if value is None else check_positions(value)
 
 
-def _parse_scales(text: str) -> list[float]:
+def _parse_scales(text: str, flag: str = "--sweep-scale") -> list[float]:
     scales = []
     for part in filter(None, (p.strip() for p in text.split(","))):
         try:
-            scales.append(require_finite_option("--sweep-scale", float(part)))
+            scales.append(check_scale(require_finite_option(flag, float(part)), flag))
         except ValueError:
-            raise UserError(f"--sweep-scale takes numbers separated by commas (e.g. 1,2,4,8), got {part!r}") from None
+            raise UserError(f"{flag} takes numbers separated by commas (e.g. 1,2,4,8), got {part!r}") from None
     if not scales:
-        raise UserError("--sweep-scale is empty; give scales such as 1,2,4,8")
+        raise UserError(f"{flag} is empty; give scales such as 1,2,4,8")
     return sorted(set(scales))
 
 
@@ -187,8 +187,24 @@ def fit(
     plot: Path = typer.Option(None, help="layer-sweep PNG (default: out/<task>_sweep.png)"),
     data_dir: str = DATA_DIR_OPT,
     remote: bool = REMOTE_OPT,
+    method: str = typer.Option("fv", "--method", help="fv (top heads, from extract + cma) | task-vector | icv | "
+                               "mean-diff | pca (from `fv-remote residuals`; README: Other vectors)"),
+    scales: str = typer.Option(None, help="with --method icv|mean-diff|pca: scales to try on validation, e.g. "
+                               "0.5,1,2,4 (default per method)"),
+    every_layer: bool = typer.Option(None, "--every-layer/--one-layer", help="with --method icv: add it at every "
+                                     "layer (default) or at one (--layer, or the best on validation)"),
+    n_prompts: int = typer.Option(None, help="with --method other than fv: paired prompts of the store to use "
+                                  "(default: all)"),
 ) -> None:
-    """Build the function vector from the store (means + AIE); only the output projection needs the model."""
+    """Build a vector from the store: the function vector (means + AIE; only the output projection needs the model),
+    or with --method a task vector, ICV, mean-difference or PCA vector from the residual reads, placed on
+    validation pairs."""
+    if method != "fv":
+        return _fit_other(task, store, model, method, layer, scales, every_layer, n_prompts, seed, output, plot,
+                          data_dir, remote)
+    for flag, value in (("--scales", scales), ("--every-layer/--one-layer", every_layer), ("--n-prompts", n_prompts)):
+        if value is not None:
+            raise UserError(f"{flag} applies to --method task-vector|icv|mean-diff|pca, not fv")
     from fv_remote.fv.cma import load_aie
     from fv_remote.fv.evaluate import fit_function_vector
     from fv_remote.fv.extract import mean_heads_tensor
@@ -222,6 +238,58 @@ def fit(
     heads = ", ".join(f"({a},{b})" for a, b in fv.heads)
     out.print(f"FV for {prepared.name}: {len(fv.heads)} heads [{heads}], layer {fv.layer}, "
               f"norm {float(fv.vector.norm()):.3f} -> {path}")
+
+
+def _fit_other(task: str, store: str, model: str, method: str, layer: int | None, scales: str | None,
+               every_layer: bool | None, n_prompts: int | None, seed: int, output: Path | None, plot: Path | None,
+               data_dir: str | None, remote: bool) -> None:
+    """`fit --method task-vector|icv|mean-diff|pca`: the vector from the residual reads and its validation grid."""
+    from fv_remote.baselines.builders import check_method
+    from fv_remote.baselines.fit import DEFAULT_SCALES, fit_vector
+    from fv_remote.baselines.residuals import load_residuals
+    from fv_remote.core.plots import layer_sweep_plot
+    from fv_remote.store.activations import ActivationStore
+
+    check_method(method)
+    check_output_path(output, "--out", "fv")
+    check_output_path(plot, "--plot")
+    tried = _parse_scales(scales, "--scales") if scales is not None else None
+    act_store = ActivationStore(store)
+    if not act_store.exists():
+        raise UserError(f"no activation store at {store}; create it with `fv-remote residuals --task {task} --store "
+                        f"{store}`")
+    require_store(store)
+    ex = executor(remote)
+    loaded = load_stage(model, ex)
+    prepared = _prepare(loaded, task, data_dir, seed)
+    act_store.check_compatible(f"{prepared.name}/residual", {"model": loaded.model_id})
+    reads = load_residuals(act_store, prepared.name, n_prompts)
+    if layer is not None:
+        loaded.adapter.check_layer(layer)
+    n_points = len(tried or DEFAULT_SCALES[method]) * (1 if layer is not None or (method == "icv" and every_layer
+                                                                                  is not False)
+                                                       else loaded.adapter.n_layers)
+    with progress_bar(f"{method} sweep {prepared.name}", n_points) as update:
+        vec, sweep = fit_vector(loaded, prepared, reads, method, layer=layer, scales=tried, every_layer=every_layer,
+                                progress=update)
+    vec.meta["store"] = store
+    by_scale: dict[str, dict[int, float]] = {}
+    for key, acc in sweep.items():
+        where, scale = key.split("@")
+        if where != "all":
+            by_scale.setdefault(f"{prepared.name} x{scale}", {})[int(where)] = acc
+    if by_scale and len(next(iter(by_scale.values()))) > 1:
+        png = layer_sweep_plot(by_scale, plot or Path("out") / f"{prepared.name}_{method}_sweep.png")
+        out.print(f"validation sweep plot: {png}")
+    where = f"layers {vec.layer}-{loaded.adapter.n_layers - 1}" if "directions" in vec.meta else f"layer {vec.layer}"
+    scale = vec.meta.get("scale", 1.0)
+    out.print(f"validation: best {where}, scale {scale:g} (zero-shot accuracy {vec.meta['validation_accuracy']:.2f}"
+              f" on {vec.meta['validation_prompts']} pairs; {len(sweep)} candidates)")
+    require_finite_vector(vec, f"the fitted {method} vector")
+    path = atomic_save(vec.save, output or Path("out") / f"{prepared.name}.{method}.safetensors", method)
+    how = "patched in (replaces the last token's residual)" if vec.apply == "replace" else "added"
+    out.print(f"{method} for {prepared.name} from {reads.n_prompts} paired prompts: {where}, {how}, norm "
+              f"{float(vec.vector.norm()):.3f} -> {path}")
 
 
 @app.command()

@@ -43,6 +43,8 @@ _MODULES: dict[str, tuple[str, ...]] = {
     "fv.evaluate": ("fit_function_vector", "evaluate_task", "layer_sweep", "best_layer", "TaskScores",),
     "fv.pipeline": ("run_task", "PipelineSettings",),
     "fv.steering": ("Steer", "Condition", "generate", "generate_many", "score_conditions",),
+    "baselines.residuals": ("read_residual_stream", "load_residuals",),
+    "baselines.fit": ("fit_vector",),
     "relational.ffv": ("train_ffv", "finetune", "FinetuneSettings",),
     "relational.bank": ("RelationBank",),
     "relational.bank_build": ("build_bank",),

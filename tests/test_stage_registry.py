@@ -14,11 +14,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_every_stage_is_registered_once_with_a_dataclass_plan():
-    assert list(STAGES) == ["extract", "cma", "fit", "evaluate", "finetune", "bank", "decode", "analogy"]
+    assert list(STAGES) == ["extract", "cma", "fit", "evaluate", "finetune", "bank", "decode", "analogy", "residuals",
+                            "fit-vector"]
     for name, stage in STAGES.items():
         assert isinstance(stage, Stage) and stage.name == name and dataclasses.is_dataclass(stage.plan_type)
     assert {r["stage"] for r in stage_table() if r["no-wait"] == "yes"} == {"extract", "cma", "evaluate", "finetune",
-                                                                          "bank"}
+                                                                          "bank", "residuals"}
 
 
 def test_architecture_stage_table_is_generated_from_the_registry():

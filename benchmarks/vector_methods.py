@@ -1,0 +1,204 @@
+"""FV vs the field's other vectors on Todd et al.'s tasks (issue 25): zero-shot and shuffled-label accuracy of FV, FFV,
+task vector, ICV, mean-difference, PCA (and the n-shot prompt itself, ICL), with paired bootstrap CIs against the FV,
+the cost of building each vector (sequence forwards and seconds) and the layer/scale each chose on validation.
+
+Every vector is built here, from one fresh store, with the library's own stages and defaults:
+  FV         extract (100 clean prompts) -> CMA (25, fast) -> fit (top 10 heads + validation layer sweep) = `run`
+  FFV        `finetune` from the FV (20 training pairs, 30 validation, the FV's layer)
+  residuals  100 paired prompts (10-shot and zero-shot, same queries): shared by the four below, counted in each
+  task-vector / icv / mean-diff / pca   `fit --method ...` (validation grid over layers x scales, <= 50 pairs)
+Test: the test split (at most 200 queries), one seed, the same queries in every column; each condition's per-item
+correctness is kept, so every CI is paired. Forwards are counted by a hook on the model (rows of every forward:
+a CMA copy and a training step's forward count, backward passes do not).
+
+  PYTHONPATH=. OMP_NUM_THREADS=2 .venv/bin/python benchmarks/vector_methods.py --model smollm2-135m \
+      --data-dir ../shared/data/todd_fv/abstractive --out out/vector_methods/smollm2-135m
+  .venv/bin/python benchmarks/vector_methods.py --report out/vector_methods/smollm2-135m   # tables only
+
+Writes <out>/<task>.json per task (a rerun skips finished tasks) and <out>/results.json; markdown on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+
+TASKS = ["antonym", "capitalize", "country-capital", "english-french", "present-past", "singular-plural"]
+VECTORS = ["fv", "ffv", "task-vector", "icv", "mean-diff", "pca"]
+OTHERS = ["task-vector", "icv", "mean-diff", "pca"]
+
+
+class Counter:
+    """Rows through the model's forward (a hook on the transformers model)."""
+
+    def __init__(self, hf) -> None:
+        self.rows = 0
+        hf.register_forward_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, module, args, kwargs, output) -> None:
+        x = kwargs.get("input_ids")
+        if x is None:
+            x = kwargs.get("inputs_embeds")
+        if x is None and args:
+            x = args[0]
+        self.rows += int(x.shape[0]) if hasattr(x, "shape") and x.ndim >= 2 else 1
+
+
+@contextmanager
+def cost(costs: dict, name: str, counter: Counter):
+    rows, t0 = counter.rows, time.perf_counter()
+    yield
+    costs[name] = {"forwards": counter.rows - rows, "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def run_task(model, counter: Counter, name: str, data_dir: str | None, store, out: Path) -> dict:
+    import torch
+
+    from fv_remote.baselines.fit import fit_vector
+    from fv_remote.baselines.residuals import load_residuals, read_residual_stream
+    from fv_remote.data import load_task
+    from fv_remote.data.tasks import prepare_task
+    from fv_remote.fv.cma import run_cma
+    from fv_remote.fv.evaluate import evaluation_conditions, fit_function_vector
+    from fv_remote.fv.extract import extract, mean_heads_tensor
+    from fv_remote.fv.steering import answer_ids_of, by_condition, condition_work, last_token_body
+    from fv_remote.relational.ffv import train_ffv
+
+    relation = load_task(name, data_dir=data_dir)
+    prepared = prepare_task(model.tokenizer, relation, seed=0, min_pairs=12)
+    costs: dict = {}
+    chosen: dict = {}
+    with cost(costs, "fv", counter):
+        extract(model, relation, store, n_prompts=100, n_shots=10)
+        means = mean_heads_tensor(store, name)
+        cma = run_cma(model, prepared, store, means, n_prompts=25, n_shots=10)
+        fv, sweep = fit_function_vector(model, prepared, means, cma.aie, k=10)
+    chosen["fv"] = {"layer": fv.layer, "scale": 1.0, "valid": max(sweep.values()) if sweep else None}
+    with cost(costs, "ffv", counter):
+        ffv = train_ffv(model, prepared, fv).result.ffv
+    chosen["ffv"] = {"layer": ffv.layer, "scale": 1.0}
+    with cost(costs, "residuals", counter):
+        read_residual_stream(model, relation, store, n_prompts=100, n_shots=10)
+    reads = load_residuals(store, name)
+    vectors = {"ffv": ffv}
+    for method in OTHERS:
+        with cost(costs, method, counter):
+            vec, _ = fit_vector(model, prepared, reads, method)
+        vectors[method] = vec
+        chosen[method] = {"layer": "1-%d" % (model.adapter.n_layers - 1) if "directions" in vec.meta else vec.layer,
+                          "scale": vec.meta["scale"], "valid": vec.meta["validation_accuracy"]}
+        vec.save(out / f"{name}.{method}.safetensors")
+    fv.save(out / f"{name}.fv.safetensors")
+    ffv.save(out / f"{name}.ffv.safetensors")
+    n, _, conditions = evaluation_conditions(model, prepared, fv, n_shots=10, extra_vectors=vectors)
+    t0 = time.perf_counter()
+    work, owners = condition_work(model, list(conditions.values()))
+    tops = by_condition(last_token_body(model, work, top1=True), owners, len(conditions))
+    correct = {key: (torch.cat(top) == torch.tensor(ids)).int().tolist()
+               for key, top, ids in zip(conditions, tops, answer_ids_of(list(conditions.values())))}
+    print(f"{name}: evaluated {len(conditions)} conditions x {n} in {time.perf_counter() - t0:.0f} s",
+          file=sys.stderr)
+    return {"task": name, "n_test": n, "correct": correct, "costs": costs, "chosen": chosen}
+
+
+def column(vec: str, prompt: str) -> str:
+    """The evaluation_conditions key of a vector under a prompt kind ("zero_shot" / "shuffled")."""
+    return f"{prompt}_fv" if vec == "fv" else f"{prompt}_{vec}"
+
+
+def paired_ci(a: list[int], b: list[int]) -> list[float]:
+    from scipy.stats import bootstrap
+
+    x, y = np.asarray(a, float), np.asarray(b, float)
+    if (x == y).all():
+        return [0.0, 0.0]
+    res = bootstrap((x, y), lambda p, q, axis=-1: (p - q).mean(axis), paired=True, vectorized=True,
+                    n_resamples=2000, method="percentile", random_state=0)
+    return [float(res.confidence_interval.low), float(res.confidence_interval.high)]
+
+
+def report(out: Path) -> dict:
+    rows = [json.loads(p.read_text()) for p in sorted(out.glob("*.json")) if p.name != "results.json"]
+    summary: dict = {"tasks": {}}
+    for prompt in ("zero_shot", "shuffled"):
+        print(f"\n**{prompt.replace('_', '-')} prompts + vector** (accuracy; [95% paired CI of the difference to "
+              f"the FV])\n")
+        print("| task | n | no vector | " + " | ".join(VECTORS) + " | ICL |")
+        print("|---|---|---|" + "---|" * len(VECTORS) + "---|")
+        for r in rows:
+            c = r["correct"]
+            cells = []
+            for vec in VECTORS:
+                acc = float(np.mean(c[column(vec, prompt)]))
+                if vec == "fv":
+                    cells.append(f"{acc:.2f}")
+                else:
+                    lo, hi = paired_ci(c[column(vec, prompt)], c[column("fv", prompt)])
+                    cells.append(f"{acc:.2f} [{lo:+.2f}, {hi:+.2f}]")
+                summary["tasks"].setdefault(r["task"], {})[f"{prompt}/{vec}"] = acc
+            print(f"| {r['task']} | {r['n_test']} | {np.mean(c[prompt]):.2f} | " + " | ".join(cells)
+                  + f" | {np.mean(c['icl']):.2f} |")
+        means = [np.mean([np.mean(r["correct"][column(v, prompt)]) for r in rows]) for v in VECTORS]
+        print(f"| mean | | {np.mean([np.mean(r['correct'][prompt]) for r in rows]):.2f} | "
+              + " | ".join(f"{m:.2f}" for m in means) + f" | {np.mean([np.mean(r['correct']['icl']) for r in rows]):.2f} |")
+    print("\n**Cost of building each vector** (sequence forwards / seconds; residuals shared by the four below it)\n")
+    names = ["fv", "ffv", "residuals", *OTHERS]
+    print("| task | " + " | ".join(names) + " |")
+    print("|---|" + "---|" * len(names))
+    for r in rows:
+        print(f"| {r['task']} | " + " | ".join(f"{r['costs'][k]['forwards']:,} / {r['costs'][k]['seconds']:.0f} s"
+                                             for k in names) + " |")
+    print("\n**Chosen on validation** (layer, scale; validation accuracy)\n")
+    print("| task | " + " | ".join(VECTORS) + " |")
+    print("|---|" + "---|" * len(VECTORS))
+    for r in rows:
+        cells = []
+        for vec in VECTORS:
+            ch = r["chosen"][vec]
+            valid = f"; {ch['valid']:.2f}" if ch.get("valid") is not None else ""
+            cells.append(f"L{ch['layer']} x{ch['scale']:g}{valid}")
+        print(f"| {r['task']} | " + " | ".join(cells) + " |")
+    (out / "results.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--tasks", default=",".join(TASKS))
+    ap.add_argument("--out", type=Path, default=Path("out/vector_methods"))
+    ap.add_argument("--report", type=Path, default=None, help="only print the tables of a finished run")
+    args = ap.parse_args()
+    if args.report:
+        report(args.report)
+        return
+    from fv_remote.models.loading import load_model
+    from fv_remote.store.activations import ActivationStore
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    model = load_model(args.model)
+    counter = Counter(model.hf)
+    store = ActivationStore(str(args.out / "store.zarr"))
+    for name in args.tasks.split(","):
+        target = args.out / f"{name}.json"
+        if target.exists():
+            continue
+        t0 = time.perf_counter()
+        row = run_task(model, counter, name, args.data_dir, store, args.out / "vectors")
+        target.write_text(json.dumps(row))
+        print(f"{name}: done in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    report(args.out)
+
+
+if __name__ == "__main__":
+    main()

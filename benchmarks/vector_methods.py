@@ -60,7 +60,8 @@ def cost(costs: dict, name: str, counter: Counter):
     costs[name] = {"forwards": counter.rows - rows, "seconds": round(time.perf_counter() - t0, 2)}
 
 
-def run_task(model, counter: Counter, name: str, data_dir: str | None, store, out: Path) -> dict:
+def run_task(model, counter: Counter, name: str, data_dir: str | None, store, out: Path, n_valid: int | None,
+             n_test: int | None, scales: list[float] | None) -> dict:
     import torch
 
     from fv_remote.baselines.fit import fit_vector
@@ -81,7 +82,7 @@ def run_task(model, counter: Counter, name: str, data_dir: str | None, store, ou
         extract(model, relation, store, n_prompts=100, n_shots=10)
         means = mean_heads_tensor(store, name)
         cma = run_cma(model, prepared, store, means, n_prompts=25, n_shots=10)
-        fv, sweep = fit_function_vector(model, prepared, means, cma.aie, k=10)
+        fv, sweep = fit_function_vector(model, prepared, means, cma.aie, k=10, n_prompts=n_valid)
     chosen["fv"] = {"layer": fv.layer, "scale": 1.0, "valid": max(sweep.values()) if sweep else None}
     with cost(costs, "ffv", counter):
         ffv = train_ffv(model, prepared, fv).result.ffv
@@ -92,14 +93,15 @@ def run_task(model, counter: Counter, name: str, data_dir: str | None, store, ou
     vectors = {"ffv": ffv}
     for method in OTHERS:
         with cost(costs, method, counter):
-            vec, _ = fit_vector(model, prepared, reads, method)
+            grid = scales if scales and method in ("mean-diff", "pca") else None
+            vec, _ = fit_vector(model, prepared, reads, method, scales=grid, n_prompts=n_valid)
         vectors[method] = vec
         chosen[method] = {"layer": "1-%d" % (model.adapter.n_layers - 1) if "directions" in vec.meta else vec.layer,
                           "scale": vec.meta["scale"], "valid": vec.meta["validation_accuracy"]}
         vec.save(out / f"{name}.{method}.safetensors")
     fv.save(out / f"{name}.fv.safetensors")
     ffv.save(out / f"{name}.ffv.safetensors")
-    n, _, conditions = evaluation_conditions(model, prepared, fv, n_shots=10, extra_vectors=vectors)
+    n, _, conditions = evaluation_conditions(model, prepared, fv, n_shots=10, n_test=n_test, extra_vectors=vectors)
     t0 = time.perf_counter()
     work, owners = condition_work(model, list(conditions.values()))
     tops = by_condition(last_token_body(model, work, top1=True), owners, len(conditions))
@@ -178,6 +180,11 @@ def main() -> None:
     ap.add_argument("--tasks", default=",".join(TASKS))
     ap.add_argument("--out", type=Path, default=Path("out/vector_methods"))
     ap.add_argument("--report", type=Path, default=None, help="only print the tables of a finished run")
+    ap.add_argument("--dtype", default="float32", help="float32 | bfloat16 (issue 24: the same FV/FFV accuracy)")
+    ap.add_argument("--n-valid", type=int, default=None, help="validation prompts of every sweep (FV's too; "
+                    "default: the library's, at most 50)")
+    ap.add_argument("--n-test", type=int, default=None, help="test queries (default: the split, at most 200)")
+    ap.add_argument("--scales", default=None, help="mean-diff/pca scale grid, e.g. 1,2,4 (default: the library's)")
     args = ap.parse_args()
     if args.report:
         report(args.report)
@@ -186,7 +193,8 @@ def main() -> None:
     from fv_remote.store.activations import ActivationStore
 
     args.out.mkdir(parents=True, exist_ok=True)
-    model = load_model(args.model)
+    model = load_model(args.model, dtype=args.dtype)
+    scales = [float(x) for x in args.scales.split(",")] if args.scales else None
     counter = Counter(model.hf)
     store = ActivationStore(str(args.out / "store.zarr"))
     for name in args.tasks.split(","):
@@ -194,7 +202,9 @@ def main() -> None:
         if target.exists():
             continue
         t0 = time.perf_counter()
-        row = run_task(model, counter, name, args.data_dir, store, args.out / "vectors")
+        row = run_task(model, counter, name, args.data_dir, store, args.out / "vectors", args.n_valid, args.n_test,
+                       scales)
+        row["settings"] = {"dtype": args.dtype, "n_valid": args.n_valid, "n_test": args.n_test, "scales": scales}
         target.write_text(json.dumps(row))
         print(f"{name}: done in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     report(args.out)

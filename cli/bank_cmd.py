@@ -155,7 +155,8 @@ def bank_info(
     path: Path = typer.Argument(Path(DEFAULT_BANK), help="bank file"),
     json_path: Optional[Path] = typer.Option(None, "--json", help="write the summary as JSON"),
 ) -> None:
-    """List the relations in a bank: layer, norm, validation accuracy with and without the vector."""
+    """List the relations in a bank: layer, norm, validation accuracy with and without the vector, and how many
+    training/validation pairs each records (for `align`/`analogy`'s train/test overlap; "unknown" in older banks)."""
     from fv_remote.relational.bank import RelationBank, info
 
     check_output_path(json_path, "--json")
@@ -163,12 +164,13 @@ def bank_info(
     summary = info(bank)
     table = Table(title=Text(f"{path}: {summary['n']} relations, model {bank.model}, d_model {summary['d_model']}"),
                   title_justify="left")
-    for col in ("relation", "category", "layer", "norm", "n train", "valid acc", "zero-shot acc", "init"):
+    for col in ("relation", "category", "layer", "norm", "n train", "valid acc", "zero-shot acc", "init",
+                "pairs recorded"):
         table.add_column(col, justify="left" if col in ("relation", "category", "init") else "right")
     for r in summary["entries"]:
         table.add_row(Text(r["name"]), Text(str(r["category"])), str(r["layer"]), f"{r['norm']:.1f}",
                       str(r["n_train"] or "—"), _pct(r["valid_acc"]), _pct(r["zero_shot_valid_acc"]),
-                      str(r["init"] or "—"))
+                      str(r["init"] or "—"), "unknown" if r["trained_pairs"] is None else str(r["trained_pairs"]))
     out.print(table)
     if json_path:
         _write_json(summary, json_path)

@@ -373,6 +373,9 @@ def test_cli_exclude_trained_errors_are_one_line(cli_env, tmp_path):
     plain = invoke("align", "--ratings", cli_env["ratings"], "--bank", str(tmp_path / "old.safetensors"), "-m",
                    cli_env["folder"], "--n-boot", "20", "--plot", str(tmp_path / "a.png"))
     assert plain.code == 0 and "train/test overlap: UNKNOWN" in _flat(plain.stdout), plain.describe()
+    listed = invoke("bank", "info", str(tmp_path / "old.safetensors"))
+    assert "pairs recorded" in _flat(listed.stdout) and "unknown" in listed.stdout, listed.describe()
+    assert "unknown" not in invoke("bank", "info", cli_env["bank"]).stdout
     one_error_line(invoke("align", "--ratings", cli_env["ratings"], "--bank", str(tmp_path / "old.safetensors"), "-m",
                           cli_env["folder"], "--exclude-trained"), "--exclude-trained: none of the bank's 2 entries")
     one_error_line(invoke("analogy", "--mc", str(FIX / "mc.jsonl"), "--bank", str(tmp_path / "old.safetensors"),

@@ -32,8 +32,14 @@ def align(
     model: str = typer.Option(DEFAULT_MODEL, "--model", "-m"),
     plot: Optional[Path] = typer.Option(None, help="scatter PNG (default next to --json, or out/align.png)"),
     json_path: Optional[Path] = typer.Option(None, "--json"),
+    exclude_trained: bool = typer.Option(False, "--exclude-trained", help="also score each row that shares a word "
+                                         "pair with a bank entry's training pairs without that entry (per row), and "
+                                         "the rows without overlap alone; prints all three figures"),
 ) -> None:
-    """Spearman ρ (bootstrap 95% CI) between the model's relation similarity and human ratings."""
+    """Spearman ρ (bootstrap 95% CI) between the model's relation similarity and human ratings.
+
+    Always reports how many rows share a word pair (either order) with the pairs a bank entry was trained or
+    validated on ("unknown" for banks built before fv-remote recorded them)."""
     from fv_remote.relational.align import align as run_align
     from fv_remote.relational.align import parse_columns, read_ratings, scatter
     from fv_remote.relational.analogy import AnalogySettings
@@ -49,7 +55,7 @@ def align(
     pairs = len({p for r in rows for p in (r.pair1, r.pair2)})
     with progress_bar("relation profiles", pairs * len(bank)) as update:
         result = run_align(loaded, bank, rows, method, temperature, n_boot, seed,
-                           AnalogySettings(temperature=temperature), update)
+                           AnalogySettings(temperature=temperature), update, exclude_trained)
     for line, reason in result.skipped[:10]:
         console.print(f"[yellow]skipped row at line {line}: {reason}[/]")
     if len(result.skipped) > 10:
@@ -65,5 +71,20 @@ def align(
         "95% CI undefined (every bootstrap resample had constant values; written as null)"
     out.print(f"Spearman ρ = {result.spearman:.3f}  {interval}  method {method}, "
               f"{result.n_used} rows used, {result.n_skipped} skipped; scatter {plot}")
+    if result.overlap is not None:
+        out.print(result.overlap.describe("rows"))
+    if result.excluded is not None and result.clean is not None:
+        n_empty = result.excluded["n_no_entry_left"]
+        out.print(f"without the overlapping entries (left out per row): {_rho(result.excluded)}"
+                  + (f"; {n_empty} rows shared a pair with every entry and are left out" if n_empty else ""))
+        out.print(f"rows that share no pair with any entry's training pairs: {_rho(result.clean)}")
     if json_path:
         _write_json(result.as_json(), json_path)
+
+
+def _rho(figure: dict) -> str:
+    rho, (lo, hi), n = figure["spearman"], figure["ci95"], figure["n_used"]
+    if not np.isfinite(rho):
+        return f"Spearman ρ undefined on {n} rows (fewer than 3, or constant values; written as null)"
+    interval = f"95% CI [{lo:.3f}, {hi:.3f}]" if np.isfinite([lo, hi]).all() else "95% CI undefined"
+    return f"Spearman ρ = {rho:.3f}  {interval}, {n} rows"

@@ -52,18 +52,26 @@ def analogy(
     bank_sources: Optional[str] = typer.Option(None, help="use only the bank entries from these sources (e.g. "
                                                           "semeval2012,todd: leave out the relations of the set "
                                                           "being tested)"),
+    exclude_trained: bool = typer.Option(False, "--exclude-trained", help="also score each item that shares a word "
+                                         "pair (stem or a choice) with a bank entry's training pairs without that "
+                                         "entry (per item), and the items without overlap alone; prints all three"),
     model: str = typer.Option(DEFAULT_MODEL, "--model", "-m"),
     json_path: Optional[Path] = typer.Option(None, "--json"),
     remote: bool = _remote_opt("relation profiles, CFV weights and every method's scores in one request (with "
                                "--combiner; --train-combiner runs locally only)"),
     plan: bool = typer.Option(False, "--plan", help=PLAN_HELP),
 ) -> None:
-    """Analogies (A is to B as C is to ?) with composite FVs, against no vector, the best single FFV and ICL."""
+    """Analogies (A is to B as C is to ?) with composite FVs, against no vector, the best single FFV and ICL.
+
+    Always reports how many items share a word pair (either order) with the pairs a bank entry was trained or
+    validated on ("unknown" for banks built before fv-remote recorded them)."""
     import random
 
     from fv_remote.core.unchanged import combiner_unchanged
     from fv_remote.relational.analogy import METHODS, AnalogySettings, Combiner, group_keys, real_groups, run_analogies
+    from fv_remote.relational.analogy import COMBINER_EXCLUDE, analogy_overlap, subset, without_trained
     from fv_remote.relational.analogy import train_combiner as fit_combiner
+    from fv_remote.relational.overlap import find_overlap, require_known
     from fv_remote.relational.bank_sources import select_sources
     from fv_remote.relational.bank import RelationBank
     from fv_remote.data import read_analogy_csv, read_mc_analogies
@@ -72,6 +80,8 @@ def analogy(
         raise UserError("give exactly one of --mc FILE.jsonl or --csv FILE.csv")
     if combiner and train_combiner:
         raise UserError("use --combiner (apply a saved one) or --train-combiner (fit one), not both")
+    if exclude_trained and (combiner or train_combiner):
+        raise UserError(COMBINER_EXCLUDE)
     if remote and train_combiner:
         raise UserError("--train-combiner runs locally only: train and --save-combiner it locally, then use "
                         "--combiner FILE with --remote")
@@ -105,6 +115,8 @@ def analogy(
     bank = RelationBank.load(bank_path)
     if bank_sources:
         bank = select_sources(bank, [x.strip() for x in bank_sources.split(",") if x.strip()], bank_path)
+    if exclude_trained:
+        require_known(find_overlap(bank, []))  # before any scoring: a bank without records can leave nothing out
     if plan:
         return plan_instead("analogy", model, items=max(len(items), 1), bank_size=max(len(bank), 1),
                             choices=max([len(it.choices) for it in items] or [1]), batch_size=batch_size)
@@ -162,11 +174,42 @@ def analogy(
             out.print(f"{label}: {g['mean']:+.3f} (paired 95% CI [{g['ci95'][0]:+.3f}, {g['ci95'][1]:+.3f}])")
     if result.group_by:
         _group_table(result)
+    overlap = analogy_overlap(bank, result)
+    out.print(overlap.describe("items"))
+    extra = {}
+    if exclude_trained:
+        with progress_bar("analogies without trained entries", 6) as update:
+            excluded, n_empty = without_trained(loaded, bank, result, overlap, update)
+        clean = subset(result, [i for i, hits in enumerate(overlap.hits) if not hits])
+        _overlap_table(result, excluded, clean, n_empty)
+        extra = {"excluded_trained": {**_figures(excluded), "n_no_entry_left": n_empty},
+                 "no_overlap_items": _figures(clean)}
     if json_path:
-        data = result.as_json()
+        data = {**result.as_json(), "overlap": overlap.as_json(), **extra}
         if comb is not None:
             data["combiner_unchanged"] = bool(comb.meta.get("unchanged", False))
         _write_json(data, json_path)
+
+
+def _figures(result) -> dict:
+    return {"n": result.n, "accuracy": result.accuracy(), "ci95": result.ci95(), "gain": result.gains()}
+
+
+def _overlap_table(result, excluded, clean, n_empty: int) -> None:
+    """Accuracy with every entry, without each item's overlapping entries, and on the items without overlap."""
+    table = Table(title=f"train/test overlap: all entries ({result.n} items) | each item's overlapping entries "
+                        f"left out ({excluded.n}) | items without overlap only ({clean.n})", title_justify="left")
+    for col in ("method", "all entries", "without overlapping", "no-overlap items"):
+        table.add_column(col, justify="left" if col == "method" else "right")
+    figures = [r.accuracy() for r in (result, excluded, clean)]
+    cis = [r.ci95() for r in (result, excluded, clean)]
+    for m in figures[0]:
+        table.add_row(m, *[f"{acc[m]:.3f} [{ci[m][0]:.3f}, {ci[m][1]:.3f}]" if r.n else "—"
+                           for acc, ci, r in zip(figures, cis, (result, excluded, clean))])
+    out.print(table)
+    if n_empty:
+        out.print(f"{n_empty} items shared a pair with every entry: no bank left, so 'without overlapping' scores "
+                  "them with no vector (cfv, best_ffv) and as icl_qa (icl_qa+cfv)")
 
 
 def _ci(ci, signed: bool = False) -> str:

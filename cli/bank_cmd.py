@@ -27,7 +27,9 @@ app.add_typer(bank_app, name="bank")
 def bank_build(
     out_path: Path = typer.Option(Path(DEFAULT_BANK), "--out", "-o", help="bank file (.safetensors); an existing "
                                                                           "one is resumed"),
-    tasks: Optional[str] = typer.Option(None, help="comma-separated task names (default: every bundled relation)"),
+    tasks: Optional[str] = typer.Option(None, help="comma-separated task names (default: every bundled relation); "
+                                                   "with public sources, SOURCE:ID names (e.g. semeval2012:1a,"
+                                                   "todd:antonym) pick those relations only"),
     data: Optional[list[Path]] = typer.Option(None, "--data", help="dataset .json files to add (repeatable)"),
     data_dir: Optional[Path] = typer.Option(None, help="folder of TASK.json files for --tasks"),
     model: str = typer.Option(DEFAULT_MODEL, "--model", "-m"),
@@ -70,11 +72,11 @@ def bank_build(
     check_output_path(out_path, "--out", "bank")
     settings = _settings(steps, lr, l2, patience, batch_size, seed, allow_unchanged)
     if preset or data_root or semeval or todd or bats:
-        if remote or tasks or data or init != "zero":
+        if remote or data or init != "zero":
             raise UserError("public sources (--preset/--semeval/--todd/--bats) build locally with --init zero, "
-                            "without --tasks, --data or --remote")
+                            "without --data or --remote")
         _build_public(out_path, preset, data_root, semeval, todd, bats, model, layer, n_train, min_train, n_valid,
-                      settings, seed, fresh)
+                      settings, seed, fresh, tasks)
         return
     names = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else ([] if data else list_tasks())
     relations = [load_task(n, data_dir=data_dir) for n in names] + [load_task(str(p)) for p in (data or [])]
@@ -107,9 +109,9 @@ def bank_build(
 
 
 def _build_public(out_path, preset, data_root, semeval, todd, bats, model, layer, n_train, min_train, n_valid,
-                  settings, seed, fresh) -> None:
+                  settings, seed, fresh, tasks=None) -> None:
     from fv_remote.relational.bank_sources import build_from_sources, report_path
-    from fv_remote.data.sources import preset_paths, public_collection
+    from fv_remote.data.sources import pick, preset_paths, public_collection
 
     require_positive("--n-train", n_train)
     require_positive("--min-train", min_train)
@@ -122,6 +124,8 @@ def _build_public(out_path, preset, data_root, semeval, todd, bats, model, layer
     elif data_root:
         raise UserError("--data-root goes with --preset public")
     collection = public_collection(semeval=semeval, todd=todd, bats=bats)
+    if tasks:
+        collection = pick(collection, [t.strip() for t in tasks.split(",") if t.strip()])
     loaded = load_stage(model, executor(False))
     if layer is None:
         layer = round(0.4 * loaded.adapter.n_layers)
@@ -151,7 +155,8 @@ def bank_info(
     path: Path = typer.Argument(Path(DEFAULT_BANK), help="bank file"),
     json_path: Optional[Path] = typer.Option(None, "--json", help="write the summary as JSON"),
 ) -> None:
-    """List the relations in a bank: layer, norm, validation accuracy with and without the vector."""
+    """List the relations in a bank: layer, norm, validation accuracy with and without the vector, and how many
+    training/validation pairs each records (for `align`/`analogy`'s train/test overlap; "unknown" in older banks)."""
     from fv_remote.relational.bank import RelationBank, info
 
     check_output_path(json_path, "--json")
@@ -159,12 +164,13 @@ def bank_info(
     summary = info(bank)
     table = Table(title=Text(f"{path}: {summary['n']} relations, model {bank.model}, d_model {summary['d_model']}"),
                   title_justify="left")
-    for col in ("relation", "category", "layer", "norm", "n train", "valid acc", "zero-shot acc", "init"):
+    for col in ("relation", "category", "layer", "norm", "n train", "valid acc", "zero-shot acc", "init",
+                "pairs recorded"):
         table.add_column(col, justify="left" if col in ("relation", "category", "init") else "right")
     for r in summary["entries"]:
         table.add_row(Text(r["name"]), Text(str(r["category"])), str(r["layer"]), f"{r['norm']:.1f}",
                       str(r["n_train"] or "—"), _pct(r["valid_acc"]), _pct(r["zero_shot_valid_acc"]),
-                      str(r["init"] or "—"))
+                      str(r["init"] or "—"), "unknown" if r["trained_pairs"] is None else str(r["trained_pairs"]))
     out.print(table)
     if json_path:
         _write_json(summary, json_path)

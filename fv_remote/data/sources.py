@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fv_remote.data.formats import RelationTask, read_bats_pairs, read_semeval2012, read_todd_json
-from fv_remote.core.errors import UserError
+from fv_remote.core.errors import UserError, did_you_mean
 
 SOURCES = ("semeval2012", "bats", "todd")
 # Todd et al.'s folder also holds sentence-level tasks (news topics, sentiment, QA): not relations between words.
@@ -104,6 +104,19 @@ def public_collection(semeval: str | Path | None = None, bats: str | Path | None
     if bats is not None:
         out.extend(bats_relations(bats))
     return out
+
+
+def pick(collection: Collection, names: list[str]) -> Collection:
+    """Only the named relations (`SOURCE:ID`, e.g. semeval2012:1a, todd:antonym), in the sources' order; an unknown
+    name is a UserError with the nearest names (a small bank from public sources without building all of them)."""
+    known = [t.name for t in collection.tasks] + [u.name for u in collection.unusable]
+    missing = [n for n in names if n not in known]
+    if missing:
+        raise UserError(f"--tasks: no relation {missing[0]!r} in the given sources{did_you_mean(missing[0], known)}; "
+                        f"public relations are named SOURCE:ID, e.g. {', '.join(known[:3])}")
+    chosen = set(names)
+    return Collection([t for t in collection.tasks if t.name in chosen],
+                      [u for u in collection.unusable if u.name in chosen])
 
 
 def preset_paths(name: str, root: str | Path) -> dict[str, Path]:

@@ -11,6 +11,12 @@ Similarity methods:
 - "bank": cosine between the two pairs' top bank vectors (each pair read as its single best relation).
 
 Spearman ρ between model similarity and rating, with a percentile bootstrap 95% interval over rows.
+
+Train/test overlap (`relational.overlap`): every run counts the rows whose pair 1 or pair 2 (either order) is among
+a bank entry's recorded training/validation pairs. With `exclude_trained` each such row is scored again with those
+entries left out of both pairs' profiles (per row, not out of the whole bank: the entry still represents the rows
+drawn from pairs it was not trained on), and ρ is given with and without them, plus ρ on the rows that share no
+pair at all. All three come from one profile computation.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from fv_remote.data import answer_first_token
 from fv_remote.data.formats import read_text_file
 from fv_remote.core.errors import UserError, did_you_mean
 from fv_remote.models.loading import LoadedModel
+from fv_remote.relational.overlap import Overlap, find_overlap, require_known
 
 DEFAULT_COLUMNS = ("pair1_word1", "pair1_word2", "pair2_word1", "pair2_word2", "mean_rating")
 METHODS = ("weights", "cfv", "logp", "bank")
@@ -131,13 +138,23 @@ def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def similarities(bank: RelationBank, logp1: torch.Tensor, logp2: torch.Tensor, method: str,
-                 temperature: float = 1.0) -> torch.Tensor:
-    """Model relation similarity per row from the two pairs' log-prob profiles [n, N]."""
+                 temperature: float = 1.0, exclude: torch.Tensor | None = None) -> torch.Tensor:
+    """Model relation similarity per row from the two pairs' log-prob profiles [n, N]; `exclude` [n, N] (bool)
+    leaves entries out of a row (no weight in either profile; "logp": the correlation over the other entries)."""
     if method not in METHODS:
         raise UserError(f"unknown method {method!r}{did_you_mean(method, METHODS)}; use one of {', '.join(METHODS)}")
     if method == "logp":
-        a, b = logp1 - logp1.mean(-1, keepdim=True), logp2 - logp2.mean(-1, keepdim=True)
-        return _cos(a, b)
+        if exclude is None:
+            a, b = logp1 - logp1.mean(-1, keepdim=True), logp2 - logp2.mean(-1, keepdim=True)
+            return _cos(a, b)
+        keep = (~exclude).float()
+
+        def centred(x: torch.Tensor) -> torch.Tensor:  # over the kept entries only, zero at the others
+            return (x - (x * keep).sum(-1, keepdim=True) / keep.sum(-1, keepdim=True)) * keep
+
+        return _cos(centred(logp1), centred(logp2))
+    if exclude is not None:
+        logp1, logp2 = logp1.masked_fill(exclude, float("-inf")), logp2.masked_fill(exclude, float("-inf"))
     w1, w2 = cfv_weights(logp1, temperature), cfv_weights(logp2, temperature)
     if method == "weights":
         return _cos(w1, w2)
@@ -161,6 +178,9 @@ class AlignResult:
     model_sim: list[float] = field(default_factory=list)
     ratings: list[float] = field(default_factory=list)
     skipped: list[tuple[int, str]] = field(default_factory=list)  # (line, reason)
+    overlap: Overlap | None = None  # rows sharing a pair with the bank's recorded training pairs
+    excluded: dict[str, Any] | None = None  # with exclude_trained: rho without the overlapping entries (per row)
+    clean: dict[str, Any] | None = None  # with exclude_trained: rho on the rows that share no pair
 
     def undefined(self) -> str | None:
         """Why ρ is NaN (constant ratings or similarities), None when it is a number."""
@@ -173,13 +193,19 @@ class AlignResult:
         return "the similarities are not finite"
 
     def as_json(self) -> dict[str, Any]:
-        return {"spearman": self.spearman, "ci95": self.ci95, "n_used": self.n_used, "n_skipped": self.n_skipped,
-                "method": self.method}
+        data = {"spearman": self.spearman, "ci95": self.ci95, "n_used": self.n_used, "n_skipped": self.n_skipped,
+                "method": self.method, "overlap": self.overlap.as_json() if self.overlap else None}
+        if self.excluded is not None:
+            data["excluded_trained"] = self.excluded
+            data["no_overlap_rows"] = self.clean
+        return data
 
 
 def align(model: LoadedModel, bank: RelationBank, rows: Sequence[RatingRow], method: str = "weights",
           temperature: float = 1.0, n_boot: int = 1000, seed: int = 0, settings: AnalogySettings | None = None,
-          progress=None) -> AlignResult:
+          progress=None, exclude_trained: bool = False) -> AlignResult:
+    """Spearman ρ of the model's relation similarity against the ratings; the train/test overlap always, and with
+    `exclude_trained` ρ without the overlapping entries (per row) and on the rows without overlap (module doc)."""
     s = settings or AnalogySettings(temperature=temperature)
     if method not in METHODS:
         raise UserError(f"unknown method {method!r}{did_you_mean(method, METHODS)}; use one of {', '.join(METHODS)}")
@@ -194,6 +220,9 @@ def align(model: LoadedModel, bank: RelationBank, rows: Sequence[RatingRow], met
             used.append(row)
     if len(used) < 3:
         raise UserError(f"only {len(used)} usable rows ({len(skipped)} skipped); Spearman needs at least 3")
+    overlap = find_overlap(bank, [(r.pair1, r.pair2) for r in used])
+    if exclude_trained:
+        require_known(overlap)  # before the profiles: nothing could be left out
     pairs = sorted({p for r in used for p in (r.pair1, r.pair2)})
     profile = relation_profile(model, bank, pairs, s, progress)
     index = {p: i for i, p in enumerate(pairs)}
@@ -202,7 +231,22 @@ def align(model: LoadedModel, bank: RelationBank, rows: Sequence[RatingRow], met
     sims = similarities(bank, logp1, logp2, method, temperature).tolist()
     ratings = [r.rating for r in used]
     rho, ci = spearman_ci(sims, ratings, n_boot, seed)
-    return AlignResult(rho, ci, len(used), len(skipped), method, sims, ratings, skipped)
+    result = AlignResult(rho, ci, len(used), len(skipped), method, sims, ratings, skipped, overlap)
+    if exclude_trained:
+        mask = overlap.mask()
+        left = [i for i in range(len(used)) if not bool(mask[i].all())]  # rows with an entry left
+        sims_ex = similarities(bank, logp1[left], logp2[left], method, temperature, mask[left]).tolist()
+        result.excluded = _figure(sims_ex, [ratings[i] for i in left], n_boot, seed)
+        result.excluded["n_no_entry_left"] = len(used) - len(left)
+        clean = [i for i, hits in enumerate(overlap.hits) if not hits]
+        result.clean = _figure([sims[i] for i in clean], [ratings[i] for i in clean], n_boot, seed)
+    return result
+
+
+def _figure(sims: Sequence[float], ratings: Sequence[float], n_boot: int, seed: int) -> dict[str, Any]:
+    """ρ, its interval and the row count of some rows (ρ is NaN under 3 rows or constant values)."""
+    rho, ci = spearman_ci(sims, ratings, n_boot, seed) if len(sims) else (float("nan"), [float("nan")] * 2)
+    return {"spearman": rho, "ci95": ci, "n_used": len(sims)}
 
 
 def scatter(result: AlignResult, path: str | Path, title: str = "") -> Path:

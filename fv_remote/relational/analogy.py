@@ -37,6 +37,7 @@ from fv_remote.relational.analogy_scoring import (_bank_tensors, _split_continua
                                        first_token_logprobs)
 from fv_remote.relational.bank import RelationBank
 from fv_remote.relational.combiner import Combiner
+from fv_remote.relational.overlap import Overlap, find_overlap, require_known
 from fv_remote.data import MCAnalogy, PromptTemplate
 from fv_remote.core.errors import UserError, require_positive
 from fv_remote.execution import check_shippable, executor_of, run_stage, stage_session
@@ -301,23 +302,36 @@ def _choice_scores(model: LoadedModel, bank: RelationBank, prompts: list[str], c
 
 def run_analogies(model: LoadedModel, bank: RelationBank, items: Sequence[MCAnalogy],
                   settings: AnalogySettings | None = None, combiner: Combiner | None = None,
-                  methods: Sequence[str] = METHODS, progress: Progress | None = None) -> AnalogyResult:
+                  methods: Sequence[str] = METHODS, progress: Progress | None = None,
+                  exclude: torch.Tensor | None = None) -> AnalogyResult:
     """Score every method on the items (bad items are skipped and counted, never silently dropped).
 
     The stage body is `analogy_session` (relation profiles, CFV weights and every method's scores in one session:
     ONE NDIF request on NDIF; `progress` is then called once, at the end). The local executor runs the
     local fast path `_local_scores` instead (a declared capability, `Executor.local_fast_paths`).
+    `exclude` ([len(items), len(bank)] bool) leaves entries out of an item's CFV weights (their log-probs masked
+    before the softmax; `without_trained`); every item needs an entry left, and a combiner does not go with it.
     """
     s = (settings or AnalogySettings()).check()
     bank.require_entries()
     bank.check_model(model)
     if combiner is not None:
         combiner.check_bank(bank)
+    if exclude is not None:
+        if combiner is not None:
+            raise UserError(COMBINER_EXCLUDE)
+        if tuple(exclude.shape) != (len(items), len(bank)) or bool(exclude.all(-1).any()):
+            raise UserError(f"exclude must be [{len(items)} items, {len(bank)} entries] with an entry left for "
+                            f"every item, got {tuple(exclude.shape)}")
     unknown = [m for m in methods if m not in METHODS]
     if unknown or "cfv" not in methods:
         raise UserError(f"methods must include cfv and come from {', '.join(METHODS)}; got {list(methods)}")
     kept, skipped = check_items(model.tokenizer, items, s)
     n_bank = len(bank)
+    penalty = torch.zeros(len(kept), n_bank)  # added to the relation profile: -inf leaves an entry out of an item
+    if exclude is not None:
+        row = {id(it): i for i, it in enumerate(items)}
+        penalty = penalty.masked_fill(exclude[[row[id(it)] for it in kept]], float("-inf"))
     steps = len(methods) + 1
     if s.mode == "mc":
         chance = float(np.mean([1 / len(it.choices) for it in kept])) if kept else float("nan")
@@ -328,13 +342,87 @@ def run_analogies(model: LoadedModel, bank: RelationBank, items: Sequence[MCAnal
     if not kept:
         weights, scores = torch.empty(0, n_bank), {m: None for m in methods}
     else:
-        weights, scores = run_stage(ANALOGY, model, AnalogyPlan(list(methods), bank, kept, s, combiner, progress))
+        weights, scores = run_stage(ANALOGY, model, AnalogyPlan(list(methods), bank, kept, s, combiner, progress,
+                                                                penalty))
     if progress and (not ex.local_fast_paths or not kept):
         progress(steps, steps)
     correct = {m: _hits(kept, scores[m], s.mode) for m in methods}
     return AnalogyResult(len(kept), len(skipped), chance, correct, weights, bank.names, kept, skipped, s,
                          combiner.meta.get("path") if combiner else None,
                          "relation" if real_groups(kept, "relation", MIN_GROUP) else None, MIN_GROUP)
+
+
+# --- train/test overlap (`relational.overlap`) -----------------------------------------------------------------
+
+COMBINER_EXCLUDE = ("--exclude-trained does not go with a learned combiner: the combiner reads every entry's "
+                    "log-prob to weight each entry, so an entry cannot be left out of one item; leave the combiner "
+                    "out, or rebuild the bank without the overlapping relations")
+
+
+def item_pairs(item: MCAnalogy, mode: str = "mc") -> list[tuple[str, str]]:
+    """The word pairs an item's score reads: its stem and every choice (mc), or the stem and the answer
+    (generative)."""
+    return [item.stem, *(item.choices if mode == "mc" else [item.correct])]
+
+
+def analogy_overlap(bank: RelationBank, result: AnalogyResult) -> Overlap:
+    """Which scored items share a pair (stem or a choice) with which entries' recorded training pairs."""
+    return find_overlap(bank, [item_pairs(it, result.settings.mode) for it in result.items])
+
+
+def subset(result: AnalogyResult, rows: Sequence[int]) -> AnalogyResult:
+    """The same result on some of its items (e.g. the items that share no pair with the bank's training pairs)."""
+    idx = list(rows)
+    items = [result.items[i] for i in idx]
+    chance = result.chance
+    if result.settings.mode == "mc":
+        chance = float(np.mean([1 / len(it.choices) for it in items])) if items else float("nan")
+    return AnalogyResult(len(idx), result.n_skipped, chance, {m: v[idx] for m, v in result.correct.items()},
+                         result.weights[idx], result.bank_names, items, result.skipped, result.settings,
+                         result.combiner, result.group_by, result.min_group)
+
+
+def without_trained(model: LoadedModel, bank: RelationBank, result: AnalogyResult, overlap: Overlap,
+                    progress: Progress | None = None) -> tuple[AnalogyResult, int]:
+    """`result` again, on the same items, with each item's CFV built without the bank entries it shares a pair with;
+    and how many items had no entry left.
+
+    Only the items that share a pair are scored again, and only with the methods that read the bank (cfv,
+    best_ffv, icl_qa+cfv); the others keep their scores (nothing they read changed). An item that shares a pair with
+    every entry has no bank left: its CFV (and single FFV) is the zero vector, so cfv and best_ffv score it as
+    no_vector does and icl_qa+cfv as icl_qa. Why per item and not out of the whole bank: `relational.overlap`."""
+    require_known(overlap)
+    if result.combiner is not None:
+        raise UserError(COMBINER_EXCLUDE)
+    mask = overlap.mask()
+    touched = [i for i, hits in enumerate(overlap.hits) if hits]
+    empty = [i for i in touched if bool(mask[i].all())]
+    redo = [i for i in touched if i not in empty]
+    correct = {m: v.copy() for m, v in result.correct.items()}
+    weights = result.weights.clone()
+    methods = [m for m in result.correct if m in MIXING_METHODS]
+    if redo:
+        again = run_analogies(model, bank, [result.items[i] for i in redo], result.settings, methods=methods,
+                              progress=progress, exclude=mask[redo])
+        if again.n != len(redo):  # the same items passed the same checks before
+            raise UserError(f"{len(redo) - again.n} items could not be scored again without their entries")
+        for m in methods:
+            correct[m][redo] = again.correct[m]
+        weights[redo] = again.weights
+    if empty:  # no entry left: the bank adds nothing, so the vector methods are their vector-free counterparts
+        plain = {m: "icl_qa" if m == "icl_qa+cfv" else "no_vector" for m in methods}
+        base = {m: correct[m][empty] for m in set(plain.values()) if m in correct}
+        missing = sorted(set(plain.values()) - set(base))
+        if missing:
+            extra = run_analogies(model, bank, [result.items[i] for i in empty], result.settings,
+                                  methods=["cfv", *missing])
+            base.update({m: extra.correct[m] for m in missing})
+        for m in methods:
+            correct[m][empty] = base[plain[m]]
+        weights[empty] = 0.0
+    return AnalogyResult(result.n, result.n_skipped, result.chance, correct, weights, result.bank_names,
+                         result.items, result.skipped, result.settings, result.combiner, result.group_by,
+                         result.min_group), len(empty)
 
 
 def _method_rows(kept: Sequence[MCAnalogy], s: AnalogySettings,
@@ -372,10 +460,11 @@ def _hits(kept: Sequence[MCAnalogy], scores: torch.Tensor | None, mode: str) -> 
 
 
 def _local_scores(model: LoadedModel, bank: RelationBank, kept: list[MCAnalogy], s: AnalogySettings,
-                  combiner: Combiner | None, methods: Sequence[str],
+                  combiner: Combiner | None, methods: Sequence[str], penalty: torch.Tensor,
                   progress: Progress | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     steps, done = len(methods) + 1, 1
-    weights = cfv_weights(relation_profile(model, bank, [it.stem for it in kept], s), s.temperature, combiner)
+    profile = relation_profile(model, bank, [it.stem for it in kept], s) + penalty
+    weights = cfv_weights(profile, s.temperature, combiner)
     if progress:
         progress(done, steps)
     scores = {}
@@ -407,6 +496,7 @@ class AnalogyPlan:
     settings: Any = in_process()
     combiner: Any = in_process()
     progress: Any = in_process()
+    penalty: Any = in_process()  # [items, bank]: 0, or -inf for an entry left out of an item's weights
 
 
 class Analogy(Stage[AnalogyPlan, tuple]):
@@ -419,7 +509,8 @@ class Analogy(Stage[AnalogyPlan, tuple]):
     can_submit = False
 
     def body(self, model: LoadedModel, plan: AnalogyPlan) -> tuple:
-        args = (model, plan.bank, plan.items, plan.settings, plan.combiner, plan.methods)
+        penalty = torch.zeros(len(plan.items), len(plan.bank)) if plan.penalty is None else plan.penalty
+        args = (model, plan.bank, plan.items, plan.settings, plan.combiner, plan.methods, penalty)
         if executor_of(model).local_fast_paths:
             return _local_scores(*args, plan.progress)
         return analogy_session(*args)
@@ -466,15 +557,19 @@ def _score_batches(model: LoadedModel, prompts: Sequence[str], conts: Sequence[s
 
 
 def analogy_session(model: LoadedModel, bank: RelationBank, kept: list[MCAnalogy], s: AnalogySettings,
-                    combiner: Combiner | None, methods: Sequence[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                    combiner: Combiner | None, methods: Sequence[str],
+                    penalty: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """`_local_scores` as one stage: relation profiles -> CFV weights (softmax, or the combiner's) -> each method's
-    row scores, all in one session; only the weights and one score per row come back.
+    row scores, all in one session; only the weights and one score per row come back. `penalty` [items, bank] is
+    added to the profile before the weights (-inf: an entry left out of an item's CFV; zeros by default).
 
     Whole prompts throughout (locally the first-token path shares cached prefixes; same values up to rounding).
     The body ends by clearing its locals: the server returns every local whose object was saved (by id, and the ids
     of freed saved logits get reused), so only `outs` and `weights` go back.
     """
     n_bank, n_items = len(bank), len(kept)
+    if penalty is None:
+        penalty = torch.zeros(n_items, n_bank)
     vectors, by_layer = _bank_tensors(bank)
     tmpl = s.template
     profile_first = s.score == "first"
@@ -498,7 +593,7 @@ def analogy_session(model: LoadedModel, bank: RelationBank, kept: list[MCAnalogy
     is_tuple, unembed, scale, temperature = ad.layer_output_is_tuple, ad.unembed(lm), s.scale, s.temperature
     session = executor_of(model).session
     if session:
-        check_shippable(passes=passes, vectors=vectors, by_layer=by_layer, combine=combine)
+        check_shippable(passes=passes, vectors=vectors, by_layer=by_layer, combine=combine, penalty=penalty)
     outs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     sums: list[torch.Tensor] | torch.Tensor
     counts: list[torch.Tensor] | torch.Tensor
@@ -520,7 +615,7 @@ def analogy_session(model: LoadedModel, bank: RelationBank, kept: list[MCAnalogy
                 matches.append(match)
             sums, counts, matches = torch.cat(sums), torch.cat(counts), torch.cat(matches)
             if p["mix"] == "eye":
-                weights = combine_weights((sums / counts).view(n_items, n_bank), temperature, combine)
+                weights = combine_weights((sums / counts).view(n_items, n_bank) + penalty, temperature, combine)
             outs.append((sums.detach().cpu(), counts.cpu(), matches.cpu()))
         weights = weights.detach().cpu()
         picked = mix = adds = envoy = vec = total = match = sums = counts = matches = b = p = None  # type: ignore[assignment]  # session unbinds locals
@@ -643,7 +738,8 @@ def analogy_cost(dims: Dims, n_items: int, n_bank: int, prompt_tokens: int, n_ch
         n_tokens = sum(sum(p) for p in passes)
     n_batches = sum(t.count for t in traces)
     sent = session_bytes(analogy_session, dims) + n_tokens * 4 + sum(rows) * 8 * 5 \
-        + 5 * PAYLOAD_TENSOR_OVERHEAD * n_batches + sent_bytes(n_bank * dims.d_model, 4)
+        + 5 * PAYLOAD_TENSOR_OVERHEAD * n_batches + sent_bytes(n_bank * dims.d_model, 4) \
+        + sent_bytes(n_items * n_bank, 4)  # the profile's penalty (zeros unless entries are left out)
     returned = RESULT_OVERHEAD + sum(tensor_bytes(n, 4) + tensor_bytes(n, 8) + tensor_bytes(n, 1) for n in rows) \
         + tensor_bytes(n_items * n_bank, 4)
     # rows of the profile (one bank vector each) and of the mixing methods: [rows, bank] @ [bank, d_model] per batch

@@ -2,7 +2,8 @@
 
 File layout: tensors `vectors` [N, d_model] (float32) and `layers` [N] (int64); metadata `format`
 ("fv-remote-bank"), `model`, `names` (JSON list), `entries` (JSON list of per-relation dicts: task, category,
-relation_words, layer, init, n_train, n_valid, valid_acc, ...), `settings` (JSON) and `library_version`.
+relation_words, layer, init, n_train, n_valid, valid_acc, trained_pairs (the hashes of the pairs it was trained
+and validated on, `relational.overlap`; absent in banks from before), ...), `settings` (JSON) and `library_version`.
 
 Vectors may sit at different layers (e.g. a bank merged from FFVs fine-tuned at each FV's own layer);
 `fv-remote bank build` trains every relation at one common layer by default, so that composite vectors are
@@ -77,7 +78,7 @@ class RelationBank:
             raise UserError(f"vector for model {fv.model!r} cannot join a bank for {self.model!r}")
         info = {"kind": fv.kind, **{k: v for k, v in fv.meta.items() if k in ("init", "n_train", "n_valid",
                                                                              "best_valid_acc", "best_valid_loss",
-                                                                             "best_step")}, **meta}
+                                                                             "best_step", "trained_pairs")}, **meta}
         self.add(BankEntry(name or fv.task, fv.vector.detach().float().clone(), int(fv.layer), info))
 
     def function_vector(self, name: str) -> FunctionVector:
@@ -150,13 +151,17 @@ class RelationBank:
 
 
 def info(bank: RelationBank) -> dict[str, Any]:
-    """A summary for `fv-remote bank info --json`."""
+    """A summary for `fv-remote bank info --json` (`trained_pairs`: how many pairs an entry records having been
+    trained and validated on, `relational.overlap`; None for entries built before the record)."""
+    from fv_remote.relational.overlap import n_recorded
+
     rows = []
     for e in bank.entries:
         rows.append({"name": e.name, "layer": e.layer, "norm": round(float(e.vector.norm()), 4),
                      "category": e.meta.get("category", ""), "n_train": e.meta.get("n_train"),
                      "valid_acc": e.meta.get("best_valid_acc"),
                      "zero_shot_valid_acc": e.meta.get("zero_shot_valid_acc"),
-                     "init": e.meta.get("init"), "relation_words": e.meta.get("relation_words", [])})
+                     "init": e.meta.get("init"), "relation_words": e.meta.get("relation_words", []),
+                     "trained_pairs": n_recorded(e.meta)})  # None: built before the record (overlap unknown)
     return {"model": bank.model, "n": len(bank), "d_model": int(bank.vectors.shape[-1]) if bank.entries else None,
             "layers": sorted(set(bank.layers)), "settings": bank.settings, "entries": rows}

@@ -125,7 +125,8 @@ class Bank(Stage[BankPlan, RelationBank]):
         for entry, out in zip(plan.entries, outputs):
             try:
                 ffv = to_result(plan.model, out, s, entry["name"], plan.init, source_from_info(entry["source_fv"]),
-                                int(entry["n_train"]), int(entry["n_valid"]), int(entry["n_batches"])).ffv
+                                int(entry["n_train"]), int(entry["n_valid"]), int(entry["n_batches"]),
+                                entry.get("trained_pairs")).ffv  # None in a job file from before the record
             except UserError as exc:  # diverged, never moved or its own start: skip the relation, keep the others
                 plan.refused.append(f"{entry['name']}: skipped: {exc}")  # said, not dropped silently
                 if plan.on_task:
@@ -201,6 +202,7 @@ def _bank_plan(model: LoadedModel, todo: list, path: Path, resume: bool, bank: R
     """Every relation of `todo` as one job of one stage body; relations whose plan fails are skipped (reported)."""
     from fv_remote.relational.ffv import examples, initial_plan
     from fv_remote.relational.ffv_session import SCORE_BATCH, Plan, source_info
+    from fv_remote.relational.overlap import examples_record
 
     plan = Plan(model)
     entries = []
@@ -220,6 +222,7 @@ def _bank_plan(model: LoadedModel, todo: list, path: Path, resume: bool, bank: R
         plan.job(s, train_i, valid_i, at, vector, scale_texts, baseline=base_i)
         entries.append({**_task_info(task), "index": index, "source_fv": source_info(fv), "n_train": len(train),
                         "n_valid": len(valid) if valid is not None else 0,
-                        "n_batches": len(plan.datasets[train_i]) if train_i is not None else 0})
+                        "n_batches": len(plan.datasets[train_i]) if train_i is not None else 0,
+                        "trained_pairs": examples_record(train, valid)})
     return BankPlan(str(path), model.model_id, resume, bank.settings, n_tasks, init, s.as_dict(), entries,
                     len(plan.jobs), plan, bank, on_task)

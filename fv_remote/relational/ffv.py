@@ -34,6 +34,7 @@ from fv_remote.plan.cost import (DTYPE_BYTES, PAYLOAD_TENSOR_OVERHEAD, RESULT_OV
 from fv_remote.relational.ffv_plan import (Examples, FFVRun, FinetuneResult, FinetuneSettings, SourceInfo,
                                            candidate_layers, initial_plan, quick_settings, trace_kwargs)
 from fv_remote.relational.ffv_session import Plan, ffv_run, run_jobs, source_from_info, source_info
+from fv_remote.relational.overlap import examples_record
 from fv_remote.models.loading import LoadedModel
 from fv_remote.core.progress import Progress
 from fv_remote.data.tasks import PreparedTask
@@ -56,7 +57,7 @@ def examples(prepared: PreparedTask, split: str, n: int | None = None, start: in
         raise UserError(f"task {prepared.name!r} has no {split} pairs to fine-tune on")
     texts = [prepared.template.query_text(x) for x, _ in pairs]
     targets = torch.tensor([prepared.answer_token[y] for _, y in pairs], dtype=torch.long)
-    return Examples(texts, targets)
+    return Examples(texts, targets, [(str(x), str(y)) for x, y in pairs])
 
 
 def _trace_loss(model: LoadedModel, texts: list[str], targets: torch.Tensor, vector: torch.Tensor, layer: int):
@@ -176,7 +177,8 @@ def finetune(model: LoadedModel, train: Examples, valid: Examples | None, init_v
     plan.job(s, train_i, valid_i, layer, init_vector)
     assert train_i is not None  # job() refused None
     return run_stage(FINETUNE, model, finetune_plan(model, plan, s, task, init, source, len(train),
-                                                    len(valid) if valid is not None else 0, train_i), progress).result
+                                                    len(valid) if valid is not None else 0, train_i,
+                                                    trained_pairs=examples_record(train, valid)), progress).result
 
 
 def select_layer(model: LoadedModel, train: Examples, valid: Examples, layers: Sequence[int],
@@ -278,7 +280,8 @@ def train_ffv(model: LoadedModel, prepared: PreparedTask, fv: FunctionVector | N
     assert train_i is not None  # job() refused None
     n_valid = len(valid) if valid is not None else 0
     return run_stage(FINETUNE, model, finetune_plan(model, plan, s, prepared.name, init, fv, len(train), n_valid,
-                                                    train_i, layers, search, out, plot, next_step), progress)
+                                                    train_i, layers, search, out, plot, next_step,
+                                                    examples_record(train, valid)), progress)
 
 
 @dataclass
@@ -300,16 +303,17 @@ class FinetunePlan:
     out: str | None = None  # where the commit saves the FFV (None: nowhere)
     plot: str | None = None  # and its loss curve
     next_step: str | None = None  # a command to show once a fetched job is saved
+    trained_pairs: dict | None = None  # `overlap.record` of the training and validation pairs (None: not known)
     work: Any = in_process()
 
 
 def finetune_plan(model: LoadedModel, work: Plan, s: FinetuneSettings, task: str, init: str,
                   source: FunctionVector | None, n_train: int, n_valid: int, train_i: int, layers: Sequence[int] = (),
                   search: Sequence[int] = (), out: str | Path | None = None, plot: str | Path | None = None,
-                  next_step: str | None = None) -> FinetunePlan:
+                  next_step: str | None = None, trained_pairs: dict | None = None) -> FinetunePlan:
     return FinetunePlan(model.model_id, task, init, s.as_dict(), source_info(source), n_train, n_valid,
                         len(work.datasets[train_i]), len(work.jobs), list(layers), list(search),
-                        str(out) if out else None, str(plot) if plot else None, next_step, work)
+                        str(out) if out else None, str(plot) if plot else None, next_step, trained_pairs, work)
 
 
 class Finetune(Stage[FinetunePlan, FFVRun]):
@@ -328,7 +332,7 @@ class Finetune(Stage[FinetunePlan, FFVRun]):
             raise UserError(f"the job returned {len(outputs)} fine-tuning runs, expected {plan.n_jobs}")
         s = FinetuneSettings(**plan.settings)
         run = ffv_run(plan.model, outputs, s, plan.task, plan.init, source_from_info(plan.source), plan.n_train,
-                      plan.n_valid, plan.n_batches, plan.layers, plan.search)
+                      plan.n_valid, plan.n_batches, plan.layers, plan.search, plan.trained_pairs)
         if plan.out:
             save_run(run, plan.out, plan.plot, plan.init)
         if progress:

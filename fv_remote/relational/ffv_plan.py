@@ -56,6 +56,7 @@ class Examples:
 
     texts: list[str]
     targets: torch.Tensor  # [N] int64
+    pairs: list[tuple[str, str]] = field(default_factory=list)  # the (x, y) of each prompt, when known (`overlap`)
 
     def __len__(self) -> int:
         return len(self.texts)

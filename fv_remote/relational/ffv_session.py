@@ -27,6 +27,7 @@ from fv_remote.execution import check_shippable, executor_of, stage_session
 from fv_remote.relational.ffv_plan import (Examples, FFVRun, FinetuneResult, FinetuneSettings, SourceInfo,
                                            chunk_examples, cosine_factor, finetune_result, trace_kwargs)
 from fv_remote.models.loading import LoadedModel
+from fv_remote.relational.overlap import META_KEY
 from fv_remote.traces.patching import add_to_residual, layer_hidden
 from fv_remote.fv.vectors import FunctionVector
 
@@ -222,21 +223,26 @@ def run_jobs(model: LoadedModel, datasets: list[list[dict]], jobs: list[dict]) -
 
 
 def to_result(model_id: str, out: dict, s: FinetuneSettings, task: str, init: str,
-              source: FunctionVector | SourceInfo | None, n_train: int, n_valid: int, n_batches: int
-              ) -> FinetuneResult:
+              source: FunctionVector | SourceInfo | None, n_train: int, n_valid: int, n_batches: int,
+              trained_pairs: dict | None = None) -> FinetuneResult:
+    """The run's FFV and record; `trained_pairs` (`overlap.record`: the hashes of the pairs it was trained and
+    validated on) goes into its meta when known (a job file from before the record has none)."""
+    extra = {"n_train": n_train, "n_valid": n_valid, "n_train_batches": n_batches, "moved": out.get("moved"),
+             "kept_moved": out.get("kept_moved")}
+    if trained_pairs is not None:
+        extra[META_KEY] = trained_pairs
     return finetune_result(model_id, out["vector"].float(), int(out["layer"]), out["history"], out["best_step"],
                            out["best_loss"], out["best_acc"], out["stopped"], out["init_norm"], s, task, init, source,
-                           {"n_train": n_train, "n_valid": n_valid, "n_train_batches": n_batches,
-                            "moved": out.get("moved"), "kept_moved": out.get("kept_moved")})
+                           extra)
 
 
 def ffv_run(model_id: str, outs: list[dict], s: FinetuneSettings, name: str, init: str,
             fv: FunctionVector | SourceInfo | None, n_train: int, n_valid: int, n_batches: int, layers: list[int],
-            search: list[int]) -> FFVRun:
+            search: list[int], trained_pairs: dict | None = None) -> FFVRun:
     """`ffv.train_ffv`'s result from `run_jobs`' outputs (the search's short runs, then the final run)."""
     found = {at: {"valid_loss": outs[i]["best_loss"], "valid_acc": outs[i]["best_acc"]}
              for at, i in zip(layers, search)}
-    result = to_result(model_id, outs[-1], s, name, init, fv, n_train, n_valid, n_batches)
+    result = to_result(model_id, outs[-1], s, name, init, fv, n_train, n_valid, n_batches, trained_pairs)
     if found:
         result.ffv.meta["layer_search"] = {str(k): v for k, v in found.items()}
     return FFVRun(result, found, n_train, n_valid)

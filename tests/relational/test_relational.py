@@ -228,7 +228,8 @@ def test_align_recovers_a_known_rho(llama, bank, tmp_path):
     res = align(llama, bank, known, method="weights", n_boot=100)
     assert res.spearman == pytest.approx(1.0) and res.ci95 == pytest.approx([1.0, 1.0])
     assert res.as_json() == {"spearman": res.spearman, "ci95": res.ci95, "n_used": 7, "n_skipped": 0,
-                             "method": "weights"}
+                             "method": "weights", "overlap": res.overlap.as_json()}
+    assert res.as_json()["overlap"]["status"] == "known"  # the bank records its training pairs (test_overlap.py)
     for method in ("cfv", "logp", "bank"):
         other = align(llama, bank, rows, method=method, n_boot=50)
         assert -1 <= other.spearman <= 1 or np.isnan(other.spearman)

@@ -296,6 +296,15 @@ def test_fit_combiner_early_stops_and_keeps_best(llama, labelled_bank):
     assert choose_scale(llama, bank, kept, w, s, scales=(1.0, 2.0)).scale in (1.0, 2.0)
 
 
+def test_pick_keeps_the_named_public_relations():
+    from fv_remote.data.sources import pick
+
+    sem = semeval_relations(FIXTURES / "semeval_mini")
+    assert [t.name for t in pick(sem, ["semeval2012:2c"]).tasks] == ["semeval2012:2c"]
+    with pytest.raises(UserError, match="no relation 'todd:antonym'"):
+        pick(sem, ["semeval2012:1a", "todd:antonym"])
+
+
 def test_bank_build_public_refusals(tmp_path):
     from typer.testing import CliRunner
 
@@ -310,5 +319,7 @@ def test_bank_build_public_refusals(tmp_path):
 
     assert "needs --data-root" in error("--preset", "public")
     assert "missing" in error("--preset", "public", "--data-root", str(tmp_path))
-    assert "without --tasks" in error("--semeval", str(tmp_path), "--tasks", "antonym")
+    assert "without --data or --remote" in error("--semeval", str(tmp_path), "--data", "x.json")
+    picked = error("--semeval", str(FIXTURES / "semeval_mini"), "--tasks", "semeval2012:1b")
+    assert "--tasks: no relation 'semeval2012:1b'" in picked and "did you mean 'semeval2012:1a'" in picked
     assert "goes with --preset" in error("--data-root", str(tmp_path))

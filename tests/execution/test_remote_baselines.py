@@ -11,7 +11,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from support.remote_fixtures import hosted_model_fixtures, point_client_at
+from support.remote_fixtures import hosted_model_fixtures, ndif_fixture
 
 from fv_remote.baselines.fit import fit_vector
 from fv_remote.baselines.residuals import load_residuals, read_residual_stream
@@ -28,9 +28,7 @@ TOL = 1e-4
 local, hub_cache, server, remote_model = hosted_model_fixtures(REPO, hang_s=1.0)
 
 
-@pytest.fixture
-def ndif(server, monkeypatch, hub_cache, tmp_path):
-    return point_client_at(server, monkeypatch, hub_cache, tmp_path / "jobs")
+ndif = ndif_fixture()
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ import torch
 import zarr
 from typer.testing import CliRunner
 
-from support.remote_fixtures import hosted_model_fixtures, point_client_at
+from support.remote_fixtures import hosted_model_fixtures, ndif_fixture
 
 from fv_remote import execution as R
 from fv_remote.relational.bank import RelationBank
@@ -45,9 +45,7 @@ TOL = 1e-4
 local, hub_cache, server, remote_model = hosted_model_fixtures(REPO, hang_s=1.0)
 
 
-@pytest.fixture
-def ndif(server, monkeypatch, hub_cache, tmp_path):
-    return point_client_at(server, monkeypatch, hub_cache, tmp_path / "jobs")
+ndif = ndif_fixture()
 
 
 @pytest.fixture(scope="module")

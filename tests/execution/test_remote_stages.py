@@ -20,7 +20,7 @@ import zarr
 from typer.testing import CliRunner
 
 from support.loopback_ndif import LoopbackNDIF
-from support.remote_fixtures import hosted_model_fixtures, point_client_at, toy_vector_fixtures
+from support.remote_fixtures import hosted_model_fixtures, ndif_fixture, toy_vector_fixtures
 
 from fv_remote import execution as R
 from fv_remote.data import RelationTask
@@ -43,9 +43,7 @@ TOL = 1e-4
 local, hub_cache, server, remote_model = hosted_model_fixtures(REPO, hang_s=1.0, sizes=SIZES)
 
 
-@pytest.fixture
-def ndif(server, monkeypatch, hub_cache, tmp_path):
-    return point_client_at(server, monkeypatch, hub_cache, tmp_path / "jobs")
+ndif = ndif_fixture()
 
 
 prepared, means_aie, fv = toy_vector_fixtures(TASK)

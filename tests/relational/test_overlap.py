@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_tiny_model
+from support.bank_fixtures import tiny_bank_fixtures
 from fv_remote.core.errors import UserError
 from fv_remote.data import MCAnalogy, load_task
 from fv_remote.data.tasks import prepare_task
@@ -22,7 +22,6 @@ from fv_remote.relational.align import RatingRow, align, similarities
 from fv_remote.relational.analogy import (AnalogySettings, analogy_overlap, item_pairs, run_analogies, subset,
                                           without_trained)
 from fv_remote.relational.bank import BankEntry, RelationBank, info
-from fv_remote.relational.bank_build import build_bank
 from fv_remote.relational.ffv import FinetuneSettings, examples, finetune, train_ffv
 from fv_remote.fv.vectors import FunctionVector
 
@@ -120,23 +119,7 @@ def test_masked_similarities_leave_entries_out():
 # --- records written by fine-tuning and bank builds ---------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def llama(tiny_tokenizer):
-    return make_tiny_model("llama", tiny_tokenizer)
-
-
-@pytest.fixture(scope="module")
-def bank_path(llama, tmp_path_factory):
-    path = tmp_path_factory.mktemp("bank") / "bank.safetensors"
-    tasks = [load_task(FIX / "opposites.json"), load_task(FIX / "echo.json")]
-    build_bank(llama, tasks, path, layer=1, n_train=6, n_valid=4,
-               settings=FinetuneSettings(steps=3, lr=0.5, allow_unchanged=True))
-    return path
-
-
-@pytest.fixture(scope="module")
-def bank(bank_path):
-    return RelationBank.load(bank_path)
+llama, bank_path, bank = tiny_bank_fixtures()
 
 
 def test_bank_entries_record_their_training_and_validation_pairs(llama, bank):

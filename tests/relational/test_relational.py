@@ -15,6 +15,7 @@ import torch
 from scipy.stats import spearmanr
 
 from conftest import make_tiny_model
+from support.bank_fixtures import tiny_bank_fixtures
 from fv_remote.relational.align import align, parse_columns, read_ratings, scatter, spearman_ci
 from fv_remote.relational.analogy import (
     AnalogySettings,
@@ -31,7 +32,6 @@ from fv_remote.relational.bank_build import build_bank
 from fv_remote.data import load_task, read_analogy_csv, read_mc_analogies
 from fv_remote.relational.decode import decode, project
 from fv_remote.core.errors import UserError
-from fv_remote.relational.ffv import FinetuneSettings
 from fv_remote.fv.steering import Steer, last_logits
 from fv_remote.fv.vectors import FunctionVector
 
@@ -39,25 +39,7 @@ FIX = Path(__file__).resolve().parents[1] / "fixtures" / "relational"
 CONTRACT = {"n", "n_skipped", "chance", "accuracy", "ci95"}
 
 
-@pytest.fixture(scope="module")
-def llama(tiny_tokenizer):
-    return make_tiny_model("llama", tiny_tokenizer)
-
-
-@pytest.fixture(scope="module")
-def bank_path(llama, tmp_path_factory):
-    path = tmp_path_factory.mktemp("bank") / "bank.safetensors"
-    tasks = [load_task(FIX / "opposites.json"), load_task(FIX / "echo.json")]
-    # a random tiny model seldom beats its start on 4 validation pairs; the bank's plumbing is what is tested here,
-    # so such entries are kept on purpose (issue 26 refuses them otherwise)
-    build_bank(llama, tasks, path, layer=1, n_train=6, n_valid=4,
-               settings=FinetuneSettings(steps=3, lr=0.5, allow_unchanged=True))
-    return path
-
-
-@pytest.fixture(scope="module")
-def bank(bank_path):
-    return RelationBank.load(bank_path)
+llama, bank_path, bank = tiny_bank_fixtures()
 
 
 def test_bank_round_trip_and_resume(llama, bank_path, bank):

@@ -101,6 +101,17 @@ def hosted_model_fixtures(repo: str, hang_s: float = 1.0, sizes: dict[str, tuple
     return local, hub_cache, server, remote_model
 
 
+def ndif_fixture() -> Any:
+    """A function-scoped `ndif` fixture: the module's loopback `server`, reset, with the client pointed at it and
+    `--no-wait` job files in the test's tmp_path/jobs (bind it at module level as `ndif`)."""
+
+    @pytest.fixture
+    def ndif(server, monkeypatch, hub_cache, tmp_path):
+        return point_client_at(server, monkeypatch, hub_cache, tmp_path / "jobs")
+
+    return ndif
+
+
 def toy_vector_fixtures(task: Any) -> tuple[Any, Any, Any]:
     """Module-scoped fixtures `prepared` (the toy task for the tiny tokenizer), `means_aie` (seeded random head means
     and scores) and `fv` (top-3 heads at layer 1, x4: strong enough to move a random model's top-1 tokens)."""

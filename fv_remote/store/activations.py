@@ -122,6 +122,16 @@ class ActivationStore:
         """Whether a group exists at `task` (a task name, or a nested path such as `antonym/cma`)."""
         return self._open_group(task) is not None
 
+    def subgroups(self, task: str) -> list[str]:
+        """The task's nested groups (`<task>/cma`, `<task>/attribution`, `<task>/lrp`, `<task>/residual`, ...)."""
+        group = self._open_group(task)
+        if group is None:
+            return []
+        try:
+            return [f"{task}/{k}" for k in sorted(group.group_keys()) if not k.startswith(".")]
+        except (ValueError, TypeError, KeyError) as exc:
+            raise _damaged(self.url, f"{task}'s zarr.json", exc) from None
+
     def attrs(self, task: str) -> dict[str, Any]:
         return dict(self._group(task).attrs)
 
@@ -227,7 +237,7 @@ class ActivationStore:
             return recorded
         found: dict[str, Any] = {}
         for task in self.tasks():
-            for path in (task, f"{task}/cma", f"{task}/attribution"):
+            for path in (task, *self.subgroups(task)):
                 group = self._open_group(path)
                 if group is None:
                     continue
@@ -401,9 +411,9 @@ class ActivationStore:
     def summary(self) -> dict[str, Any]:
         out: dict[str, Any] = {"url": self.url, "identity": self.store_identity(), "tasks": {}}
         for task in self.tasks():
-            for path in (task, f"{task}/cma", f"{task}/attribution"):
-                if path != task and not self.has_task(path):
-                    continue
+            for path in (task, *self.subgroups(task)):
+                if path == task and self.n_complete(task) == 0 and self.subgroups(task):
+                    continue  # a plain parent (e.g. only residual reads were stored for this task)
                 try:
                     ds = self.open(path)
                 except UserError as exc:

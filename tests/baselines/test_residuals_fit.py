@@ -51,6 +51,11 @@ def test_reads_are_the_block_outputs_and_resume(family_model, tmp_path):
             for layer in range(ad.n_layers - 1):
                 torch.testing.assert_close(got[layer], hidden[layer + 1][0, -1].float(), atol=1e-4, rtol=1e-4)
     assert list(store.open("toy/residual")["query"].values) == [p.query for p in _prompts(model, "icl")]
+    info = store.summary()["tasks"]  # `store info` shows the reads; `store verify` scans them like any group
+    assert list(info) == ["toy/residual"] and info["toy/residual"]["variables"]["icl"]["shape"][0] == 5
+    from fv_remote.store.integrity import scan
+
+    assert not scan(store.url, full=True).damage
 
 
 def _prompts(model, kind: str):

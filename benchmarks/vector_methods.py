@@ -128,6 +128,21 @@ def paired_ci(a: list[int], b: list[int]) -> list[float]:
     return [float(res.confidence_interval.low), float(res.confidence_interval.high)]
 
 
+def mean_paired_ci(rows: list[dict], a: str, b: str) -> list[float]:
+    """95% paired bootstrap CI of the mean over tasks of (a - b): items resampled together, each weighted 1 / (its
+    task's n x the number of tasks), so the statistic is the mean of the per-task differences."""
+    from scipy.stats import bootstrap
+
+    x = np.concatenate([np.asarray(r["correct"][a], float) for r in rows])
+    y = np.concatenate([np.asarray(r["correct"][b], float) for r in rows])
+    w = np.concatenate([np.full(len(r["correct"][a]), 1 / (len(r["correct"][a]) * len(rows))) for r in rows])
+    if (x == y).all():
+        return [0.0, 0.0]
+    res = bootstrap((x, y, w), lambda p, q, v, axis=-1: (v * (p - q)).sum(axis) / v.sum(axis), paired=True,
+                    vectorized=True, n_resamples=2000, method="percentile", random_state=0)
+    return [float(res.confidence_interval.low), float(res.confidence_interval.high)]
+
+
 def report(out: Path) -> dict:
     rows = [json.loads(p.read_text()) for p in sorted(out.glob("*.json")) if p.name != "results.json"]
     summary: dict = {"tasks": {}}
@@ -149,9 +164,33 @@ def report(out: Path) -> dict:
                 summary["tasks"].setdefault(r["task"], {})[f"{prompt}/{vec}"] = acc
             print(f"| {r['task']} | {r['n_test']} | {np.mean(c[prompt]):.2f} | " + " | ".join(cells)
                   + f" | {np.mean(c['icl']):.2f} |")
-        means = [np.mean([np.mean(r["correct"][column(v, prompt)]) for r in rows]) for v in VECTORS]
-        print(f"| mean | | {np.mean([np.mean(r['correct'][prompt]) for r in rows]):.2f} | "
-              + " | ".join(f"{m:.2f}" for m in means) + f" | {np.mean([np.mean(r['correct']['icl']) for r in rows]):.2f} |")
+        cells = []
+        for vec in VECTORS:
+            mean = np.mean([np.mean(r["correct"][column(vec, prompt)]) for r in rows])
+            summary.setdefault("mean", {})[f"{prompt}/{vec}"] = float(mean)
+            if vec == "fv":
+                cells.append(f"{mean:.2f}")
+            else:
+                lo, hi = mean_paired_ci(rows, column(vec, prompt), column("fv", prompt))
+                cells.append(f"{mean:.2f} [{lo:+.2f}, {hi:+.2f}]")
+        print(f"| mean of {len(rows)} | | {np.mean([np.mean(r['correct'][prompt]) for r in rows]):.2f} | "
+              + " | ".join(cells) + f" | {np.mean([np.mean(r['correct']['icl']) for r in rows]):.2f} |")
+    print("\n**Which vector wins where** (best accuracy; vs FV: paired 95% CI above 0 = better, below 0 = worse)\n")
+    print("| task | zero-shot: best | better than FV | worse than FV | shuffled: best | better than FV | worse than FV |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        cells = []
+        for prompt in ("zero_shot", "shuffled"):
+            c = r["correct"]
+            accs = {v: float(np.mean(c[column(v, prompt)])) for v in VECTORS}
+            top = max(accs.values())
+            better, worse = [], []
+            for vec in VECTORS[1:]:
+                lo, hi = paired_ci(c[column(vec, prompt)], c[column("fv", prompt)])
+                (better if lo > 0 else worse if hi < 0 else []).append(vec)
+            cells += [", ".join(v for v, a in accs.items() if a == top) + f" ({top:.2f})", ", ".join(better) or "-",
+                      ", ".join(worse) or "-"]
+        print(f"| {r['task']} | " + " | ".join(cells) + " |")
     print("\n**Cost of building each vector** (sequence forwards / seconds; residuals shared by the four below it)\n")
     names = ["fv", "ffv", "residuals", *OTHERS]
     print("| task | " + " | ".join(names) + " |")

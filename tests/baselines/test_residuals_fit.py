@@ -93,12 +93,16 @@ def test_patch_replaces_and_add_adds(tiny_tokenizer):
         last_logits(model, prompts, Steer(patched, scale=2.0))
 
 
-@pytest.fixture
-def tiny_reads(tiny_tokenizer, tmp_path):
-    model = make_tiny_model("gpt2", tiny_tokenizer)
-    store = ActivationStore(str(tmp_path / "s.zarr"))
+def _reads_for(family: str, tokenizer, folder):
+    model = make_tiny_model(family, tokenizer)
+    store = ActivationStore(str(folder / f"{family}.zarr"))
     read_residual_stream(model, TASK, store, n_prompts=6, n_shots=2, batch_size=4)
-    return model, prepare_task(tiny_tokenizer, TASK, seed=0, min_pairs=3), load_residuals(store, "toy")
+    return model, prepare_task(tokenizer, TASK, seed=0, min_pairs=3), load_residuals(store, "toy")
+
+
+@pytest.fixture(params=("gpt2", "llama", "gemma3"))
+def tiny_reads(request, tiny_tokenizer, tmp_path):
+    return _reads_for(request.param, tiny_tokenizer, tmp_path)
 
 
 @pytest.mark.parametrize("method", ["task-vector", "mean-diff", "pca", "icv"])
@@ -127,8 +131,8 @@ def test_fit_each_method_evaluates_and_exports(tiny_reads, method, tmp_path):
             assert "additive equivalent" in exported.approximation
 
 
-def test_fit_refuses_mistakes(tiny_reads, tiny_tokenizer):
-    model, prepared, reads = tiny_reads
+def test_fit_refuses_mistakes(tiny_tokenizer, tmp_path):
+    model, prepared, reads = _reads_for("gpt2", tiny_tokenizer, tmp_path)
     with pytest.raises(UserError, match="no scale"):
         fit_vector(model, prepared, reads, "task-vector", scales=[2.0])
     with pytest.raises(UserError, match="only an ICV"):

@@ -80,8 +80,9 @@ def test_every_stage_runs_in_half_precision_on_the_cpu(family, dtype, tiny_token
         if isinstance(value, np.ndarray):
             assert np.isfinite(value).all(), key
     # the store keeps float32; a half-precision activation is stored exactly (every value is representable)
-    head_out = got["extract.head_out"]
-    assert np.array_equal(torch.from_numpy(head_out).to(dtype).double().numpy(), head_out)
+    for key in ("extract.head_out", "residuals.icl", "residuals.zero_shot"):
+        stored = got[key]
+        assert np.array_equal(torch.from_numpy(stored).to(dtype).double().numpy(), stored), key
     # the FFV was trained in float32 (its Adam state too) and moved: not the FV it started from
     assert not np.allclose(got["finetune.vector"], want["fit.vector"] * 4)
     # the same stage in half precision agrees with float32 within the precision's rounding

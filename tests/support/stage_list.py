@@ -1,5 +1,5 @@
 """The stage list on one model, small: extract -> cma (fast, attribution, and lrp where the family has rules) -> fit
-(+ sweep) -> evaluate (+ sweep, distributed) -> steer (score, generate) -> finetune -> bank build -> decode ->
+(+ sweep) -> steer -> residuals -> fit --method (task vector, ICV, mean-diff, PCA) -> evaluate (+ sweep, distributed) -> steer (score, generate) -> finetune -> bank build -> decode ->
 analogy (+ align's relation profiles). Returns the numbers each stage produced, so a run on another device, dtype
 or placement can be compared with a plain CPU float32 run (tests/models/test_placement_devices.py)."""
 
@@ -25,6 +25,9 @@ def _np(x: Any) -> np.ndarray:
 def run_stages(model: Any, folder: Path, family: str = "", upto: str = "analogy",
                cma_methods: tuple[str, ...] = ("fast", "attribution", "lrp")) -> dict[str, Any]:
     """Every stage on `model`, results (arrays and floats) by name; `upto="steer"` stops after steering."""
+    from fv_remote.baselines.builders import METHODS
+    from fv_remote.baselines.fit import fit_vector
+    from fv_remote.baselines.residuals import load_residuals, read_residual_stream
     from fv_remote.data import RelationTask, load_task, read_mc_analogies
     from fv_remote.data.tasks import prepare_task
     from fv_remote.fv.cma import load_aie, run_cma
@@ -62,6 +65,14 @@ def run_stages(model: Any, folder: Path, family: str = "", upto: str = "analogy"
     out["steer.logits"] = _np(last_logits(model, texts, steer))
     out["steer.all"] = _np(last_logits(model, texts, Steer(fv, scale=1.0, positions="all")))
     out["steer.distributed"] = _np(last_logits(model, texts, Steer(fv, scale=4.0, distributed=True)))
+    read_residual_stream(model, task, store, n_prompts=3, n_shots=3, batch_size=2)
+    reads = load_residuals(store, "toy")
+    out["residuals.icl"], out["residuals.zero_shot"] = _np(reads.icl), _np(reads.zero_shot)
+    for method in METHODS:
+        vec, vec_sweep = fit_vector(model, prepared, reads, method, n_prompts=4, batch_size=4)
+        out[f"fit.{method}"], out[f"fit.{method}.layer"] = _np(vec.vector), vec.layer
+        out[f"fit.{method}.sweep"] = _np([vec_sweep[k] for k in sorted(vec_sweep)])
+        out[f"steer.{method}"] = _np(last_logits(model, texts, Steer(vec)))
     if upto == "steer":
         return out
     out["steer.accuracy"] = top1_accuracy(model, texts, [5, 6, 7], steer)

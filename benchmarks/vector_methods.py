@@ -61,7 +61,7 @@ def cost(costs: dict, name: str, counter: Counter):
 
 
 def run_task(model, counter: Counter, name: str, data_dir: str | None, store, out: Path, n_valid: int | None,
-             n_test: int | None, scales: list[float] | None) -> dict:
+             n_test: int | None, scales: list[float] | None, ffv_lr: float | None = None) -> dict:
     import torch
 
     from fv_remote.baselines.fit import fit_vector
@@ -72,7 +72,7 @@ def run_task(model, counter: Counter, name: str, data_dir: str | None, store, ou
     from fv_remote.fv.evaluate import evaluation_conditions, fit_function_vector
     from fv_remote.fv.extract import extract, mean_heads_tensor
     from fv_remote.fv.steering import answer_ids_of, by_condition, condition_work, last_token_body
-    from fv_remote.relational.ffv import train_ffv
+    from fv_remote.relational.ffv import FinetuneSettings, train_ffv
 
     relation = load_task(name, data_dir=data_dir)
     prepared = prepare_task(model.tokenizer, relation, seed=0, min_pairs=12)
@@ -85,7 +85,8 @@ def run_task(model, counter: Counter, name: str, data_dir: str | None, store, ou
         fv, sweep = fit_function_vector(model, prepared, means, cma.aie, k=10, n_prompts=n_valid)
     chosen["fv"] = {"layer": fv.layer, "scale": 1.0, "valid": max(sweep.values()) if sweep else None}
     with cost(costs, "ffv", counter):
-        ffv = train_ffv(model, prepared, fv).result.ffv
+        settings = FinetuneSettings(lr=ffv_lr) if ffv_lr else None  # gemma3-270m wants ~10 (residual norm ~8,600)
+        ffv = train_ffv(model, prepared, fv, settings=settings).result.ffv
     chosen["ffv"] = {"layer": ffv.layer, "scale": 1.0}
     with cost(costs, "residuals", counter):
         read_residual_stream(model, relation, store, n_prompts=100, n_shots=10)
@@ -176,7 +177,8 @@ def report(out: Path) -> dict:
         print(f"| mean of {len(rows)} | | {np.mean([np.mean(r['correct'][prompt]) for r in rows]):.2f} | "
               + " | ".join(cells) + f" | {np.mean([np.mean(r['correct']['icl']) for r in rows]):.2f} |")
     print("\n**Which vector wins where** (best accuracy; vs FV: paired 95% CI above 0 = better, below 0 = worse)\n")
-    print("| task | zero-shot: best | better than FV | worse than FV | shuffled: best | better than FV | worse than FV |")
+    print("| task | zero-shot: best | better than FV | worse than FV | shuffled: best | better than FV "
+          "| worse than FV |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         cells = []
@@ -223,6 +225,8 @@ def main() -> None:
     ap.add_argument("--n-valid", type=int, default=None, help="validation prompts of every sweep (FV's too; "
                     "default: the library's, at most 50)")
     ap.add_argument("--n-test", type=int, default=None, help="test queries (default: the split, at most 200)")
+    ap.add_argument("--ffv-lr", type=float, default=None, help="FFV learning rate (default: the library's 0.2; "
+                    "gemma3-270m needs ~10, as `finetune` warns)")
     ap.add_argument("--scales", default=None, help="mean-diff/pca scale grid, e.g. 1,2,4 (default: the library's)")
     args = ap.parse_args()
     if args.report:
@@ -242,8 +246,9 @@ def main() -> None:
             continue
         t0 = time.perf_counter()
         row = run_task(model, counter, name, args.data_dir, store, args.out / "vectors", args.n_valid, args.n_test,
-                       scales)
-        row["settings"] = {"dtype": args.dtype, "n_valid": args.n_valid, "n_test": args.n_test, "scales": scales}
+                       scales, args.ffv_lr)
+        row["settings"] = {"dtype": args.dtype, "n_valid": args.n_valid, "n_test": args.n_test, "scales": scales,
+                           "ffv_lr": args.ffv_lr}
         target.write_text(json.dumps(row))
         print(f"{name}: done in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     report(args.out)

@@ -102,8 +102,9 @@ def show_submitted(submitted) -> None:
 
 
 @contextmanager
-def progress_bar(description: str, total: int):
-    """Yields an `update(done, total)` callback that drives a rich progress bar on stderr.
+def progress_bar(description: str, total: int | None):
+    """Yields an `update(done, total)` callback that drives a rich progress bar on stderr (`total` None: not known
+    until the first update).
 
     Without a terminal (CI logs, pipes) a live bar shows nothing until the end, so print a line per ~10% instead.
     """

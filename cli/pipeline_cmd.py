@@ -245,7 +245,7 @@ def _fit_other(task: str, store: str, model: str, method: str, layer: int | None
                data_dir: str | None, remote: bool) -> None:
     """`fit --method task-vector|icv|mean-diff|pca`: the vector from the residual reads and its validation grid."""
     from fv_remote.baselines.builders import check_method
-    from fv_remote.baselines.fit import DEFAULT_SCALES, fit_vector
+    from fv_remote.baselines.fit import fit_vector
     from fv_remote.baselines.residuals import load_residuals
     from fv_remote.core.plots import layer_sweep_plot
     from fv_remote.store.activations import ActivationStore
@@ -266,10 +266,8 @@ def _fit_other(task: str, store: str, model: str, method: str, layer: int | None
     reads = load_residuals(act_store, prepared.name, n_prompts)
     if layer is not None:
         loaded.adapter.check_layer(layer)
-    n_points = len(tried or DEFAULT_SCALES[method]) * (1 if layer is not None or (method == "icv" and every_layer
-                                                                                  is not False)
-                                                       else loaded.adapter.n_layers)
-    with progress_bar(f"{method} sweep {prepared.name}", n_points) as update:
+    # the grid's size is fit_vector's to decide: the bar learns its total from the first update
+    with progress_bar(f"{method} sweep {prepared.name}", None) as update:
         vec, sweep = fit_vector(loaded, prepared, reads, method, layer=layer, scales=tried, every_layer=every_layer,
                                 progress=update)
     vec.meta["store"] = store

@@ -9,6 +9,15 @@ Protocol (nothing is chosen on a test set):
   CFV (softmax), CFV (learned), one-shot Q/A + CFV; accuracies with bootstrap CIs, paired CIs of differences,
   and per-family accuracy. Relation profiles are computed once per item set and cached under --out (resumable).
 
+Issue 25 (why does one-shot + CFV barely beat the one-shot prompt?), all chosen on the held-aside part:
+  icl_qa+cfv_tuned  the one-shot prompt + CFV with its own (T, scale), not the CFV-alone's (a demonstration already
+                    sets the task, so the added vector may double-count it and want a smaller scale);
+  cfv_z, icl_qa+cfv_z  the relation profile standardised per bank relation (mean and sd over the training
+                    analogies) before the softmax: some FFVs raise log P of every answer, so a raw profile
+                    favours them for every item; a z-score asks which relation fits *this* stem unusually well.
+  Per test set also: the 2x2 table of one-shot vs one-shot + CFV hits and the gain by profile confidence
+  (terciles of the top softmax weight). Per-method hits are saved as they finish (a stopped run resumes).
+
   PYTHONPATH=. OMP_NUM_THREADS=1 .venv/bin/python benchmarks/relational_scale.py \\
       --bank out/bank_public.safetensors --data-root ../shared/data --out out/relational_scale
 """
@@ -22,7 +31,40 @@ import random
 import time
 from pathlib import Path
 
+import numpy as np
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def diagnose(kept, correct: dict, weights, s) -> dict:
+    """Where one-shot + CFV gains or loses against the one-shot prompt: the 2x2 table of hits, each variant's gain
+    over one-shot per BATS family (paired CIs), and the gain per tercile of the profile's top softmax weight."""
+    from fv_remote.relational.analogy import _group_of, bootstrap_ci
+
+    one, both = correct["icl_qa"], correct["icl_qa+cfv"]
+    table = {"both": int(((one == 1) & (both == 1)).sum()), "one_shot_only": int(((one == 1) & (both == 0)).sum()),
+             "with_cfv_only": int(((one == 0) & (both == 1)).sum()), "neither": int(((one == 0) & (both == 0)).sum())}
+    variants = [m for m in correct if m.startswith("icl_qa+cfv")]
+
+    def gains(idx) -> dict:
+        return {m: {"mean": float((correct[m][idx] - one[idx]).mean()),
+                    "ci95": bootstrap_ci(correct[m][idx] - one[idx], s.n_boot, s.seed)} for m in variants}
+
+    families: dict[str, list[int]] = {}
+    for i, it in enumerate(kept):
+        families.setdefault(_group_of(it, "family") or "(none)", []).append(i)
+    by_family = {f: {"n": len(idx), "icl_qa": float(one[idx].mean()), **gains(np.asarray(idx))}
+                 for f, idx in sorted(families.items())}
+    top = weights.max(-1).values.numpy()
+    cuts = np.quantile(top, [1 / 3, 2 / 3])
+    tercile = np.digitize(top, cuts)
+    by_confidence = {}
+    for k, label in enumerate(("low", "mid", "high")):
+        idx = np.flatnonzero(tercile == k)
+        if len(idx):
+            by_confidence[label] = {"n": int(len(idx)), "top_weight": [float(top[idx].min()), float(top[idx].max())],
+                                    "icl_qa": float(one[idx].mean()), **gains(idx)}
+    return {"one_shot_vs_with_cfv": table, "by_family": by_family, "by_confidence": by_confidence}
 
 
 def main() -> None:
@@ -40,6 +82,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--combiner-lr", type=float, default=0.05, help="Adam step of the affine combiner; its inputs "
                     "are logp/T (tens of nats at T=0.25), so a step moves each logit by ~lr x sum|logp/T|")
+    ap.add_argument("--skip-learned", action="store_true", help="leave out the affine combiner (issue 17: at "
+                    "these sizes early stopping keeps its identity start, i.e. the softmax CFV)")
+    ap.add_argument("--tune-scales", default="0.25,0.5,1,2", help="scale grid of the issue-25 variants")
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
@@ -47,11 +92,12 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    from fv_remote.relational.analogy import (AnalogyResult, AnalogySettings, _choice_scores, _hits, _method_rows, bootstrap_ci,
-                                   cfv_weights, check_items, relation_profile)
+    from fv_remote.relational.analogy import (AnalogyResult, AnalogySettings, _choice_scores, _hits, _method_rows,
+                                              bootstrap_ci, cfv_weights, check_items, relation_profile)
     from fv_remote.relational.bank import RelationBank
     from fv_remote.relational.bank_sources import select_sources
-    from fv_remote.relational.combiner_fit import analogies_from_relations, choose_scale, choose_softmax, fit_combiner
+    from fv_remote.relational.combiner_fit import (TEMPERATURES, analogies_from_relations, choose_scale, choose_softmax,
+                                                   fit_combiner)
     from fv_remote.data import read_mc_analogies
     from fv_remote.data.sources import semeval_relations
     from fv_remote.models.loading import load_model
@@ -102,15 +148,20 @@ def main() -> None:
 
     sel_path = out / "selection.json"
     sel = json.loads(sel_path.read_text()) if sel_path.is_file() else {}
-    if sel.get("bank") != bank.names or sel.get("combiner_lr", 0.05) != args.combiner_lr or \
-            sel.get("steps", args.steps) != args.steps:  # none yet, or for another bank / combiner setting
-        from fv_remote.relational.combiner_fit import Selection
+    if sel.get("bank") != bank.names:
+        sel = {}
+    from fv_remote.relational.combiner_fit import Selection
 
-        if sel.get("bank") == bank.names and "softmax" in sel:  # the softmax choice does not depend on the combiner
-            soft = Selection(sel["softmax"]["temperature"], sel["softmax"]["scale"], sel["softmax"]["grid"])
-        else:
-            soft = choose_softmax(model, bank, held, logp_held, base)
-            lap("choose T and scale (softmax)")
+    if "softmax" not in sel:  # the softmax choice does not depend on the combiner
+        soft = choose_softmax(model, bank, held, logp_held, base)
+        lap("choose T and scale (softmax)")
+        sel.update(softmax={"temperature": soft.temperature, "scale": soft.scale, "grid": soft.grid},
+                   n_train=len(train), n_held=len(held), n_skipped=len(skipped), bank=bank.names)
+        sel_path.write_text(json.dumps(sel, indent=1))
+    soft = Selection(sel["softmax"]["temperature"], sel["softmax"]["scale"], sel["softmax"]["grid"])
+    learned_ok = sel.get("learned") and sel.get("combiner_lr", 0.05) == args.combiner_lr and \
+        sel.get("steps", args.steps) == args.steps
+    if not args.skip_learned and not learned_ok:
         s_fit = AnalogySettings(**{**base.as_dict(), "template": base.template, "temperature": soft.temperature,
                                    "scale": soft.scale})
         comb = fit_combiner(model, bank, train, logp_train, held, logp_held, s_fit, steps=args.steps,
@@ -120,29 +171,43 @@ def main() -> None:
         learned_w = torch.softmax(comb.logits(logp_held), -1)
         lscale = choose_scale(model, bank, held, learned_w, s_fit)
         lap("choose scale (learned)")
-        sel = {"softmax": {"temperature": soft.temperature, "scale": soft.scale, "grid": soft.grid},
-               "learned": {"temperature": soft.temperature, "scale": lscale.scale, "grid": lscale.grid,
-                           "best_step": comb.meta["best_step"], "held_acc": comb.meta["held_acc"],
-                           "history": comb.meta["history"]},
-               "n_train": len(train), "n_held": len(held), "n_skipped": len(skipped), "bank": bank.names,
-               "combiner_lr": args.combiner_lr, "steps": args.steps}
+        sel.update(learned={"temperature": soft.temperature, "scale": lscale.scale, "grid": lscale.grid,
+                            "best_step": comb.meta["best_step"], "held_acc": comb.meta["held_acc"],
+                            "history": comb.meta["history"]}, combiner_lr=args.combiner_lr, steps=args.steps)
+        sel_path.write_text(json.dumps(sel, indent=1))
+
+    # issue 25's variants, each (T, scale) chosen on the held-aside part
+    mu, sd = logp_train.mean(0), logp_train.std(0).clamp_min(1e-6)
+
+    def standardised(logp: torch.Tensor) -> torch.Tensor:
+        return (logp - mu) / sd
+
+    tune_scales = tuple(float(x) for x in args.tune_scales.split(","))
+    variants = sel.setdefault("variants", {})
+    for key, method, prof in (("icl_qa+cfv_tuned", "icl_qa+cfv", logp_held),
+                              ("cfv_z", "cfv", standardised(logp_held)),
+                              ("icl_qa+cfv_z", "icl_qa+cfv", standardised(logp_held))):
+        if key in variants and variants[key].get("scales") == list(tune_scales):
+            continue
+        v = choose_softmax(model, bank, held, prof, base, TEMPERATURES, tune_scales, method)
+        variants[key] = {"method": method, "temperature": v.temperature, "scale": v.scale, "grid": v.grid,
+                         "scales": list(tune_scales)}
+        lap(f"choose T and scale ({key})")
         sel_path.write_text(json.dumps(sel, indent=1))
     from fv_remote.relational.analogy import Combiner
 
-    comb = Combiner.load(out / "combiner.safetensors")
-    t_soft, sc_soft, sc_learned = sel["softmax"]["temperature"], sel["softmax"]["scale"], sel["learned"]["scale"]
-    print(f"chosen: softmax T={t_soft} scale={sc_soft}; learned scale={sc_learned} "
-          f"(best step {sel['learned']['best_step']})", flush=True)
+    learned = None if args.skip_learned else Combiner.load(out / "combiner.safetensors")
+    t_soft, sc_soft = soft.temperature, soft.scale
+    print(f"chosen: softmax T={t_soft} scale={sc_soft}" + ("" if learned is None else
+          f"; learned scale={sel['learned']['scale']} (best step {sel['learned']['best_step']})"), flush=True)
+    for key, v in variants.items():
+        at = f"T={v['temperature']:g},scale={v['scale']:g}"
+        print(f"chosen: {key} {at} (held-aside accuracy {v['grid'][at]:.3f})", flush=True)
 
     # --- test sets ------------------------------------------------------------------------------------------
     results = {}
     for name, file, n in (("bats_test", "bats_test.jsonl", args.n_bats), ("google_test", "google_test.jsonl",
                                                                            args.n_google)):
-        res_path = out / f"{name}.json"
-        if res_path.is_file() and json.loads(res_path.read_text())["bank"] == bank.names and \
-                json.loads(res_path.read_text())["selection"].get("combiner_lr", 0.05) == args.combiner_lr:
-            results[name] = json.loads(res_path.read_text())
-            continue
         items = read_mc_analogies(root / "bats" / file)
         total = len(items)
         random.Random(args.seed).shuffle(items)
@@ -151,34 +216,50 @@ def main() -> None:
         kept, skipped = check_items(model.tokenizer, items, base)
         logp = profile(name, kept)
         w_soft = cfv_weights(logp, t_soft)
-        w_learned = torch.softmax(comb.logits(logp), -1)
         onehot = torch.nn.functional.one_hot(w_soft.argmax(-1), len(bank)).float()
-        s_soft = AnalogySettings(**{**base.as_dict(), "template": base.template, "scale": sc_soft})
-        s_learned = AnalogySettings(**{**base.as_dict(), "template": base.template, "scale": sc_learned})
+
+        def at(scale: float) -> AnalogySettings:
+            return AnalogySettings(**{**base.as_dict(), "template": base.template, "scale": scale})
+
+        plan = [("no_vector", "no_vector", None, base), ("icl_qa", "icl_qa", None, base),
+                ("best_ffv", "best_ffv", onehot, at(sc_soft)), ("cfv", "cfv", w_soft, at(sc_soft))]
+        if learned is not None:
+            plan.append(("cfv_learned", "cfv", torch.softmax(learned.logits(logp), -1), at(sel["learned"]["scale"])))
+        plan.append(("icl_qa+cfv", "icl_qa+cfv", w_soft, at(sc_soft)))
+        for key, v in variants.items():
+            prof = standardised(logp) if key.endswith("_z") else logp
+            plan.append((key, v["method"], cfv_weights(prof, v["temperature"]), at(v["scale"])))
+        # per-method hits saved as they finish, keyed by everything that decides them
+        key_of = {"bank": bank.names, "stems": [list(it.stem) for it in kept], "selection": {
+            "softmax": sel["softmax"], "variants": variants, "learned": None if learned is None else sel["learned"]}}
+        part_path = out / f"{name}.hits.json"
+        part = json.loads(part_path.read_text()) if part_path.is_file() else {}
+        if part.get("key") != key_of:
+            part = {"key": key_of, "hits": {}}
         correct = {}
-        for method, rows_of, weights, s in (("no_vector", "no_vector", None, base),
-                                            ("icl_qa", "icl_qa", None, base),
-                                            ("best_ffv", "best_ffv", onehot, s_soft),
-                                            ("cfv", "cfv", w_soft, s_soft),
-                                            ("cfv_learned", "cfv", w_learned, s_learned),
-                                            ("icl_qa+cfv", "icl_qa+cfv", w_soft, s_soft)):
-            rows, prompts, ds, template = _method_rows(kept, s, rows_of)
-            mix = None if weights is None else weights[torch.tensor(rows)]
-            correct[method] = _hits(kept, _choice_scores(model, bank, prompts, ds, template, mix, s, "mc"), "mc")
-            lap(f"{name} {method}")
+        for method, rows_of, weights, s in plan:
+            if method not in part["hits"]:
+                rows, prompts, ds, template = _method_rows(kept, s, rows_of)
+                mix = None if weights is None else weights[torch.tensor(rows)]
+                hits = _hits(kept, _choice_scores(model, bank, prompts, ds, template, mix, s, "mc"), "mc")
+                part["hits"][method] = hits.tolist()
+                part_path.write_text(json.dumps(part))
+                lap(f"{name} {method}")
+            correct[method] = np.asarray(part["hits"][method])
         res = AnalogyResult(len(kept), len(skipped), float(sum(1 / len(it.choices) for it in kept) / len(kept)),
-                            correct, w_soft, bank.names, kept, skipped, base, "learned", "family")
+                            correct, w_soft, bank.names, kept, skipped, base, "softmax", "family")
         data = res.as_json()
         data["gain"] = {}  # every CFV variant against every vector-free baseline and the best single FFV, paired
-        for a in ("cfv", "cfv_learned", "icl_qa+cfv"):
-            for b in ("no_vector", "icl_qa", "best_ffv", "cfv"):
-                if a != b:
+        for a in [m for m in correct if "cfv" in m]:
+            for b in ("no_vector", "icl_qa", "best_ffv", "cfv", "icl_qa+cfv"):
+                if a != b and b in correct:
                     diff = correct[a] - correct[b]
                     data["gain"][f"{a}_minus_{b}"] = {"mean": float(diff.mean()),
                                                       "ci95": bootstrap_ci(diff, base.n_boot, base.seed)}
+        data["diagnosis"] = diagnose(kept, correct, w_soft, base)
         data.update(sample=f"seeded sample of {len(items)} of {total} (seed {args.seed})" if n else f"all {total}",
                     selection=sel, bank_sources=args.sources, bank_size=len(bank))
-        res_path.write_text(json.dumps(data, indent=1))
+        (out / f"{name}.json").write_text(json.dumps(data, indent=1))
         results[name] = data
     timing_path = out / "timing.json"
     old = json.loads(timing_path.read_text()) if timing_path.is_file() else {}
@@ -198,6 +279,17 @@ def main() -> None:
             gain = g["gain"]["cfv_minus_no_vector"]
             print(f"| {fam} | {g['n']} | {' | '.join(cells)} | {gain['mean']:+.3f} [{gain['ci95'][0]:+.2f}, "
                   f"{gain['ci95'][1]:+.2f}] |")
+        dx = data["diagnosis"]
+        print(f"\none-shot vs one-shot + CFV, items: {dx['one_shot_vs_with_cfv']}")
+        variants = [m for m in methods if m.startswith("icl_qa+cfv")]
+        print(f"\n| group | n | one-shot | {' | '.join(v + ' − one-shot' for v in variants)} |")
+        print("|---|---|---|" + "---|" * len(variants))
+        for kind in ("by_family", "by_confidence"):
+            for grp, g in dx[kind].items():
+                label = grp if kind == "by_family" else f"top weight {grp} ({g['top_weight'][0]:.2f}-" \
+                                                        f"{g['top_weight'][1]:.2f})"
+                cells = [f"{g[v]['mean']:+.3f} [{g[v]['ci95'][0]:+.2f}, {g[v]['ci95'][1]:+.2f}]" for v in variants]
+                print(f"| {label} | {g['n']} | {g['icl_qa']:.3f} | {' | '.join(cells)} |")
 
 
 if __name__ == "__main__":

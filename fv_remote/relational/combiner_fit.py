@@ -71,13 +71,14 @@ class Selection:
 
 def choose_softmax(model: LoadedModel, bank: RelationBank, items: Sequence[MCAnalogy], logp: torch.Tensor,
                    s: AnalogySettings, temperatures: Sequence[float] = TEMPERATURES,
-                   scales: Sequence[float] = SCALES) -> Selection:
-    """The (T, scale) with the best held-aside CFV accuracy (ties: the earlier grid point)."""
+                   scales: Sequence[float] = SCALES, method: str = "cfv") -> Selection:
+    """The (T, scale) with the best held-aside accuracy of `method` ("cfv" or "icl_qa+cfv": the one-shot prompt
+    plus the CFV, which may want a smaller scale than the CFV alone) (ties: the earlier grid point)."""
     grid, best = {}, None
     for t in temperatures:
         weights = cfv_weights(logp, t)
         for sc in scales:
-            acc = float(cfv_hits(model, bank, items, weights, _with(s, scale=sc)).mean())
+            acc = float(cfv_hits(model, bank, items, weights, _with(s, scale=sc), method).mean())
             grid[f"T={t:g},scale={sc:g}"] = acc
             if best is None or acc > best[0]:
                 best = (acc, t, sc)

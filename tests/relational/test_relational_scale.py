@@ -282,6 +282,16 @@ def test_fit_combiner_early_stops_and_keeps_best(llama, labelled_bank):
     sel = choose_softmax(llama, bank, kept, logp, s, temperatures=(0.5, 2.0), scales=(1.0, 3.0))
     assert set(sel.grid) == {"T=0.5,scale=1", "T=0.5,scale=3", "T=2,scale=1", "T=2,scale=3"}
     assert sel.grid[f"T={sel.temperature:g},scale={sel.scale:g}"] == max(sel.grid.values())
+    # the one-shot + CFV selection scores the one-shot prompts, not the CFV-alone ones
+    from dataclasses import replace
+
+    from fv_remote.relational.analogy import cfv_weights
+
+    both = choose_softmax(llama, bank, kept, logp, s, temperatures=(0.5,), scales=(1.0, 3.0), method="icl_qa+cfv")
+    for sc in (1.0, 3.0):
+        w05 = cfv_weights(logp, 0.5)
+        assert both.grid[f"T=0.5,scale={sc:g}"] == cfv_hits(llama, bank, kept, w05, replace(s, scale=sc),
+                                                             "icl_qa+cfv").mean()
     comb = fit_combiner(llama, bank, kept, logp, kept, logp, s, steps=12, lr=0.5, items_per_step=2, eval_every=2,
                         patience=1)
     hist = comb.meta["history"]

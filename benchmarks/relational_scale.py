@@ -76,6 +76,8 @@ def main() -> None:
                                                                   "relations are the test set's)")
     ap.add_argument("--n-bats", type=int, default=250, help="seeded sample of BATS test (0: all 1,799)")
     ap.add_argument("--n-google", type=int, default=150, help="seeded sample of Google test (0: all 500)")
+    ap.add_argument("--sets", default="bats_test,google_test", help="test sets to score (two processes can share "
+                    "one --out once its selection.json is written, one set each)")
     ap.add_argument("--semeval-per-relation", type=int, default=1)
     ap.add_argument("--held", type=float, default=0.3)
     ap.add_argument("--limit-train", type=int, default=0, help="use only this many training analogies (smoke runs)")
@@ -208,6 +210,8 @@ def main() -> None:
     results = {}
     for name, file, n in (("bats_test", "bats_test.jsonl", args.n_bats), ("google_test", "google_test.jsonl",
                                                                            args.n_google)):
+        if name not in args.sets.split(","):
+            continue
         items = read_mc_analogies(root / "bats" / file)
         total = len(items)
         random.Random(args.seed).shuffle(items)

@@ -133,6 +133,44 @@ def first_token_logprobs(model: LoadedModel, prompts: Sequence[str], targets: Se
     return torch.cat(out) if out else torch.empty(0)
 
 
+def first_token_logprobs_shared(model: LoadedModel, prompts: Sequence[str], targets: Sequence[int],
+                                mixes: Sequence[tuple[torch.Tensor | None, float]], bank: RelationBank | None = None,
+                                batch_size: int = 48, progress: Progress | None = None) -> list[torch.Tensor]:
+    """`first_token_logprobs` for several (mix, scale) pairs on the same prompts, one tensor per pair.
+
+    Each batch's prefix is built once and every pair feeds only the last token against it, so K pairs cost one
+    forward of the prompts plus K last-token forwards instead of K forwards of the prompts (a validation grid over
+    temperatures x scales, or several CFV variants on one prompt kind). No gradients. Falls back to
+    `first_token_logprobs` per pair on an architecture without cache support.
+    """
+    from fv_remote.relational.ffv import build_prefix
+
+    vectors, by_layer = _bank_tensors(bank) if bank is not None else (None, {})
+    out: list[list[torch.Tensor]] = [[] for _ in mixes]
+    n = len(prompts)
+    try:
+        for start in range(0, n, batch_size):
+            stop = min(n, start + batch_size)
+            chunk = list(prompts[start:stop])
+            unique = list(dict.fromkeys(chunk))
+            where = {p: i for i, p in enumerate(unique)}
+            rows = torch.tensor([where[p] for p in chunk])
+            with torch.no_grad():
+                prefix = build_prefix(model, unique, torch.zeros(len(unique), dtype=torch.long))
+                for k, (mix, scale) in enumerate(mixes):
+                    adds = _additions(None if mix is None else mix[start:stop], vectors, by_layer, scale)
+                    logits = _run_fast(model, prefix.select(rows), adds)
+                    tgt = torch.as_tensor(list(targets[start:stop]), dtype=torch.long, device=logits.device)
+                    out[k].append(torch.log_softmax(logits, -1).gather(1, tgt.view(-1, 1)).squeeze(1).cpu())
+            if progress:
+                progress(stop, n)
+    except Exception:  # noqa: BLE001 - an architecture without cache support: whole prompts, pair by pair
+        with torch.no_grad():
+            return [first_token_logprobs(model, prompts, targets, mix, bank, scale, batch_size, fast=False)
+                    for mix, scale in mixes]
+    return [torch.cat(parts) if parts else torch.empty(0) for parts in out]
+
+
 def continuation_scores(model: LoadedModel, prompts: Sequence[str], conts: Sequence[str],
                         mix: torch.Tensor | None = None, bank: RelationBank | None = None, scale: float = 1.0,
                         batch_size: int = 48) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -16,13 +16,14 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 
 from fv_remote.relational.analogy import (AnalogySettings, Combiner, _choice_scores, _hits, _method_rows, cfv_weights,
                                choice_loss, combiner_steps)
+from fv_remote.relational.analogy_scoring import first_token, first_token_logprobs_shared
 from fv_remote.relational.bank import RelationBank
 from fv_remote.data import MCAnalogy, RelationTask
 from fv_remote.core.errors import UserError
@@ -73,17 +74,39 @@ def choose_softmax(model: LoadedModel, bank: RelationBank, items: Sequence[MCAna
                    s: AnalogySettings, temperatures: Sequence[float] = TEMPERATURES,
                    scales: Sequence[float] = SCALES, method: str = "cfv") -> Selection:
     """The (T, scale) with the best held-aside accuracy of `method` ("cfv" or "icl_qa+cfv": the one-shot prompt
-    plus the CFV, which may want a smaller scale than the CFV alone) (ties: the earlier grid point)."""
+    plus the CFV, which may want a smaller scale than the CFV alone) (ties: the earlier grid point). The grid
+    shares each prompt's forward (`choice_hits_shared`)."""
+    points = [(t, sc) for t in temperatures for sc in scales]
+    if not points:
+        raise UserError("empty temperature or scale grid")
+    hits = choice_hits_shared(model, bank, items, method, [(cfv_weights(logp, t), sc) for t, sc in points], s)
     grid, best = {}, None
-    for t in temperatures:
-        weights = cfv_weights(logp, t)
-        for sc in scales:
-            acc = float(cfv_hits(model, bank, items, weights, _with(s, scale=sc), method).mean())
-            grid[f"T={t:g},scale={sc:g}"] = acc
-            if best is None or acc > best[0]:
-                best = (acc, t, sc)
-    assert best is not None, "empty temperature or scale grid"
+    for (t, sc), h in zip(points, hits):
+        acc = float(h.mean())
+        grid[f"T={t:g},scale={sc:g}"] = acc
+        if best is None or acc > best[0]:
+            best = (acc, t, sc)
+    assert best is not None
     return Selection(best[1], best[2], grid)
+
+
+def choice_hits_shared(model: LoadedModel, bank: RelationBank, items: Sequence[MCAnalogy], method: str,
+                       variants: Sequence[tuple[torch.Tensor | None, float]], s: AnalogySettings) -> list[np.ndarray]:
+    """0/1 per item for each (per-item weights over the bank or None, scale) of one prompt kind (`method`'s:
+    "cfv"/"best_ffv"/"no_vector" the query, "icl_qa"/"icl_qa+cfv" the one-shot prompt), multiple choice scored by
+    the answer's first token; the prompts run once for all variants (`first_token_logprobs_shared`). Equal to
+    `cfv_hits` per variant up to float rounding."""
+    if s.mode != "mc" or s.score != "first":
+        return [cfv_hits(model, bank, items, w, _with(s, scale=sc), method) if w is not None else
+                _hits(list(items), _choice_scores(model, bank, *_method_rows(list(items), s, method)[1:], None, s,
+                                                  s.mode), s.mode) for w, sc in variants]
+    rows, prompts, ds, template = _method_rows(list(items), s, method)
+    targets = [first_token(model.tokenizer, p, template.answer_text(d)) for p, d in zip(prompts, ds)]
+    index = torch.tensor(rows)
+    scores = first_token_logprobs_shared(model, prompts, cast(list[int], targets),
+                                         [(None if w is None else w[index], sc) for w, sc in variants], bank,
+                                         s.batch_size)
+    return [_hits(list(items), sc, "mc") for sc in scores]
 
 
 def _with(s: AnalogySettings, **changes: Any) -> AnalogySettings:

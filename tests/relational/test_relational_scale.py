@@ -333,3 +333,40 @@ def test_bank_build_public_refusals(tmp_path):
     picked = error("--semeval", str(FIXTURES / "semeval_mini"), "--tasks", "semeval2012:1b")
     assert "--tasks: no relation 'semeval2012:1b'" in picked and "did you mean 'semeval2012:1a'" in picked
     assert "goes with --preset" in error("--data-root", str(tmp_path))
+
+
+def test_shared_prompt_scoring_equals_one_call_per_variant(llama, labelled_bank):
+    """Several (weights, scale) variants on one prompt kind score as one `cfv_hits` call each, while the prompts
+    run once (counted by a forward hook: K variants add K last-token rows, not K prompt forwards)."""
+    from dataclasses import replace
+
+    from fv_remote.relational.analogy import check_items, relation_profile
+    from fv_remote.relational.analogy_scoring import first_token, first_token_logprobs, first_token_logprobs_shared
+    from fv_remote.relational.combiner_fit import cfv_hits, choice_hits_shared
+
+    _, bank, _ = labelled_bank
+    s = AnalogySettings(n_boot=10, batch_size=5)
+    kept, _ = check_items(llama.tokenizer, read_mc_analogies(FIX / "mc.jsonl"), s)
+    logp = relation_profile(llama, bank, [it.stem for it in kept], s)
+    sharp, flat = torch.softmax(logp / 0.25, -1), torch.softmax(logp / 4.0, -1)
+    variants = [(sharp, 1.0), (flat, 3.0), (sharp, 8.0)]
+    for method in ("cfv", "icl_qa+cfv"):
+        shared = choice_hits_shared(llama, bank, kept, method, variants, s)
+        for (w, sc), hits in zip(variants, shared):
+            assert (hits == cfv_hits(llama, bank, kept, w, replace(s, scale=sc), method)).all()
+    # the log-probs themselves, and no vector at all
+    prompts = [s.template.query_text(c) for it in kept for c, _ in it.choices]
+    targets = [first_token(llama.tokenizer, p, s.template.answer_text(d)) for p, (it, (_, d)) in
+               zip(prompts, [(it, ch) for it in kept for ch in it.choices])]
+    mix = torch.eye(len(bank))[torch.arange(len(prompts)) % len(bank)]
+    seen = []
+    hook = llama.hf.register_forward_hook(lambda m, a, k, o: seen.append(k["input_ids"].shape), with_kwargs=True)
+    try:
+        got = first_token_logprobs_shared(llama, prompts, targets, [(None, 1.0), (mix, 2.0)], bank, batch_size=5)
+    finally:
+        hook.remove()
+    # each batch's distinct prompts ran whole once; then one last-token row per prompt and variant
+    assert sum(sh[0] for sh in seen if sh[1] > 1) == sum(len(set(prompts[i:i + 5])) for i in range(0, len(prompts), 5))
+    assert sum(sh[0] for sh in seen if sh[1] == 1) == 2 * len(prompts)
+    assert torch.allclose(got[0], first_token_logprobs(llama, prompts, targets, None, bank, 1.0, 5), atol=1e-5)
+    assert torch.allclose(got[1], first_token_logprobs(llama, prompts, targets, mix, bank, 2.0, 5), atol=1e-5)

@@ -199,6 +199,12 @@ def main() -> None:
                          "scales": list(tune_scales)}
         lap(f"choose T and scale ({key})")
         sel_path.write_text(json.dumps(sel, indent=1))
+    if "held_baselines" not in sel:  # what the variants are chosen against: the vector-free prompts, held aside
+        q, o = (choice_hits_shared(model, bank, held, m, [(None, 1.0)], base)[0] for m in ("no_vector", "icl_qa"))
+        sel["held_baselines"] = {"no_vector": float(q.mean()), "icl_qa": float(o.mean())}
+        sel_path.write_text(json.dumps(sel, indent=1))
+    print(f"held-aside, no vector: {sel['held_baselines']['no_vector']:.3f}, one-shot: "
+          f"{sel['held_baselines']['icl_qa']:.3f}", flush=True)
     from fv_remote.relational.analogy import Combiner
 
     learned = None if args.skip_learned else Combiner.load(out / "combiner.safetensors")

@@ -284,6 +284,31 @@ def test_decode_analogy(cli, work, tiny_fv, mode):
 
 
 @pytest.mark.parametrize("mode", MODES)
+def test_residuals_and_other_vectors(cli, work, mode):
+    """Issue 25's stages on the real server: the residual-stream reads, then each method's fit (validation grid in
+    one session) from the local reads; one request each, the numbers of the local run."""
+    args = ("residuals", *T, "-t", TASK, "--n-prompts", "8", "--n-shots", "3", "--batch-size", "4")
+    if not (work / "local-res.zarr").exists():
+        cli(*args, "-s", str(work / "local-res.zarr")).ok()
+    ran = cli(*args, "-s", str(work / f"{mode}-res.zarr"), mode=mode).ok()
+    equal = all(store_equal(work / "local-res.zarr", work / f"{mode}-res.zarr", "toy/residual", var)
+                for var in ("icl", "zero_shot"))
+    record("residuals", mode, ran, equal)
+    assert equal
+    for method in ("task-vector", "icv", "mean-diff", "pca"):
+        fit = ("fit", *T, "-t", TASK, "--method", method, "-s", str(work / "local-res.zarr"),
+               *(() if method == "task-vector" else ("--scales", "1,2")))
+        local = work / f"local-{method}.safetensors"
+        if not local.exists():
+            cli(*fit, "-o", str(local), "--plot", str(work / f"local-{method}.png")).ok()
+        out = work / f"{mode}-{method}.safetensors"
+        ran = cli(*fit, "-o", str(out), "--plot", str(work / f"{mode}-{method}.png"), mode=mode).ok()
+        equal = tensors_equal(local, out)
+        record(f"fit --method {method}", mode, ran, equal)
+        assert equal, ran.stdout
+
+
+@pytest.mark.parametrize("mode", MODES)
 def test_run(cli, work, mode):
     """`run` on SmolLM2 (a model that answers): extract, CMA, fit + layer sweep, evaluate: 4 requests."""
     args = ("run", *S, "present-past", "--n-prompts", "12", "--n-cma-prompts", "3", "--k", "5", "--n-test", "20")

@@ -15,6 +15,8 @@ Issue 25 (why does one-shot + CFV barely beat the one-shot prompt?), all chosen 
   cfv_z, icl_qa+cfv_z  the relation profile standardised per bank relation (mean and sd over the training
                     analogies) before the softmax: some FFVs raise log P of every answer, so a raw profile
                     favours them for every item; a z-score asks which relation fits *this* stem unusually well.
+  icl_qa+cfv_gated  the CFV added to the one-shot prompt only for relation families (BATS's four, Google's two)
+                    where that beat the one-shot prompt on the validation analogies of the family.
   Per test set also: the 2x2 table of one-shot vs one-shot + CFV hits and the gain by profile confidence
   (terciles of the top softmax weight). Per-method hits are saved as they finish (a stopped run resumes).
 
@@ -34,6 +36,10 @@ from pathlib import Path
 import numpy as np
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+FAMILIES = ("1_Inflectional_morphology", "2_Derivational_morphology", "3_Encyclopedic_semantics",
+            "4_Lexicographic_semantics", "semantic", "syntactic")  # BATS's four, Google's two
 
 
 def diagnose(kept, correct: dict, weights, s) -> dict:
@@ -97,8 +103,8 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    from fv_remote.relational.analogy import (AnalogyResult, AnalogySettings, bootstrap_ci, cfv_weights, check_items,
-                                              relation_profile)
+    from fv_remote.relational.analogy import (AnalogyResult, AnalogySettings, _group_of, bootstrap_ci, cfv_weights,
+                                              check_items, relation_profile)
     from fv_remote.relational.bank import RelationBank
     from fv_remote.relational.bank_sources import select_sources
     from fv_remote.relational.combiner_fit import (TEMPERATURES, analogies_from_relations, choice_hits_shared,
@@ -203,6 +209,31 @@ def main() -> None:
         q, o = (choice_hits_shared(model, bank, held, m, [(None, 1.0)], base)[0] for m in ("no_vector", "icl_qa"))
         sel["held_baselines"] = {"no_vector": float(q.mean()), "icl_qa": float(o.mean())}
         sel_path.write_text(json.dumps(sel, indent=1))
+    if "family_gate" not in sel:
+        # Gate by relation family, chosen on the validation analogies that carry BATS/Google families (BATS valid
+        # + Google valid, train and held-aside parts alike: nothing is fitted on them here): add the CFV to the
+        # one-shot prompt only for families where that beat the one-shot prompt there. Unseen families: the
+        # pooled validation answer.
+        val = [(i, it, lp) for part_items, part_logp in ((train, logp_train), (held, logp_held))
+               for i, (it, lp) in enumerate(zip(part_items, part_logp)) if _group_of(it, "family") in
+               FAMILIES]
+        items_v = [it for _, it, _ in val]
+        w_v = cfv_weights(torch.stack([lp for _, _, lp in val]), soft.temperature)
+        one_v, both_v = choice_hits_shared(model, bank, items_v, "icl_qa+cfv", [(None, 1.0), (w_v, soft.scale)],
+                                           base)
+        gate, fams = {}, sorted({_group_of(it, "family") for it in items_v})
+        for fam in fams:
+            idx = [k for k, it in enumerate(items_v) if _group_of(it, "family") == fam]
+            gate[fam] = {"n": len(idx), "icl_qa": float(one_v[idx].mean()), "icl_qa+cfv": float(both_v[idx].mean()),
+                         "add": bool(both_v[idx].mean() > one_v[idx].mean())}
+        gate["(unseen)"] = {"n": len(items_v), "icl_qa": float(one_v.mean()), "icl_qa+cfv": float(both_v.mean()),
+                            "add": bool(both_v.mean() > one_v.mean())}
+        sel["family_gate"] = gate
+        sel_path.write_text(json.dumps(sel, indent=1))
+        lap("family gate on validation")
+    for fam, g in sel["family_gate"].items():
+        print(f"validation {fam} (n={g['n']}): one-shot {g['icl_qa']:.3f}, + CFV {g['icl_qa+cfv']:.3f} -> "
+              f"{'add' if g['add'] else 'leave out'} the CFV", flush=True)
     print(f"held-aside, no vector: {sel['held_baselines']['no_vector']:.3f}, one-shot: "
           f"{sel['held_baselines']['icl_qa']:.3f}", flush=True)
     from fv_remote.relational.analogy import Combiner
@@ -260,6 +291,9 @@ def main() -> None:
                 part_path.write_text(json.dumps(part))
                 lap(f"{name} {', '.join(m for m, *_ in todo)}")
         correct = {m: np.asarray(part["hits"][m]) for m, *_ in plan}
+        gate = sel["family_gate"]
+        adds = np.array([gate.get(_group_of(it, "family"), gate["(unseen)"])["add"] for it in kept])
+        correct["icl_qa+cfv_gated"] = np.where(adds, correct["icl_qa+cfv"], correct["icl_qa"])
         res = AnalogyResult(len(kept), len(skipped), float(sum(1 / len(it.choices) for it in kept) / len(kept)),
                             correct, w_soft, bank.names, kept, skipped, base, "softmax", "family")
         data = res.as_json()

@@ -42,9 +42,10 @@ FAMILIES = ("1_Inflectional_morphology", "2_Derivational_morphology", "3_Encyclo
             "4_Lexicographic_semantics", "semantic", "syntactic")  # BATS's four, Google's two
 
 
-def diagnose(kept, correct: dict, weights, s) -> dict:
+def diagnose(kept, correct: dict, weights, s, clean) -> dict:
     """Where one-shot + CFV gains or loses against the one-shot prompt: the 2x2 table of hits, each variant's gain
-    over one-shot per BATS family (paired CIs), and the gain per tercile of the profile's top softmax weight."""
+    over one-shot per BATS family (paired CIs), per tercile of the profile's top softmax weight, and on the items
+    that share no word pair with any bank entry's training pairs (`clean`)."""
     from fv_remote.relational.analogy import _group_of, bootstrap_ci
 
     one, both = correct["icl_qa"], correct["icl_qa+cfv"]
@@ -70,7 +71,10 @@ def diagnose(kept, correct: dict, weights, s) -> dict:
         if len(idx):
             by_confidence[label] = {"n": int(len(idx)), "top_weight": [float(top[idx].min()), float(top[idx].max())],
                                     "icl_qa": float(one[idx].mean()), **gains(idx)}
-    return {"one_shot_vs_with_cfv": table, "by_family": by_family, "by_confidence": by_confidence}
+    idx = np.flatnonzero(clean)
+    no_overlap = {"n": int(len(idx)), "icl_qa": float(one[idx].mean()), **gains(idx)} if len(idx) else None
+    return {"one_shot_vs_with_cfv": table, "by_family": by_family, "by_confidence": by_confidence,
+            "no_overlap": no_overlap}
 
 
 def main() -> None:
@@ -107,6 +111,7 @@ def main() -> None:
                                               check_items, relation_profile)
     from fv_remote.relational.bank import RelationBank
     from fv_remote.relational.bank_sources import select_sources
+    from fv_remote.relational.overlap import find_overlap
     from fv_remote.relational.combiner_fit import (TEMPERATURES, analogies_from_relations, choice_hits_shared,
                                                    choose_scale, choose_softmax, fit_combiner)
     from fv_remote.data import read_mc_analogies
@@ -304,7 +309,8 @@ def main() -> None:
                     diff = correct[a] - correct[b]
                     data["gain"][f"{a}_minus_{b}"] = {"mean": float(diff.mean()),
                                                       "ci95": bootstrap_ci(diff, base.n_boot, base.seed)}
-        data["diagnosis"] = diagnose(kept, correct, w_soft, base)
+        clean = np.array([not hit for hit in find_overlap(bank, [[it.stem, *it.choices] for it in kept]).hits])
+        data["diagnosis"] = diagnose(kept, correct, w_soft, base, clean)
         data.update(sample=f"seeded sample of {len(items)} of {total} (seed {args.seed})" if n else f"all {total}",
                     selection=sel, bank_sources=args.sources, bank_size=len(bank))
         (out / f"{name}.json").write_text(json.dumps(data, indent=1))
@@ -332,9 +338,13 @@ def main() -> None:
         variants = [m for m in methods if m.startswith("icl_qa+cfv")]
         print(f"\n| group | n | one-shot | {' | '.join(v + ' − one-shot' for v in variants)} |")
         print("|---|---|---|" + "---|" * len(variants))
-        for kind in ("by_family", "by_confidence"):
-            for grp, g in dx[kind].items():
-                label = grp if kind == "by_family" else f"top weight {grp} ({g['top_weight'][0]:.2f}-" \
+        for kind in ("by_family", "by_confidence", "no_overlap"):
+            groups = {"items sharing no pair with a bank entry's training pairs": dx[kind]} \
+                if kind == "no_overlap" else dx[kind]
+            for grp, g in groups.items():
+                if g is None:
+                    continue
+                label = grp if kind != "by_confidence" else f"top weight {grp} ({g['top_weight'][0]:.2f}-" \
                                                         f"{g['top_weight'][1]:.2f})"
                 cells = [f"{g[v]['mean']:+.3f} [{g[v]['ci95'][0]:+.2f}, {g[v]['ci95'][1]:+.2f}]" for v in variants]
                 print(f"| {label} | {g['n']} | {g['icl_qa']:.3f} | {' | '.join(cells)} |")

@@ -112,13 +112,15 @@ def test_rules_leave_the_model_as_it_was(tiny_tokenizer):
     model = make_tiny_model("llama", tiny_tokenizer)
     hf = model.hf
     forwards = {name: m.__dict__.get("forward") for name, m in hf.named_modules()}
+    hooks = {name: (dict(m._forward_hooks), dict(m._forward_pre_hooks)) for name, m in hf.named_modules()}
     ids = model.tokenizer(TEXT, return_tensors="pt").input_ids
     with torch.no_grad():
         before = hf(input_ids=ids).logits
     lrp.lrp_prompt(model, TEXT, ANSWER)
     lrp.lrp_attention_prompt(model, TEXT, ANSWER, lrp.demo_end(TEXT, "\n\n"))
     assert {name: m.__dict__.get("forward") for name, m in hf.named_modules()} == forwards
-    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in hf.modules())
+    # the hooks the model came with (the unembedding's contiguity pre-hook), none added
+    assert {name: (dict(m._forward_hooks), dict(m._forward_pre_hooks)) for name, m in hf.named_modules()} == hooks
     assert hf.config._attn_implementation == "sdpa"
     with torch.no_grad():
         assert torch.equal(hf(input_ids=ids).logits, before)

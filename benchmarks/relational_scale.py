@@ -42,11 +42,12 @@ FAMILIES = ("1_Inflectional_morphology", "2_Derivational_morphology", "3_Encyclo
             "4_Lexicographic_semantics", "semantic", "syntactic")  # BATS's four, Google's two
 
 
-def diagnose(kept, correct: dict, weights, s, clean) -> dict:
+def diagnose(families: list[tuple[str, list[int]]], correct: dict, weights, s, clean) -> dict:
     """Where one-shot + CFV gains or loses against the one-shot prompt: the 2x2 table of hits, each variant's gain
-    over one-shot per BATS family (paired CIs), per tercile of the profile's top softmax weight, and on the items
-    that share no word pair with any bank entry's training pairs (`clean`)."""
-    from fv_remote.relational.analogy import _group_of, bootstrap_ci
+    over one-shot per family (`families`: AnalogyResult's (name, item indices); paired CIs), per tercile of the
+    profile's top softmax weight, and on the items that share no word pair with any bank entry's training pairs
+    (`clean`)."""
+    from fv_remote.relational.analogy import bootstrap_ci
 
     one, both = correct["icl_qa"], correct["icl_qa+cfv"]
     table = {"both": int(((one == 1) & (both == 1)).sum()), "one_shot_only": int(((one == 1) & (both == 0)).sum()),
@@ -57,11 +58,8 @@ def diagnose(kept, correct: dict, weights, s, clean) -> dict:
         return {m: {"mean": float((correct[m][idx] - one[idx]).mean()),
                     "ci95": bootstrap_ci(correct[m][idx] - one[idx], s.n_boot, s.seed)} for m in variants}
 
-    families: dict[str, list[int]] = {}
-    for i, it in enumerate(kept):
-        families.setdefault(_group_of(it, "family") or "(none)", []).append(i)
     by_family = {f: {"n": len(idx), "icl_qa": float(one[idx].mean()), **gains(np.asarray(idx))}
-                 for f, idx in sorted(families.items())}
+                 for f, idx in families}
     top = weights.max(-1).values.numpy()
     cuts = np.quantile(top, [1 / 3, 2 / 3])
     tercile = np.digitize(top, cuts)
@@ -219,11 +217,10 @@ def main() -> None:
         # + Google valid, train and held-aside parts alike: nothing is fitted on them here): add the CFV to the
         # one-shot prompt only for families where that beat the one-shot prompt there. Unseen families: the
         # pooled validation answer.
-        val = [(i, it, lp) for part_items, part_logp in ((train, logp_train), (held, logp_held))
-               for i, (it, lp) in enumerate(zip(part_items, part_logp)) if _group_of(it, "family") in
-               FAMILIES]
-        items_v = [it for _, it, _ in val]
-        w_v = cfv_weights(torch.stack([lp for _, _, lp in val]), soft.temperature)
+        val = [(it, lp) for part_items, part_logp in ((train, logp_train), (held, logp_held))
+               for it, lp in zip(part_items, part_logp) if _group_of(it, "family") in FAMILIES]
+        items_v = [it for it, _ in val]
+        w_v = cfv_weights(torch.stack([lp for _, lp in val]), soft.temperature)
         one_v, both_v = choice_hits_shared(model, bank, items_v, "icl_qa+cfv", [(None, 1.0), (w_v, soft.scale)],
                                            base)
         gate, fams = {}, sorted({_group_of(it, "family") for it in items_v})
@@ -285,7 +282,6 @@ def main() -> None:
         part = json.loads(part_path.read_text()) if part_path.is_file() else {}
         if part.get("key") != key_of:
             part = {"key": key_of, "hits": {}}
-        correct = {}
         for kind in ("query", "one_shot"):  # the methods of one prompt kind share its forwards
             todo = [(m, rows_of, w, st) for m, rows_of, w, st in plan if m not in part["hits"]
                     and (rows_of in ("icl_qa", "icl_qa+cfv")) == (kind == "one_shot")]
@@ -310,7 +306,7 @@ def main() -> None:
                     data["gain"][f"{a}_minus_{b}"] = {"mean": float(diff.mean()),
                                                       "ci95": bootstrap_ci(diff, base.n_boot, base.seed)}
         clean = np.array([not hit for hit in find_overlap(bank, [[it.stem, *it.choices] for it in kept]).hits])
-        data["diagnosis"] = diagnose(kept, correct, w_soft, base, clean)
+        data["diagnosis"] = diagnose(res._groups("family"), correct, w_soft, base, clean)
         data.update(sample=f"seeded sample of {len(items)} of {total} (seed {args.seed})" if n else f"all {total}",
                     selection=sel, bank_sources=args.sources, bank_size=len(bank))
         (out / f"{name}.json").write_text(json.dumps(data, indent=1))
@@ -335,9 +331,9 @@ def main() -> None:
                   f"{gain['ci95'][1]:+.2f}] |")
         dx = data["diagnosis"]
         print(f"\none-shot vs one-shot + CFV, items: {dx['one_shot_vs_with_cfv']}")
-        variants = [m for m in methods if m.startswith("icl_qa+cfv")]
-        print(f"\n| group | n | one-shot | {' | '.join(v + ' − one-shot' for v in variants)} |")
-        print("|---|---|---|" + "---|" * len(variants))
+        with_cfv = [m for m in methods if m.startswith("icl_qa+cfv")]
+        print(f"\n| group | n | one-shot | {' | '.join(v + ' − one-shot' for v in with_cfv)} |")
+        print("|---|---|---|" + "---|" * len(with_cfv))
         for kind in ("by_family", "by_confidence", "no_overlap"):
             groups = {"items sharing no pair with a bank entry's training pairs": dx[kind]} \
                 if kind == "no_overlap" else dx[kind]
@@ -346,7 +342,7 @@ def main() -> None:
                     continue
                 label = grp if kind != "by_confidence" else f"top weight {grp} ({g['top_weight'][0]:.2f}-" \
                                                         f"{g['top_weight'][1]:.2f})"
-                cells = [f"{g[v]['mean']:+.3f} [{g[v]['ci95'][0]:+.2f}, {g[v]['ci95'][1]:+.2f}]" for v in variants]
+                cells = [f"{g[v]['mean']:+.3f} [{g[v]['ci95'][0]:+.2f}, {g[v]['ci95'][1]:+.2f}]" for v in with_cfv]
                 print(f"| {label} | {g['n']} | {g['icl_qa']:.3f} | {' | '.join(cells)} |")
 
 

@@ -6,6 +6,7 @@ analogy stage's local fast path (`Executor.local_fast_paths`); the stage's sessi
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -95,6 +96,24 @@ def _run_fast(model: LoadedModel, prefix, additions: dict[int, torch.Tensor] | N
     return picked
 
 
+def _chunk_prefix(model: LoadedModel, chunk: list[str]) -> tuple[Any, torch.Tensor]:
+    """The cached prefix of a batch's distinct prompts (each runs once, no gradients) and, per row, its prompt's
+    index in it: `prefix.select(rows)` gives the rows (one stem under every bank vector shares its keys/values)."""
+    from fv_remote.relational.ffv import build_prefix
+
+    unique = list(dict.fromkeys(chunk))
+    where = {p: i for i, p in enumerate(unique)}
+    with torch.no_grad():
+        prefix = build_prefix(model, unique, torch.zeros(len(unique), dtype=torch.long))
+    return prefix, torch.tensor([where[p] for p in chunk])
+
+
+def _target_logprobs(logits: torch.Tensor, targets: Sequence[int]) -> torch.Tensor:
+    """log P(target) per row of last-position logits, on the CPU (differentiable)."""
+    tgt = torch.as_tensor(list(targets), dtype=torch.long, device=logits.device)
+    return torch.log_softmax(logits, -1).gather(1, tgt.view(-1, 1)).squeeze(1).cpu()
+
+
 def first_token_logprobs(model: LoadedModel, prompts: Sequence[str], targets: Sequence[int],
                          mix: torch.Tensor | None = None, bank: RelationBank | None = None, scale: float = 1.0,
                          batch_size: int = 48, progress: Progress | None = None, fast: bool = True) -> torch.Tensor:
@@ -104,8 +123,6 @@ def first_token_logprobs(model: LoadedModel, prompts: Sequence[str], targets: Se
     feeds only the last token from the first vector layer up (exact: see `fv_remote.relational.ffv.Prefix`). Rows that
     share a prompt (one stem under every bank vector) share that work. Falls back to whole prompts on error.
     """
-    from fv_remote.relational.ffv import build_prefix
-
     vectors, by_layer = _bank_tensors(bank) if bank is not None else (None, {})
     out = []
     n = len(prompts)
@@ -116,18 +133,13 @@ def first_token_logprobs(model: LoadedModel, prompts: Sequence[str], targets: Se
         logits = None
         if fast:
             try:
-                unique = list(dict.fromkeys(chunk))
-                where = {p: i for i, p in enumerate(unique)}
-                with torch.no_grad():
-                    prefix = build_prefix(model, unique, torch.zeros(len(unique), dtype=torch.long))
-                rows = torch.tensor([where[p] for p in chunk])
+                prefix, rows = _chunk_prefix(model, chunk)
                 logits = _run_fast(model, prefix.select(rows), adds)
             except Exception:  # noqa: BLE001 - an architecture without cache support: whole prompts instead
                 fast, logits = False, None
         if logits is None:
             logits = _run_batch(model, chunk, adds, None, None)
-        tgt = torch.as_tensor(list(targets[start:stop]), dtype=torch.long, device=logits.device)
-        out.append(torch.log_softmax(logits, -1).gather(1, tgt.view(-1, 1)).squeeze(1).cpu())  # differentiable
+        out.append(_target_logprobs(logits, targets[start:stop]))  # differentiable
         if progress:
             progress(stop, n)
     return torch.cat(out) if out else torch.empty(0)
@@ -143,25 +155,19 @@ def first_token_logprobs_shared(model: LoadedModel, prompts: Sequence[str], targ
     temperatures x scales, or several CFV variants on one prompt kind). No gradients. Falls back to
     `first_token_logprobs` per pair on an architecture without cache support.
     """
-    from fv_remote.relational.ffv import build_prefix
-
     vectors, by_layer = _bank_tensors(bank) if bank is not None else (None, {})
     out: list[list[torch.Tensor]] = [[] for _ in mixes]
     n = len(prompts)
     try:
         for start in range(0, n, batch_size):
             stop = min(n, start + batch_size)
-            chunk = list(prompts[start:stop])
-            unique = list(dict.fromkeys(chunk))
-            where = {p: i for i, p in enumerate(unique)}
-            rows = torch.tensor([where[p] for p in chunk])
+            prefix, rows = _chunk_prefix(model, list(prompts[start:stop]))
             with torch.no_grad():
-                prefix = build_prefix(model, unique, torch.zeros(len(unique), dtype=torch.long))
                 for k, (mix, scale) in enumerate(mixes):
                     adds = _additions(None if mix is None else mix[start:stop], vectors, by_layer, scale)
+                    # select() copies the cache: each pair feeds its last token against an untouched prefix
                     logits = _run_fast(model, prefix.select(rows), adds)
-                    tgt = torch.as_tensor(list(targets[start:stop]), dtype=torch.long, device=logits.device)
-                    out[k].append(torch.log_softmax(logits, -1).gather(1, tgt.view(-1, 1)).squeeze(1).cpu())
+                    out[k].append(_target_logprobs(logits, targets[start:stop]))
             if progress:
                 progress(stop, n)
     except Exception:  # noqa: BLE001 - an architecture without cache support: whole prompts, pair by pair

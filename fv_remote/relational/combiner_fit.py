@@ -55,12 +55,13 @@ def analogies_from_relations(tasks: Sequence[RelationTask], per_relation: int = 
     return items
 
 
-def cfv_hits(model: LoadedModel, bank: RelationBank, items: Sequence[MCAnalogy], weights: torch.Tensor,
+def cfv_hits(model: LoadedModel, bank: RelationBank, items: Sequence[MCAnalogy], weights: torch.Tensor | None,
              s: AnalogySettings, method: str = "cfv") -> np.ndarray:
-    """0/1 per item for the CFV method (or icl_qa+cfv) with the given per-item weights over the bank."""
+    """0/1 per item for the CFV method (or icl_qa+cfv) with the given per-item weights over the bank (None: no
+    vector, the method's prompts alone)."""
     rows, prompts, ds, template = _method_rows(list(items), s, method)
-    return _hits(list(items), _choice_scores(model, bank, prompts, ds, template, weights[torch.tensor(rows)], s,
-                                             s.mode), s.mode)
+    mix = None if weights is None else weights[torch.tensor(rows)]
+    return _hits(list(items), _choice_scores(model, bank, prompts, ds, template, mix, s, s.mode), s.mode)
 
 
 @dataclass
@@ -97,9 +98,7 @@ def choice_hits_shared(model: LoadedModel, bank: RelationBank, items: Sequence[M
     the answer's first token; the prompts run once for all variants (`first_token_logprobs_shared`). Equal to
     `cfv_hits` per variant up to float rounding."""
     if s.mode != "mc" or s.score != "first":
-        return [cfv_hits(model, bank, items, w, _with(s, scale=sc), method) if w is not None else
-                _hits(list(items), _choice_scores(model, bank, *_method_rows(list(items), s, method)[1:], None, s,
-                                                  s.mode), s.mode) for w, sc in variants]
+        return [cfv_hits(model, bank, items, w, _with(s, scale=sc), method) for w, sc in variants]
     rows, prompts, ds, template = _method_rows(list(items), s, method)
     targets = [first_token(model.tokenizer, p, template.answer_text(d)) for p, d in zip(prompts, ds)]
     index = torch.tensor(rows)

@@ -356,8 +356,8 @@ def test_shared_prompt_scoring_equals_one_call_per_variant(llama, labelled_bank)
             assert (hits == cfv_hits(llama, bank, kept, w, replace(s, scale=sc), method)).all()
     # the log-probs themselves, and no vector at all
     prompts = [s.template.query_text(c) for it in kept for c, _ in it.choices]
-    targets = [first_token(llama.tokenizer, p, s.template.answer_text(d)) for p, (it, (_, d)) in
-               zip(prompts, [(it, ch) for it in kept for ch in it.choices])]
+    answers = [d for it in kept for _, d in it.choices]
+    targets = [first_token(llama.tokenizer, p, s.template.answer_text(d)) for p, d in zip(prompts, answers)]
     mix = torch.eye(len(bank))[torch.arange(len(prompts)) % len(bank)]
     seen = []
     hook = llama.hf.register_forward_hook(lambda m, a, k, o: seen.append(k["input_ids"].shape), with_kwargs=True)
